@@ -1,0 +1,3 @@
+from pgslowlog.cli import main
+
+raise SystemExit(main())

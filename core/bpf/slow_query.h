@@ -1,0 +1,200 @@
+/*
+ * What every probe definition shares: the in-flight statement map, the live
+ * threshold, the counters and the ring buffer, and the record that leaves the
+ * kernel. A probe's .c file only decides *when* a statement begins and ends and
+ * calls statement_begin() / statement_end().
+ *
+ * The loader puts this text in front of the probe's .c file to make one
+ * translation unit: bcc rewrites map calls (inflight.lookup() and friends) only
+ * in the main file, so an #include of this file would not work.
+ *
+ * The record layout is mirrored by pgslowlog/decoder.py; change both together.
+ *
+ * No kernel struct is dereferenced anywhere: the kernel headers bcc compiles
+ * against may not match the running kernel, and only pt_regs, helpers and maps
+ * are layout-stable.
+ *
+ * Set by the loader through cflags:
+ *   QUERY_MAX_BYTES  bytes of query text kept per statement
+ *   MAX_BACKENDS     statements that can be in flight at once (one per backend)
+ *   RINGBUF_PAGES    ring buffer size in pages (a power of two)
+ *   REPORT_BACKEND_EXIT  1 to report a statement whose backend exits mid-way
+ */
+#include <uapi/linux/ptrace.h>
+
+#if !defined(QUERY_MAX_BYTES) || !defined(MAX_BACKENDS) || !defined(RINGBUF_PAGES) || \
+    !defined(REPORT_BACKEND_EXIT)
+#error "QUERY_MAX_BYTES, MAX_BACKENDS, RINGBUF_PAGES, REPORT_BACKEND_EXIT come as cflags"
+#endif
+
+/* What user space receives: a header, then query_len bytes of text for a statement. */
+enum record_kind {
+    RECORD_STATEMENT = 0,        /* a statement at or over the threshold */
+    RECORD_BACKEND_STARTED = 1,  /* first statement of a pid: read its process title now */
+    RECORD_BACKEND_EXITED = 2,   /* that pid is gone: forget its title */
+};
+
+struct record_header {
+    u64 start_ns;        /* bpf_ktime_get_ns() at statement start: CLOCK_MONOTONIC */
+    u64 duration_ns;
+    u32 pid;
+    u32 query_len;       /* bytes of text that follow, without the NUL */
+    u8 query_truncated;
+    u8 backend_exited;   /* the backend ended while the statement was running */
+    u8 kind;             /* enum record_kind */
+    u8 reserved[5];
+};
+
+struct slow_query {
+    struct record_header header;
+    char query[QUERY_MAX_BYTES + 1];
+};
+
+/* Counters read (and logged when they move) by pgslowlog/loader.py. */
+enum counter {
+    COUNTER_STATEMENTS = 0,     /* statements that began */
+    COUNTER_EMITTED = 1,        /* slow statements sent to user space */
+    COUNTER_INFLIGHT_FULL = 2,  /* a statement could not be tracked: map full */
+    COUNTER_RINGBUF_FULL = 3,   /* a slow statement was dropped: ring buffer full */
+    COUNTER_COUNT = 4,
+};
+
+/*
+ * Keyed by backend pid. Not preallocated: memory is spent on statements that are
+ * running, not on MAX_BACKENDS * QUERY_MAX_BYTES up front.
+ */
+BPF_F_TABLE("hash", u32, struct slow_query, inflight, MAX_BACKENDS, BPF_F_NO_PREALLOC);
+/* A record is built here before it is copied into the map: too big for the stack. */
+BPF_PERCPU_ARRAY(scratch, struct slow_query, 1);
+/* [0] = threshold in ns. A map, not a cflag, so SIGHUP changes it without re-attaching. */
+BPF_ARRAY(settings, u64, 1);
+BPF_PERCPU_ARRAY(counters, u64, COUNTER_COUNT);
+/*
+ * Backends announced to user space. A backend's process title (user, database,
+ * client) is only readable while it lives, and a short connection is gone by the
+ * time its slow statement is decoded; so user space reads the title when a pid
+ * first runs a statement, and forgets it when the pid exits. LRU: a forgotten
+ * live backend is simply announced again.
+ */
+BPF_F_TABLE("lru_hash", u32, u8, known_backends, MAX_BACKENDS, 0);
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+static __always_inline void count(int which)
+{
+    u64 *value = counters.lookup(&which);
+    if (value)
+        (*value)++;  /* per-CPU slot: no atomic needed */
+}
+
+static __always_inline u32 current_pid(void)
+{
+    return bpf_get_current_pid_tgid() >> 32;
+}
+
+static __always_inline void notify_backend(u32 pid, u8 kind)
+{
+    struct record_header notice = {};
+    notice.pid = pid;
+    notice.kind = kind;
+    if (events.ringbuf_output(&notice, sizeof(notice), 0) != 0)
+        count(COUNTER_RINGBUF_FULL);
+}
+
+/*
+ * Start timing a statement of the current backend. With keep_running set, a
+ * statement already in flight is kept (its start time and text win): the
+ * extended protocol reports parse, bind and execute of one statement separately.
+ */
+static __always_inline int statement_begin(const char *text, int keep_running)
+{
+    u32 pid = current_pid();
+    if (keep_running && inflight.lookup(&pid))
+        return 0;
+
+    if (!known_backends.lookup(&pid)) {
+        u8 one = 1;
+        known_backends.update(&pid, &one);
+        notify_backend(pid, RECORD_BACKEND_STARTED);
+    }
+
+    int zero = 0;
+    struct slow_query *record = scratch.lookup(&zero);
+    if (!record)
+        return 0;
+    struct record_header *header = &record->header;
+    header->start_ns = bpf_ktime_get_ns();
+    header->duration_ns = 0;
+    header->pid = pid;
+    header->backend_exited = 0;
+    header->query_truncated = 0;
+    header->kind = RECORD_STATEMENT;
+    long copied = bpf_probe_read_user_str(record->query, sizeof(record->query), text);
+    header->query_len = copied > 0 ? copied - 1 : 0;
+    if (copied == sizeof(record->query)) {
+        /* Exactly full: the text is longer than QUERY_MAX_BYTES only if more follows. */
+        char next = 0;
+        bpf_probe_read_user(&next, 1, text + QUERY_MAX_BYTES);
+        header->query_truncated = next != 0;
+    }
+    if (inflight.update(&pid, record) != 0) {
+        count(COUNTER_INFLIGHT_FULL);
+        return 0;
+    }
+    count(COUNTER_STATEMENTS);
+    return 0;
+}
+
+/* Stop timing; only a statement at or over the threshold leaves the kernel. */
+static __always_inline int statement_end(int backend_exited)
+{
+    u32 pid = current_pid();
+    struct slow_query *record = inflight.lookup(&pid);
+    if (!record)
+        return 0;
+    struct record_header *header = &record->header;
+    u64 duration = bpf_ktime_get_ns() - header->start_ns;
+    int zero = 0;
+    u64 *threshold = settings.lookup(&zero);
+    if (threshold && duration >= *threshold) {
+        header->duration_ns = duration;
+        header->backend_exited = backend_exited;
+        /* Send only the text that is there, not the whole buffer. */
+        u64 size = sizeof(struct record_header) + header->query_len;
+        /* The barriers keep clang from clamping a copy the verifier cannot see. */
+        asm volatile("" : "+r"(size));
+        if (size > sizeof(struct slow_query))
+            size = sizeof(struct slow_query);
+        asm volatile("" : "+r"(size));
+        if (events.ringbuf_output(record, size, 0) != 0)
+            count(COUNTER_RINGBUF_FULL);
+        else
+            count(COUNTER_EMITTED);
+    }
+    inflight.delete(&pid);
+    return 0;
+}
+
+/*
+ * A backend that exits mid-statement (pg_terminate_backend, FATAL, crash) never
+ * reports the end: report it here, and free its slot either way. A raw tracepoint
+ * needs no tracefs and no struct access: the exiting task is the current one.
+ * A probe that cannot see every statement end (an ERROR longjmps past a
+ * uretprobe) is built with REPORT_BACKEND_EXIT 0: a stale entry would be
+ * reported with a made-up duration, so it is only freed.
+ */
+RAW_TRACEPOINT_PROBE(sched_process_exit)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if ((u32)id != (u32)(id >> 32))
+        return 0;  /* a thread, not a whole process */
+    u32 pid = id >> 32;
+    if (REPORT_BACKEND_EXIT)
+        statement_end(1);
+    else
+        inflight.delete(&pid);
+    if (known_backends.lookup(&pid)) {
+        known_backends.delete(&pid);
+        notify_backend(pid, RECORD_BACKEND_EXITED);
+    }
+    return 0;
+}

@@ -1,0 +1,122 @@
+"""A throwaway PostgreSQL cluster from any bin directory: for the demo and the tests.
+
+PostgreSQL refuses to run as root, so as root the server runs as an unprivileged
+OS user. Data, socket and log live in one temporary directory, removed on stop.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+from pgslowlog.errors import UserError
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def ensure_os_user(preferred: str = "postgres", fallback: str = "pgslowlog-demo") -> str:
+    for name in (preferred, fallback):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", fallback],
+        check=True,
+    )
+    return fallback
+
+
+def make_traversable(path: Path) -> None:
+    """The server user must reach the binaries: add o+x to parents that lack it (no read)."""
+    for directory in [path, *path.parents]:
+        mode = directory.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            os.chmod(directory, mode | stat.S_IXOTH)
+
+
+class Cluster:
+    def __init__(self, bindir: Path, os_user: str | None = None, port: int | None = None) -> None:
+        self.bindir = Path(bindir)
+        self.postgres = self.bindir / "postgres"
+        if not self.postgres.exists():
+            raise UserError(f"no postgres binary in {self.bindir}", "install PostgreSQL there")
+        self.os_user = os_user or (ensure_os_user() if os.geteuid() == 0 else None)
+        self.port = port or free_port()
+        self.base = Path(tempfile.mkdtemp(prefix="pgslowlog-cluster-"))
+        self.data = self.base / "data"
+        self.logfile = self.base / "server.log"
+
+    def _run(self, *command: str) -> None:
+        prefix = ["runuser", "-u", self.os_user, "--"] if self.os_user else []
+        result = subprocess.run(
+            [*prefix, *command], capture_output=True, text=True, cwd=self.base, check=False
+        )
+        if result.returncode != 0:
+            log = self.logfile.read_text() if self.logfile.exists() else ""
+            raise RuntimeError(
+                f"{' '.join(command)} failed ({result.returncode}): {result.stderr}{log[-2000:]}"
+            )
+
+    def start(self) -> Cluster:
+        if self.os_user:
+            make_traversable(self.bindir)
+            shutil.chown(self.base, self.os_user)
+        self._run(
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
+        options = (
+            f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 "
+            "-c max_connections=120 -c fsync=off"
+        )
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.logfile),
+            "-o",
+            options,
+            "-w",
+            "start",
+        )
+        return self
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    @property
+    def postmaster_pid(self) -> int:
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname={dbname}"
+
+    def psql(self, *sql: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run statements with psql (simple protocol), each its own -c."""
+        command = [str(self.bindir / "psql"), "-X", "-qAt", "-d", self.dsn()]
+        for statement in sql:
+            command += ["-c", statement]
+        return subprocess.run(command, capture_output=True, text=True, check=check)

@@ -1,0 +1,152 @@
+"""The TOML configuration: strict schema, one-line errors that name the key path.
+
+msgspec validates the structure (unknown keys, types, ranges); the checks it cannot
+express (either `binary` or `pid`, power-of-two sizes) follow in `_check_semantics`.
+Sink options are validated later against the schema each sink plugin declares.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from pgslowlog.errors import UserError
+
+EXAMPLE = "see etc/pgslowlog.toml for every key"
+
+# BPF per-CPU array values are limited to 32 KiB, and the record that holds the text
+# is one: 16 KiB keeps a wide margin.
+QUERY_MAX_BYTES_LIMIT = 16384
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class DaemonConfig(_Strict):
+    threshold_ms: Annotated[float, msgspec.Meta(ge=0)] = 200.0
+    query_max_bytes: Annotated[int, msgspec.Meta(ge=64, le=QUERY_MAX_BYTES_LIMIT)] = 4096
+    max_backends: Annotated[int, msgspec.Meta(ge=16, le=1_000_000)] = 16384
+    ring_buffer_mib: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 8
+    sink_queue_size: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 100_000
+    include_background: bool = False
+    log_level: str = "info"
+
+
+class TargetConfig(_Strict):
+    binary: str | None = None
+    pid: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    probes: list[str] = msgspec.field(default_factory=lambda: ["auto"])
+
+
+class Config(_Strict):
+    daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
+    target: list[TargetConfig] = msgspec.field(default_factory=list)
+    sinks: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+
+    @property
+    def threshold_ns(self) -> int:
+        return round(self.daemon.threshold_ms * 1_000_000)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the config file; raise UserError naming the cause and the fix."""
+    path = Path(path)
+    try:
+        with path.open("rb") as file:  # tomllib wants bytes, as black reads pyproject.toml
+            data = tomllib.load(file)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} not found", "pass the right path with -c") from None
+    except PermissionError:
+        raise UserError(
+            f"config file {path} is not readable", "run as root or fix its permissions"
+        ) from None
+    except IsADirectoryError:
+        raise UserError(f"config path {path} is a directory", "pass the TOML file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(
+            f"config {path} is not valid TOML: {error}", "fix the syntax there"
+        ) from None
+    return parse_config(data, str(path))
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> Config:
+    try:
+        config = msgspec.convert(data, Config)
+    except msgspec.ValidationError as error:
+        raise config_error(source, error) from None
+    _check_semantics(config, source)
+    return config
+
+
+_AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<key>[^`]+)`$")
+_MISSING = re.compile(r"^Object missing required field `(?P<key>[^`]+)`$")
+
+
+def config_error(source: str, error: msgspec.ValidationError, prefix: str = "") -> UserError:
+    """Turn msgspec's message into 'config X: <key path>: cause; fix'."""
+    match = _AT.match(str(error))
+    assert match is not None  # the pattern matches any string
+    message = match["message"]
+    path = prefix + (match["path"] or "").lstrip(".")
+    if unknown := _UNKNOWN.match(message):
+        key = f"{path}.{unknown['key']}" if path else unknown["key"]
+        return UserError(
+            f"config {source}: unknown key {key}",
+            f"remove it or correct its spelling ({EXAMPLE})",
+        )
+    if missing := _MISSING.match(message):
+        key = f"{path}.{missing['key']}" if path else missing["key"]
+        return UserError(f"config {source}: {key} is required", f"set it ({EXAMPLE})")
+    where = path or "top level"
+    return UserError(
+        f"config {source}: {where}: {message.lower()}", f"correct the value ({EXAMPLE})"
+    )
+
+
+def _check_semantics(config: Config, source: str) -> None:
+    daemon = config.daemon
+    if daemon.ring_buffer_mib & (daemon.ring_buffer_mib - 1):
+        raise UserError(
+            f"config {source}: daemon.ring_buffer_mib = {daemon.ring_buffer_mib} is not a power "
+            "of two",
+            "use 1, 2, 4, 8, 16 ... (the kernel requires it)",
+        )
+    if daemon.log_level not in LOG_LEVELS:
+        raise UserError(
+            f"config {source}: daemon.log_level = {daemon.log_level!r} is not a level",
+            f"use one of {', '.join(LOG_LEVELS)}",
+        )
+    if not config.target:
+        raise UserError(
+            f"config {source}: no [[target]] table",
+            'add one: [[target]] binary = "/usr/lib/postgresql/15/bin/postgres"',
+        )
+    for index, target in enumerate(config.target):
+        if (target.binary is None) == (target.pid is None):
+            raise UserError(
+                f"config {source}: target[{index}] needs exactly one of binary or pid",
+                'set binary = "/path/to/postgres" or pid = <postmaster pid>, not both',
+            )
+        if not target.probes:
+            raise UserError(
+                f"config {source}: target[{index}].probes is empty",
+                'use ["auto"] or name the probes to attach',
+            )
+    if not config.sinks:
+        raise UserError(
+            f"config {source}: no sink configured",
+            'add one, for example [sinks.file] path = "/var/log/pgslowlog/slow.jsonl"',
+        )
+    for name, options in config.sinks.items():
+        if not isinstance(options, dict):
+            raise UserError(
+                f"config {source}: sinks.{name} must be a table", f"write it as [sinks.{name}]"
+            )

@@ -1,0 +1,249 @@
+"""`pgslowlog run`: wire the pipeline together and live with signals.
+
+probe in the kernel (loader) -> ring buffer -> collector (decoder, enrichment)
+-> dispatcher -> sinks. SIGHUP re-reads the config: the threshold changes through
+the BPF map, sinks reopen their files; nothing is detached. SIGTERM/SIGINT detach
+the probes, drain the ring buffers and the sink queues, and exit 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+from dataclasses import dataclass, field
+from types import FrameType
+
+import msgspec
+from pgslowlog.collector import Collector
+from pgslowlog.config import Config, load_config
+from pgslowlog.dispatcher import Dispatcher
+from pgslowlog.enrichment import Enricher
+from pgslowlog.errors import UserError
+from pgslowlog.loader import LoadedProbe, ProbeLoadError
+from pgslowlog.log import configure_logging, get_logger
+from pgslowlog.plugin_manager import Plugins
+from pgslowlog.probes import ProbeDefinition, select_probes
+from pgslowlog.sinks import Sink
+from pgslowlog.targets import Target, resolve_target
+
+log = get_logger(__name__)
+STATS_INTERVAL_S = 10.0
+# Changing these needs new maps or new probes: applied on restart, not on SIGHUP.
+RESTART_ONLY = ("query_max_bytes", "max_backends", "ring_buffer_mib", "sink_queue_size")
+
+
+@dataclass
+class Plan:
+    """What the config asks for, resolved against the installed plugins and binaries."""
+
+    config: Config
+    probes: list[tuple[Target, ProbeDefinition]]
+    sink_options: dict[str, object] = field(default_factory=dict)
+
+
+def plan(config: Config, plugins: Plugins, source: str) -> Plan:
+    wanted_symbols = {s for d in plugins.probe_definitions.values() for s in d.symbols}
+    chosen: list[tuple[Target, ProbeDefinition]] = []
+    for index, target_config in enumerate(config.target):
+        target = resolve_target(target_config, index, wanted_symbols)
+        for definition in select_probes(
+            target_config.probes, plugins.probe_definitions, target.binary, target.label
+        ):
+            chosen.append((target, definition))
+    sink_options = {}
+    for name, raw in config.sinks.items():
+        sink_type = plugins.sink_types.get(name)
+        if sink_type is None:
+            installed = ", ".join(sorted(plugins.sink_types)) or "none"
+            raise UserError(
+                f"config {source}: no sink plugin named {name!r} (installed: {installed})",
+                "correct the [sinks.NAME] table or install the plugin",
+            )
+        sink_options[name] = sink_type.parse_options(raw, source)
+    return Plan(config=config, probes=chosen, sink_options=sink_options)
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about readiness; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.sendto(state.encode(), address)
+
+
+class Daemon:
+    def __init__(self, config_path: str) -> None:
+        self.config_path = config_path
+        self._wake = threading.Event()
+        self._reload_requested = False
+        self._stop_signal: str | None = None
+        self._loaded: list[LoadedProbe] = []
+        self._collectors: list[Collector] = []
+        self._last_counters: dict[int, dict[str, int]] = {}
+
+    def run(self) -> int:
+        config = load_config(self.config_path)
+        configure_logging(config.daemon.log_level)
+        plugins = Plugins.load()
+        the_plan = plan(config, plugins, self.config_path)
+        self.config = config
+
+        sinks: dict[str, Sink] = {}
+        for name, options in the_plan.sink_options.items():
+            try:
+                sinks[name] = plugins.sink_types[name].create(options)
+            except OSError as error:
+                raise UserError(
+                    f"sink {name} cannot open: {error}", "fix the path or its permissions"
+                ) from None
+        self.dispatcher = Dispatcher(sinks, config.daemon.sink_queue_size)
+        self.dispatcher.start()
+
+        self._install_signal_handlers()
+        try:
+            for target, definition in the_plan.probes:
+                self._start_probe(target, definition, config)
+        except ProbeLoadError as error:
+            log.error("probe_failed", error=str(error))
+            self._shutdown()
+            return 1
+        log.info(
+            "ready",
+            threshold_ms=config.daemon.threshold_ms,
+            probes=[f"{p.definition.name}@{p.target.binary.path}" for p in self._loaded],
+            sinks=sorted(sinks),
+        )
+        sd_notify("READY=1")
+
+        while self._stop_signal is None:
+            self._wake.wait(STATS_INTERVAL_S)
+            self._wake.clear()
+            if self._reload_requested:
+                self._reload_requested = False
+                self._reload()
+            self._report_losses()
+        log.info("stopping", signal=self._stop_signal)
+        sd_notify("STOPPING=1")
+        self._shutdown()
+        return 0
+
+    def _start_probe(self, target: Target, definition: ProbeDefinition, config: Config) -> None:
+        loaded = LoadedProbe(definition, target, config.daemon)
+        self._loaded.append(loaded)
+        loaded.attach()
+        enricher = Enricher(
+            definition.name,
+            target.binary.path,
+            config.daemon.include_background,
+            config.daemon.max_backends,
+        )
+        collector = Collector(loaded, enricher, self.dispatcher)
+        self._collectors.append(collector)
+        collector.start()
+        log.info(
+            "probe_attached",
+            probe=definition.name,
+            binary=target.binary.path,
+            postgres_version=target.binary.version,
+            uprobes=loaded.attached_count,
+        )
+
+    def _install_signal_handlers(self) -> None:
+        def stop(signum: int, _frame: FrameType | None) -> None:
+            self._stop_signal = signal.Signals(signum).name
+            self._wake.set()
+
+        def reload(_signum: int, _frame: FrameType | None) -> None:
+            self._reload_requested = True
+            self._wake.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
+
+    def _reload(self) -> None:
+        sd_notify("RELOADING=1")
+        try:
+            new = load_config(self.config_path)
+        except UserError as error:
+            log.error("reload_failed", error=str(error), action="keeping the running configuration")
+            sd_notify("READY=1")
+            return
+        old = self.config
+        configure_logging(new.daemon.log_level)
+        for loaded in self._loaded:
+            loaded.set_threshold_ns(new.threshold_ns)
+        self.dispatcher.reopen()
+        needs_restart = [
+            f"daemon.{key}"
+            for key in RESTART_ONLY
+            if getattr(old.daemon, key) != getattr(new.daemon, key)
+        ]
+        if new.target != old.target:
+            needs_restart.append("target")
+        if new.sinks != old.sinks:
+            needs_restart.append("sinks")
+        if new.daemon.include_background != old.daemon.include_background:
+            needs_restart.append("daemon.include_background")
+        if needs_restart:
+            log.warning("reload_needs_restart", changed=needs_restart)
+        # Remember what is really in effect, so the next reload compares honestly.
+        self.config = _merge_live(old, new)
+        log.info("reloaded", threshold_ms=new.daemon.threshold_ms, probes_reattached=0)
+        sd_notify("READY=1")
+
+    def _report_losses(self) -> None:
+        for index, loaded in enumerate(self._loaded):
+            now = loaded.counters()
+            before = self._last_counters.get(index, dict.fromkeys(now, 0))
+            self._last_counters[index] = now
+            if now["inflight_full"] > before["inflight_full"]:
+                log.warning(
+                    "statements_untracked",
+                    probe=loaded.definition.name,
+                    count=now["inflight_full"] - before["inflight_full"],
+                    cause="in-flight map full",
+                    fix="raise daemon.max_backends",
+                )
+            if now["ringbuf_full"] > before["ringbuf_full"]:
+                log.warning(
+                    "slow_statements_dropped",
+                    probe=loaded.definition.name,
+                    count=now["ringbuf_full"] - before["ringbuf_full"],
+                    cause="ring buffer full",
+                    fix="raise daemon.ring_buffer_mib or the threshold",
+                )
+
+    def _shutdown(self) -> None:
+        for loaded in self._loaded:
+            loaded.detach()
+        for collector in self._collectors:
+            collector.stop()
+        for collector in self._collectors:
+            collector.join()
+        self._report_losses()
+        totals = {f"{p.definition.name}@{p.target.index}": p.counters() for p in self._loaded}
+        for loaded in self._loaded:
+            loaded.close()
+        sink_stats = self.dispatcher.close()
+        log.info(
+            "stopped",
+            kernel_counters=totals,
+            events_delivered={name: stats.delivered for name, stats in sink_stats.items()},
+            sink_failures={name: stats.failed for name, stats in sink_stats.items()},
+            sink_drops={name: stats.dropped for name, stats in sink_stats.items()},
+            filtered_background=sum(c.enricher.filtered for c in self._collectors),
+        )
+
+
+def _merge_live(old: Config, new: Config) -> Config:
+    """The config really in effect after a reload: live keys from new, the rest from old."""
+    daemon = msgspec.structs.replace(
+        old.daemon, threshold_ms=new.daemon.threshold_ms, log_level=new.daemon.log_level
+    )
+    return msgspec.structs.replace(old, daemon=daemon)

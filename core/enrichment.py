@@ -1,0 +1,120 @@
+"""RawStatement -> SlowQuery: wall-clock time, and who ran it from the process title.
+
+A client backend's title reads
+    postgres: [cluster_name: ]user database client activity
+(walsenders put "walsender" first; other processes have no client field). A short
+connection is often gone by the time its slow statement is decoded, so the title is
+read when the kernel announces a pid's first statement (BACKEND_STARTED) and kept
+until it announces the exit. A backend whose title could never be read is still
+reported, with user, database and client None.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from pgslowlog.decoder import BackendNotice, RawStatement, RecordKind
+from pgslowlog.event import SlowQuery
+
+_CLIENT = re.compile(r"^(\[local\]|\S+\(\d+\))$")
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    kind: str  # "client", "walsender" or "background"
+    user: str | None = None
+    database: str | None = None
+    client: str | None = None
+
+
+BACKGROUND = Backend(kind="background")
+
+
+def parse_process_title(title: str) -> Backend:
+    if not title.startswith("postgres: "):
+        return BACKGROUND
+    words = title[len("postgres: ") :].split(" ")
+    index = next((i for i, word in enumerate(words) if _CLIENT.match(word)), None)
+    if index is None:
+        return BACKGROUND  # autovacuum, checkpointer, background workers...
+    before = words[:index]
+    if before and before[0].endswith(":") and len(before) > 2:
+        before = before[1:]  # cluster_name prefix, for example "15/main:"
+    if before and before[0] == "walsender" and len(before) in (2, 3):
+        return Backend(
+            "walsender", before[1], before[2] if len(before) == 3 else None, words[index]
+        )
+    if len(before) == 2:
+        return Backend("client", before[0], before[1], words[index])
+    return BACKGROUND
+
+
+def read_process_title(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            raw = file.read(4096)
+    except OSError:
+        return None
+    # PostgreSQL overwrites argv in place and pads with NULs.
+    return raw.split(b"\0", 1)[0].decode(errors="replace") or None
+
+
+class Enricher:
+    def __init__(
+        self, probe: str, binary: str, include_background: bool, max_backends: int
+    ) -> None:
+        self.probe = probe
+        self.binary = binary
+        self.include_background = include_background
+        self.filtered = 0
+        self._clock_offset_ns = 0
+        # pid -> Backend, oldest first. Bounded in case exit notices were lost.
+        self._backends: dict[int, Backend] = {}
+        self._max_cached = 2 * max_backends
+
+    def note(self, notice: BackendNotice) -> None:
+        if notice.kind == RecordKind.BACKEND_EXITED:
+            self._backends.pop(notice.pid, None)
+        else:
+            self._lookup(notice.pid, refresh=True)
+
+    def _lookup(self, pid: int, refresh: bool = False) -> Backend | None:
+        if not refresh and (cached := self._backends.get(pid)) is not None:
+            return cached
+        title = read_process_title(pid)
+        if title is None:
+            return None
+        backend = parse_process_title(title)
+        self._backends.pop(pid, None)
+        self._backends[pid] = backend
+        if len(self._backends) > self._max_cached:
+            del self._backends[next(iter(self._backends))]
+        return backend
+
+    def sync_clock(self) -> None:
+        """Offset from CLOCK_MONOTONIC (bpf_ktime_get_ns) to wall time, once per batch."""
+        self._clock_offset_ns = time.time_ns() - time.monotonic_ns()
+
+    def enrich(self, raw: RawStatement) -> SlowQuery | None:
+        """The event, or None for a non-client process when those are not wanted."""
+        backend = self._lookup(raw.pid)
+        if backend is not None and backend.kind != "client" and not self.include_background:
+            self.filtered += 1
+            return None
+        start = datetime.fromtimestamp((raw.start_ns + self._clock_offset_ns) / 1e9, tz=UTC)
+        return SlowQuery(
+            ts=start,
+            duration_ms=raw.duration_ns / 1e6,
+            query=raw.query,
+            query_truncated=raw.query_truncated,
+            pid=raw.pid,
+            user=backend.user if backend else None,
+            database=backend.database if backend else None,
+            client=backend.client if backend else None,
+            probe=self.probe,
+            binary=self.binary,
+            backend_exited=raw.backend_exited,
+        )

@@ -1,0 +1,27 @@
+"""SlowQuery: the event every sink receives, and its JSON form (one object per line)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import msgspec
+
+
+class SlowQuery(msgspec.Struct, frozen=True, kw_only=True):
+    ts: datetime  # statement start, UTC
+    duration_ms: float
+    query: str
+    query_truncated: bool
+    pid: int
+    user: str | None  # from the backend's process title; None if it had exited
+    database: str | None
+    client: str | None  # "10.1.2.3(50312)" or "[local]"
+    probe: str
+    binary: str
+    backend_exited: bool = False  # the backend ended before the statement did
+
+    def to_json(self) -> bytes:
+        return _encoder.encode(self)
+
+
+_encoder = msgspec.json.Encoder()

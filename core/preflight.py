@@ -1,0 +1,156 @@
+"""`pgslowlog check`: validate the config and the machine before anything attaches.
+
+Every finding is one line: "ok: ..." or "error: <cause>; <fix>". Exit status 2 when
+any check failed, so an installer can use it as a validate step.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgslowlog.config import Config, load_config
+from pgslowlog.daemon import plan
+from pgslowlog.errors import UserError
+from pgslowlog.loader import BCC_MISSING, LoadedProbe, ProbeLoadError
+from pgslowlog.plugin_manager import Plugins
+from pgslowlog.targets import resolve_target
+
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
+
+
+@dataclass(frozen=True)
+class Finding:
+    ok: bool
+    text: str
+
+    def __str__(self) -> str:
+        return f"{'ok' if self.ok else 'error'}: {self.text}"
+
+
+def _effective_capabilities() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def check_privileges() -> Finding:
+    caps = _effective_capabilities()
+    has_bpf = caps & (1 << CAP_BPF) or caps & (1 << CAP_SYS_ADMIN)
+    has_perfmon = caps & (1 << CAP_PERFMON) or caps & (1 << CAP_SYS_ADMIN)
+    if has_bpf and has_perfmon:
+        return Finding(True, "privileges: CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) held")
+    return Finding(
+        False,
+        "privileges: CAP_BPF and CAP_PERFMON are missing; run as root, or give the service "
+        "AmbientCapabilities=CAP_BPF CAP_PERFMON CAP_SYS_RESOURCE",
+    )
+
+
+def check_bcc() -> Finding:
+    try:
+        import bcc
+    except ImportError:
+        return Finding(False, "; ".join(BCC_MISSING))
+    return Finding(True, f"bcc {getattr(bcc, '__version__', '?')} importable")
+
+
+def check_kernel_headers() -> Finding:
+    release = platform.release()
+    build = Path(f"/lib/modules/{release}/build")
+    if not build.exists():
+        return Finding(
+            False,
+            f"no kernel headers at {build}; apt-get install linux-headers-{release}, or where "
+            "the running kernel has no package, install linux-headers-amd64 and link "
+            f"{build} to /usr/src/linux-headers-<version>-amd64 (and source to ...-common)",
+        )
+    header_release = _headers_release(build)
+    if header_release == release:
+        return Finding(True, f"kernel headers at {build} match the running kernel {release}")
+    return Finding(
+        True,
+        f"kernel headers at {build} are {header_release or 'of unknown version'}, the running "
+        f"kernel is {release}: fine, the probes read no kernel structs",
+    )
+
+
+def _headers_release(build: Path) -> str | None:
+    for candidate in ("include/config/kernel.release", "include/generated/utsrelease.h"):
+        path = build / candidate
+        if path.exists():
+            text = path.read_text(errors="replace").strip()
+            return text.split('"')[1] if '"' in text else text
+    return None
+
+
+def run_checks(config_path: str) -> list[Finding]:
+    findings: list[Finding] = []
+    try:
+        config = load_config(config_path)
+    except UserError as error:
+        return [Finding(False, str(error))]
+    findings.append(Finding(True, f"config {config_path} is valid"))
+
+    privileges, bcc, headers = check_privileges(), check_bcc(), check_kernel_headers()
+    findings += [privileges, bcc, headers]
+
+    plugins = Plugins.load()
+    findings += [Finding(False, f"{failure}; fix or uninstall it") for failure in plugins.failures]
+    findings += _target_findings(config, plugins)
+    try:
+        the_plan = plan(config, plugins, config_path)
+    except UserError as error:
+        findings.append(Finding(False, str(error)))
+        return findings
+    findings += [Finding(True, f"sink {name} options valid") for name in the_plan.sink_options]
+
+    if privileges.ok and bcc.ok and headers.ok:
+        for target, definition in the_plan.probes:
+            try:
+                LoadedProbe(definition, target, config.daemon).verify()
+            except ProbeLoadError as error:
+                findings.append(Finding(False, str(error)))
+            else:
+                findings.append(
+                    Finding(True, f"{target.label}: probe {definition.name} compiled and verified")
+                )
+    return findings
+
+
+def _target_findings(config: Config, plugins: Plugins) -> list[Finding]:
+    findings = []
+    definitions = plugins.probe_definitions
+    wanted = {symbol for d in definitions.values() for symbol in d.symbols}
+    for index, target_config in enumerate(config.target):
+        try:
+            target = resolve_target(target_config, index, wanted)
+        except UserError as error:
+            findings.append(Finding(False, str(error)))
+            continue
+        binary = target.binary
+        support = []
+        for name, definition in sorted(definitions.items(), key=lambda kv: -kv[1].priority):
+            reason = definition.unsupported_reason(binary)
+            support.append(f"{name}: {'supported' if reason is None else reason}")
+        findings.append(
+            Finding(
+                True,
+                f"{target.label}: {binary.path} is PostgreSQL {binary.version}, "
+                f"{binary.symbols_kind}; probes: {'; '.join(support)}",
+            )
+        )
+    return findings
+
+
+def main(config_path: str) -> int:
+    findings = run_checks(config_path)
+    for finding in findings:
+        print(finding)
+    failed = [f for f in findings if not f.ok]
+    print(f"{len(failed)} problem(s) found" if failed else "all checks passed")
+    return 2 if failed else 0

@@ -1,0 +1,1 @@
+"""The plugins shipped with pgslowlog, registered through the same hooks as any other."""

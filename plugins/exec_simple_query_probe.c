@@ -1,0 +1,18 @@
+/*
+ * The original pair: a uprobe and a uretprobe on exec_simple_query(const char
+ * *query_string). The function is static, so only binaries with a full symbol
+ * table have it. It sees the simple protocol only, and a statement that fails
+ * leaves through an ERROR longjmp that skips the uretprobe: such a statement is
+ * never reported, and its entry is replaced by the backend's next statement.
+ */
+/* slow_query.h (statement_begin, statement_end) is put in front by the loader. */
+
+int on_exec_simple_query(struct pt_regs *ctx)
+{
+    return statement_begin((const char *)PT_REGS_PARM1(ctx), 0);
+}
+
+int on_exec_simple_query_return(struct pt_regs *ctx)
+{
+    return statement_end(0);
+}

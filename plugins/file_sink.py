@@ -1,0 +1,59 @@
+"""The file sink: one JSON object per line, appended; SIGHUP reopens (logrotate)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+from pgslowlog.event import SlowQuery
+from pgslowlog.hookspecs import hookimpl
+from pgslowlog.plugin_manager import RegisterSink
+from pgslowlog.sinks import SinkType
+
+FILE_MODE = 0o640
+DIRECTORY_MODE = 0o750
+
+
+class FileSinkOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    path: str
+
+
+class FileSink:
+    def __init__(self, options: FileSinkOptions) -> None:
+        self.path = Path(options.path)
+        self._fd = self._open()
+
+    def _open(self) -> int:
+        self.path.parent.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            # The mode given to open() is filtered by the umask (0077 under systemd).
+            os.fchmod(fd, FILE_MODE)
+        except FileExistsError:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        return fd
+
+    def write(self, event: SlowQuery) -> None:
+        # One write() per line with O_APPEND: readers never see half a line.
+        os.write(self._fd, event.to_json() + b"\n")
+
+    def reopen(self) -> None:
+        fd = self._open()
+        os.close(self._fd)
+        self._fd = fd
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+@hookimpl
+def pgslowlog_register_sinks(register: RegisterSink) -> None:
+    register(
+        SinkType(
+            name="file",
+            description="append one JSON object per slow statement to a file",
+            options=FileSinkOptions,
+            create=FileSink,
+        )
+    )

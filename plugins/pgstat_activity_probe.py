@@ -1,0 +1,42 @@
+"""Default probe: one uprobe on pgstat_report_activity, exported by every build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pgslowlog.elf import PostgresBinary
+from pgslowlog.hookspecs import hookimpl
+from pgslowlog.plugin_manager import RegisterProbe
+from pgslowlog.probes import ProbeDefinition, Uprobe
+
+
+def backend_state_cflags(binary: PostgresBinary) -> list[str]:
+    """BackendState values (src/include/utils/backend_status.h) for this version.
+
+    PostgreSQL 18 inserted STATE_STARTING after STATE_UNDEFINED, shifting the rest.
+    """
+    shift = 1 if binary.major >= 18 else 0
+    return [
+        f"-DSTATE_IDLE={1 + shift}",
+        f"-DSTATE_RUNNING={2 + shift}",
+        f"-DSTATE_IDLEINTRANSACTION={3 + shift}",
+        f"-DSTATE_IDLEINTRANSACTION_ABORTED={5 + shift}",
+    ]
+
+
+PGSTAT_REPORT_ACTIVITY = ProbeDefinition(
+    name="pgstat_report_activity",
+    description=(
+        "uprobe on the exported pgstat_report_activity: stripped binaries, simple and "
+        "extended protocol, failed and cancelled statements"
+    ),
+    source=Path(__file__).with_name("pgstat_activity_probe.c"),
+    uprobes=(Uprobe(symbol="pgstat_report_activity", function="on_report_activity"),),
+    priority=100,
+    cflags=backend_state_cflags,
+)
+
+
+@hookimpl
+def pgslowlog_register_probes(register: RegisterProbe) -> None:
+    register(PGSTAT_REPORT_ACTIVITY)
