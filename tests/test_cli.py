@@ -1,0 +1,124 @@
+"""The command line as a user meets it: bad configs, check, refusals. One line, exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PG15 = "/usr/lib/postgresql/15/bin/postgres"
+GOOD = f"""
+[daemon]
+threshold_ms = 200
+
+[[target]]
+binary = "{PG15}"
+
+[sinks.file]
+path = "/tmp/pgslowlog-test-unused/slow.jsonl"
+"""
+
+
+def pgslowlog(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pgslowlog", *arguments], capture_output=True, text=True, timeout=60
+    )
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "pgslowlog.toml"
+    path.write_text(text)
+    return str(path)
+
+
+BAD_CONFIGS = {
+    "unknown key": (
+        GOOD.replace("threshold_ms", "thresold_ms"),
+        "unknown key daemon.thresold_ms; remove it or correct its spelling",
+    ),
+    "wrong type": (
+        GOOD.replace("threshold_ms = 200", 'threshold_ms = "fast"'),
+        "daemon.threshold_ms: expected `float`, got `str`",
+    ),
+    "missing binary": (
+        GOOD.replace(PG15, "/nonexistent/postgres"),
+        "target[0] binary /nonexistent/postgres does not exist; point it at the postgres",
+    ),
+    "not postgres": (
+        GOOD.replace(PG15, "/bin/ls"),
+        "target[0] binary /bin/ls is not a PostgreSQL server binary",
+    ),
+    "not elf": (
+        GOOD.replace(PG15, "/etc/hostname"),
+        "target[0] binary /etc/hostname is not an ELF executable",
+    ),
+    "invalid toml": (GOOD + "\n[daemon\n", "is not valid TOML"),
+    "unknown sink": (GOOD + "\n[sinks.nosuch]\nx = 1\n", "no sink plugin named 'nosuch'"),
+    "unknown sink option": (
+        GOOD.replace('path = "', 'colour = "red"\npath = "'),
+        "unknown key sinks.file.colour",
+    ),
+    "both binary and pid": (
+        GOOD.replace(f'binary = "{PG15}"', f'binary = "{PG15}"\npid = 1'),
+        "target[0] needs exactly one of binary or pid",
+    ),
+    "no such pid": (
+        GOOD.replace(f'binary = "{PG15}"', "pid = 999999999"),
+        "target[0]: no process with pid 999999999",
+    ),
+    "stripped binary, explicit probe": (
+        GOOD.replace(f'binary = "{PG15}"', f'binary = "{PG15}"\nprobes = ["exec_simple_query"]'),
+        "probe exec_simple_query cannot attach: no function exec_simple_query",
+    ),
+    "unknown probe": (
+        GOOD.replace(f'binary = "{PG15}"', f'binary = "{PG15}"\nprobes = ["nosuch"]'),
+        "unknown probe 'nosuch'; use one of auto, exec_simple_query, pgstat_report_activity",
+    ),
+    "query_max_bytes too big": (
+        GOOD.replace("threshold_ms = 200", "query_max_bytes = 100000"),
+        "daemon.query_max_bytes: expected `int` <= 16384",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_run_refuses_bad_config_in_one_line(tmp_path, case):
+    text, expected = BAD_CONFIGS[case]
+    result = pgslowlog("run", "-c", write(tmp_path, text))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("pgslowlog: config") or lines[0].startswith("pgslowlog: target")
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_check_reports_bad_config_as_error_line(tmp_path, case):
+    text, expected = BAD_CONFIGS[case]
+    result = pgslowlog("check", "-c", write(tmp_path, text))
+    assert result.returncode == 2
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
+    assert any(expected in line for line in errors), result.stdout
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_missing_config_file(tmp_path):
+    result = pgslowlog("run", "-c", str(tmp_path / "absent.toml"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"pgslowlog: config file {tmp_path / 'absent.toml'} not found; pass the right path with -c"
+    )
+
+
+@pytest.mark.ebpf
+def test_check_passes_and_describes_the_binary(tmp_path):
+    result = pgslowlog("check", "-c", write(tmp_path, GOOD))
+    assert result.returncode == 0, result.stdout
+    assert "PostgreSQL 15." in result.stdout
+    assert "dynamic symbols only (stripped)" in result.stdout
+    assert "probe pgstat_report_activity compiled and verified" in result.stdout
+    assert "kernel headers at /lib/modules/" in result.stdout
+    assert result.stdout.strip().endswith("all checks passed")

@@ -1,0 +1,179 @@
+"""Real eBPF probes on real PostgreSQL servers (Debian 15 stripped, PyPI 18 full symbols)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+pytestmark = pytest.mark.ebpf
+
+
+def test_slow_statement_logged_with_text_duration_and_backend(cluster, start_daemon):
+    daemon = start_daemon(cluster)
+    before = datetime.now(UTC)
+    result = cluster.psql("select 1 /* fast */", "select pg_sleep(0.3) /* slow */", check=True)
+    assert result.returncode == 0
+    (event,) = daemon.wait_for_events("/* slow */", 1)
+    assert event["query"] == "select pg_sleep(0.3) /* slow */"
+    assert abs(event["duration_ms"] - 300) < 20
+    assert event["query_truncated"] is False
+    assert event["backend_exited"] is False
+    assert (event["user"], event["database"]) == ("postgres", "postgres")
+    assert event["client"].startswith("127.0.0.1(")
+    assert event["probe"] == "pgstat_report_activity"
+    assert event["binary"] == str(cluster.postgres)
+    started = datetime.fromisoformat(event["ts"])
+    assert before - timedelta(seconds=1) < started < datetime.now(UTC)
+    assert daemon.stop() == 0
+    assert daemon.events("/* fast */") == []
+
+
+def test_extended_protocol_with_bound_parameter(cluster, start_daemon):
+    daemon = start_daemon(cluster)
+    with psycopg.connect(cluster.dsn(), autocommit=True) as connection:
+        pid = connection.info.backend_pid
+        connection.execute("select pg_sleep(%s) /* extended */", (0.3,))
+    (event,) = daemon.wait_for_events("/* extended */", 1)
+    assert event["query"] == "select pg_sleep($1) /* extended */"
+    assert event["pid"] == pid
+    # parse, bind and execute are one statement: timed from the first report
+    assert 290 < event["duration_ms"] < 330
+
+
+def test_statement_cancelled_by_statement_timeout_is_logged(cluster, start_daemon):
+    daemon = start_daemon(cluster)
+    result = cluster.psql("set statement_timeout = 250", "select pg_sleep(3) /* cancelled */")
+    assert "statement timeout" in result.stderr
+    (event,) = daemon.wait_for_events("/* cancelled */", 1)
+    assert 245 < event["duration_ms"] < 350
+
+
+def test_fifty_connections_give_fifty_events_with_their_pids(cluster, start_daemon):
+    daemon = start_daemon(cluster)
+    connections = [psycopg.connect(cluster.dsn(), autocommit=True) for _ in range(50)]
+    pids = {connection.info.backend_pid for connection in connections}
+    barrier = threading.Barrier(50)
+
+    def run(connection: psycopg.Connection) -> None:
+        barrier.wait()
+        connection.execute("select pg_sleep(0.25) /* fifty */")
+        connection.close()
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in connections]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    events = daemon.wait_for_events("/* fifty */", 50)
+    time.sleep(0.5)  # nothing more may arrive
+    events = daemon.events("/* fifty */")
+    assert len(events) == 50
+    assert {event["pid"] for event in events} == pids
+    assert all(event["user"] == "postgres" for event in events)
+
+
+def test_sighup_changes_threshold_without_reattaching(cluster, start_daemon):
+    daemon = start_daemon(cluster, threshold_ms=1000)
+    cluster.psql("select pg_sleep(0.3) /* before reload */", check=True)
+    daemon.write_config(threshold_ms=100)
+    daemon.process.reload()
+    reloaded = daemon.process.wait_for_log("reloaded")
+    assert reloaded["threshold_ms"] == 100
+    cluster.psql("select pg_sleep(0.3) /* after reload */", check=True)
+    daemon.wait_for_events("/* after reload */", 1)
+    assert daemon.stop() == 0
+    assert daemon.events("/* before reload */") == []
+    attached = [entry for entry in daemon.process.logs if entry["event"] == "probe_attached"]
+    assert len(attached) == 1
+
+
+def test_sigterm_writes_every_event_and_exits_cleanly(cluster, start_daemon):
+    daemon = start_daemon(cluster)
+    threads = [
+        threading.Thread(target=cluster.psql, args=(f"select pg_sleep(0.3) /* drain {n} */",))
+        for n in range(5)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert daemon.stop() == 0  # right after the statements ended
+    assert len(daemon.events("/* drain ")) == 5
+    stopped = daemon.process.wait_for_log("stopped")
+    assert stopped["events_delivered"]["file"] >= 5
+
+
+def test_backend_terminated_mid_statement_is_logged(cluster, start_daemon):
+    daemon = start_daemon(cluster)
+    with psycopg.connect(cluster.dsn(), autocommit=True) as victim:
+        pid = victim.info.backend_pid
+        killer = threading.Timer(0.4, cluster.psql, args=(f"select pg_terminate_backend({pid})",))
+        killer.start()
+        with pytest.raises(psycopg.OperationalError):
+            victim.execute("select pg_sleep(5) /* terminated */")
+        killer.join()
+    (event,) = daemon.wait_for_events("/* terminated */", 1)
+    assert event["pid"] == pid
+    assert event["backend_exited"] is True
+    assert 380 < event["duration_ms"] < 1000
+
+
+def test_long_query_is_truncated_to_query_max_bytes(cluster, start_daemon):
+    daemon = start_daemon(cluster, query_max_bytes=64)
+    query = "select pg_sleep(0.25) /* truncated " + "x" * 100 + " */"
+    cluster.psql(query, check=True)
+    (event,) = daemon.wait_for_events("/* truncated", 1)
+    assert event["query_truncated"] is True
+    assert event["query"] == query[:64]
+
+
+def test_query_of_exactly_query_max_bytes_is_not_truncated(cluster, start_daemon):
+    daemon = start_daemon(cluster, query_max_bytes=64)
+    head, tail = "select pg_sleep(0.25) /* exact ", " */"
+    query = head + "y" * (64 - len(head) - len(tail)) + tail
+    assert len(query) == 64
+    cluster.psql(query, check=True)
+    (event,) = daemon.wait_for_events("/* exact", 1)
+    assert event["query"] == query
+    assert event["query_truncated"] is False
+
+
+def test_file_sink_mode_and_reopen_on_sighup(cluster, start_daemon):
+    daemon = start_daemon(cluster)
+    cluster.psql("select pg_sleep(0.25) /* first file */", check=True)
+    daemon.wait_for_events("/* first file */", 1)
+    assert stat.S_IMODE(os.stat(daemon.log).st_mode) == 0o640
+    rotated = daemon.log.with_name("slow.jsonl.1")
+    daemon.log.rename(rotated)  # what logrotate does before it signals
+    daemon.process.reload()
+    daemon.process.wait_for_log("reloaded")
+    cluster.psql("select pg_sleep(0.25) /* second file */", check=True)
+    assert len(daemon.wait_for_events("/* second file */", 1)) == 1
+    assert "first file" in rotated.read_text()
+    assert "second file" not in rotated.read_text()
+    assert stat.S_IMODE(os.stat(daemon.log).st_mode) == 0o640
+
+
+def test_threshold_above_two_seconds(pg18, start_daemon):
+    daemon = start_daemon(pg18, threshold_ms=2500)
+    pg18.psql("select pg_sleep(2.2) /* under */", "select pg_sleep(2.6) /* over */", check=True)
+    (event,) = daemon.wait_for_events("/* over */", 1)
+    assert 2590 < event["duration_ms"] < 2650
+    assert daemon.events("/* under */") == []
+
+
+def test_exec_simple_query_probe_on_full_symbol_build(pg18, start_daemon):
+    daemon = start_daemon(pg18, probes=["exec_simple_query"])
+    pg18.psql("select 1 /* esq fast */", "select pg_sleep(0.3) /* esq slow */", check=True)
+    (event,) = daemon.wait_for_events("/* esq slow */", 1)
+    assert event["probe"] == "exec_simple_query"
+    assert abs(event["duration_ms"] - 300) < 20
+    assert event["user"] == "postgres"
+    assert daemon.stop() == 0
+    assert daemon.events("/* esq fast */") == []

@@ -1,0 +1,111 @@
+"""Pure logic: decoding, process titles, config defaults, plugin isolation."""
+
+from __future__ import annotations
+
+import pytest
+from pgslowlog.config import parse_config
+from pgslowlog.decoder import HEADER, BackendNotice, RecordKind, decode, decode_text
+from pgslowlog.enrichment import parse_process_title
+from pgslowlog.errors import UserError
+from pgslowlog.hookspecs import hookimpl
+from pgslowlog.plugin_manager import Plugins
+
+
+def record(query: bytes, truncated: int = 0, kind: int = 0, pid: int = 42) -> bytes:
+    return HEADER.pack(10, 300_000_000, pid, len(query), truncated, 0, kind) + query
+
+
+def test_decode_statement():
+    raw = decode(record(b"select 1"))
+    assert (raw.pid, raw.duration_ns, raw.query, raw.query_truncated) == (
+        42,
+        300_000_000,
+        "select 1",
+        False,
+    )
+
+
+def test_decode_backend_notice():
+    assert decode(record(b"", kind=RecordKind.BACKEND_EXITED, pid=7)) == BackendNotice(
+        RecordKind.BACKEND_EXITED, 7
+    )
+
+
+@pytest.mark.parametrize("broken", [b"short", record(b"abc")[:-1], record(b"", kind=9)])
+def test_decode_rejects_broken_records(broken):
+    with pytest.raises(ValueError):
+        decode(broken)
+
+
+def test_truncation_drops_half_a_character():
+    assert decode_text("héé".encode()[:-1], truncated=True) == "hé"
+    assert decode_text(b"a\xffb", truncated=False) == "a\ufffdb"
+
+
+@pytest.mark.parametrize(
+    ("title", "expected"),
+    [
+        ("postgres: 15/main: app shop 10.1.2.3(50312) idle", ("client", "app", "shop")),
+        ("postgres: app shop [local] SELECT", ("client", "app", "shop")),
+        ("postgres: 15/main: autovacuum worker shop", ("background", None, None)),
+        ("postgres: 15/main: checkpointer ", ("background", None, None)),
+        (
+            "postgres: walsender repl 10.0.0.2(5555) streaming 0/3000148",
+            ("walsender", "repl", None),
+        ),
+        ("postgres: parallel worker for PID 1234", ("background", None, None)),
+        ("/usr/bin/python3 something", ("background", None, None)),
+    ],
+)
+def test_parse_process_title(title, expected):
+    backend = parse_process_title(title)
+    assert (backend.kind, backend.user, backend.database) == expected
+
+
+BASE = {"target": [{"binary": "/x/postgres"}], "sinks": {"file": {"path": "/tmp/x"}}}
+
+
+def test_defaults_and_no_threshold_cap():
+    config = parse_config(BASE)
+    assert config.daemon.threshold_ms == 200
+    assert config.daemon.query_max_bytes == 4096
+    assert config.target[0].probes == ["auto"]
+    big = parse_config({**BASE, "daemon": {"threshold_ms": 3_600_000}})
+    assert big.threshold_ns == 3_600_000_000_000  # an hour: no 2-second cap
+    assert parse_config({**BASE, "daemon": {"query_max_bytes": 16384}}).daemon.query_max_bytes
+
+
+@pytest.mark.parametrize(
+    ("daemon", "message"),
+    [
+        ({"ring_buffer_mib": 3}, "not a power of two"),
+        ({"threshold_ms": -1}, "daemon.threshold_ms: expected `float` >= 0"),
+        ({"log_level": "loud"}, "is not a level"),
+    ],
+)
+def test_config_semantic_errors(daemon, message):
+    with pytest.raises(UserError, match=message):
+        parse_config({**BASE, "daemon": daemon})
+
+
+def test_a_failing_plugin_does_not_stop_the_others():
+    class Broken:
+        @hookimpl
+        def pgslowlog_register_sinks(self, register):
+            raise RuntimeError("boom")
+
+    class Misspelled:
+        @hookimpl
+        def pgslowlog_register_sinkz(self, register):
+            pass
+
+    plugins = Plugins.load()
+    plugins.register(Broken(), "broken")
+    plugins.register(Misspelled(), "misspelled")
+    plugins.sink_types.clear()
+    plugins.probe_definitions.clear()
+    plugins._collect()
+    assert "file" in plugins.sink_types
+    assert set(plugins.probe_definitions) == {"pgstat_report_activity", "exec_simple_query"}
+    assert any("broken failed in pgslowlog_register_sinks: boom" in f for f in plugins.failures)
+    assert any("misspelled was rejected" in f for f in plugins.failures)
