@@ -109,3 +109,14 @@ def test_a_failing_plugin_does_not_stop_the_others():
     assert set(plugins.probe_definitions) == {"pgstat_report_activity", "exec_simple_query"}
     assert any("broken failed in pgslowlog_register_sinks: boom" in f for f in plugins.failures)
     assert any("misspelled was rejected" in f for f in plugins.failures)
+
+
+def test_every_hook_is_documented_in_the_readme():
+    from pathlib import Path
+
+    from pgslowlog import hookspecs
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    hooks = [name for name in dir(hookspecs) if name.startswith("pgslowlog_")]
+    assert hooks
+    assert [hook for hook in hooks if f"`{hook}(" not in readme] == []
