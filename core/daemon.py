@@ -32,6 +32,15 @@ log = get_logger(__name__)
 STATS_INTERVAL_S = 10.0
 # Changing these needs new maps or new probes: applied on restart, not on SIGHUP.
 RESTART_ONLY = ("query_max_bytes", "max_backends", "ring_buffer_mib", "sink_queue_size")
+# Kernel counters that mean something was lost: log event, cause, fix.
+LOSS_COUNTERS = {
+    "inflight_full": ("statements_untracked", "in-flight map full", "raise daemon.max_backends"),
+    "ringbuf_full": (
+        "slow_statements_dropped",
+        "ring buffer full",
+        "raise daemon.ring_buffer_mib or the threshold",
+    ),
+}
 
 
 @dataclass
@@ -202,22 +211,11 @@ class Daemon:
             now = loaded.counters()
             before = self._last_counters.get(index, dict.fromkeys(now, 0))
             self._last_counters[index] = now
-            if now["inflight_full"] > before["inflight_full"]:
-                log.warning(
-                    "statements_untracked",
-                    probe=loaded.definition.name,
-                    count=now["inflight_full"] - before["inflight_full"],
-                    cause="in-flight map full",
-                    fix="raise daemon.max_backends",
-                )
-            if now["ringbuf_full"] > before["ringbuf_full"]:
-                log.warning(
-                    "slow_statements_dropped",
-                    probe=loaded.definition.name,
-                    count=now["ringbuf_full"] - before["ringbuf_full"],
-                    cause="ring buffer full",
-                    fix="raise daemon.ring_buffer_mib or the threshold",
-                )
+            for counter, (event, cause, fix) in LOSS_COUNTERS.items():
+                if lost := now[counter] - before[counter]:
+                    log.warning(
+                        event, probe=loaded.definition.name, count=lost, cause=cause, fix=fix
+                    )
 
     def _shutdown(self) -> None:
         for loaded in self._loaded:

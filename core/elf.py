@@ -8,6 +8,7 @@ A stripped distribution binary has only the dynamic symbol table; a full build h
 
 from __future__ import annotations
 
+import functools
 import mmap
 import re
 from dataclasses import dataclass, field
@@ -43,8 +44,12 @@ class PostgresBinary:
         return "full symbol table" if self.has_symtab else "dynamic symbols only (stripped)"
 
 
-def inspect_binary(path: str, wanted: set[str], label: str = "binary") -> PostgresBinary:
-    """Open `path`, check that it is a PostgreSQL server, find the `wanted` functions."""
+@functools.lru_cache(maxsize=32)
+def inspect_binary(path: str, wanted: frozenset[str], label: str = "binary") -> PostgresBinary:
+    """Open `path`, check that it is a PostgreSQL server, find the `wanted` functions.
+
+    Cached: reading a full symbol table takes most of a second, and `check` asks twice.
+    """
     file_path = Path(path)
     if not file_path.exists():
         raise UserError(

@@ -52,11 +52,21 @@ def binary_of_pid(pid: int, index: int) -> str:
             f"{label}: the binary of pid {pid} was replaced on disk ({exe})",
             "restart that PostgreSQL after the upgrade, or set binary = to the new one",
         )
-    through_root = f"/proc/{pid}/root{exe}"
-    return through_root if os.path.exists(through_root) else exe
+    root = f"/proc/{pid}/root"
+    if _same_file(root, "/"):
+        return exe  # same mount namespace root: the path means the same here
+    return f"{root}{exe}"
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        first, second = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
 def resolve_target(config: TargetConfig, index: int, wanted_symbols: set[str]) -> Target:
     path = resolve_binary_path(config, index)
-    binary = inspect_binary(path, wanted_symbols, label=f"target[{index}] binary")
+    binary = inspect_binary(path, frozenset(wanted_symbols), label=f"target[{index}] binary")
     return Target(index=index, binary=binary)

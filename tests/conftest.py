@@ -61,6 +61,7 @@ class DaemonUnderTest:
         self.config = directory / "pgslowlog.toml"
         self.log = directory / "log" / "slow.jsonl"
         self.binary = binary
+        self.target_pid = daemon_options.pop("target_pid", None)
         self.probes = daemon_options.pop("probes", ["auto"])
         self.write_config(**daemon_options)
         self.process = RunningDaemon(self.config)

@@ -177,3 +177,11 @@ def test_exec_simple_query_probe_on_full_symbol_build(pg18, start_daemon):
     assert event["user"] == "postgres"
     assert daemon.stop() == 0
     assert daemon.events("/* esq fast */") == []
+
+
+def test_target_given_by_postmaster_pid(cluster, start_daemon):
+    daemon = start_daemon(cluster, target_pid=cluster.postmaster_pid)
+    cluster.psql("select pg_sleep(0.25) /* by pid */", check=True)
+    (event,) = daemon.wait_for_events("/* by pid */", 1)
+    # /proc/PID/exe, and the server shares our root, so no /proc/PID/root prefix
+    assert event["binary"] == os.path.realpath(cluster.postgres)
