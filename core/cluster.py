@@ -114,9 +114,15 @@ class Cluster:
     def dsn(self, dbname: str = "postgres") -> str:
         return f"host=127.0.0.1 port={self.port} user=postgres dbname={dbname}"
 
-    def psql(self, *sql: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    def psql(
+        self, *sql: str, check: bool = False, dsn: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run statements with psql (simple protocol), each its own -c."""
-        command = [str(self.bindir / "psql"), "-X", "-qAt", "-d", self.dsn()]
+        command = [str(self.bindir / "psql"), "-X", "-qAt", "-d", dsn or self.dsn()]
         for statement in sql:
             command += ["-c", statement]
         return subprocess.run(command, capture_output=True, text=True, check=check)
+
+    def psql_replication(self, sql: str) -> subprocess.CompletedProcess[str]:
+        """Run SQL on a logical-replication walsender connection: a non-client backend."""
+        return self.psql(sql, dsn=self.dsn() + " replication=database")

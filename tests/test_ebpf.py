@@ -185,3 +185,16 @@ def test_target_given_by_postmaster_pid(cluster, start_daemon):
     (event,) = daemon.wait_for_events("/* by pid */", 1)
     # /proc/PID/exe, and the server shares our root, so no /proc/PID/root prefix
     assert event["binary"] == os.path.realpath(cluster.postgres)
+
+
+@pytest.mark.parametrize("include_background", [False, True])
+def test_walsender_reported_only_when_background_included(
+    cluster, start_daemon, include_background
+):
+    daemon = start_daemon(cluster, include_background=include_background)
+    walsender = cluster.psql_replication("select pg_sleep(0.3) /* walsender */")
+    assert walsender.returncode == 0, walsender.stderr
+    cluster.psql("select pg_sleep(0.25) /* client after walsender */", check=True)
+    daemon.wait_for_events("/* client after walsender */", 1)
+    assert daemon.stop() == 0
+    assert len(daemon.events("/* walsender */")) == (1 if include_background else 0)
