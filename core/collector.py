@@ -8,6 +8,7 @@ callback never blocks and never raises into bcc's C code.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from pgslowlog.decoder import BackendNotice, DecodeError, decode
 from pgslowlog.dispatcher import Dispatcher
@@ -20,14 +21,22 @@ POLL_TIMEOUT_MS = 100
 
 
 class Collector(threading.Thread):
-    def __init__(self, probe: LoadedProbe, enricher: Enricher, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self,
+        probe: LoadedProbe,
+        enricher: Enricher,
+        dispatcher: Dispatcher,
+        on_failure: Callable[[str], None],
+    ) -> None:
         super().__init__(
             name=f"collector-{probe.definition.name}-{probe.target.index}", daemon=True
         )
         self.probe = probe
         self.enricher = enricher
         self.dispatcher = dispatcher
+        self.on_failure = on_failure
         self.undecodable = 0
+        self.failed_records = 0
         self.delivered = 0
         self._pending: list[bytes] = []
         self._stop_requested = threading.Event()
@@ -41,8 +50,10 @@ class Collector(threading.Thread):
             # The probes are detached by now: take what is left in the ring buffer.
             self.probe.consume()
             self._flush()
-        except Exception:
+        except Exception as error:
+            # No more events would flow for this probe: the daemon must not go on as if.
             log.exception("collector_failed", probe=self.probe.definition.name)
+            self.on_failure(f"collector of {self.probe.definition.name} failed: {error}")
 
     def stop(self) -> None:
         self._stop_requested.set()
@@ -56,15 +67,23 @@ class Collector(threading.Thread):
         self.enricher.sync_clock()
         for record in records:
             try:
-                raw = decode(record)
-            except DecodeError as error:
-                self.undecodable += 1
-                log.error("undecodable_record", error=str(error))
-                continue
-            if isinstance(raw, BackendNotice):
-                self.enricher.note(raw)
-                continue
-            event = self.enricher.enrich(raw)
-            if event is not None:
-                self.dispatcher.dispatch(event)
-                self.delivered += 1
+                self._handle(record)
+            except Exception:
+                # A bug in one record's handling must not stop the stream.
+                self.failed_records += 1
+                log.exception("record_failed", probe=self.probe.definition.name)
+
+    def _handle(self, record: bytes) -> None:
+        try:
+            raw = decode(record)
+        except DecodeError as error:
+            self.undecodable += 1
+            log.error("undecodable_record", error=str(error))
+            return
+        if isinstance(raw, BackendNotice):
+            self.enricher.note(raw)
+            return
+        event = self.enricher.enrich(raw)
+        if event is not None:
+            self.dispatcher.dispatch(event)
+            self.delivered += 1

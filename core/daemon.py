@@ -91,6 +91,7 @@ class Daemon:
         self._wake = threading.Event()
         self._reload_requested = False
         self._stop_signal: str | None = None
+        self._failure: str | None = None
         self._loaded: list[LoadedProbe] = []
         self._collectors: list[Collector] = []
         self._last_counters: dict[int, dict[str, int]] = {}
@@ -139,6 +140,9 @@ class Daemon:
         log.info("stopping", signal=self._stop_signal)
         sd_notify("STOPPING=1")
         self._shutdown()
+        if self._failure is not None:
+            log.error("exiting_after_failure", reason=self._failure)
+            return 1
         return 0
 
     def _start_probe(self, target: Target, definition: ProbeDefinition, config: Config) -> None:
@@ -151,7 +155,7 @@ class Daemon:
             config.daemon.include_background,
             config.daemon.max_backends,
         )
-        collector = Collector(loaded, enricher, self.dispatcher)
+        collector = Collector(loaded, enricher, self.dispatcher, self._fail)
         self._collectors.append(collector)
         collector.start()
         log.info(
@@ -161,6 +165,11 @@ class Daemon:
             postgres_version=target.binary.version,
             uprobes=loaded.attached_count,
         )
+
+    def _fail(self, reason: str) -> None:
+        self._failure = reason
+        self._stop_signal = "internal failure"
+        self._wake.set()
 
     def _install_signal_handlers(self) -> None:
         def stop(signum: int, _frame: FrameType | None) -> None:
@@ -236,6 +245,7 @@ class Daemon:
             sink_failures={name: stats.failed for name, stats in sink_stats.items()},
             sink_drops={name: stats.dropped for name, stats in sink_stats.items()},
             filtered_background=sum(c.enricher.filtered for c in self._collectors),
+            failed_records=sum(c.failed_records + c.undecodable for c in self._collectors),
         )
 
 

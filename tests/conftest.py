@@ -63,8 +63,9 @@ class DaemonUnderTest:
         self.binary = binary
         self.target_pid = daemon_options.pop("target_pid", None)
         self.probes = daemon_options.pop("probes", ["auto"])
+        env = daemon_options.pop("env", None)
         self.write_config(**daemon_options)
-        self.process = RunningDaemon(self.config)
+        self.process = RunningDaemon(self.config, env=env)
         self.process.wait_for_log("ready")
 
     def write_config(self, threshold_ms: float = 200, **options: Any) -> None:

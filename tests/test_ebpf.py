@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import threading
 import time
@@ -198,3 +199,16 @@ def test_walsender_reported_only_when_background_included(
     daemon.wait_for_events("/* client after walsender */", 1)
     assert daemon.stop() == 0
     assert len(daemon.events("/* walsender */")) == (1 if include_background else 0)
+
+
+def test_systemd_notify_protocol(pg18, start_daemon, tmp_path):
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(address)
+        notify.settimeout(30)
+        daemon = start_daemon(pg18, env={"NOTIFY_SOCKET": address})
+        assert notify.recv(256) == b"READY=1"  # sent once the probes are attached
+        daemon.process.reload()
+        assert [notify.recv(256), notify.recv(256)] == [b"RELOADING=1", b"READY=1"]
+        assert daemon.stop() == 0
+        assert notify.recv(256) == b"STOPPING=1"
