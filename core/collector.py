@@ -37,7 +37,6 @@ class Collector(threading.Thread):
         self.on_failure = on_failure
         self.undecodable = 0
         self.failed_records = 0
-        self.delivered = 0
         self._pending: list[bytes] = []
         self._stop_requested = threading.Event()
         probe.open_ring_buffer(self._pending.append)
@@ -86,4 +85,3 @@ class Collector(threading.Thread):
         event = self.enricher.enrich(raw)
         if event is not None:
             self.dispatcher.dispatch(event)
-            self.delivered += 1

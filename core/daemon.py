@@ -107,9 +107,10 @@ class Daemon:
         for name, options in the_plan.sink_options.items():
             try:
                 sinks[name] = plugins.sink_types[name].create(options)
-            except OSError as error:
+            except Exception as error:  # a third-party sink may raise anything
                 raise UserError(
-                    f"sink {name} cannot open: {error}", "fix the path or its permissions"
+                    f"sink {name} cannot start: {error}",
+                    f"fix the [sinks.{name}] options, the path's permissions, or the plugin",
                 ) from None
         self.dispatcher = Dispatcher(sinks, config.daemon.sink_queue_size)
         self.dispatcher.start()

@@ -159,10 +159,6 @@ class LoadedProbe:
         settings = self.bpf["settings"]
         settings[settings.Key(0)] = settings.Leaf(threshold_ns)
 
-    def threshold_ns(self) -> int:
-        settings = self.bpf["settings"]
-        return int(settings[settings.Key(0)].value)
-
     def counters(self) -> dict[str, int]:
         table = self.bpf["counters"]
         return {

@@ -122,3 +122,14 @@ def test_check_passes_and_describes_the_binary(tmp_path):
     assert "probe pgstat_report_activity compiled and verified" in result.stdout
     assert "kernel headers at /lib/modules/" in result.stdout
     assert result.stdout.strip().endswith("all checks passed")
+
+
+def test_sink_that_cannot_open_is_one_line(tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    config = GOOD.replace("/tmp/pgslowlog-test-unused/slow.jsonl", f"{blocker}/slow.jsonl")
+    result = pgslowlog("run", "-c", write(tmp_path, config))
+    assert result.returncode == 2
+    assert result.stderr.startswith("pgslowlog: sink file cannot start: ")
+    assert "fix the [sinks.file] options" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
