@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
+
 from pgslowlog.errors import UserError
 
 EXAMPLE = "see etc/pgslowlog.toml for every key"

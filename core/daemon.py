@@ -12,10 +12,12 @@ import os
 import signal
 import socket
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from types import FrameType
 
 import msgspec
+
 from pgslowlog.collector import Collector
 from pgslowlog.config import Config, load_config
 from pgslowlog.dispatcher import Dispatcher
@@ -25,11 +27,12 @@ from pgslowlog.loader import LoadedProbe, ProbeLoadError
 from pgslowlog.log import configure_logging, get_logger
 from pgslowlog.plugin_manager import Plugins
 from pgslowlog.probes import ProbeDefinition, select_probes
-from pgslowlog.sinks import Sink
+from pgslowlog.sinks import CommonSinkOptions
 from pgslowlog.targets import Target, resolve_target
 
 log = get_logger(__name__)
-STATS_INTERVAL_S = 10.0
+STATS_INTERVAL_S = 10.0  # loss counters are checked this often
+SINK_STATS_INTERVAL_S = 60.0  # sink counters are logged this often, when they changed
 # Changing these needs new maps or new probes: applied on restart, not on SIGHUP.
 RESTART_ONLY = ("query_max_bytes", "max_backends", "ring_buffer_mib", "sink_queue_size")
 # Kernel counters that mean something was lost: log event, cause, fix.
@@ -49,7 +52,7 @@ class Plan:
 
     config: Config
     probes: list[tuple[Target, ProbeDefinition]]
-    sink_options: dict[str, object] = field(default_factory=dict)
+    sink_options: dict[str, tuple[CommonSinkOptions, object]] = field(default_factory=dict)
 
 
 def plan(config: Config, plugins: Plugins, source: str) -> Plan:
@@ -103,16 +106,17 @@ class Daemon:
         the_plan = plan(config, plugins, self.config_path)
         self.config = config
 
-        sinks: dict[str, Sink] = {}
-        for name, options in the_plan.sink_options.items():
+        self.dispatcher = Dispatcher()
+        for name, (common, options) in the_plan.sink_options.items():
             try:
-                sinks[name] = plugins.sink_types[name].create(options)
+                sink = plugins.sink_types[name].create(options)
             except Exception as error:  # a third-party sink may raise anything
                 raise UserError(
                     f"sink {name} cannot start: {error}",
                     f"fix the [sinks.{name}] options, the path's permissions, or the plugin",
                 ) from None
-        self.dispatcher = Dispatcher(sinks, config.daemon.sink_queue_size)
+            queue_size = common.queue_size or config.daemon.sink_queue_size
+            self.dispatcher.add_sink(name, sink, queue_size, common.shutdown_timeout_s)
         self.dispatcher.start()
 
         self._install_signal_handlers()
@@ -127,10 +131,11 @@ class Daemon:
             "ready",
             threshold_ms=config.daemon.threshold_ms,
             probes=[f"{p.definition.name}@{p.target.binary.path}" for p in self._loaded],
-            sinks=sorted(sinks),
+            sinks=sorted(the_plan.sink_options),
         )
         sd_notify("READY=1")
 
+        next_sink_report = time.monotonic() + SINK_STATS_INTERVAL_S
         while self._stop_signal is None:
             self._wake.wait(STATS_INTERVAL_S)
             self._wake.clear()
@@ -138,6 +143,9 @@ class Daemon:
                 self._reload_requested = False
                 self._reload()
             self._report_losses()
+            if time.monotonic() >= next_sink_report:
+                self.dispatcher.report()
+                next_sink_report = time.monotonic() + SINK_STATS_INTERVAL_S
         log.info("stopping", signal=self._stop_signal)
         sd_notify("STOPPING=1")
         self._shutdown()
@@ -242,9 +250,7 @@ class Daemon:
         log.info(
             "stopped",
             kernel_counters=totals,
-            events_delivered={name: stats.delivered for name, stats in sink_stats.items()},
-            sink_failures={name: stats.failed for name, stats in sink_stats.items()},
-            sink_drops={name: stats.dropped for name, stats in sink_stats.items()},
+            sinks={name: asdict(stats) for name, stats in sink_stats.items()},
             filtered_background=sum(c.enricher.filtered for c in self._collectors),
             failed_records=sum(c.failed_records + c.undecodable for c in self._collectors),
         )

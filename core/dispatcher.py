@@ -1,15 +1,18 @@
-"""Delivers events to sinks: one bounded queue and one thread per sink.
+"""Delivers events to sinks: one bounded queue and one worker thread per sink.
 
-A slow or failing sink only fills its own queue; when a queue is full the event is
-dropped for that sink alone, counted and logged. Sink exceptions are caught per
-event. Never called from the ring-buffer callback: collector.py hands over batches.
+A sink that blocks, slows down or raises only affects its own lane: when its queue
+is full its *oldest* event is dropped and counted (the newest say most about what
+is slow now). Exceptions from a sink are caught per batch. On shutdown each sink
+gets its own time budget; what it could not deliver is counted and logged.
+Never called from the ring-buffer callback: collector.py hands events over.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
-from dataclasses import dataclass, field
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
 
 from pgslowlog.event import SlowQuery
 from pgslowlog.log import get_logger
@@ -17,85 +20,161 @@ from pgslowlog.sinks import Sink
 
 log = get_logger(__name__)
 
-_REOPEN = object()
-_STOP = object()
-
 
 @dataclass
 class SinkStats:
     delivered: int = 0
+    retried: int = 0
     failed: int = 0
-    dropped: int = 0
+    dropped: int = 0  # queue full (oldest first), or still queued when time ran out
 
 
-@dataclass
 class _Lane:
-    name: str
-    sink: Sink
-    queue: queue.Queue[object]
-    stats: SinkStats = field(default_factory=SinkStats)
-    thread: threading.Thread | None = None
+    """One sink, its queue and its worker thread."""
+
+    def __init__(self, name: str, sink: Sink, queue_size: int, shutdown_timeout_s: float) -> None:
+        self.name = name
+        self.sink = sink
+        self.queue_size = queue_size
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.stats = SinkStats()
+        self._events: deque[SlowQuery] = deque()
+        self._changed = threading.Condition()
+        self._reopen_requested = False
+        self._closing = False
+        self.deadline = float("inf")
+        self._in_flight = 0  # events inside the current write()
+        self.thread = threading.Thread(target=self._run, name=f"sink-{name}", daemon=True)
+
+    def put(self, event: SlowQuery) -> None:
+        with self._changed:
+            if len(self._events) >= self.queue_size:
+                self._events.popleft()
+                self.stats.dropped += 1
+                if self.stats.dropped == 1 or self.stats.dropped % 1000 == 0:
+                    log.warning(
+                        "sink_queue_full",
+                        sink=self.name,
+                        dropped=self.stats.dropped,
+                        fix=f"the sink is too slow: raise sinks.{self.name}.queue_size or fix it",
+                    )
+            self._events.append(event)
+            self._changed.notify()
+
+    def request_reopen(self) -> None:
+        with self._changed:
+            self._reopen_requested = True
+            self._changed.notify()
+
+    def begin_close(self, now: float) -> None:
+        with self._changed:
+            self._closing = True
+            self.deadline = now + self.shutdown_timeout_s
+            self._changed.notify()
+
+    def _next_batch(self) -> list[SlowQuery] | None:
+        """Wait for work; None when closing and nothing is left (or time is up)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._events or self._closing or self._reopen_requested)
+            if self._reopen_requested:
+                self._reopen_requested = False
+                return []
+            if self._closing and (not self._events or time.monotonic() >= self.deadline):
+                self._give_up_queued()
+                return None
+            delay = self.sink.max_delay_s
+            if delay > 0 and not self._closing and len(self._events) < self.sink.max_batch:
+                self._changed.wait_for(
+                    lambda: len(self._events) >= self.sink.max_batch or self._closing, delay
+                )
+            count = min(len(self._events), self.sink.max_batch)
+            return [self._events.popleft() for _ in range(count)]
+
+    def _give_up_queued(self) -> None:
+        if self._events:
+            self.stats.dropped += len(self._events)
+            log.error(
+                "sink_undelivered_at_shutdown",
+                sink=self.name,
+                events=len(self._events),
+                fix=f"raise sinks.{self.name}.shutdown_timeout_s or fix the sink",
+            )
+            self._events.clear()
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            if not batch:
+                self.call("reopen")
+                continue
+            self._in_flight = len(batch)
+            try:
+                self.sink.write(batch)
+                self.stats.delivered += len(batch)
+            except Exception as error:
+                self.stats.failed += len(batch)
+                log.error("sink_write_failed", sink=self.name, events=len(batch), error=str(error))
+            self._in_flight = 0
+        self.call("close")
+
+    def abandon(self) -> None:
+        """The worker is stuck in write(): count what it holds and what waits as dropped."""
+        with self._changed:
+            lost = len(self._events) + self._in_flight
+            self._events.clear()
+        self.stats.dropped += lost
+        log.error("sink_stuck_at_shutdown", sink=self.name, undelivered=lost)
+
+    def call(self, method: str) -> None:
+        try:
+            getattr(self.sink, method)()
+        except Exception as error:
+            log.error(f"sink_{method}_failed", sink=self.name, error=str(error))
+
+    def snapshot(self) -> SinkStats:
+        return SinkStats(**{**asdict(self.stats), "retried": getattr(self.sink, "retried", 0)})
 
 
 class Dispatcher:
-    def __init__(self, sinks: dict[str, Sink], queue_size: int) -> None:
-        self._lanes = [_Lane(name, sink, queue.Queue(queue_size)) for name, sink in sinks.items()]
-        self._lock = threading.Lock()  # collectors of several probes dispatch concurrently
+    def __init__(self) -> None:
+        self._lanes: list[_Lane] = []
+        self._last_reported: dict[str, SinkStats] = {}
+
+    def add_sink(self, name: str, sink: Sink, queue_size: int, shutdown_timeout_s: float) -> None:
+        self._lanes.append(_Lane(name, sink, queue_size, shutdown_timeout_s))
 
     def start(self) -> None:
         for lane in self._lanes:
-            lane.thread = threading.Thread(
-                target=self._deliver, args=(lane,), name=f"sink-{lane.name}", daemon=True
-            )
             lane.thread.start()
 
     def dispatch(self, event: SlowQuery) -> None:
-        with self._lock:
-            for lane in self._lanes:
-                try:
-                    lane.queue.put_nowait(event)
-                except queue.Full:
-                    lane.stats.dropped += 1
-                    if lane.stats.dropped == 1 or lane.stats.dropped % 1000 == 0:
-                        log.warning(
-                            "sink_queue_full",
-                            sink=lane.name,
-                            dropped=lane.stats.dropped,
-                            fix="the sink is too slow: raise daemon.sink_queue_size or fix it",
-                        )
+        for lane in self._lanes:
+            lane.put(event)
 
     def reopen(self) -> None:
         for lane in self._lanes:
-            lane.queue.put(_REOPEN)
+            lane.request_reopen()
+
+    def stats(self) -> dict[str, SinkStats]:
+        return {lane.name: lane.snapshot() for lane in self._lanes}
+
+    def report(self) -> None:
+        """Log each sink's counters when they changed since the last report."""
+        for name, stats in self.stats().items():
+            if stats != self._last_reported.get(name):
+                self._last_reported[name] = stats
+                log.info("sink_stats", sink=name, **asdict(stats))
 
     def close(self) -> dict[str, SinkStats]:
-        """Deliver everything queued, then close each sink."""
+        """Deliver what is queued within each sink's shutdown_timeout_s, then close it."""
+        now = time.monotonic()
         for lane in self._lanes:
-            lane.queue.put(_STOP)
+            lane.begin_close(now)
         for lane in self._lanes:
-            if lane.thread is not None:
-                lane.thread.join()
-        return {lane.name: lane.stats for lane in self._lanes}
-
-    def _deliver(self, lane: _Lane) -> None:
-        while True:
-            item = lane.queue.get()
-            if item is _STOP:
-                self._call(lane, "close")
-                return
-            if item is _REOPEN:
-                self._call(lane, "reopen")
-                continue
-            assert isinstance(item, SlowQuery)
-            try:
-                lane.sink.write(item)
-                lane.stats.delivered += 1
-            except Exception as error:
-                lane.stats.failed += 1
-                log.error("sink_write_failed", sink=lane.name, pid=item.pid, error=str(error))
-
-    def _call(self, lane: _Lane, method: str) -> None:
-        try:
-            getattr(lane.sink, method)()
-        except Exception as error:
-            log.error(f"sink_{method}_failed", sink=lane.name, error=str(error))
+            lane.thread.join(max(0.0, lane.deadline - time.monotonic()))
+            if lane.thread.is_alive():
+                # Stuck inside write(): ask it to give up, allow a moment, then leave it.
+                lane.call("interrupt")
+                lane.thread.join(1.0)
+            if lane.thread.is_alive():
+                lane.abandon()
+        return self.stats()

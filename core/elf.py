@@ -16,6 +16,7 @@ from pathlib import Path
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
+
 from pgslowlog.errors import UserError
 
 # PG_VERSION_STR, compiled into every server:

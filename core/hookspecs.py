@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pluggy
+
 from pgslowlog.probes import ProbeDefinition
 from pgslowlog.sinks import SinkType
 

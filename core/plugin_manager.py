@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pluggy
+
 from pgslowlog import hookspecs
 from pgslowlog.log import get_logger
 from pgslowlog.probes import ProbeDefinition

@@ -1,29 +1,73 @@
 """What a sink plugin provides: a type with an option schema, and sink objects.
 
-A sink is driven by its own thread in dispatcher.py, so its methods are never
-called concurrently and need no locking.
+Each sink is driven by its own thread in dispatcher.py, so its methods are never
+called concurrently and need no locking. Every ``[sinks.NAME]`` table also takes
+the keys in ``COMMON_OPTIONS``, handled by the dispatcher and not passed to the sink.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Annotated, Any, ClassVar, Protocol
 
 import msgspec
+
 from pgslowlog.config import config_error
 from pgslowlog.event import SlowQuery
 
 
 class Sink(Protocol):
-    def write(self, event: SlowQuery) -> None:
-        """Deliver one event. An exception is logged and counted; the next event still comes."""
+    #: Most events per write() call; the dispatcher collects up to this many.
+    max_batch: int
+    #: How long the dispatcher waits for a batch to fill before writing it, seconds.
+    max_delay_s: float
+    #: Deliveries the sink had to retry (it counts them; the dispatcher logs them).
+    retried: int
+
+    def write(self, events: Sequence[SlowQuery]) -> None:
+        """Deliver a batch. Raising counts the whole batch as failed; the next one still comes."""
 
     def reopen(self) -> None:
         """SIGHUP: reopen files or connections (for example after logrotate)."""
 
+    def interrupt(self) -> None:
+        """Shutdown time is up: make a blocked write() give up soon. Called from another thread."""
+
     def close(self) -> None:
         """Flush and release everything; called once, after the last write."""
+
+
+class BaseSink:
+    """Defaults for the optional parts of the Sink protocol: subclass and write write()."""
+
+    max_batch: ClassVar[int] = 1000
+    max_delay_s: ClassVar[float] = 0.0
+    retried: int = 0
+
+    def write(self, events: Sequence[SlowQuery]) -> None:
+        raise NotImplementedError
+
+    def reopen(self) -> None:
+        pass
+
+    def interrupt(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class CommonSinkOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Keys every [sinks.NAME] table accepts, whatever the sink."""
+
+    # Events waiting for this sink; when full, its oldest event is dropped and counted.
+    queue_size: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] | None = None
+    # On SIGTERM, how long this sink may take to deliver what is queued.
+    shutdown_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 5.0
+
+
+COMMON_OPTIONS = frozenset(CommonSinkOptions.__struct_fields__)
 
 
 @dataclass(frozen=True)
@@ -36,8 +80,12 @@ class SinkType:
     options: type[msgspec.Struct]
     create: Callable[[Any], Sink]
 
-    def parse_options(self, raw: dict[str, Any], source: str) -> msgspec.Struct:
+    def parse_options(
+        self, raw: dict[str, Any], source: str
+    ) -> tuple[CommonSinkOptions, msgspec.Struct]:
+        common = {key: value for key, value in raw.items() if key in COMMON_OPTIONS}
+        own = {key: value for key, value in raw.items() if key not in COMMON_OPTIONS}
         try:
-            return msgspec.convert(raw, self.options)
+            return msgspec.convert(common, CommonSinkOptions), msgspec.convert(own, self.options)
         except msgspec.ValidationError as error:
             raise config_error(source, error, prefix=f"sinks.{self.name}") from None

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
+
 from pgslowlog.event import SlowQuery
 from pgslowlog.hookspecs import hookimpl
 from pgslowlog.plugin_manager import RegisterSink
-from pgslowlog.sinks import SinkType
+from pgslowlog.sinks import BaseSink, SinkType
 
 FILE_MODE = 0o640
 DIRECTORY_MODE = 0o750
@@ -19,7 +21,7 @@ class FileSinkOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     path: str
 
 
-class FileSink:
+class FileSink(BaseSink):
     def __init__(self, options: FileSinkOptions) -> None:
         self.path = Path(options.path)
         self._fd = self._open()
@@ -34,9 +36,11 @@ class FileSink:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         return fd
 
-    def write(self, event: SlowQuery) -> None:
-        # One write() per line with O_APPEND: readers never see half a line.
-        os.write(self._fd, event.to_json() + b"\n")
+    def write(self, events: Sequence[SlowQuery]) -> None:
+        # One write() per batch with O_APPEND: readers never see half a line.
+        data = b"".join(event.to_json() + b"\n" for event in events)
+        while data:
+            data = data[os.write(self._fd, data) :]
 
     def reopen(self) -> None:
         fd = self._open()

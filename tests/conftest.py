@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from pgslowlog.cluster import Cluster
 from pgslowlog.demo import embedded_bindir
 from pgslowlog.running_daemon import RunningDaemon

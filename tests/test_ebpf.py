@@ -107,7 +107,7 @@ def test_sigterm_writes_every_event_and_exits_cleanly(cluster, start_daemon):
     assert daemon.stop() == 0  # right after the statements ended
     assert len(daemon.events("/* drain ")) == 5
     stopped = daemon.process.wait_for_log("stopped")
-    assert stopped["events_delivered"]["file"] >= 5
+    assert stopped["sinks"]["file"]["delivered"] >= 5
 
 
 def test_backend_terminated_mid_statement_is_logged(cluster, start_daemon):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from pgslowlog.config import parse_config
 from pgslowlog.decoder import HEADER, BackendNotice, RecordKind, decode, decode_text
 from pgslowlog.enrichment import parse_process_title
