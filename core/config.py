@@ -96,7 +96,8 @@ def config_error(source: str, error: msgspec.ValidationError, prefix: str = "") 
     match = _AT.match(str(error))
     assert match is not None  # the pattern matches any string
     message = match["message"]
-    path = prefix + (match["path"] or "").lstrip(".")
+    inner = (match["path"] or "").lstrip(".")
+    path = ".".join(part for part in (prefix, inner) if part).replace(".[", "[")
     if unknown := _UNKNOWN.match(message):
         key = f"{path}.{unknown['key']}" if path else unknown["key"]
         return UserError(
@@ -107,9 +108,8 @@ def config_error(source: str, error: msgspec.ValidationError, prefix: str = "") 
         key = f"{path}.{missing['key']}" if path else missing["key"]
         return UserError(f"config {source}: {key} is required", f"set it ({EXAMPLE})")
     where = path or "top level"
-    return UserError(
-        f"config {source}: {where}: {message.lower()}", f"correct the value ({EXAMPLE})"
-    )
+    message = message[:1].lower() + message[1:]  # "Expected ..." continues our sentence
+    return UserError(f"config {source}: {where}: {message}", f"correct the value ({EXAMPLE})")
 
 
 def _check_semantics(config: Config, source: str) -> None:

@@ -65,6 +65,7 @@ class DaemonUnderTest:
         self.target_pid = daemon_options.pop("target_pid", None)
         self.probes = daemon_options.pop("probes", ["auto"])
         env = daemon_options.pop("env", None)
+        self.sinks = daemon_options.pop("sinks", {})
         self.write_config(**daemon_options)
         self.process = RunningDaemon(self.config, env=env)
         self.process.wait_for_log("ready")
@@ -79,6 +80,9 @@ class DaemonUnderTest:
             f"probes = {json.dumps(self.probes)}",
         ]
         lines += ["", "[sinks.file]", f'path = "{self.log}"', ""]
+        for name, options in self.sinks.items():
+            lines += [f"[sinks.{name}]"]
+            lines += [f"{key} = {json.dumps(value)}" for key, value in options.items()]
         self.config.write_text("\n".join(lines))
 
     def events(self, marker: str | None = None) -> list[dict[str, Any]]:
