@@ -107,16 +107,21 @@ class Daemon:
         self.config = config
 
         self.dispatcher = Dispatcher()
+        failed_sinks = []
         for name, (common, options) in the_plan.sink_options.items():
             try:
                 sink = plugins.sink_types[name].create(options)
             except Exception as error:  # a third-party sink may raise anything
-                raise UserError(
-                    f"sink {name} cannot start: {error}",
-                    f"fix the [sinks.{name}] options, the path's permissions, or the plugin",
-                ) from None
+                failed_sinks.append(f"sink {name} cannot start: {error}")
+                log.error("sink_start_failed", sink=name, error=str(error))
+                continue
             queue_size = common.queue_size or config.daemon.sink_queue_size
             self.dispatcher.add_sink(name, sink, queue_size, common.shutdown_timeout_s)
+        if len(failed_sinks) == len(the_plan.sink_options):
+            raise UserError(
+                "; ".join(failed_sinks),
+                "fix the [sinks.NAME] options, the path's permissions, or the plugin",
+            )
         self.dispatcher.start()
 
         self._install_signal_handlers()
@@ -131,7 +136,7 @@ class Daemon:
             "ready",
             threshold_ms=config.daemon.threshold_ms,
             probes=[f"{p.definition.name}@{p.target.binary.path}" for p in self._loaded],
-            sinks=sorted(the_plan.sink_options),
+            sinks=self.dispatcher.sink_names(),
         )
         sd_notify("READY=1")
 

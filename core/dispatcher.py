@@ -142,6 +142,9 @@ class Dispatcher:
     def add_sink(self, name: str, sink: Sink, queue_size: int, shutdown_timeout_s: float) -> None:
         self._lanes.append(_Lane(name, sink, queue_size, shutdown_timeout_s))
 
+    def sink_names(self) -> list[str]:
+        return [lane.name for lane in self._lanes]
+
     def start(self) -> None:
         for lane in self._lanes:
             lane.thread.start()

@@ -56,6 +56,14 @@ def pg18() -> Iterator[Cluster]:
     server.stop()
 
 
+def toml_value(value: Any) -> str:
+    """JSON strings, numbers, booleans and arrays are valid TOML; tables are not."""
+    if isinstance(value, dict):
+        items = ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items())
+        return "{ " + items + " }"
+    return json.dumps(value)
+
+
 class DaemonUnderTest:
     def __init__(self, directory: Path, binary: Path, **daemon_options: Any) -> None:
         self.directory = directory
@@ -72,7 +80,7 @@ class DaemonUnderTest:
 
     def write_config(self, threshold_ms: float = 200, **options: Any) -> None:
         lines = ["[daemon]", f"threshold_ms = {threshold_ms}"]
-        lines += [f"{key} = {json.dumps(value)}" for key, value in options.items()]
+        lines += [f"{key} = {toml_value(value)}" for key, value in options.items()]
         lines += [
             "",
             "[[target]]",
@@ -82,7 +90,7 @@ class DaemonUnderTest:
         lines += ["", "[sinks.file]", f'path = "{self.log}"', ""]
         for name, options in self.sinks.items():
             lines += [f"[sinks.{name}]"]
-            lines += [f"{key} = {json.dumps(value)}" for key, value in options.items()]
+            lines += [f"{key} = {toml_value(value)}" for key, value in options.items()]
         self.config.write_text("\n".join(lines))
 
     def events(self, marker: str | None = None) -> list[dict[str, Any]]:

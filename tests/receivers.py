@@ -88,3 +88,63 @@ template(name="raw" type="string" string="{RAW_FORMAT}")
 def _listening(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+class WebhookReceiver:
+    """An HTTP server on loopback that records JSON arrays and plays scripted faults.
+
+    `faults` is consumed one per request: "500", "429" (with Retry-After: 1), "hang"
+    (answers nothing for `hang_s`), or None for 200. Only answered-200 bodies count.
+    """
+
+    def __init__(self, hang_s: float = 3.0) -> None:
+        import http.server
+        import threading
+
+        self.faults: list[str | None] = []
+        self.events: list[dict[str, Any]] = []
+        self.batches: list[int] = []
+        self.requests: list[tuple[float, str, dict[str, str]]] = []  # (time, answer, headers)
+        self.hang_s = hang_s
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                fault = receiver.faults.pop(0) if receiver.faults else None
+                receiver.requests.append((time.monotonic(), fault or "200", dict(self.headers)))
+                if fault == "hang":
+                    time.sleep(receiver.hang_s)
+                    return
+                if fault == "500":
+                    self.send_response(500)
+                elif fault == "429":
+                    self.send_response(429)
+                    self.send_header("Retry-After", "1")
+                else:
+                    batch = json.loads(body)
+                    receiver.events.extend(batch)
+                    receiver.batches.append(len(batch))
+                    self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/slow"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, marker: str, count: int, timeout: float = 20) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [event for event in self.events if marker in event["query"]]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

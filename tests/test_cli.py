@@ -131,5 +131,5 @@ def test_sink_that_cannot_open_is_one_line(tmp_path):
     result = pgslowlog("run", "-c", write(tmp_path, config))
     assert result.returncode == 2
     assert result.stderr.startswith("pgslowlog: sink file cannot start: ")
-    assert "fix the [sinks.file] options" in result.stderr
+    assert "fix the [sinks.NAME] options" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import time
 from datetime import UTC, datetime
 
+import psycopg
 import pytest
-from receivers import start_rsyslog
+from receivers import WebhookReceiver, start_rsyslog
 
+from pgslowlog.cluster import free_port
 from pgslowlog.event import SlowQuery
 from pgslowlog.plugins.syslog_sink import SyslogOptions, SyslogSink, fit_event
 
@@ -102,3 +106,116 @@ def test_syslog_header_is_rfc5424():
     assert header.decode().startswith("<133>1 2026-11-25T01:02:03.000004Z db1 pgslowlog ")
     assert header.decode().endswith(" slowquery")
     assert body.startswith(b'{"ts":"2026-11-25T00:00:00Z"')
+
+
+@pytest.fixture
+def webhook():
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.stop()
+
+
+def statements(marker: str, count: int, seconds: float = 0.002) -> str:
+    return "; ".join(f"select pg_sleep({seconds}) /* {marker} {n} */" for n in range(count))
+
+
+@pytest.mark.ebpf
+def test_webhook_batches_and_secret_header(pg18, start_daemon, webhook, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("Bearer from-a-file\n")
+    daemon = start_daemon(
+        pg18,
+        threshold_ms=1,
+        env={"WEBHOOK_TOKEN": "Bearer s3cret-from-env"},
+        sinks={
+            "webhook": {
+                "url": webhook.url,
+                "max_batch": 10,
+                "max_delay_ms": 300,
+                "headers": {"X-Source": "pgslowlog-test"},
+                "headers_from_env": {"Authorization": "WEBHOOK_TOKEN"},
+                "headers_from_file": {"X-Other-Token": str(token_file)},
+            }
+        },
+    )
+    with psycopg.connect(pg18.dsn(), autocommit=True) as connection:
+        for n in range(25):
+            connection.execute(f"select pg_sleep(0.002) /* hook-batch {n} */")
+    daemon.wait_for_events("hook-batch", 25)
+    received = webhook.wait_for("hook-batch", 25)
+    assert daemon.stop() == 0
+    assert sorted(event["query"] for event in received) == sorted(
+        event["query"] for event in daemon.events("hook-batch")
+    )
+    assert max(webhook.batches) <= 10 and len(webhook.batches) >= 3
+    headers = webhook.requests[0][2]
+    assert headers["Authorization"] == "Bearer s3cret-from-env"
+    assert headers["X-Other-Token"] == "Bearer from-a-file"
+    assert headers["X-Source"] == "pgslowlog-test"
+    assert headers["Content-Type"] == "application/json"
+    everything_logged = json.dumps(daemon.process.logs) + daemon.process.stderr
+    assert "s3cret" not in everything_logged and "from-a-file" not in everything_logged
+
+
+@pytest.mark.ebpf
+def test_webhook_retries_through_500_429_and_a_hang(pg18, start_daemon, webhook):
+    webhook.faults = ["500", "429", "hang"]
+    daemon = start_daemon(
+        pg18,
+        sinks={
+            "webhook": {
+                "url": webhook.url,
+                "max_delay_ms": 0,
+                "timeout_s": 1.0,
+                "backoff_initial_s": 0.2,
+            }
+        },
+    )
+    pg18.psql("select pg_sleep(0.25) /* hook-fault */", check=True)
+    received = webhook.wait_for("hook-fault", 1)
+    time.sleep(0.5)  # a duplicate would show up here
+    assert [event["query"] for event in webhook.events] == [
+        "select pg_sleep(0.25) /* hook-fault */"
+    ]
+    answers = [answer for _, answer, _ in webhook.requests]
+    assert answers == ["500", "429", "hang", "200"]
+    after_429 = webhook.requests[2][0] - webhook.requests[1][0]
+    assert after_429 >= 1.0  # Retry-After: 1 was honoured
+    assert len(received) == 1
+    assert daemon.stop() == 0
+    stats = daemon.process.wait_for_log("stopped")["sinks"]["webhook"]
+    assert stats["delivered"] == 1 and stats["retried"] == 3 and stats["failed"] == 0
+    retries = [entry for entry in daemon.process.logs if entry["event"] == "webhook_retry"]
+    assert [entry["reason"] for entry in retries] == ["HTTP 500", "HTTP 429", "ReadTimeout"]
+
+
+@pytest.mark.ebpf
+def test_webhook_down_for_good_loses_nothing_elsewhere(pg18, start_daemon):
+    dead_url = f"http://127.0.0.1:{free_port()}/nobody"
+    daemon = start_daemon(
+        pg18,
+        threshold_ms=1,
+        sinks={
+            "webhook": {
+                "url": dead_url,
+                "queue_size": 5,
+                "shutdown_timeout_s": 1,
+                "max_attempts": 3,
+                "backoff_initial_s": 0.1,
+                "max_delay_ms": 0,
+            }
+        },
+    )
+    with psycopg.connect(pg18.dsn(), autocommit=True) as connection:
+        for n in range(40):
+            connection.execute(f"select pg_sleep(0.002) /* hook-dead {n} */")
+    assert len(daemon.wait_for_events("hook-dead", 40)) == 40
+    assert daemon.stop() == 0
+    stopped = daemon.process.wait_for_log("stopped")["sinks"]
+    total = sum(stopped["file"].values()) - stopped["file"]["delivered"]
+    assert stopped["file"]["delivered"] >= 40 and total == 0
+    webhook_stats = stopped["webhook"]
+    assert webhook_stats["delivered"] == 0
+    # every event the webhook got is accounted for: failed after retries, or dropped
+    assert webhook_stats["failed"] + webhook_stats["dropped"] == stopped["file"]["delivered"]
+    assert webhook_stats["dropped"] > 0

@@ -121,3 +121,19 @@ def test_every_hook_is_documented_in_the_readme():
     hooks = [name for name in dir(hookspecs) if name.startswith("pgslowlog_")]
     assert hooks
     assert [hook for hook in hooks if f"`{hook}(" not in readme] == []
+
+
+def test_every_shipped_sink_is_documented():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = (Path(__file__).parent.parent / "etc" / "pgslowlog.toml").read_text()
+    shipped = [
+        name
+        for name, sink in Plugins.load().sink_types.items()
+        if sink.create.__module__.startswith("pgslowlog.plugins.")
+    ]
+    assert sorted(shipped) == ["console", "file", "syslog", "webhook"]
+    assert [
+        n for n in shipped if f"`[sinks.{n}]`" not in readme or f"[sinks.{n}]" not in example
+    ] == []

@@ -1,0 +1,89 @@
+"""Third-party plugins as users install them: the example package, and broken ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+
+import psycopg
+import pytest
+from receivers import WebhookReceiver, start_rsyslog
+
+pytestmark = pytest.mark.ebpf
+
+
+def test_example_third_party_sink_receives_events(pg18, start_daemon, tmp_path):
+    database = tmp_path / "slow.db"
+    daemon = start_daemon(pg18, sinks={"sqlite": {"path": str(database)}})
+    pg18.psql("select pg_sleep(0.25) /* to sqlite */", check=True)
+    (expected,) = daemon.wait_for_events("to sqlite", 1)
+    assert daemon.stop() == 0
+    with sqlite3.connect(database) as connection:
+        rows = connection.execute("select query, pid, user from slow_queries").fetchall()
+    assert rows == [(expected["query"], expected["pid"], "postgres")]
+
+
+def test_plugins_that_fail_to_import_or_start_are_named_and_the_rest_runs(
+    pg18, start_daemon, tmp_path
+):
+    # A distribution whose entry point names a module that does not exist.
+    site = tmp_path / "site"
+    info = site / "broken_plugin-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[pgslowlog]\nbroken = no_such_module_for_pgslowlog\n")
+    daemon = start_daemon(
+        pg18,
+        env={"PYTHONPATH": f"{site}:{os.environ.get('PYTHONPATH', '')}"},
+        # the sqlite sink cannot open a database in a directory that does not exist
+        sinks={"sqlite": {"path": str(tmp_path / "missing" / "slow.db")}},
+    )
+    pg18.psql("select pg_sleep(0.25) /* despite broken plugins */", check=True)
+    assert len(daemon.wait_for_events("despite broken plugins", 1)) == 1
+    assert daemon.stop() == 0
+    failures = [e for e in daemon.process.logs if e["event"] == "plugin_failed"]
+    assert any("plugin broken" in e["message"] for e in failures)
+    (sink_failure,) = [e for e in daemon.process.logs if e["event"] == "sink_start_failed"]
+    assert sink_failure["sink"] == "sqlite"
+    assert daemon.process.wait_for_log("ready")["sinks"] == ["file"]
+
+
+def test_a_thousand_events_reach_every_healthy_sink(pg18, start_daemon, tmp_path):
+    (tmp_path / "rsyslog").mkdir()
+    rsyslog = start_rsyslog(tmp_path / "rsyslog")
+    webhook = WebhookReceiver()
+    try:
+        daemon = start_daemon(
+            pg18,
+            threshold_ms=1,
+            sinks={
+                "syslog": {"address": f"tcp://127.0.0.1:{rsyslog.tcp_port}"},
+                "webhook": {"url": webhook.url, "max_batch": 200, "max_delay_ms": 100},
+                "console": {},
+                "sqlite": {"path": str(tmp_path / "slow.db")},
+            },
+        )
+        with psycopg.connect(pg18.dsn(), autocommit=True) as connection:
+            for n in range(1000):
+                connection.execute(f"select pg_sleep(0.002) /* thousand {n} */")
+        assert len(daemon.wait_for_events("thousand", 1000, timeout=30)) == 1000
+        assert len(webhook.wait_for("thousand", 1000, timeout=30)) == 1000
+        assert len(rsyslog.wait_for("thousand", 1000, timeout=30)) == 1000
+        assert daemon.stop() == 0
+        stopped = daemon.process.wait_for_log("stopped")["sinks"]
+    finally:
+        webhook.stop()
+        rsyslog.stop()
+    expected = {f"select pg_sleep(0.002) /* thousand {n} */" for n in range(1000)}
+    assert {e["query"] for e in daemon.events("thousand")} == expected
+    assert {e["query"] for e in webhook.events if "thousand" in e["query"]} == expected
+    assert {m["event"]["query"] for m in rsyslog.messages()} >= expected
+    console = [e["line"] for e in daemon.process.logs if "thousand" in e.get("line", "")]
+    assert len(console) == 1000
+    with sqlite3.connect(tmp_path / "slow.db") as connection:
+        (rows,) = connection.execute("select count(*) from slow_queries").fetchone()
+    assert rows == 1000
+    for name, stats in stopped.items():
+        assert stats["delivered"] >= 1000, (name, stats)
+        assert stats["failed"] == stats["dropped"] == 0, (name, json.dumps(stats))
