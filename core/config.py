@@ -35,6 +35,7 @@ class DaemonConfig(_Strict):
     sink_queue_size: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 100_000
     include_background: bool = False
     log_level: str = "info"
+    stats_interval_s: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 60.0
 
 
 class TargetConfig(_Strict):

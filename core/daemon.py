@@ -31,10 +31,15 @@ from pgslowlog.sinks import CommonSinkOptions
 from pgslowlog.targets import Target, resolve_target
 
 log = get_logger(__name__)
-STATS_INTERVAL_S = 10.0  # loss counters are checked this often
-SINK_STATS_INTERVAL_S = 60.0  # sink counters are logged this often, when they changed
+LOSS_CHECK_INTERVAL_S = 10.0  # kernel loss counters are checked at least this often
 # Changing these needs new maps or new probes: applied on restart, not on SIGHUP.
-RESTART_ONLY = ("query_max_bytes", "max_backends", "ring_buffer_mib", "sink_queue_size")
+RESTART_ONLY = (
+    "query_max_bytes",
+    "max_backends",
+    "ring_buffer_mib",
+    "sink_queue_size",
+    "stats_interval_s",
+)
 # Kernel counters that mean something was lost: log event, cause, fix.
 LOSS_COUNTERS = {
     "inflight_full": ("statements_untracked", "in-flight map full", "raise daemon.max_backends"),
@@ -140,9 +145,10 @@ class Daemon:
         )
         sd_notify("READY=1")
 
-        next_sink_report = time.monotonic() + SINK_STATS_INTERVAL_S
+        stats_interval = config.daemon.stats_interval_s
+        next_sink_report = time.monotonic() + stats_interval
         while self._stop_signal is None:
-            self._wake.wait(STATS_INTERVAL_S)
+            self._wake.wait(min(LOSS_CHECK_INTERVAL_S, stats_interval))
             self._wake.clear()
             if self._reload_requested:
                 self._reload_requested = False
@@ -150,7 +156,7 @@ class Daemon:
             self._report_losses()
             if time.monotonic() >= next_sink_report:
                 self.dispatcher.report()
-                next_sink_report = time.monotonic() + SINK_STATS_INTERVAL_S
+                next_sink_report = time.monotonic() + stats_interval
         log.info("stopping", signal=self._stop_signal)
         sd_notify("STOPPING=1")
         self._shutdown()

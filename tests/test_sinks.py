@@ -219,3 +219,44 @@ def test_webhook_down_for_good_loses_nothing_elsewhere(pg18, start_daemon):
     # every event the webhook got is accounted for: failed after retries, or dropped
     assert webhook_stats["failed"] + webhook_stats["dropped"] == stopped["file"]["delivered"]
     assert webhook_stats["dropped"] > 0
+
+
+@pytest.mark.ebpf
+def test_sigterm_is_bounded_when_a_sink_hangs_and_others_lose_nothing(pg18, start_daemon):
+    hanging = WebhookReceiver(hang_s=60)
+    hanging.faults = ["hang"] * 100
+    try:
+        daemon = start_daemon(
+            pg18,
+            threshold_ms=1,
+            stats_interval_s=1,
+            sinks={
+                "webhook": {
+                    "url": hanging.url,
+                    "timeout_s": 30,
+                    "max_batch": 5,
+                    "max_delay_ms": 0,
+                    "shutdown_timeout_s": 1,
+                }
+            },
+        )
+        with psycopg.connect(pg18.dsn(), autocommit=True) as connection:
+            for n in range(20):
+                connection.execute(f"select pg_sleep(0.002) /* hung sink {n} */")
+        assert len(daemon.wait_for_events("hung sink", 20)) == 20
+        stats = daemon.process.wait_for_log("sink_stats", timeout=10)
+        assert stats["sink"] in ("file", "webhook")
+        started = time.monotonic()
+        assert daemon.stop() == 0
+        assert time.monotonic() - started < 8  # 1 s budget + 1 s grace, not the 30 s timeout
+    finally:
+        hanging.stop()
+    stopped = daemon.process.wait_for_log("stopped")["sinks"]
+    assert (
+        stopped["file"]["delivered"]
+        == stopped["webhook"]["dropped"]
+        + stopped["webhook"]["failed"]
+        + stopped["webhook"]["delivered"]
+    )
+    assert stopped["webhook"]["delivered"] == 0
+    assert any(e["event"] == "sink_stuck_at_shutdown" for e in daemon.process.logs)
