@@ -22,6 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="TOML config file")
     check = commands.add_parser("check", help="validate the config and the machine")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="TOML config file")
+    probes = commands.add_parser(
+        "probes", help="list the probe definitions and which can attach to a binary"
+    )
+    which = probes.add_mutually_exclusive_group(required=True)
+    which.add_argument("--binary", help="a postgres server binary")
+    which.add_argument("-c", "--config", help="describe every target of this config")
     demo = commands.add_parser(
         "demo", help="start an embedded PostgreSQL, log a few slow queries, print them"
     )
@@ -37,6 +43,21 @@ def main(argv: list[str] | None = None) -> int:
             from pgslowlog.daemon import Daemon
 
             return Daemon(arguments.config).run()
+        if arguments.command == "probes":
+            from pgslowlog import preflight
+
+            if arguments.binary:
+                print("\n".join(preflight.describe_probes(arguments.binary)))
+                return 0
+            from pgslowlog.config import load_config
+            from pgslowlog.targets import resolve_binary_path
+
+            config = load_config(arguments.config)
+            for index, target in enumerate(config.target):
+                path = resolve_binary_path(target, index)
+                print(f"target[{index}] ({target.name or f'target{index}'}):")
+                print("\n".join(preflight.describe_probes(path)))
+            return 0
         if arguments.command == "check":
             from pgslowlog import preflight
 

@@ -39,6 +39,7 @@ class DaemonConfig(_Strict):
 
 
 class TargetConfig(_Strict):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
     binary: str | None = None
     pid: Annotated[int, msgspec.Meta(ge=1)] | None = None
     probes: list[str] = msgspec.field(default_factory=lambda: ["auto"])
@@ -130,6 +131,12 @@ def _check_semantics(config: Config, source: str) -> None:
         raise UserError(
             f"config {source}: no [[target]] table",
             'add one: [[target]] binary = "/usr/lib/postgresql/15/bin/postgres"',
+        )
+    names = [target.name for target in config.target if target.name is not None]
+    if len(names) != len(set(names)):
+        raise UserError(
+            f"config {source}: two [[target]] tables have the same name",
+            "give each target its own name",
         )
     for index, target in enumerate(config.target):
         if (target.binary is None) == (target.pid is None):

@@ -26,7 +26,7 @@ from pgslowlog.errors import UserError
 from pgslowlog.loader import LoadedProbe, ProbeLoadError
 from pgslowlog.log import configure_logging, get_logger
 from pgslowlog.plugin_manager import Plugins
-from pgslowlog.probes import ProbeDefinition, select_probes
+from pgslowlog.probes import ProbeDefinition, select_probes, wanted_symbols
 from pgslowlog.sinks import CommonSinkOptions
 from pgslowlog.targets import Target, resolve_target
 
@@ -61,10 +61,10 @@ class Plan:
 
 
 def plan(config: Config, plugins: Plugins, source: str) -> Plan:
-    wanted_symbols = {s for d in plugins.probe_definitions.values() for s in d.symbols}
+    wanted = wanted_symbols(plugins.probe_definitions.values())
     chosen: list[tuple[Target, ProbeDefinition]] = []
     for index, target_config in enumerate(config.target):
-        target = resolve_target(target_config, index, wanted_symbols)
+        target = resolve_target(target_config, index, wanted)
         for definition in select_probes(
             target_config.probes, plugins.probe_definitions, target.binary, target.label
         ):
@@ -172,6 +172,7 @@ class Daemon:
         enricher = Enricher(
             definition.name,
             target.binary.path,
+            target.name,
             config.daemon.include_background,
             config.daemon.max_backends,
         )
@@ -181,6 +182,7 @@ class Daemon:
         log.info(
             "probe_attached",
             probe=definition.name,
+            target=target.name,
             binary=target.binary.path,
             postgres_version=target.binary.version,
             uprobes=loaded.attached_count,

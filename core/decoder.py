@@ -7,8 +7,11 @@ import struct
 from dataclasses import dataclass
 
 # u64 start_ns, u64 duration_ns, u32 pid, u32 query_len, u8 query_truncated,
-# u8 backend_exited, u8 kind, u8 reserved[5]; a statement's text follows.
-HEADER = struct.Struct("<QQIIBBB5x")
+# u8 backend_exited, u8 kind, u8 outcome, u8 protocol, u8 reserved[3],
+# char application_name[64]; a statement's text follows.
+HEADER = struct.Struct("<QQIIBBBBB3x64s")
+OUTCOMES = ("ok", "error", "cancelled")  # enum outcome
+PROTOCOLS = (None, "simple", "extended")  # enum protocol
 
 
 class RecordKind(enum.IntEnum):
@@ -29,6 +32,9 @@ class RawStatement:
     query: str
     query_truncated: bool
     backend_exited: bool
+    outcome: str
+    protocol: str | None
+    application_name: str
 
 
 @dataclass(slots=True, frozen=True)
@@ -40,7 +46,9 @@ class BackendNotice:
 def decode(record: bytes) -> RawStatement | BackendNotice:
     if len(record) < HEADER.size:
         raise DecodeError(f"record of {len(record)} bytes is shorter than the header")
-    start_ns, duration_ns, pid, query_len, truncated, exited, kind = HEADER.unpack_from(record)
+    (start_ns, duration_ns, pid, query_len, truncated, exited, kind, outcome, protocol, name) = (
+        HEADER.unpack_from(record)
+    )
     if kind != RecordKind.STATEMENT:
         try:
             return BackendNotice(RecordKind(kind), pid)
@@ -49,6 +57,8 @@ def decode(record: bytes) -> RawStatement | BackendNotice:
     text = record[HEADER.size : HEADER.size + query_len]
     if len(text) != query_len:
         raise DecodeError(f"record announces {query_len} bytes of text but has {len(text)}")
+    if outcome >= len(OUTCOMES) or protocol >= len(PROTOCOLS):
+        raise DecodeError(f"unknown outcome {outcome} or protocol {protocol}")
     return RawStatement(
         start_ns=start_ns,
         duration_ns=duration_ns,
@@ -56,6 +66,9 @@ def decode(record: bytes) -> RawStatement | BackendNotice:
         query=decode_text(text, bool(truncated)),
         query_truncated=bool(truncated),
         backend_exited=bool(exited),
+        outcome=OUTCOMES[outcome],
+        protocol=PROTOCOLS[protocol],
+        application_name=name.split(b"\0", 1)[0].decode(errors="replace"),
     )
 
 

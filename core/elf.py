@@ -1,9 +1,10 @@
-"""What a PostgreSQL binary offers a probe: its version and where its functions are.
+"""What a PostgreSQL binary offers a probe: its version, functions, globals, USDT probes.
 
-Uprobes are placed by file offset, so symbol addresses are translated through the
-PT_LOAD segment that contains them (this works for PIE and non-PIE builds alike).
-A stripped distribution binary has only the dynamic symbol table; a full build has
-`.symtab` too, with static functions such as exec_simple_query.
+Uprobes are placed by file offset, so addresses are translated through the PT_LOAD
+segment that contains them (this works for PIE and non-PIE builds alike). A
+stripped distribution binary has only the dynamic symbol table; a full build has
+`.symtab` too, with static functions such as exec_simple_query. USDT probes come
+from the `.note.stapsdt` notes of a build made with --enable-dtrace.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import functools
 import mmap
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,23 @@ _VERSION = re.compile(
 # Present in every PostgreSQL server binary, in the dynamic table even when stripped.
 _SERVER_MARKER = "PostgresMain"
 _EXAMPLE_BINARY = "/usr/lib/postgresql/15/bin/postgres"
+_STAPSDT_ADDRESSES = struct.Struct("<QQQ")  # pc, .stapsdt.base, semaphore (64-bit ELF)
+
+
+@dataclass(frozen=True)
+class Function:
+    vaddr: int  # address in the file's view; the load bias is added at run time
+    offset: int  # file offset: where a uprobe goes
+
+
+@dataclass(frozen=True)
+class UsdtProbe:
+    provider: str
+    name: str
+    vaddr: int  # the probe point, as a file address
+    offset: int  # its file offset: where the uprobe goes
+    semaphore_offset: int  # file offset of its semaphore, 0 if it has none
+    arguments: tuple[str, ...]  # as written by the compiler: "8@%rbx", "8@-144(%rbp)"
 
 
 @dataclass(frozen=True)
@@ -35,19 +54,26 @@ class PostgresBinary:
     version: str
     major: int
     has_symtab: bool
-    function_offsets: dict[str, int] = field(repr=False)
+    functions: dict[str, Function] = field(repr=False)
+    objects: dict[str, int] = field(repr=False)  # exported globals: name -> file address
+    usdt: dict[tuple[str, str], UsdtProbe] = field(repr=False)
 
     def function_offset(self, name: str) -> int | None:
-        return self.function_offsets.get(name)
+        function = self.functions.get(name)
+        return function.offset if function else None
 
     @property
     def symbols_kind(self) -> str:
         return "full symbol table" if self.has_symtab else "dynamic symbols only (stripped)"
 
+    @property
+    def usdt_kind(self) -> str:
+        return f"{len(self.usdt)} USDT probes" if self.usdt else "no USDT probes"
+
 
 @functools.lru_cache(maxsize=32)
 def inspect_binary(path: str, wanted: frozenset[str], label: str = "binary") -> PostgresBinary:
-    """Open `path`, check that it is a PostgreSQL server, find the `wanted` functions.
+    """Open `path`, check that it is a PostgreSQL server, find the `wanted` symbols.
 
     Cached: reading a full symbol table takes most of a second, and `check` asks twice.
     """
@@ -62,12 +88,8 @@ def inspect_binary(path: str, wanted: frozenset[str], label: str = "binary") -> 
     try:
         with file_path.open("rb") as handle:
             elf = ELFFile(handle)
-            symbols, has_symtab = _function_symbols(elf, wanted | {_SERVER_MARKER})
-            offsets = {
-                name: offset
-                for name, address in symbols.items()
-                if (offset := _file_offset(elf, address)) is not None
-            }
+            functions, objects, has_symtab = _symbols(elf, wanted | {_SERVER_MARKER})
+            usdt = _usdt_probes(elf)
             with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
                 match = _VERSION.search(data)
                 # Copy the groups out while the mapping is open.
@@ -79,39 +101,75 @@ def inspect_binary(path: str, wanted: frozenset[str], label: str = "binary") -> 
         ) from None
     except PermissionError:
         raise UserError(f"{label} {path} is not readable", "run as root") from None
-    if _SERVER_MARKER not in offsets or version_groups is None:
+    if _SERVER_MARKER not in functions or version_groups is None:
         raise UserError(
             f"{label} {path} is not a PostgreSQL server binary (no PostgresMain)",
             f"point it at the postgres server binary, for example {_EXAMPLE_BINARY}",
         )
-    major = int(version_groups[0])
-    version = (version_groups[0] + version_groups[1]).decode()
-    offsets.pop(_SERVER_MARKER)
+    functions.pop(_SERVER_MARKER)
     return PostgresBinary(
         path=path,
-        version=version,
-        major=major,
+        version=(version_groups[0] + version_groups[1]).decode(),
+        major=int(version_groups[0]),
         has_symtab=has_symtab,
-        function_offsets={name: offsets[name] for name in wanted if name in offsets},
+        functions=functions,
+        objects=objects,
+        usdt=usdt,
     )
 
 
-def _function_symbols(elf: ELFFile, wanted: set[str]) -> tuple[dict[str, int], bool]:
-    found: dict[str, int] = {}
+def _symbols(elf: ELFFile, wanted: set[str]) -> tuple[dict[str, Function], dict[str, int], bool]:
+    functions: dict[str, Function] = {}
+    objects: dict[str, int] = {}
     symtab = elf.get_section_by_name(".symtab")
     for section in (symtab, elf.get_section_by_name(".dynsym")):
         if section is None:
             continue
         for symbol in section.iter_symbols():
-            if (
-                symbol.name in wanted
-                and symbol.name not in found
-                and symbol["st_info"]["type"] == "STT_FUNC"
-                and symbol["st_shndx"] != "SHN_UNDEF"
-                and symbol["st_value"]
-            ):
-                found[symbol.name] = symbol["st_value"]
-    return found, symtab is not None
+            name = symbol.name
+            if name not in wanted or symbol["st_shndx"] == "SHN_UNDEF" or not symbol["st_value"]:
+                continue
+            kind = symbol["st_info"]["type"]
+            if kind == "STT_FUNC" and name not in functions:
+                offset = _file_offset(elf, symbol["st_value"])
+                if offset is not None:
+                    functions[name] = Function(symbol["st_value"], offset)
+            elif kind == "STT_OBJECT" and name not in objects:
+                objects[name] = symbol["st_value"]
+    return functions, objects, symtab is not None
+
+
+def _usdt_probes(elf: ELFFile) -> dict[tuple[str, str], UsdtProbe]:
+    notes = elf.get_section_by_name(".note.stapsdt")
+    base_section = elf.get_section_by_name(".stapsdt.base")
+    if notes is None or elf.elfclass != 64:
+        return {}
+    probes = {}
+    for note in notes.iter_notes():
+        if note["n_name"] != "stapsdt":
+            continue
+        descriptor: bytes = note["n_descdata"]
+        pc, base, semaphore = _STAPSDT_ADDRESSES.unpack_from(descriptor)
+        provider, name, arguments = descriptor[_STAPSDT_ADDRESSES.size :].split(b"\0")[:3]
+        if base_section is not None:
+            pc += base_section["sh_addr"] - base  # the notes predate prelinking
+        offset = _file_offset(elf, pc)
+        if offset is None:
+            continue
+        semaphore_offset = _file_offset(elf, semaphore) if semaphore else 0
+        key = (provider.decode(), name.decode())
+        probes.setdefault(
+            key,
+            UsdtProbe(
+                provider=key[0],
+                name=key[1],
+                vaddr=pc,
+                offset=offset,
+                semaphore_offset=semaphore_offset or 0,
+                arguments=tuple(arguments.decode().split()),
+            ),
+        )
+    return probes
 
 
 def _file_offset(elf: ELFFile, address: int) -> int | None:

@@ -64,10 +64,11 @@ def read_process_title(pid: int) -> str | None:
 
 class Enricher:
     def __init__(
-        self, probe: str, binary: str, include_background: bool, max_backends: int
+        self, probe: str, binary: str, target: str, include_background: bool, max_backends: int
     ) -> None:
         self.probe = probe
         self.binary = binary
+        self.target = target
         self.include_background = include_background
         self.filtered = 0
         self._clock_offset_ns = 0
@@ -114,7 +115,11 @@ class Enricher:
             user=backend.user if backend else None,
             database=backend.database if backend else None,
             client=backend.client if backend else None,
+            application_name=raw.application_name or None,
+            outcome=raw.outcome,
+            protocol=raw.protocol,
             probe=self.probe,
             binary=self.binary,
+            target=self.target,
             backend_exited=raw.backend_exited,
         )

@@ -16,8 +16,12 @@ class SlowQuery(msgspec.Struct, frozen=True, kw_only=True):
     user: str | None  # from the backend's process title; None if it had exited
     database: str | None
     client: str | None  # "10.1.2.3(50312)" or "[local]"
+    application_name: str | None = None
+    outcome: str = "ok"  # "ok", "error" or "cancelled"
+    protocol: str | None = None  # "simple" or "extended"
     probe: str
     binary: str
+    target: str = ""  # the [[target]]'s name
     backend_exited: bool = False  # the backend ended before the statement did
 
     def to_json(self) -> bytes:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgslowlog.config import DaemonConfig
 from pgslowlog.errors import UserError
-from pgslowlog.probes import ProbeDefinition
+from pgslowlog.probes import OUTCOME_UPROBES, ProbeDefinition, Uprobe, Usdt
 from pgslowlog.targets import Target
 
 if TYPE_CHECKING:
@@ -87,14 +87,30 @@ def program_text(definition: ProbeDefinition) -> bytes:
     return (f'#line 1 "{SHARED_SOURCE}"\n{shared}\n#line 1 "{definition.source}"\n{probe}').encode()
 
 
+def outcome_uprobes(target: Target) -> list[Uprobe]:
+    """The shared outcome probes this binary can take (it exports their functions)."""
+    return [u for u in OUTCOME_UPROBES if target.binary.function_offset(u.symbol) is not None]
+
+
 def cflags_for(definition: ProbeDefinition, target: Target, daemon: DaemonConfig) -> list[str]:
+    binary = target.binary
     ring_pages = daemon.ring_buffer_mib * 1024 * 1024 // PAGE_SIZE
+    anchors = []
+    for attachment in (*definition.attachments, *outcome_uprobes(target)):
+        if isinstance(attachment, Usdt):
+            address = binary.usdt[(attachment.provider, attachment.name)].vaddr
+        else:
+            address = binary.functions[attachment.symbol].vaddr
+        anchors.append(f"-DVADDR_{attachment.anchor}={address:#x}ULL")
     return [
         f"-DQUERY_MAX_BYTES={daemon.query_max_bytes}",
-        f"-DREPORT_BACKEND_EXIT={int(definition.report_backend_exit)}",
         f"-DMAX_BACKENDS={daemon.max_backends}",
         f"-DRINGBUF_PAGES={ring_pages}",
-        *definition.cflags(target.binary),
+        f"-DREPORT_BACKEND_EXIT={int(definition.report_backend_exit)}",
+        f"-DPROTOCOL={int(definition.protocol)}",
+        f"-DAPPLICATION_NAME_VADDR={binary.objects.get('application_name', 0):#x}ULL",
+        *sorted(set(anchors)),
+        *definition.cflags(binary),
     ]
 
 
@@ -118,10 +134,13 @@ class LoadedProbe:
         self._perf_fds: list[int] = []
         self.set_threshold_ns(round(daemon.threshold_ms * 1_000_000))
 
+    def _attachments(self) -> list[Uprobe | Usdt]:
+        return [*self.definition.attachments, *outcome_uprobes(self.target)]
+
     def verify(self) -> None:
         """Load every function into the kernel: the verifier runs, nothing is attached."""
-        for uprobe in self.definition.uprobes:
-            self._load(uprobe.function)
+        for attachment in self._attachments():
+            self._load(attachment.function)
 
     def _load(self, function: str) -> Any:
         try:
@@ -133,21 +152,30 @@ class LoadedProbe:
 
     def attach(self) -> None:
         binary = self.target.binary
-        for uprobe in self.definition.uprobes:
-            function = self._load(uprobe.function)
-            offset = binary.function_offset(uprobe.symbol)
-            assert offset is not None  # select_probes only keeps supported definitions
-            kind = "r" if uprobe.retprobe else "p"
-            event_name = f"pgslowlog_{kind}_{os.getpid()}_{len(self._perf_fds)}".encode()
+        for attachment in self._attachments():
+            function = self._load(attachment.function)
+            if isinstance(attachment, Usdt):
+                note = binary.usdt[(attachment.provider, attachment.name)]
+                retprobe, offset, semaphore = False, note.offset, note.semaphore_offset
+                where = f"USDT {attachment.provider}:{attachment.name}"
+            else:
+                retprobe, offset, semaphore = (
+                    attachment.retprobe,
+                    binary.functions[attachment.symbol].offset,
+                    0,
+                )
+                where = attachment.symbol
+            event_name = f"pgslowlog_{os.getpid()}_{len(self._perf_fds)}".encode()
+            # With a semaphore offset the kernel raises the semaphore in every process
+            # mapping the binary, now and later: USDT probes guarded by it start firing.
             fd = libbcc().attach_uprobe(
-                function.fd, int(uprobe.retprobe), event_name, binary.path.encode(), offset, -1, 0
+                function.fd, int(retprobe), event_name, binary.path.encode(), offset, -1, semaphore
             )
             if fd < 0:
                 error = os.strerror(ctypes.get_errno())
                 self.detach()
                 raise ProbeLoadError(
-                    f"attaching {self.definition.name} to {uprobe.symbol} in {binary.path} "
-                    f"failed: {error}"
+                    f"attaching {self.definition.name} to {where} in {binary.path} failed: {error}"
                 )
             self._perf_fds.append(fd)
 

@@ -12,9 +12,11 @@ from pathlib import Path
 
 from pgslowlog.config import Config, load_config
 from pgslowlog.daemon import plan
+from pgslowlog.elf import inspect_binary
 from pgslowlog.errors import UserError
 from pgslowlog.loader import BCC_MISSING, LoadedProbe, ProbeLoadError
 from pgslowlog.plugin_manager import Plugins
+from pgslowlog.probes import wanted_symbols
 from pgslowlog.targets import resolve_target
 
 CAP_SYS_ADMIN = 21
@@ -125,7 +127,7 @@ def run_checks(config_path: str) -> list[Finding]:
 def _target_findings(config: Config, plugins: Plugins) -> list[Finding]:
     findings = []
     definitions = plugins.probe_definitions
-    wanted = {symbol for d in definitions.values() for symbol in d.symbols}
+    wanted = wanted_symbols(definitions.values())
     for index, target_config in enumerate(config.target):
         try:
             target = resolve_target(target_config, index, wanted)
@@ -141,10 +143,31 @@ def _target_findings(config: Config, plugins: Plugins) -> list[Finding]:
             Finding(
                 True,
                 f"{target.label}: {binary.path} is PostgreSQL {binary.version}, "
-                f"{binary.symbols_kind}; probes: {'; '.join(support)}",
+                f"{binary.symbols_kind}, {binary.usdt_kind}; probes: {'; '.join(support)}",
             )
         )
     return findings
+
+
+def describe_probes(binary_path: str) -> list[str]:
+    """`pgslowlog probes --binary PATH`: every known definition, usable or why not."""
+    plugins = Plugins.load()
+    definitions = plugins.probe_definitions
+    binary = inspect_binary(binary_path, wanted_symbols(definitions.values()))
+    lines = [
+        f"{binary.path}: PostgreSQL {binary.version}, {binary.symbols_kind}, {binary.usdt_kind}"
+    ]
+    best = None
+    for definition in sorted(definitions.values(), key=lambda d: -d.priority):
+        reason = definition.unsupported_reason(binary)
+        if reason is None and best is None:
+            best = definition.name
+        status = "can attach" if reason is None else f"cannot attach: {reason}"
+        lines.append(f"  {definition.name:<14} {status}")
+        lines.append(f"  {'':<14} {definition.description}")
+    lines.append(f'probes = ["auto"] picks: {best or "nothing (no definition can attach)"}')
+    lines += [f"warning: {failure}" for failure in plugins.failures]
+    return lines
 
 
 def main(config_path: str) -> int:

@@ -1,11 +1,13 @@
-"""Probe definitions: which symbols to probe, with which BPF program, on which binaries.
+"""Probe definitions: what to attach to, with which BPF program, on which binaries.
 
 A definition is data. Plugins register them (hookspecs.pgslowlog_register_probes);
-`select_probes` decides per target which ones attach, and loader.py attaches them.
+`select_probes` decides per target which ones attach, and loader.py attaches them
+together with the outcome probes every definition shares (OUTCOME_UPROBES).
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +20,53 @@ AUTO = "auto"
 
 @dataclass(frozen=True)
 class Uprobe:
-    """Attach the BPF function `function` at entry (or return) of `symbol`."""
+    """Run the BPF function `function` at entry (or return) of the function `symbol`."""
 
     symbol: str
     function: str
     retprobe: bool = False
+
+    @property
+    def anchor(self) -> str:
+        """The VADDR_<anchor> cflag naming this attachment's file address."""
+        return self.symbol
+
+
+@dataclass(frozen=True)
+class Usdt:
+    """Run the BPF function `function` at the USDT probe `provider:name`.
+
+    A probe with a semaphore has it maintained by the kernel (ref_ctr_offset) in
+    every process that maps the binary, those started later included.
+    """
+
+    provider: str
+    name: str
+    function: str
+
+    @property
+    def anchor(self) -> str:
+        return f"{self.provider}_{self.name}"
+
+
+Attachment = Uprobe | Usdt
+
+# Shared by every definition, attached where the binary exports them: they set the
+# statement's outcome (bpf/slow_query.h, on_cancel_request and on_transaction_abort).
+OUTCOME_UPROBES = (
+    Uprobe(symbol="StatementCancelHandler", function="on_cancel_request"),
+    Uprobe(symbol="AbortCurrentTransaction", function="on_transaction_abort"),
+)
+# Exported globals the shared code reads (plain C types, no struct layouts).
+GLOBALS = ("application_name",)
+
+
+class Protocol(enum.IntEnum):
+    """What a definition knows about the wire protocol (PROTOCOL in slow_query.h)."""
+
+    COUNTED = 0  # tell from the number of statement starts: extended reports several
+    SIMPLE = 1
+    EXTENDED = 2
 
 
 def _no_cflags(binary: PostgresBinary) -> list[str]:
@@ -31,10 +75,12 @@ def _no_cflags(binary: PostgresBinary) -> list[str]:
 
 @dataclass(frozen=True)
 class ProbeDefinition:
-    """A way of timing statements; its BPF source includes bpf/slow_query.h.
+    """A way of timing statements; its BPF source calls statement_begin/statement_end.
 
     name: what users write in `probes = [...]` and what events carry as `probe`.
+    attachments: uprobes and USDT probes, each naming the BPF function it runs.
     priority: "auto" picks the supported definition with the highest priority.
+    protocol: SIMPLE or EXTENDED if every statement it sees is of that protocol.
     cflags: extra -D flags for one binary (for example version-dependent constants).
     report_backend_exit: report a statement whose backend exits mid-way; off for a
         probe that misses some statement ends, whose stale entries would be misreported.
@@ -43,26 +89,39 @@ class ProbeDefinition:
     name: str
     description: str
     source: Path
-    uprobes: tuple[Uprobe, ...]
+    attachments: tuple[Attachment, ...]
     priority: int = 0
+    protocol: Protocol = Protocol.COUNTED
     cflags: Callable[[PostgresBinary], list[str]] = field(default=_no_cflags, compare=False)
     report_backend_exit: bool = True
 
     @property
     def symbols(self) -> set[str]:
-        return {uprobe.symbol for uprobe in self.uprobes}
+        return {a.symbol for a in self.attachments if isinstance(a, Uprobe)}
 
     def unsupported_reason(self, binary: PostgresBinary) -> str | None:
         """None if the probe can attach to `binary`, else why not."""
-        for symbol in sorted(self.symbols):
-            if binary.function_offset(symbol) is None:
+        for attachment in self.attachments:
+            if isinstance(attachment, Usdt):
+                if (attachment.provider, attachment.name) not in binary.usdt:
+                    return (
+                        f"no USDT probe {attachment.provider}:{attachment.name} in {binary.path} "
+                        "(built without --enable-dtrace)"
+                    )
+            elif binary.function_offset(attachment.symbol) is None:
                 why = (
                     "the binary is stripped; use a build with symbols"
                     if not binary.has_symtab
                     else "the function is inlined or absent in this build"
                 )
-                return f"no function {symbol} in {binary.path} ({why})"
+                return f"no function {attachment.symbol} in {binary.path} ({why})"
         return None
+
+
+def wanted_symbols(definitions: Iterable[ProbeDefinition]) -> frozenset[str]:
+    """Every symbol worth looking up in a binary for these definitions."""
+    symbols = {symbol for definition in definitions for symbol in definition.symbols}
+    return frozenset(symbols | {u.symbol for u in OUTCOME_UPROBES} | set(GLOBALS))
 
 
 def select_probes(

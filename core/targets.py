@@ -18,6 +18,7 @@ from pgslowlog.errors import UserError
 class Target:
     index: int
     binary: PostgresBinary
+    name: str  # what events carry as `target`
 
     @property
     def label(self) -> str:
@@ -66,7 +67,7 @@ def _same_file(a: str, b: str) -> bool:
     return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
-def resolve_target(config: TargetConfig, index: int, wanted_symbols: set[str]) -> Target:
+def resolve_target(config: TargetConfig, index: int, wanted_symbols: frozenset[str]) -> Target:
     path = resolve_binary_path(config, index)
-    binary = inspect_binary(path, frozenset(wanted_symbols), label=f"target[{index}] binary")
-    return Target(index=index, binary=binary)
+    binary = inspect_binary(path, wanted_symbols, label=f"target[{index}] binary")
+    return Target(index=index, binary=binary, name=config.name or f"target{index}")

@@ -69,12 +69,12 @@ BAD_CONFIGS = {
         "target[0]: no process with pid 999999999",
     ),
     "stripped binary, explicit probe": (
-        GOOD.replace(f'binary = "{PG15}"', f'binary = "{PG15}"\nprobes = ["exec_simple_query"]'),
-        "probe exec_simple_query cannot attach: no function exec_simple_query",
+        GOOD.replace(f'binary = "{PG15}"', f'binary = "{PG15}"\nprobes = ["simple_query"]'),
+        "probe simple_query cannot attach: no function exec_simple_query",
     ),
     "unknown probe": (
         GOOD.replace(f'binary = "{PG15}"', f'binary = "{PG15}"\nprobes = ["nosuch"]'),
-        "unknown probe 'nosuch'; use one of auto, exec_simple_query, pgstat_report_activity",
+        "unknown probe 'nosuch'; use one of auto, activity, simple_query, usdt, utility",
     ),
     "query_max_bytes too big": (
         GOOD.replace("threshold_ms = 200", "query_max_bytes = 100000"),
@@ -119,7 +119,7 @@ def test_check_passes_and_describes_the_binary(tmp_path):
     assert result.returncode == 0, result.stdout
     assert "PostgreSQL 15." in result.stdout
     assert "dynamic symbols only (stripped)" in result.stdout
-    assert "probe pgstat_report_activity compiled and verified" in result.stdout
+    assert "probe activity compiled and verified" in result.stdout
     assert "kernel headers at /lib/modules/" in result.stdout
     assert result.stdout.strip().endswith("all checks passed")
 
@@ -133,3 +133,27 @@ def test_sink_that_cannot_open_is_one_line(tmp_path):
     assert result.stderr.startswith("pgslowlog: sink file cannot start: ")
     assert "fix the [sinks.NAME] options" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_probes_command_explains_each_binary():
+    from conftest import BINDIRS
+
+    stripped = pgslowlog("probes", "--binary", PG15)
+    assert stripped.returncode == 0
+    lines = stripped.stdout.splitlines()
+    assert "dynamic symbols only (stripped), 57 USDT probes" in lines[0]
+    assert any(line.split()[:3] == ["activity", "can", "attach"] for line in lines)
+    assert any(line.split()[:3] == ["usdt", "can", "attach"] for line in lines)
+    assert any(
+        "simple_query   cannot attach: no function exec_simple_query" in line and "stripped" in line
+        for line in lines
+    )
+    assert lines[-1] == 'probes = ["auto"] picks: activity'
+    full = pgslowlog("probes", "--binary", str(BINDIRS["pg18"] / "postgres")).stdout
+    assert "full symbol table, no USDT probes" in full
+    assert "simple_query   can attach" in full
+    assert "usdt           cannot attach: no USDT probe postgresql:query__start" in full
+    assert "built without --enable-dtrace" in full
+    refused = pgslowlog("probes", "--binary", "/bin/ls")
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("pgslowlog: binary /bin/ls is not a PostgreSQL server binary")

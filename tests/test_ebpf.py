@@ -14,6 +14,9 @@ import pytest
 
 pytestmark = pytest.mark.ebpf
 
+# Sleeps, then fails: an error after 300 ms.
+FAILING = "do $$ begin perform pg_sleep(0.3); raise exception 'boom'; end $$ /* {marker} */"
+
 
 def test_slow_statement_logged_with_text_duration_and_backend(cluster, start_daemon):
     daemon = start_daemon(cluster)
@@ -27,8 +30,14 @@ def test_slow_statement_logged_with_text_duration_and_backend(cluster, start_dae
     assert event["backend_exited"] is False
     assert (event["user"], event["database"]) == ("postgres", "postgres")
     assert event["client"].startswith("127.0.0.1(")
-    assert event["probe"] == "pgstat_report_activity"
+    assert event["probe"] == "activity"
     assert event["binary"] == str(cluster.postgres)
+    assert event["target"] == "target0"
+    assert (event["outcome"], event["protocol"], event["application_name"]) == (
+        "ok",
+        "simple",
+        "psql",
+    )
     started = datetime.fromisoformat(event["ts"])
     assert before - timedelta(seconds=1) < started < datetime.now(UTC)
     assert daemon.stop() == 0
@@ -37,12 +46,15 @@ def test_slow_statement_logged_with_text_duration_and_backend(cluster, start_dae
 
 def test_extended_protocol_with_bound_parameter(cluster, start_daemon):
     daemon = start_daemon(cluster)
-    with psycopg.connect(cluster.dsn(), autocommit=True) as connection:
+    dsn = cluster.dsn() + " application_name=shop-api"
+    with psycopg.connect(dsn, autocommit=True) as connection:
         pid = connection.info.backend_pid
         connection.execute("select pg_sleep(%s) /* extended */", (0.3,))
     (event,) = daemon.wait_for_events("/* extended */", 1)
     assert event["query"] == "select pg_sleep($1) /* extended */"
     assert event["pid"] == pid
+    assert (event["protocol"], event["outcome"]) == ("extended", "ok")
+    assert event["application_name"] == "shop-api"
     # parse, bind and execute are one statement: timed from the first report
     assert 290 < event["duration_ms"] < 330
 
@@ -53,6 +65,7 @@ def test_statement_cancelled_by_statement_timeout_is_logged(cluster, start_daemo
     assert "statement timeout" in result.stderr
     (event,) = daemon.wait_for_events("/* cancelled */", 1)
     assert 245 < event["duration_ms"] < 350
+    assert event["outcome"] == "cancelled"
 
 
 def test_fifty_connections_give_fifty_events_with_their_pids(cluster, start_daemon):
@@ -122,6 +135,7 @@ def test_backend_terminated_mid_statement_is_logged(cluster, start_daemon):
     (event,) = daemon.wait_for_events("/* terminated */", 1)
     assert event["pid"] == pid
     assert event["backend_exited"] is True
+    assert event["outcome"] == "error"
     assert 380 < event["duration_ms"] < 1000
 
 
@@ -170,12 +184,17 @@ def test_threshold_above_two_seconds(pg18, start_daemon):
 
 
 def test_exec_simple_query_probe_on_full_symbol_build(pg18, start_daemon):
-    daemon = start_daemon(pg18, probes=["exec_simple_query"])
+    daemon = start_daemon(pg18, probes=["simple_query"])
     pg18.psql("select 1 /* esq fast */", "select pg_sleep(0.3) /* esq slow */", check=True)
     (event,) = daemon.wait_for_events("/* esq slow */", 1)
-    assert event["probe"] == "exec_simple_query"
+    assert event["probe"] == "simple_query"
     assert abs(event["duration_ms"] - 300) < 20
     assert event["user"] == "postgres"
+    assert (event["protocol"], event["outcome"]) == ("simple", "ok")
+    # a failed statement never returns from exec_simple_query: the abort probe ends it
+    pg18.psql(FAILING.format(marker="esq failing"))
+    (failed,) = daemon.wait_for_events("esq failing", 1)
+    assert failed["outcome"] == "error" and 290 < failed["duration_ms"] < 400
     assert daemon.stop() == 0
     assert daemon.events("/* esq fast */") == []
 
@@ -212,3 +231,46 @@ def test_systemd_notify_protocol(pg18, start_daemon, tmp_path):
         assert [notify.recv(256), notify.recv(256)] == [b"RELOADING=1", b"READY=1"]
         assert daemon.stop() == 0
         assert notify.recv(256) == b"STOPPING=1"
+
+
+def test_failed_statement_outcome_error(cluster, start_daemon):
+    daemon = start_daemon(cluster)
+    result = cluster.psql(FAILING.format(marker="failing"))
+    assert "boom" in result.stderr
+    (event,) = daemon.wait_for_events("/* failing */", 1)
+    assert event["outcome"] == "error"
+    assert 290 < event["duration_ms"] < 400
+
+
+def test_usdt_probe_covers_backends_connected_before_and_after(start_daemon, tmp_path):
+    from conftest import BINDIRS
+
+    from pgslowlog.cluster import Cluster
+
+    server = Cluster(BINDIRS["pg15"]).start()  # its own server: the USDT binary is Debian's
+    try:
+        early = psycopg.connect(server.dsn(), autocommit=True)
+        early_pid = early.info.backend_pid
+        daemon = start_daemon(server, probes=["usdt"])
+        late = psycopg.connect(server.dsn(), autocommit=True)
+        for connection, marker in ((early, "usdt early"), (late, "usdt late")):
+            connection.pgconn.send_query(f"select pg_sleep(0.3) /* {marker} */".encode())
+            connection.pgconn.get_result()
+            while connection.pgconn.get_result() is not None:
+                pass
+        server.psql(FAILING.format(marker="usdt failing"))
+        (before,) = daemon.wait_for_events("usdt early", 1)
+        (after,) = daemon.wait_for_events("usdt late", 1)
+        (failed,) = daemon.wait_for_events("usdt failing", 1)
+        assert before["pid"] == early_pid and after["pid"] == late.info.backend_pid
+        assert {before["probe"], after["probe"]} == {"usdt"}
+        assert abs(before["duration_ms"] - 300) < 20
+        assert (before["protocol"], before["outcome"], failed["outcome"]) == (
+            "simple",
+            "ok",
+            "error",
+        )
+        early.close()
+        late.close()
+    finally:
+        server.stop()

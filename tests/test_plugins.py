@@ -87,3 +87,14 @@ def test_a_thousand_events_reach_every_healthy_sink(pg18, start_daemon, tmp_path
     for name, stats in stopped.items():
         assert stats["delivered"] >= 1000, (name, stats)
         assert stats["failed"] == stats["dropped"] == 0, (name, json.dumps(stats))
+
+
+def test_example_third_party_probe_definition(cluster, start_daemon):
+    daemon = start_daemon(cluster, probes=["utility"])
+    cluster.psql("do $$ begin perform pg_sleep(0.3); end $$ /* via utility */", check=True)
+    cluster.psql("select pg_sleep(0.3) /* not a utility statement */", check=True)
+    (event,) = daemon.wait_for_events("via utility", 1)
+    assert event["probe"] == "utility"
+    assert abs(event["duration_ms"] - 300) < 25
+    assert daemon.stop() == 0
+    assert daemon.events("not a utility statement") == []

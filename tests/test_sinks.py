@@ -57,7 +57,7 @@ def test_syslog_message_over_the_limit_arrives_whole(pg18, start_daemon, rsyslog
         sinks={
             "syslog": {
                 "address": f"tcp://127.0.0.1:{rsyslog.tcp_port}",
-                "max_message_bytes": 600,
+                "max_message_bytes": 800,
             }
         },
     )

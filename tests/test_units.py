@@ -12,18 +12,22 @@ from pgslowlog.hookspecs import hookimpl
 from pgslowlog.plugin_manager import Plugins
 
 
-def record(query: bytes, truncated: int = 0, kind: int = 0, pid: int = 42) -> bytes:
-    return HEADER.pack(10, 300_000_000, pid, len(query), truncated, 0, kind) + query
+def record(
+    query: bytes, truncated: int = 0, kind: int = 0, pid: int = 42, outcome: int = 0
+) -> bytes:
+    header = HEADER.pack(10, 300_000_000, pid, len(query), truncated, 0, kind, outcome, 2, b"app")
+    return header + query
 
 
 def test_decode_statement():
-    raw = decode(record(b"select 1"))
+    raw = decode(record(b"select 1", outcome=2))
     assert (raw.pid, raw.duration_ns, raw.query, raw.query_truncated) == (
         42,
         300_000_000,
         "select 1",
         False,
     )
+    assert (raw.outcome, raw.protocol, raw.application_name) == ("cancelled", "extended", "app")
 
 
 def test_decode_backend_notice():
@@ -32,7 +36,9 @@ def test_decode_backend_notice():
     )
 
 
-@pytest.mark.parametrize("broken", [b"short", record(b"abc")[:-1], record(b"", kind=9)])
+@pytest.mark.parametrize(
+    "broken", [b"short", record(b"abc")[:-1], record(b"", kind=9), record(b"", outcome=7)]
+)
 def test_decode_rejects_broken_records(broken):
     with pytest.raises(ValueError):
         decode(broken)
@@ -107,7 +113,7 @@ def test_a_failing_plugin_does_not_stop_the_others():
     plugins.probe_definitions.clear()
     plugins._collect()
     assert "file" in plugins.sink_types
-    assert set(plugins.probe_definitions) == {"pgstat_report_activity", "exec_simple_query"}
+    assert {"activity", "simple_query", "usdt"} <= set(plugins.probe_definitions)
     assert any("broken failed in pgslowlog_register_sinks: boom" in f for f in plugins.failures)
     assert any("misspelled was rejected" in f for f in plugins.failures)
 

@@ -1,31 +1,40 @@
 /*
  * What every probe definition shares: the in-flight statement map, the live
- * threshold, the counters and the ring buffer, and the record that leaves the
- * kernel. A probe's .c file only decides *when* a statement begins and ends and
- * calls statement_begin() / statement_end().
+ * threshold, the counters and the ring buffer, the record that leaves the kernel,
+ * and the outcome handlers (error, cancel) the loader attaches for every
+ * definition. A probe's .c file only decides *when* a statement begins and ends
+ * and calls statement_begin() / statement_end().
  *
  * The loader puts this text in front of the probe's .c file to make one
  * translation unit: bcc rewrites map calls (inflight.lookup() and friends) only
  * in the main file, so an #include of this file would not work.
  *
- * The record layout is mirrored by pgslowlog/decoder.py; change both together.
+ * The record header is mirrored by pgslowlog/decoder.py; change both together.
  *
  * No kernel struct is dereferenced anywhere: the kernel headers bcc compiles
  * against may not match the running kernel, and only pt_regs, helpers and maps
- * are layout-stable.
+ * are layout-stable. No PostgreSQL struct is read either: only exported globals
+ * of a plain C type (application_name is a char *), found at
+ * load bias + their address in the file.
  *
  * Set by the loader through cflags:
- *   QUERY_MAX_BYTES  bytes of query text kept per statement
- *   MAX_BACKENDS     statements that can be in flight at once (one per backend)
- *   RINGBUF_PAGES    ring buffer size in pages (a power of two)
- *   REPORT_BACKEND_EXIT  1 to report a statement whose backend exits mid-way
+ *   QUERY_MAX_BYTES         bytes of query text kept per statement
+ *   MAX_BACKENDS            statements that can be in flight at once (one per backend)
+ *   RINGBUF_PAGES           ring buffer size in pages (a power of two)
+ *   REPORT_BACKEND_EXIT     1 to report a statement whose backend exits mid-way
+ *   PROTOCOL                0: tell from the number of RUNNING reports; 1 simple; 2 extended
+ *   APPLICATION_NAME_VADDR  file address of the global `char *application_name`, or 0
+ *   VADDR_<symbol>          file address of each probed function or USDT probe
  */
 #include <uapi/linux/ptrace.h>
 
 #if !defined(QUERY_MAX_BYTES) || !defined(MAX_BACKENDS) || !defined(RINGBUF_PAGES) || \
-    !defined(REPORT_BACKEND_EXIT)
-#error "QUERY_MAX_BYTES, MAX_BACKENDS, RINGBUF_PAGES, REPORT_BACKEND_EXIT come as cflags"
+    !defined(REPORT_BACKEND_EXIT) || !defined(PROTOCOL) || !defined(APPLICATION_NAME_VADDR)
+#error "the loader passes QUERY_MAX_BYTES, MAX_BACKENDS, RINGBUF_PAGES, ... as cflags"
 #endif
+
+#define APPLICATION_NAME_BYTES 64  /* NAMEDATALEN */
+#define PAGE_MASK_BITS 0xfffULL
 
 /* What user space receives: a header, then query_len bytes of text for a statement. */
 enum record_kind {
@@ -33,6 +42,9 @@ enum record_kind {
     RECORD_BACKEND_STARTED = 1,  /* first statement of a pid: read its process title now */
     RECORD_BACKEND_EXITED = 2,   /* that pid is gone: forget its title */
 };
+
+enum outcome { OUTCOME_OK = 0, OUTCOME_ERROR = 1, OUTCOME_CANCELLED = 2 };
+enum protocol { PROTOCOL_UNKNOWN = 0, PROTOCOL_SIMPLE = 1, PROTOCOL_EXTENDED = 2 };
 
 struct record_header {
     u64 start_ns;        /* bpf_ktime_get_ns() at statement start: CLOCK_MONOTONIC */
@@ -42,12 +54,19 @@ struct record_header {
     u8 query_truncated;
     u8 backend_exited;   /* the backend ended while the statement was running */
     u8 kind;             /* enum record_kind */
-    u8 reserved[5];
+    u8 outcome;          /* enum outcome */
+    u8 protocol;         /* enum protocol */
+    u8 reserved[3];
+    char application_name[APPLICATION_NAME_BYTES];
 };
 
 struct slow_query {
     struct record_header header;
     char query[QUERY_MAX_BYTES + 1];
+    /* Kept in the kernel, never sent: */
+    u64 load_bias;          /* where the binary is mapped in this backend */
+    u32 running_reports;    /* statement starts seen for this statement */
+    u8 cancel_requested;    /* SIGINT arrived while it ran */
 };
 
 /* Counters read (and logged when they move) by pgslowlog/loader.py. */
@@ -101,16 +120,24 @@ static __always_inline void notify_backend(u32 pid, u8 kind)
 }
 
 /*
- * Start timing a statement of the current backend. With keep_running set, a
- * statement already in flight is kept (its start time and text win): the
- * extended protocol reports parse, bind and execute of one statement separately.
+ * Start timing a statement of the current backend. `anchor_vaddr` is the file
+ * address of the probed function or USDT probe (VADDR_<name>): the difference to
+ * the instruction pointer is where the binary is mapped, which locates globals.
+ * With keep_running set, a statement already in flight is kept (its start time
+ * and text win): the extended protocol reports parse, bind and execute of one
+ * statement separately.
  */
-static __always_inline int statement_begin(const char *text, int keep_running)
+static __always_inline int statement_begin(struct pt_regs *ctx, const char *text,
+                                           int keep_running, u64 anchor_vaddr)
 {
     u32 pid = current_pid();
-    if (keep_running && inflight.lookup(&pid))
-        return 0;
-
+    if (keep_running) {
+        struct slow_query *running = inflight.lookup(&pid);
+        if (running) {
+            running->running_reports++;
+            return 0;
+        }
+    }
     if (!known_backends.lookup(&pid)) {
         u8 one = 1;
         known_backends.update(&pid, &one);
@@ -128,6 +155,13 @@ static __always_inline int statement_begin(const char *text, int keep_running)
     header->backend_exited = 0;
     header->query_truncated = 0;
     header->kind = RECORD_STATEMENT;
+    header->outcome = OUTCOME_OK;
+    header->protocol = PROTOCOL;
+    header->application_name[0] = 0;
+    /* A mapping starts on a page boundary: masking also absorbs an IP past the trap. */
+    record->load_bias = (PT_REGS_IP(ctx) - anchor_vaddr) & ~PAGE_MASK_BITS;
+    record->running_reports = 1;
+    record->cancel_requested = 0;
     long copied = bpf_probe_read_user_str(record->query, sizeof(record->query), text);
     header->query_len = copied > 0 ? copied - 1 : 0;
     if (copied == sizeof(record->query)) {
@@ -144,6 +178,16 @@ static __always_inline int statement_begin(const char *text, int keep_running)
     return 0;
 }
 
+static __always_inline void read_application_name(struct slow_query *record)
+{
+    if (!APPLICATION_NAME_VADDR)
+        return;
+    const char *name = 0;
+    bpf_probe_read_user(&name, sizeof(name), (void *)(record->load_bias + APPLICATION_NAME_VADDR));
+    if (name)
+        bpf_probe_read_user_str(record->header.application_name, APPLICATION_NAME_BYTES, name);
+}
+
 /* Stop timing; only a statement at or over the threshold leaves the kernel. */
 static __always_inline int statement_end(int backend_exited)
 {
@@ -158,12 +202,17 @@ static __always_inline int statement_end(int backend_exited)
     if (threshold && duration >= *threshold) {
         header->duration_ns = duration;
         header->backend_exited = backend_exited;
-        /* Send only the text that is there, not the whole buffer. */
+        if (header->protocol == PROTOCOL_UNKNOWN)
+            /* parse+bind+execute, or bind+execute, report RUNNING more than once */
+            header->protocol = record->running_reports > 1 ? PROTOCOL_EXTENDED : PROTOCOL_SIMPLE;
+        if (!backend_exited)  /* an exiting process's memory is being torn down */
+            read_application_name(record);
+        /* Send only the header and the text that is there, not the whole buffer. */
         u64 size = sizeof(struct record_header) + header->query_len;
         /* The barriers keep clang from clamping a copy the verifier cannot see. */
         asm volatile("" : "+r"(size));
-        if (size > sizeof(struct slow_query))
-            size = sizeof(struct slow_query);
+        if (size > sizeof(struct record_header) + QUERY_MAX_BYTES + 1)
+            size = sizeof(struct record_header) + QUERY_MAX_BYTES + 1;
         asm volatile("" : "+r"(size));
         if (events.ringbuf_output(record, size, 0) != 0)
             count(COUNTER_RINGBUF_FULL);
@@ -175,12 +224,37 @@ static __always_inline int statement_end(int backend_exited)
 }
 
 /*
+ * Outcome, attached by the loader for every definition where the binary has the
+ * exported symbols. StatementCancelHandler is the SIGINT handler: statement_timeout,
+ * pg_cancel_backend() and a client's cancel request all arrive through it.
+ * AbortCurrentTransaction runs when a client backend recovers from an ERROR: the
+ * statement ends there, as an error, or cancelled if a cancel had arrived.
+ */
+int on_cancel_request(struct pt_regs *ctx)
+{
+    u32 pid = current_pid();
+    struct slow_query *record = inflight.lookup(&pid);
+    if (record)
+        record->cancel_requested = 1;
+    return 0;
+}
+
+int on_transaction_abort(struct pt_regs *ctx)
+{
+    u32 pid = current_pid();
+    struct slow_query *record = inflight.lookup(&pid);
+    if (!record)
+        return 0;
+    record->header.outcome = record->cancel_requested ? OUTCOME_CANCELLED : OUTCOME_ERROR;
+    return statement_end(0);
+}
+
+/*
  * A backend that exits mid-statement (pg_terminate_backend, FATAL, crash) never
  * reports the end: report it here, and free its slot either way. A raw tracepoint
  * needs no tracefs and no struct access: the exiting task is the current one.
- * A probe that cannot see every statement end (an ERROR longjmps past a
- * uretprobe) is built with REPORT_BACKEND_EXIT 0: a stale entry would be
- * reported with a made-up duration, so it is only freed.
+ * A probe that cannot see every statement end is built with REPORT_BACKEND_EXIT 0:
+ * a stale entry would be reported with a made-up duration, so it is only freed.
  */
 RAW_TRACEPOINT_PROBE(sched_process_exit)
 {
@@ -188,10 +262,15 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
     if ((u32)id != (u32)(id >> 32))
         return 0;  /* a thread, not a whole process */
     u32 pid = id >> 32;
-    if (REPORT_BACKEND_EXIT)
-        statement_end(1);
-    else
-        inflight.delete(&pid);
+    struct slow_query *record = inflight.lookup(&pid);
+    if (record) {
+        if (REPORT_BACKEND_EXIT) {
+            record->header.outcome = OUTCOME_ERROR;
+            statement_end(1);
+        } else {
+            inflight.delete(&pid);
+        }
+    }
     if (known_backends.lookup(&pid)) {
         known_backends.delete(&pid);
         notify_backend(pid, RECORD_BACKEND_EXITED);

@@ -1,4 +1,4 @@
-"""Default probe: one uprobe on pgstat_report_activity, exported by every build."""
+"""`activity`, the default probe: one uprobe on pgstat_report_activity, exported by every build."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 from pgslowlog.elf import PostgresBinary
 from pgslowlog.hookspecs import hookimpl
 from pgslowlog.plugin_manager import RegisterProbe
-from pgslowlog.probes import ProbeDefinition, Uprobe
+from pgslowlog.probes import ProbeDefinition, Protocol, Uprobe
 
 
 def backend_state_cflags(binary: PostgresBinary) -> list[str]:
@@ -24,19 +24,21 @@ def backend_state_cflags(binary: PostgresBinary) -> list[str]:
     ]
 
 
-PGSTAT_REPORT_ACTIVITY = ProbeDefinition(
-    name="pgstat_report_activity",
+ACTIVITY = ProbeDefinition(
+    name="activity",
     description=(
-        "uprobe on the exported pgstat_report_activity: stripped binaries, simple and "
-        "extended protocol, failed and cancelled statements"
+        "uprobe on the exported pgstat_report_activity: every build, stripped ones too; "
+        "simple and extended protocol (told apart by how often a statement reports it is "
+        "running), failed and cancelled statements"
     ),
-    source=Path(__file__).with_name("pgstat_activity_probe.c"),
-    uprobes=(Uprobe(symbol="pgstat_report_activity", function="on_report_activity"),),
+    source=Path(__file__).with_name("activity_probe.c"),
+    attachments=(Uprobe(symbol="pgstat_report_activity", function="on_report_activity"),),
     priority=100,
+    protocol=Protocol.COUNTED,
     cflags=backend_state_cflags,
 )
 
 
 @hookimpl
 def pgslowlog_register_probes(register: RegisterProbe) -> None:
-    register(PGSTAT_REPORT_ACTIVITY)
+    register(ACTIVITY)
