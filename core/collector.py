@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from pgslowlog.decoder import BackendNotice, DecodeError, decode
+from pgslowlog.decoder import BackendNotice, BindMessage, DecodeError, decode
 from pgslowlog.dispatcher import Dispatcher
 from pgslowlog.enrichment import Enricher
 from pgslowlog.loader import LoadedProbe
@@ -81,6 +81,9 @@ class Collector(threading.Thread):
             return
         if isinstance(raw, BackendNotice):
             self.enricher.note(raw)
+            return
+        if isinstance(raw, BindMessage):
+            self.enricher.note_bind(raw)
             return
         event = self.enricher.enrich(raw)
         if event is not None:

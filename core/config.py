@@ -36,6 +36,12 @@ class DaemonConfig(_Strict):
     include_background: bool = False
     log_level: str = "info"
     stats_interval_s: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 60.0
+    # Bound parameter values (extended protocol, where a probe can read them). Off by
+    # default: values may hold personal data.
+    capture_params: bool = False
+    # Longest value logged, in bytes, like PostgreSQL's log_parameter_max_length;
+    # a longer one is cut and ends in "...". 0 logs none.
+    params_max_length: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 1024
 
 
 class TargetConfig(_Strict):

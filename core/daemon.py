@@ -34,6 +34,8 @@ log = get_logger(__name__)
 LOSS_CHECK_INTERVAL_S = 10.0  # kernel loss counters are checked at least this often
 # Changing these needs new maps or new probes: applied on restart, not on SIGHUP.
 RESTART_ONLY = (
+    "capture_params",
+    "params_max_length",
     "query_max_bytes",
     "max_backends",
     "ring_buffer_mib",
@@ -175,6 +177,7 @@ class Daemon:
             target.name,
             config.daemon.include_background,
             config.daemon.max_backends,
+            config.daemon.params_max_length,
         )
         collector = Collector(loaded, enricher, self.dispatcher, self._fail)
         self._collectors.append(collector)

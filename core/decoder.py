@@ -10,6 +10,9 @@ from dataclasses import dataclass
 # u8 backend_exited, u8 kind, u8 outcome, u8 protocol, u8 reserved[3],
 # char application_name[64]; a statement's text follows.
 HEADER = struct.Struct("<QQIIBBBBB3x64s")
+# struct bind_record after its header: portal[64], statement[64], u32 message_len,
+# u32 params_len, then params_len bytes of the Bind message's parameter section.
+BIND_NAMES = struct.Struct("<64s64sII")
 OUTCOMES = ("ok", "error", "cancelled")  # enum outcome
 PROTOCOLS = (None, "simple", "extended")  # enum protocol
 
@@ -18,6 +21,7 @@ class RecordKind(enum.IntEnum):
     STATEMENT = 0
     BACKEND_STARTED = 1
     BACKEND_EXITED = 2
+    BIND = 3
 
 
 class DecodeError(ValueError):
@@ -43,12 +47,33 @@ class BackendNotice:
     pid: int
 
 
-def decode(record: bytes) -> RawStatement | BackendNotice:
+@dataclass(slots=True, frozen=True)
+class BoundParameter:
+    value: bytes | None  # None: SQL NULL
+    binary: bool  # sent in binary format
+    cut: bool  # the copy ended inside this value
+
+
+@dataclass(slots=True, frozen=True)
+class BindMessage:
+    """The Bind message of the statement that follows from the same pid."""
+
+    pid: int
+    start_ns: int
+    portal: str
+    statement: str
+    params: list[BoundParameter] | None  # None: values were not captured
+    complete: bool  # every value is in `params`
+
+
+def decode(record: bytes) -> RawStatement | BackendNotice | BindMessage:
     if len(record) < HEADER.size:
         raise DecodeError(f"record of {len(record)} bytes is shorter than the header")
     (start_ns, duration_ns, pid, query_len, truncated, exited, kind, outcome, protocol, name) = (
         HEADER.unpack_from(record)
     )
+    if kind == RecordKind.BIND:
+        return _decode_bind(record, pid, start_ns)
     if kind != RecordKind.STATEMENT:
         try:
             return BackendNotice(RecordKind(kind), pid)
@@ -80,3 +105,65 @@ def decode_text(text: bytes, truncated: bool) -> str:
         if truncated and error.start >= len(text) - 3 and error.reason == "unexpected end of data":
             return text[: error.start].decode(errors="replace")
         return text.decode(errors="replace")
+
+
+def _name(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def _decode_bind(record: bytes, pid: int, start_ns: int) -> BindMessage:
+    if len(record) < HEADER.size + BIND_NAMES.size:
+        raise DecodeError("bind record shorter than its names")
+    portal, statement, _message_len, params_len = BIND_NAMES.unpack_from(record, HEADER.size)
+    section = record[HEADER.size + BIND_NAMES.size :]
+    if len(section) != params_len:
+        raise DecodeError(f"bind record announces {params_len} bytes but has {len(section)}")
+    params, complete = (None, True) if not params_len else parse_bind_parameters(section)
+    return BindMessage(pid, start_ns, _name(portal), _name(statement), params, complete)
+
+
+def parse_bind_parameters(section: bytes) -> tuple[list[BoundParameter], bool]:
+    """The parameter values of a Bind message body, from just after the two names.
+
+    Int16 count and codes of the formats, Int16 count of the values, then each as
+    Int32 length (-1: NULL) and bytes; network byte order. A copy cut short gives
+    what it holds, the last value marked cut.
+    """
+    position = 0
+
+    def take(size: int) -> bytes | None:
+        nonlocal position
+        if position + size > len(section):
+            return None
+        chunk = section[position : position + size]
+        position += size
+        return chunk
+
+    head = take(2)
+    if head is None:
+        return [], False
+    (format_count,) = struct.unpack(">h", head)
+    format_bytes = take(2 * format_count)
+    if format_bytes is None:
+        return [], False
+    formats = struct.unpack(f">{format_count}h", format_bytes)
+    count_bytes = take(2)
+    if count_bytes is None:
+        return [], False
+    (count,) = struct.unpack(">h", count_bytes)
+    params = []
+    for index in range(count):
+        binary = bool(formats[0] if format_count == 1 else formats[index] if formats else 0)
+        length_bytes = take(4)
+        if length_bytes is None:
+            return params, False
+        (length,) = struct.unpack(">i", length_bytes)
+        if length < 0:
+            params.append(BoundParameter(None, binary, cut=False))
+            continue
+        value = take(length)
+        if value is None:
+            params.append(BoundParameter(section[position:], binary, cut=True))
+            return params, False
+        params.append(BoundParameter(value, binary, cut=False))
+    return params, True

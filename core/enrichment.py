@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from pgslowlog.decoder import BackendNotice, RawStatement, RecordKind
+from pgslowlog.decoder import BackendNotice, BindMessage, BoundParameter, RawStatement, RecordKind
 from pgslowlog.event import SlowQuery
 
 _CLIENT = re.compile(r"^(\[local\]|\S+\(\d+\))$")
@@ -62,19 +62,44 @@ def read_process_title(pid: int) -> str | None:
     return raw.split(b"\0", 1)[0].decode(errors="replace") or None
 
 
+def format_parameter(parameter: BoundParameter, max_length: int) -> str | None:
+    """As PostgreSQL logs it: text as is, binary as hex; cut values end in "..."."""
+    if parameter.value is None:
+        return None
+    raw = parameter.value
+    cut = parameter.cut or len(raw) > max_length
+    raw = raw[:max_length]
+    text = (
+        "\\x" + raw.hex() if parameter.binary else raw.decode(errors="ignore" if cut else "replace")
+    )
+    return text + "..." if cut else text
+
+
 class Enricher:
     def __init__(
-        self, probe: str, binary: str, target: str, include_background: bool, max_backends: int
+        self,
+        probe: str,
+        binary: str,
+        target: str,
+        include_background: bool,
+        max_backends: int,
+        params_max_length: int = 1024,
     ) -> None:
         self.probe = probe
         self.binary = binary
         self.target = target
+        self.params_max_length = params_max_length
+        # pid -> the Bind message sent just before that pid's statement record
+        self._binds: dict[int, BindMessage] = {}
         self.include_background = include_background
         self.filtered = 0
         self._clock_offset_ns = 0
         # pid -> Backend, oldest first. Bounded in case exit notices were lost.
         self._backends: dict[int, Backend] = {}
         self._max_cached = 2 * max_backends
+
+    def note_bind(self, bind: BindMessage) -> None:
+        self._binds[bind.pid] = bind
 
     def note(self, notice: BackendNotice) -> None:
         if notice.kind == RecordKind.BACKEND_EXITED:
@@ -95,12 +120,20 @@ class Enricher:
             del self._backends[next(iter(self._backends))]
         return backend
 
+    def _params(self, bind: BindMessage | None) -> list[str | None] | None:
+        if bind is None or bind.params is None:
+            return None
+        return [format_parameter(p, self.params_max_length) for p in bind.params]
+
     def sync_clock(self) -> None:
         """Offset from CLOCK_MONOTONIC (bpf_ktime_get_ns) to wall time, once per batch."""
         self._clock_offset_ns = time.time_ns() - time.monotonic_ns()
 
     def enrich(self, raw: RawStatement) -> SlowQuery | None:
         """The event, or None for a non-client process when those are not wanted."""
+        bind = self._binds.pop(raw.pid, None)
+        if bind is not None and bind.start_ns != raw.start_ns:
+            bind = None  # left over from a statement whose record was lost
         backend = self._lookup(raw.pid)
         if backend is not None and backend.kind != "client" and not self.include_background:
             self.filtered += 1
@@ -118,6 +151,8 @@ class Enricher:
             application_name=raw.application_name or None,
             outcome=raw.outcome,
             protocol=raw.protocol,
+            statement_name=(bind.statement or None) if bind else None,
+            params=self._params(bind),
             probe=self.probe,
             binary=self.binary,
             target=self.target,

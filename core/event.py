@@ -19,6 +19,8 @@ class SlowQuery(msgspec.Struct, frozen=True, kw_only=True):
     application_name: str | None = None
     outcome: str = "ok"  # "ok", "error" or "cancelled"
     protocol: str | None = None  # "simple" or "extended"
+    statement_name: str | None = None  # prepared statement, where the probe sees Bind
+    params: list[str | None] | None = None  # bound values, with capture_params
     probe: str
     binary: str
     target: str = ""  # the [[target]]'s name

@@ -109,6 +109,7 @@ def cflags_for(definition: ProbeDefinition, target: Target, daemon: DaemonConfig
         f"-DREPORT_BACKEND_EXIT={int(definition.report_backend_exit)}",
         f"-DPROTOCOL={int(definition.protocol)}",
         f"-DAPPLICATION_NAME_VADDR={binary.objects.get('application_name', 0):#x}ULL",
+        f"-DCAPTURE_PARAMS={int(daemon.capture_params)}",
         *sorted(set(anchors)),
         *definition.cflags(binary),
     ]

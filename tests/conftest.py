@@ -8,6 +8,7 @@ every eBPF test must really run.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,10 @@ from pgslowlog.running_daemon import RunningDaemon
 
 DEBIAN_PG15 = Path("/usr/lib/postgresql/15/bin")
 BINDIRS = {"pg15": DEBIAN_PG15, "pg18": embedded_bindir()}
+# Built from Debian's source at -O0 by .ci/build-postgres-O0 (the bootstrap runs it).
+PG15_O0 = Path(
+    os.environ.get("PGSLOWLOG_PG15_O0_BINDIR", "/var/cache/pgslowlog/postgresql-15-O0/bin")
+)
 
 _skipped: list[str] = []
 
@@ -50,6 +55,20 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="session")
+def pg15() -> Iterator[Cluster]:
+    server = Cluster(BINDIRS["pg15"]).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg15_O0() -> Iterator[Cluster]:
+    server = Cluster(PG15_O0).start()  # fails (never skips) when the build is missing
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def pg18() -> Iterator[Cluster]:
     server = Cluster(BINDIRS["pg18"]).start()
     yield server
@@ -71,6 +90,8 @@ class DaemonUnderTest:
         self.log = directory / "log" / "slow.jsonl"
         self.binary = binary
         self.target_pid = daemon_options.pop("target_pid", None)
+        self.target_name = daemon_options.pop("target_name", None)
+        self.extra_targets = daemon_options.pop("extra_targets", [])
         self.probes = daemon_options.pop("probes", ["auto"])
         env = daemon_options.pop("env", None)
         self.sinks = daemon_options.pop("sinks", {})
@@ -81,12 +102,13 @@ class DaemonUnderTest:
     def write_config(self, threshold_ms: float = 200, **options: Any) -> None:
         lines = ["[daemon]", f"threshold_ms = {threshold_ms}"]
         lines += [f"{key} = {toml_value(value)}" for key, value in options.items()]
-        lines += [
-            "",
-            "[[target]]",
-            f'binary = "{self.binary}"',
-            f"probes = {json.dumps(self.probes)}",
-        ]
+        where = f"pid = {self.target_pid}" if self.target_pid else f'binary = "{self.binary}"'
+        lines += ["", "[[target]]", where, f"probes = {json.dumps(self.probes)}"]
+        if self.target_name:
+            lines += [f"name = {json.dumps(self.target_name)}"]
+        for target in self.extra_targets:
+            lines += ["", "[[target]]"]
+            lines += [f"{key} = {toml_value(value)}" for key, value in target.items()]
         lines += ["", "[sinks.file]", f'path = "{self.log}"', ""]
         for name, options in self.sinks.items():
             lines += [f"[sinks.{name}]"]

@@ -74,7 +74,7 @@ BAD_CONFIGS = {
     ),
     "unknown probe": (
         GOOD.replace(f'binary = "{PG15}"', f'binary = "{PG15}"\nprobes = ["nosuch"]'),
-        "unknown probe 'nosuch'; use one of auto, activity, simple_query, usdt, utility",
+        "unknown probe 'nosuch'; use one of auto, activity, extended, simple_query, usdt, utility",
     ),
     "query_max_bytes too big": (
         GOOD.replace("threshold_ms = 200", "query_max_bytes = 100000"),

@@ -201,6 +201,8 @@ def test_exec_simple_query_probe_on_full_symbol_build(pg18, start_daemon):
 
 def test_target_given_by_postmaster_pid(cluster, start_daemon):
     daemon = start_daemon(cluster, target_pid=cluster.postmaster_pid)
+    config = daemon.config.read_text()
+    assert f"pid = {cluster.postmaster_pid}" in config and "binary =" not in config
     cluster.psql("select pg_sleep(0.25) /* by pid */", check=True)
     (event,) = daemon.wait_for_events("/* by pid */", 1)
     # /proc/PID/exe, and the server shares our root, so no /proc/PID/root prefix

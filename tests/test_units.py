@@ -143,3 +143,30 @@ def test_every_shipped_sink_is_documented():
     assert [
         n for n in shipped if f"`[sinks.{n}]`" not in readme or f"[sinks.{n}]" not in example
     ] == []
+
+
+def bind_section(formats, values):
+    import struct
+
+    body = struct.pack(">h", len(formats)) + b"".join(struct.pack(">h", f) for f in formats)
+    body += struct.pack(">h", len(values))
+    for value in values:
+        body += struct.pack(">i", -1) if value is None else struct.pack(">i", len(value)) + value
+    return body + struct.pack(">h", 0)  # no result formats
+
+
+def test_bind_parameters_text_binary_null_and_cut():
+    from pgslowlog.decoder import parse_bind_parameters
+    from pgslowlog.enrichment import format_parameter
+
+    section = bind_section([0, 1, 0], [b"0.3", b"\x3f\xd3\x33\x33\x33\x33\x33\x33", None])
+    params, complete = parse_bind_parameters(section)
+    assert complete
+    assert [format_parameter(p, 1024) for p in params] == ["0.3", "\\x3fd3333333333333", None]
+    # one format code applies to every value; a value over the limit is cut like PostgreSQL's
+    params, _ = parse_bind_parameters(bind_section([0], [b"abcdef", "日本".encode()]))
+    assert [format_parameter(p, 4) for p in params] == ["abcd...", "日..."]
+    # a copy that ends inside the second value (5 bytes short: 2 of the trailer, 3 of it)
+    params, complete = parse_bind_parameters(bind_section([], [b"first", b"second"])[:-5])
+    assert not complete
+    assert [format_parameter(p, 1024) for p in params] == ["first", "sec..."]

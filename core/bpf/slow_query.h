@@ -25,11 +25,13 @@
  *   PROTOCOL                0: tell from the number of RUNNING reports; 1 simple; 2 extended
  *   APPLICATION_NAME_VADDR  file address of the global `char *application_name`, or 0
  *   VADDR_<symbol>          file address of each probed function or USDT probe
+ *   CAPTURE_PARAMS          1 to copy bound parameter values out of Bind messages
  */
 #include <uapi/linux/ptrace.h>
 
 #if !defined(QUERY_MAX_BYTES) || !defined(MAX_BACKENDS) || !defined(RINGBUF_PAGES) || \
-    !defined(REPORT_BACKEND_EXIT) || !defined(PROTOCOL) || !defined(APPLICATION_NAME_VADDR)
+    !defined(REPORT_BACKEND_EXIT) || !defined(PROTOCOL) || !defined(APPLICATION_NAME_VADDR) || \
+    !defined(CAPTURE_PARAMS)
 #error "the loader passes QUERY_MAX_BYTES, MAX_BACKENDS, RINGBUF_PAGES, ... as cflags"
 #endif
 
@@ -41,6 +43,7 @@ enum record_kind {
     RECORD_STATEMENT = 0,        /* a statement at or over the threshold */
     RECORD_BACKEND_STARTED = 1,  /* first statement of a pid: read its process title now */
     RECORD_BACKEND_EXITED = 2,   /* that pid is gone: forget its title */
+    RECORD_BIND = 3,             /* the Bind message of the statement that follows */
 };
 
 enum outcome { OUTCOME_OK = 0, OUTCOME_ERROR = 1, OUTCOME_CANCELLED = 2 };
@@ -67,6 +70,19 @@ struct slow_query {
     u64 load_bias;          /* where the binary is mapped in this backend */
     u32 running_reports;    /* statement starts seen for this statement */
     u8 cancel_requested;    /* SIGINT arrived while it ran */
+};
+
+#define BIND_NAME_BYTES 64      /* NAMEDATALEN */
+#define BIND_PARAMS_BYTES 8192  /* parameter section of a Bind message kept, at most */
+
+/* A Bind message (portal, statement name, then the parameter section, raw). */
+struct bind_record {
+    struct record_header header;  /* kind RECORD_BIND; pid and start_ns of the statement */
+    char portal[BIND_NAME_BYTES];
+    char statement[BIND_NAME_BYTES];
+    u32 message_len;              /* the whole message, to tell a cut copy */
+    u32 params_len;               /* bytes of params[] that follow */
+    char params[BIND_PARAMS_BYTES];
 };
 
 /* Counters read (and logged when they move) by pgslowlog/loader.py. */
@@ -96,6 +112,9 @@ BPF_PERCPU_ARRAY(counters, u64, COUNTER_COUNT);
  * live backend is simply announced again.
  */
 BPF_F_TABLE("lru_hash", u32, u8, known_backends, MAX_BACKENDS, 0);
+/* The last Bind message of each backend, until its statement ends. */
+BPF_F_TABLE("hash", u32, struct bind_record, binds, MAX_BACKENDS, BPF_F_NO_PREALLOC);
+BPF_PERCPU_ARRAY(bind_scratch, struct bind_record, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
 static __always_inline void count(int which)
@@ -188,6 +207,59 @@ static __always_inline void read_application_name(struct slow_query *record)
         bpf_probe_read_user_str(record->header.application_name, APPLICATION_NAME_BYTES, name);
 }
 
+/*
+ * A definition that sees Bind messages hands them over here: `message` and
+ * `message_len` are the StringInfo's data and len (the message body). The names
+ * are always kept; parameter values only with CAPTURE_PARAMS, since they may hold
+ * personal data.
+ */
+static __always_inline int statement_add_bind(const char *message, int message_len)
+{
+    u32 pid = current_pid();
+    int zero = 0;
+    struct bind_record *bind = bind_scratch.lookup(&zero);
+    if (!bind || message_len < 2)
+        return 0;
+    long portal = bpf_probe_read_user_str(bind->portal, BIND_NAME_BYTES, message);
+    if (portal < 1)
+        return 0;
+    long statement = bpf_probe_read_user_str(bind->statement, BIND_NAME_BYTES, message + portal);
+    if (statement < 1)
+        return 0;
+    bind->message_len = message_len;
+    bind->params_len = 0;
+    /* A name that filled its slot may be longer: then the parameters' start is unknown. */
+    if (CAPTURE_PARAMS && portal < BIND_NAME_BYTES && statement < BIND_NAME_BYTES) {
+        u64 offset = portal + statement;
+        u64 size = message_len > offset ? message_len - offset : 0;
+        asm volatile("" : "+r"(size));
+        if (size > BIND_PARAMS_BYTES)
+            size = BIND_PARAMS_BYTES;
+        asm volatile("" : "+r"(size));
+        if (size > 0 && bpf_probe_read_user(bind->params, size, message + offset) == 0)
+            bind->params_len = size;
+    }
+    binds.update(&pid, bind);
+    return 0;
+}
+
+static __always_inline void emit_bind(u32 pid, u64 start_ns)
+{
+    struct bind_record *bind = binds.lookup(&pid);
+    if (!bind)
+        return;
+    bind->header.kind = RECORD_BIND;
+    bind->header.pid = pid;
+    bind->header.start_ns = start_ns;
+    u64 size = offsetof(struct bind_record, params) + bind->params_len;
+    asm volatile("" : "+r"(size));
+    if (size > sizeof(struct bind_record))
+        size = sizeof(struct bind_record);
+    asm volatile("" : "+r"(size));
+    if (events.ringbuf_output(bind, size, 0) != 0)
+        count(COUNTER_RINGBUF_FULL);
+}
+
 /* Stop timing; only a statement at or over the threshold leaves the kernel. */
 static __always_inline int statement_end(int backend_exited)
 {
@@ -207,6 +279,7 @@ static __always_inline int statement_end(int backend_exited)
             header->protocol = record->running_reports > 1 ? PROTOCOL_EXTENDED : PROTOCOL_SIMPLE;
         if (!backend_exited)  /* an exiting process's memory is being torn down */
             read_application_name(record);
+        emit_bind(pid, header->start_ns);  /* first: user space pairs it with what follows */
         /* Send only the header and the text that is there, not the whole buffer. */
         u64 size = sizeof(struct record_header) + header->query_len;
         /* The barriers keep clang from clamping a copy the verifier cannot see. */
@@ -220,6 +293,7 @@ static __always_inline int statement_end(int backend_exited)
             count(COUNTER_EMITTED);
     }
     inflight.delete(&pid);
+    binds.delete(&pid);
     return 0;
 }
 
@@ -243,8 +317,10 @@ int on_transaction_abort(struct pt_regs *ctx)
 {
     u32 pid = current_pid();
     struct slow_query *record = inflight.lookup(&pid);
-    if (!record)
+    if (!record) {
+        binds.delete(&pid);  /* a Bind that failed before its statement began */
         return 0;
+    }
     record->header.outcome = record->cancel_requested ? OUTCOME_CANCELLED : OUTCOME_ERROR;
     return statement_end(0);
 }
@@ -271,6 +347,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
             inflight.delete(&pid);
         }
     }
+    binds.delete(&pid);
     if (known_backends.lookup(&pid)) {
         known_backends.delete(&pid);
         notify_backend(pid, RECORD_BACKEND_EXITED);
