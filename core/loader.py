@@ -77,14 +77,13 @@ class ProbeLoadError(Exception):
 
 
 def program_text(definition: ProbeDefinition) -> bytes:
-    """The shared part, then the probe's own file: one translation unit for bcc.
+    """The shared part, then the probe's own files: one translation unit for bcc.
 
     bcc rewrites map calls only in the main file, so the shared code cannot be an
     #include. The #line directives keep compiler messages pointing at the real files.
     """
-    shared = SHARED_SOURCE.read_text()
-    probe = definition.source.read_text()
-    return (f'#line 1 "{SHARED_SOURCE}"\n{shared}\n#line 1 "{definition.source}"\n{probe}').encode()
+    parts = [SHARED_SOURCE, *definition.extra_sources, definition.source]
+    return "\n".join(f'#line 1 "{path}"\n{path.read_text()}' for path in parts).encode()
 
 
 def outcome_uprobes(target: Target) -> list[Uprobe]:

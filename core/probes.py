@@ -84,6 +84,8 @@ class ProbeDefinition:
     cflags: extra -D flags for one binary (for example version-dependent constants).
     report_backend_exit: report a statement whose backend exits mid-way; off for a
         probe that misses some statement ends, whose stale entries would be misreported.
+    extra_sources: other .c files put before `source`, to build on another
+        definition's functions instead of copying them.
     """
 
     name: str
@@ -94,6 +96,7 @@ class ProbeDefinition:
     protocol: Protocol = Protocol.COUNTED
     cflags: Callable[[PostgresBinary], list[str]] = field(default=_no_cflags, compare=False)
     report_backend_exit: bool = True
+    extra_sources: tuple[Path, ...] = ()
 
     @property
     def symbols(self) -> set[str]:

@@ -8,29 +8,13 @@
  * message (statement name, parameter values) to statement_add_bind(). The
  * StringInfo is read as its first two members, `char *data; int len;`, which
  * have not moved since PostgreSQL 7.
- * slow_query.h (statement_begin, statement_end) is put in front by the loader.
+ * slow_query.h and activity_probe.c (on_report_activity: start, end, text) are
+ * put in front by the loader.
  */
-#if !defined(STATE_IDLE) || !defined(STATE_RUNNING) || \
-    !defined(STATE_IDLEINTRANSACTION) || !defined(STATE_IDLEINTRANSACTION_ABORTED)
-#error "the BackendState values must be passed as cflags"
-#endif
-
 struct string_info_head {
     const char *data;
     int len;
 };
-
-int on_report_activity(struct pt_regs *ctx)
-{
-    int state = (int)PT_REGS_PARM1(ctx);
-    if (state == STATE_RUNNING)
-        return statement_begin(ctx, (const char *)PT_REGS_PARM2(ctx), 1,
-                               VADDR_pgstat_report_activity);
-    if (state == STATE_IDLE || state == STATE_IDLEINTRANSACTION ||
-        state == STATE_IDLEINTRANSACTION_ABORTED)
-        return statement_end(0);
-    return 0;
-}
 
 static __always_inline int mark_extended(void)
 {

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pgslowlog.hookspecs import hookimpl
 from pgslowlog.plugin_manager import RegisterProbe
-from pgslowlog.plugins.activity_probe import backend_state_cflags
+from pgslowlog.plugins.activity_probe import ACTIVITY, backend_state_cflags
 from pgslowlog.probes import ProbeDefinition, Protocol, Uprobe
 
 EXTENDED = ProbeDefinition(
@@ -26,6 +26,7 @@ EXTENDED = ProbeDefinition(
     priority=110,  # everything activity sees, and more
     protocol=Protocol.COUNTED,
     cflags=backend_state_cflags,
+    extra_sources=(ACTIVITY.source,),  # on_report_activity: start, end, text
 )
 
 

@@ -135,6 +135,13 @@ def test_sink_that_cannot_open_is_one_line(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def write_config_for_probes() -> str:
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="pgslowlog-probes-"))
+    return write(directory, GOOD.replace("[[target]]", '[[target]]\nname = "main"'))
+
+
 def test_probes_command_explains_each_binary():
     from conftest import BINDIRS
 
@@ -154,6 +161,9 @@ def test_probes_command_explains_each_binary():
     assert "simple_query   can attach" in full
     assert "usdt           cannot attach: no USDT probe postgresql:query__start" in full
     assert "built without --enable-dtrace" in full
+    by_config = pgslowlog("probes", "-c", write_config_for_probes())
+    assert by_config.returncode == 0
+    assert by_config.stdout.startswith("target[0] (main):\n" + PG15)
     refused = pgslowlog("probes", "--binary", "/bin/ls")
     assert refused.returncode == 2
     assert refused.stderr.startswith("pgslowlog: binary /bin/ls is not a PostgreSQL server binary")
