@@ -18,13 +18,18 @@ class DaemonExited(RuntimeError):
 
 
 class RunningDaemon:
-    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        env: dict[str, str] | None = None,
+        wrapper: list[str] | None = None,  # for example setpriv with fewer capabilities
+    ) -> None:
         self.config_path = config_path
         self.logs: list[dict[str, Any]] = []
         self.stderr = ""
         self._changed = threading.Condition()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pgslowlog", "run", "-c", str(config_path)],
+            [*(wrapper or []), sys.executable, "-m", "pgslowlog", "run", "-c", str(config_path)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -94,9 +94,10 @@ class DaemonUnderTest:
         self.extra_targets = daemon_options.pop("extra_targets", [])
         self.probes = daemon_options.pop("probes", ["auto"])
         env = daemon_options.pop("env", None)
+        wrapper = daemon_options.pop("wrapper", None)
         self.sinks = daemon_options.pop("sinks", {})
         self.write_config(**daemon_options)
-        self.process = RunningDaemon(self.config, env=env)
+        self.process = RunningDaemon(self.config, env=env, wrapper=wrapper)
         self.process.wait_for_log("ready")
 
     def write_config(self, threshold_ms: float = 200, **options: Any) -> None:
