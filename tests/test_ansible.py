@@ -1,7 +1,6 @@
 """The Ansible role and the systemd unit, checked with the real tools.
 
-The rollout to a booted systemd host (debootstrap + systemd-nspawn) is not here yet:
-see the closing note of issue 5.
+The rollout to a booted systemd host is tests/test_rollout.py.
 """
 
 from __future__ import annotations
@@ -96,7 +95,9 @@ def test_unit_verifies(tmp_path):
     assert result.returncode == 0, result.stderr
     security = run("systemd-analyze", "security", "--offline=true", str(unit))
     score = re.search(r"Overall exposure level for pgslowlog.service: ([\d.]+)", security.stdout)
-    assert score and float(score.group(1)) <= 4.5, security.stdout[-300:]
+    # 4.7: root, no system-call filter (bpf() and perf_event_open() are the job), and
+    # no ProtectKernelModules (bcc reads the kernel headers under /lib/modules)
+    assert score and float(score.group(1)) <= 4.7, security.stdout[-300:]
 
 
 @pytest.mark.ebpf

@@ -1,0 +1,219 @@
+"""The example playbook, run for real against a booted systemd host.
+
+A Debian 12 tree (built once by .ci/build-debian-tree, copied fresh for each run)
+boots under systemd-nspawn with its own PostgreSQL 15; ansible-playbook reaches it
+over SSH on loopback and installs pgslowlog with the role, as on a fleet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pgslowlog.cluster import free_port
+
+pytestmark = pytest.mark.ebpf
+
+ROOT = Path(__file__).parent.parent
+BIN = Path(sys.executable).parent
+TREE = Path(os.environ.get("PGSLOWLOG_DEBIAN_TREE", "/var/cache/pgslowlog/nspawn/tree"))
+PG_PORT = 5544  # the container shares the host's network: not the host's 5432
+
+
+@dataclass
+class Host:
+    tree: Path
+    leader: int  # the container's PID 1, seen from here
+    ssh_port: int
+    key: Path
+    workdir: Path
+
+    def run(self, *command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a command inside the container (all of its namespaces)."""
+        return subprocess.run(
+            ["nsenter", "-t", str(self.leader), "-a", *command],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+        )
+
+    def playbook(self, **variables: object) -> subprocess.CompletedProcess[str]:
+        inventory = self.workdir / "inventory.json"
+        inventory.write_text(
+            json.dumps(
+                {
+                    "postgresql": {
+                        "hosts": {
+                            "db-test": {
+                                "ansible_host": "127.0.0.1",
+                                "ansible_port": self.ssh_port,
+                                "ansible_user": "root",
+                                "ansible_ssh_private_key_file": str(self.key),
+                                "ansible_ssh_common_args": "-o StrictHostKeyChecking=no "
+                                "-o UserKnownHostsFile=/dev/null",
+                                "ansible_python_interpreter": "/usr/bin/python3",
+                            }
+                        }
+                    }
+                }
+            )
+        )
+        extra = self.workdir / "vars.json"
+        extra.write_text(json.dumps(variables))
+        return subprocess.run(
+            [
+                str(BIN / "ansible-playbook"),
+                "-i",
+                str(inventory),
+                "-e",
+                f"@{extra}",
+                str(ROOT / "ansible" / "playbook.yml"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            cwd=ROOT / "ansible",
+            env={**os.environ, "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1"},
+        )
+
+    def psql(self, sql: str) -> None:
+        self.run("runuser", "-u", "postgres", "--", "psql", "-p", str(PG_PORT), "-qAtc", sql)
+
+    def events(self) -> list[dict[str, object]]:
+        log = self.tree / "var" / "log" / "pgslowlog" / "slow.jsonl"
+        if not log.exists():
+            return []
+        return [json.loads(line) for line in log.read_text().splitlines()]
+
+    def journal(self) -> str:
+        shown = self.run("journalctl", "-u", "pgslowlog", "--no-pager", "-n", "60", check=False)
+        return shown.stdout
+
+    def main_pid(self) -> str:
+        shown = self.run("systemctl", "show", "-p", "MainPID", "--value", "pgslowlog")
+        return shown.stdout.strip()
+
+
+def _prepare(tree: Path, ssh_port: int, public_key: str) -> None:
+    conf = next((tree / "etc" / "postgresql").glob("*/main/postgresql.conf"))
+    conf.write_text(conf.read_text() + f"\nport = {PG_PORT}\n")
+    sshd = tree / "etc" / "ssh" / "sshd_config.d" / "pgslowlog-test.conf"
+    sshd.write_text(
+        f"Port {ssh_port}\nListenAddress 127.0.0.1\nPermitRootLogin prohibit-password\n"
+    )
+    ssh_dir = tree / "root" / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    (ssh_dir / "authorized_keys").write_text(public_key)
+    (tree / "etc" / "hostname").write_text("db-test\n")
+    # Reach the package index as this machine does: same CA bundle, same pip settings.
+    shutil.copy("/etc/ssl/certs/ca-certificates.crt", tree / "etc/ssl/certs/ca-certificates.crt")
+    (tree / "etc" / "pip.conf").write_text("[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n")
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory) -> Iterator[Host]:
+    if not (TREE / "usr" / "lib" / "postgresql").exists():
+        raise RuntimeError(f"no Debian tree at {TREE}: run bash .ci/build-debian-tree")
+    workdir = tmp_path_factory.mktemp("rollout")
+    tree = workdir / "tree"
+    subprocess.run(["cp", "-a", str(TREE), str(tree)], check=True)
+    key = workdir / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    ssh_port = free_port()
+    _prepare(tree, ssh_port, (workdir / "id_ed25519.pub").read_text())
+    machine = subprocess.Popen(
+        [
+            "systemd-nspawn",
+            "--register=no",
+            "--keep-unit",
+            "-q",
+            "-D",
+            str(tree),
+            "-b",
+            "--capability=all",
+            "--system-call-filter=bpf perf_event_open",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=(workdir / "console.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    leader = _container_init(machine.pid)
+    host = Host(tree=tree, leader=leader, ssh_port=ssh_port, key=key, workdir=workdir)
+    state = host.run("systemctl", "is-system-running", "--wait", check=False).stdout.strip()
+    assert state in ("running", "degraded"), (workdir / "console.log").read_text()[-2000:]
+    subprocess.run(
+        ["pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(workdir / "dist"), str(ROOT)],
+        check=True,
+        executable=str(BIN / "pip"),
+    )
+    host.wheel = next((workdir / "dist").glob("pgslowlog-*.whl"))  # type: ignore[attr-defined]
+    try:
+        yield host
+    finally:
+        host.run("systemctl", "poweroff", check=False)
+        try:
+            machine.wait(60)
+        except subprocess.TimeoutExpired:
+            machine.kill()
+            machine.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _container_init(nspawn_pid: int, timeout: float = 60) -> int:
+    """The container's PID 1: the child of systemd-nspawn running systemd."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{nspawn_pid}/task/{nspawn_pid}/children")
+        for pid in children.read_text().split() if children.exists() else []:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
+                return int(pid)
+        time.sleep(0.2)
+    raise RuntimeError("the container's systemd did not start")
+
+
+def _wait_for(predicate, timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_playbook_rolls_out_a_working_service(host: Host):
+    variables = {
+        "pgslowlog_wheel": str(host.wheel),  # type: ignore[attr-defined]
+        "pgslowlog_kernel_headers": "linked",  # the container's kernel has no package
+        "pgslowlog_threshold_ms": 200,
+    }
+    first = host.playbook(**variables)
+    assert first.returncode == 0, first.stdout[-3000:] + host.journal()
+    assert host.run("systemctl", "is-active", "pgslowlog").stdout.strip() == "active"
+
+    host.psql("select pg_sleep(0.3) /* rolled out */")
+    assert _wait_for(lambda: any("rolled out" in e["query"] for e in host.events()))
+
+    second = host.playbook(**variables)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert "changed=0" in second.stdout.split("PLAY RECAP")[-1], second.stdout[-3000:]
+
+    pid_before = host.main_pid()
+    third = host.playbook(**{**variables, "pgslowlog_threshold_ms": 1000})
+    assert third.returncode == 0, third.stdout[-3000:]
+    assert "RUNNING HANDLER [pgslowlog : Reload pgslowlog]" in third.stdout
+    assert "Restart pgslowlog" not in third.stdout
+    assert host.main_pid() == pid_before  # reloaded, not restarted
+    host.psql("select pg_sleep(0.3) /* under the new threshold */")
+    host.psql("select pg_sleep(1.1) /* over the new threshold */")
+    assert _wait_for(lambda: any("over the new" in e["query"] for e in host.events()))
+    assert not any("under the new" in e["query"] for e in host.events())
