@@ -44,7 +44,11 @@ RESTART_ONLY = (
 )
 # Kernel counters that mean something was lost: log event, cause, fix.
 LOSS_COUNTERS = {
-    "inflight_full": ("statements_untracked", "in-flight map full", "raise daemon.max_backends"),
+    "untracked": (
+        "statements_untracked",
+        "no kernel memory for a backend's statement state",
+        "look for memory pressure in the kernel log",
+    ),
     "ringbuf_full": (
         "slow_statements_dropped",
         "ring buffer full",

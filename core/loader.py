@@ -23,7 +23,7 @@ from pgslowlog.targets import Target
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-COUNTERS = ("statements", "emitted", "inflight_full", "ringbuf_full")  # enum counter
+COUNTERS = ("statements", "emitted", "untracked", "ringbuf_full")  # enum counter
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 SHARED_SOURCE = files("pgslowlog") / "bpf" / "slow_query.h"
 BCC_MISSING = (
@@ -103,7 +103,6 @@ def cflags_for(definition: ProbeDefinition, target: Target, daemon: DaemonConfig
         anchors.append(f"-DVADDR_{attachment.anchor}={address:#x}ULL")
     return [
         f"-DQUERY_MAX_BYTES={daemon.query_max_bytes}",
-        f"-DMAX_BACKENDS={daemon.max_backends}",
         f"-DRINGBUF_PAGES={ring_pages}",
         f"-DREPORT_BACKEND_EXIT={int(definition.report_backend_exit)}",
         f"-DPROTOCOL={int(definition.protocol)}",

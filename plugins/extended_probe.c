@@ -18,8 +18,7 @@ struct string_info_head {
 
 static __always_inline int mark_extended(void)
 {
-    u32 pid = current_pid();
-    struct slow_query *record = inflight.lookup(&pid);
+    struct slow_query *record = statement_in_flight();
     if (record)
         record->header.protocol = PROTOCOL_EXTENDED;
     return 0;

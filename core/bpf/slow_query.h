@@ -6,7 +6,7 @@
  * and calls statement_begin() / statement_end().
  *
  * The loader puts this text in front of the probe's .c file to make one
- * translation unit: bcc rewrites map calls (inflight.lookup() and friends) only
+ * translation unit: bcc rewrites map calls (settings.lookup() and friends) only
  * in the main file, so an #include of this file would not work.
  *
  * The record header is mirrored by pgslowlog/decoder.py; change both together.
@@ -19,7 +19,6 @@
  *
  * Set by the loader through cflags:
  *   QUERY_MAX_BYTES         bytes of query text kept per statement
- *   MAX_BACKENDS            statements that can be in flight at once (one per backend)
  *   RINGBUF_PAGES           ring buffer size in pages (a power of two)
  *   REPORT_BACKEND_EXIT     1 to report a statement whose backend exits mid-way
  *   PROTOCOL                0: tell from the number of RUNNING reports; 1 simple; 2 extended
@@ -29,10 +28,10 @@
  */
 #include <uapi/linux/ptrace.h>
 
-#if !defined(QUERY_MAX_BYTES) || !defined(MAX_BACKENDS) || !defined(RINGBUF_PAGES) || \
+#if !defined(QUERY_MAX_BYTES) || !defined(RINGBUF_PAGES) || \
     !defined(REPORT_BACKEND_EXIT) || !defined(PROTOCOL) || !defined(APPLICATION_NAME_VADDR) || \
     !defined(CAPTURE_PARAMS)
-#error "the loader passes QUERY_MAX_BYTES, MAX_BACKENDS, RINGBUF_PAGES, ... as cflags"
+#error "the loader passes QUERY_MAX_BYTES, RINGBUF_PAGES, ... as cflags"
 #endif
 
 #define APPLICATION_NAME_BYTES 64  /* NAMEDATALEN */
@@ -70,6 +69,8 @@ struct slow_query {
     u64 load_bias;          /* where the binary is mapped in this backend */
     u32 running_reports;    /* statement starts seen for this statement */
     u8 cancel_requested;    /* SIGINT arrived while it ran */
+    u8 in_flight;           /* a statement is running: begun, not yet ended */
+    u8 announced;           /* user space was sent RECORD_BACKEND_STARTED for this backend */
 };
 
 #define BIND_NAME_BYTES 64      /* NAMEDATALEN */
@@ -83,38 +84,30 @@ struct bind_record {
     u32 message_len;              /* the whole message, to tell a cut copy */
     u32 params_len;               /* bytes of params[] that follow */
     char params[BIND_PARAMS_BYTES];
+    u8 pending;                   /* kept, never sent: a Bind waits for its statement's end */
 };
 
 /* Counters read (and logged when they move) by pgslowlog/loader.py. */
 enum counter {
     COUNTER_STATEMENTS = 0,     /* statements that began */
     COUNTER_EMITTED = 1,        /* slow statements sent to user space */
-    COUNTER_INFLIGHT_FULL = 2,  /* a statement could not be tracked: map full */
+    COUNTER_UNTRACKED = 2,      /* a statement could not be tracked: no kernel memory */
     COUNTER_RINGBUF_FULL = 3,   /* a slow statement was dropped: ring buffer full */
     COUNTER_COUNT = 4,
 };
 
 /*
- * Keyed by backend pid. Not preallocated: memory is spent on statements that are
- * running, not on MAX_BACKENDS * QUERY_MAX_BYTES up front.
+ * Each backend's statement state lives in task-local storage: created on the
+ * backend's first statement and freed by the kernel with the process. A statement
+ * then costs no map allocation, no hash look-up and no copy of the record: the
+ * text is read straight into its slot. Nothing caps the number of backends.
  */
-BPF_F_TABLE("hash", u32, struct slow_query, inflight, MAX_BACKENDS, BPF_F_NO_PREALLOC);
-/* A record is built here before it is copied into the map: too big for the stack. */
-BPF_PERCPU_ARRAY(scratch, struct slow_query, 1);
+BPF_TASK_STORAGE(backend_statements, struct slow_query);
+/* The last Bind message of each backend, until its statement ends. */
+BPF_TASK_STORAGE(backend_binds, struct bind_record);
 /* [0] = threshold in ns. A map, not a cflag, so SIGHUP changes it without re-attaching. */
 BPF_ARRAY(settings, u64, 1);
 BPF_PERCPU_ARRAY(counters, u64, COUNTER_COUNT);
-/*
- * Backends announced to user space. A backend's process title (user, database,
- * client) is only readable while it lives, and a short connection is gone by the
- * time its slow statement is decoded; so user space reads the title when a pid
- * first runs a statement, and forgets it when the pid exits. LRU: a forgotten
- * live backend is simply announced again.
- */
-BPF_F_TABLE("lru_hash", u32, u8, known_backends, MAX_BACKENDS, 0);
-/* The last Bind message of each backend, until its statement ends. */
-BPF_F_TABLE("hash", u32, struct bind_record, binds, MAX_BACKENDS, BPF_F_NO_PREALLOC);
-BPF_PERCPU_ARRAY(bind_scratch, struct bind_record, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
 static __always_inline void count(int which)
@@ -127,6 +120,37 @@ static __always_inline void count(int which)
 static __always_inline u32 current_pid(void)
 {
     return bpf_get_current_pid_tgid() >> 32;
+}
+
+/*
+ * The current backend's statement state; created only when a statement begins.
+ * bpf_get_current_task_btf() is handed to the helper, never dereferenced.
+ */
+static __always_inline struct slow_query *backend_state(int create)
+{
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+    return backend_statements.task_storage_get(task, 0,
+                                               create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+}
+
+/* The statement the current backend is running, or NULL. */
+static __always_inline struct slow_query *statement_in_flight(void)
+{
+    struct slow_query *record = backend_state(0);
+    return record && record->in_flight ? record : 0;
+}
+
+static __always_inline struct bind_record *backend_bind(int create)
+{
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+    return backend_binds.task_storage_get(task, 0, create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+}
+
+static __always_inline void forget_bind(void)
+{
+    struct bind_record *bind = backend_bind(0);
+    if (bind)
+        bind->pending = 0;
 }
 
 static __always_inline void notify_backend(u32 pid, u8 kind)
@@ -150,23 +174,20 @@ static __always_inline int statement_begin(struct pt_regs *ctx, const char *text
                                            int keep_running, u64 anchor_vaddr)
 {
     u32 pid = current_pid();
-    if (keep_running) {
-        struct slow_query *running = inflight.lookup(&pid);
-        if (running) {
-            running->running_reports++;
-            return 0;
-        }
+    struct slow_query *record = backend_state(1);
+    if (!record) {
+        count(COUNTER_UNTRACKED);
+        return 0;
     }
-    if (!known_backends.lookup(&pid)) {
-        u8 one = 1;
-        known_backends.update(&pid, &one);
+    if (keep_running && record->in_flight) {
+        record->running_reports++;
+        return 0;
+    }
+    if (!record->announced) {
+        record->announced = 1;
         notify_backend(pid, RECORD_BACKEND_STARTED);
     }
 
-    int zero = 0;
-    struct slow_query *record = scratch.lookup(&zero);
-    if (!record)
-        return 0;
     struct record_header *header = &record->header;
     header->start_ns = bpf_ktime_get_ns();
     header->duration_ns = 0;
@@ -189,10 +210,7 @@ static __always_inline int statement_begin(struct pt_regs *ctx, const char *text
         bpf_probe_read_user(&next, 1, text + QUERY_MAX_BYTES);
         header->query_truncated = next != 0;
     }
-    if (inflight.update(&pid, record) != 0) {
-        count(COUNTER_INFLIGHT_FULL);
-        return 0;
-    }
+    record->in_flight = 1;
     count(COUNTER_STATEMENTS);
     return 0;
 }
@@ -215,10 +233,11 @@ static __always_inline void read_application_name(struct slow_query *record)
  */
 static __always_inline int statement_add_bind(const char *message, int message_len)
 {
-    u32 pid = current_pid();
-    int zero = 0;
-    struct bind_record *bind = bind_scratch.lookup(&zero);
-    if (!bind || message_len < 2)
+    struct bind_record *bind = backend_bind(1);
+    if (!bind)
+        return 0;
+    bind->pending = 0;  /* until this message is read whole */
+    if (message_len < 2)
         return 0;
     long portal = bpf_probe_read_user_str(bind->portal, BIND_NAME_BYTES, message);
     if (portal < 1)
@@ -239,14 +258,14 @@ static __always_inline int statement_add_bind(const char *message, int message_l
         if (size > 0 && bpf_probe_read_user(bind->params, size, message + offset) == 0)
             bind->params_len = size;
     }
-    binds.update(&pid, bind);
+    bind->pending = 1;
     return 0;
 }
 
 static __always_inline void emit_bind(u32 pid, u64 start_ns)
 {
-    struct bind_record *bind = binds.lookup(&pid);
-    if (!bind)
+    struct bind_record *bind = backend_bind(0);
+    if (!bind || !bind->pending)
         return;
     bind->header.kind = RECORD_BIND;
     bind->header.pid = pid;
@@ -263,10 +282,10 @@ static __always_inline void emit_bind(u32 pid, u64 start_ns)
 /* Stop timing; only a statement at or over the threshold leaves the kernel. */
 static __always_inline int statement_end(int backend_exited)
 {
-    u32 pid = current_pid();
-    struct slow_query *record = inflight.lookup(&pid);
+    struct slow_query *record = statement_in_flight();
     if (!record)
         return 0;
+    u32 pid = current_pid();
     struct record_header *header = &record->header;
     u64 duration = bpf_ktime_get_ns() - header->start_ns;
     int zero = 0;
@@ -292,8 +311,8 @@ static __always_inline int statement_end(int backend_exited)
         else
             count(COUNTER_EMITTED);
     }
-    inflight.delete(&pid);
-    binds.delete(&pid);
+    record->in_flight = 0;
+    forget_bind();
     return 0;
 }
 
@@ -306,8 +325,7 @@ static __always_inline int statement_end(int backend_exited)
  */
 int on_cancel_request(struct pt_regs *ctx)
 {
-    u32 pid = current_pid();
-    struct slow_query *record = inflight.lookup(&pid);
+    struct slow_query *record = statement_in_flight();
     if (record)
         record->cancel_requested = 1;
     return 0;
@@ -315,10 +333,9 @@ int on_cancel_request(struct pt_regs *ctx)
 
 int on_transaction_abort(struct pt_regs *ctx)
 {
-    u32 pid = current_pid();
-    struct slow_query *record = inflight.lookup(&pid);
+    struct slow_query *record = statement_in_flight();
     if (!record) {
-        binds.delete(&pid);  /* a Bind that failed before its statement began */
+        forget_bind();  /* a Bind that failed before its statement began */
         return 0;
     }
     record->header.outcome = record->cancel_requested ? OUTCOME_CANCELLED : OUTCOME_ERROR;
@@ -327,30 +344,29 @@ int on_transaction_abort(struct pt_regs *ctx)
 
 /*
  * A backend that exits mid-statement (pg_terminate_backend, FATAL, crash) never
- * reports the end: report it here, and free its slot either way. A raw tracepoint
- * needs no tracefs and no struct access: the exiting task is the current one.
+ * reports the end: report it here. A raw tracepoint needs no tracefs and no
+ * struct access: the exiting task is the current one. The kernel frees the task's
+ * storage itself.
  * A probe that cannot see every statement end is built with REPORT_BACKEND_EXIT 0:
- * a stale entry would be reported with a made-up duration, so it is only freed.
+ * a stale entry would be reported with a made-up duration, so it is only dropped.
  */
 RAW_TRACEPOINT_PROBE(sched_process_exit)
 {
     u64 id = bpf_get_current_pid_tgid();
     if ((u32)id != (u32)(id >> 32))
         return 0;  /* a thread, not a whole process */
-    u32 pid = id >> 32;
-    struct slow_query *record = inflight.lookup(&pid);
-    if (record) {
+    struct slow_query *record = backend_state(0);
+    if (!record)
+        return 0;  /* not a backend that ever ran a statement */
+    if (record->in_flight) {
         if (REPORT_BACKEND_EXIT) {
             record->header.outcome = OUTCOME_ERROR;
             statement_end(1);
         } else {
-            inflight.delete(&pid);
+            record->in_flight = 0;
         }
     }
-    binds.delete(&pid);
-    if (known_backends.lookup(&pid)) {
-        known_backends.delete(&pid);
-        notify_backend(pid, RECORD_BACKEND_EXITED);
-    }
+    if (record->announced)
+        notify_backend(id >> 32, RECORD_BACKEND_EXITED);
     return 0;
 }
