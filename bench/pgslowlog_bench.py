@@ -1,0 +1,311 @@
+"""What tracing costs PostgreSQL: pgslowlog against PostgreSQL's own slow log and bcc's dbslower.
+
+    sudo .venv/bin/python bench/pgslowlog_bench.py [--seconds 10] [--rounds 3]
+
+Runs pgbench against a throwaway Debian PostgreSQL 15 cluster under each condition,
+interleaved (A B C ... A B C ...) in one run, and prints the median TPS of each and
+its ratio to no tracing; then the figures of pgslowlog itself (events at threshold 0,
+statement-end-to-file latency, start-up, peak RSS, CPU). No assertion: figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from pgslowlog.cluster import Cluster
+from pgslowlog.running_daemon import RunningDaemon
+
+BINDIR = Path("/usr/lib/postgresql/15/bin")
+DBSLOWER = "/usr/sbin/dbslower-bpfcc"
+WORKLOADS = {
+    "select-only simple": ["-S", "-M", "simple"],
+    "select-only prepared": ["-S", "-M", "prepared"],
+    "tpc-b simple": ["-M", "simple"],
+}
+CLIENTS = 2
+WARMUP_S = 2  # progress seconds left out at the start of a window
+PROGRESS = re.compile(r"^progress: ([\d.]+) s, ([\d.]+) tps")
+
+
+@dataclass
+class Measured:
+    tps: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DaemonFigures:
+    startup_s: list[float] = field(default_factory=list)
+    peak_rss_mb: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)
+    threshold0: list[str] = field(default_factory=list)
+
+
+def socket_dsn(cluster: Cluster) -> str:
+    """Over the Unix socket, as local clients usually connect: TCP costs half the TPS here."""
+    return f"host={cluster.base} port={cluster.port} user=postgres dbname=postgres"
+
+
+def pgbench(cluster: Cluster, options: list[str], seconds: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            str(BINDIR / "pgbench"),
+            "-n",
+            "-c",
+            str(CLIENTS),
+            "-j",
+            str(CLIENTS),
+            "-T",
+            str(seconds),
+            "-P",
+            "1",
+            *options,
+            socket_dsn(cluster),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def window_tps(output: str, start_after_s: float) -> float:
+    """Median of pgbench's per-second progress lines after `start_after_s`."""
+    rates = [
+        float(match.group(2))
+        for line in output.splitlines()
+        if (match := PROGRESS.match(line)) and float(match.group(1)) > start_after_s
+    ]
+    return statistics.median(rates) if rates else 0.0
+
+
+def transactions(output: str) -> int:
+    match = re.search(r"number of transactions actually processed: (\d+)", output)
+    return int(match.group(1)) if match else 0
+
+
+def process_figures(pid: int) -> tuple[float, float]:
+    """Peak RSS in MB and CPU seconds of a live process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    peak_kb = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime + stime
+    return peak_kb / 1024, ticks / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def pgslowlog(cluster: Cluster, threshold_ms: float, figures: DaemonFigures) -> Iterator[Path]:
+    directory = Path(tempfile.mkdtemp(prefix="pgslowlog-bench-"))
+    log = directory / "slow.jsonl"
+    config = directory / "pgslowlog.toml"
+    config.write_text(
+        f'[daemon]\nthreshold_ms = {threshold_ms}\n\n[[target]]\nbinary = "{cluster.postgres}"\n\n'
+        f'[sinks.file]\npath = "{log}"\n'
+    )
+    started = time.monotonic()
+    daemon = RunningDaemon(config)
+    daemon.wait_for_log("ready")
+    figures.startup_s.append(time.monotonic() - started)
+    try:
+        yield log
+    finally:
+        rss, cpu = process_figures(daemon.process.pid)
+        figures.peak_rss_mb.append(rss)
+        figures.cpu_s.append(cpu)
+        daemon.stop()
+        stopped = daemon.wait_for_log("stopped")
+        if threshold_ms == 0:
+            kernel = next(iter(stopped["kernel_counters"].values()))
+            written = len(log.read_text().splitlines()) if log.exists() else 0
+            figures.threshold0.append(
+                f"emitted {kernel['emitted']}, written {written}, "
+                f"lost in kernel {kernel['ringbuf_full'] + kernel['untracked']}, "
+                f"sink drops {stopped['sinks']['file']['dropped']}"
+            )
+
+
+@contextmanager
+def postgres_log(cluster: Cluster, threshold_ms: int) -> Iterator[None]:
+    cluster.psql(f"alter system set log_min_duration_statement = {threshold_ms}", check=True)
+    cluster.psql("select pg_reload_conf()", check=True)
+    try:
+        yield
+    finally:
+        cluster.psql("alter system reset log_min_duration_statement", check=True)
+        cluster.psql("select pg_reload_conf()", check=True)
+
+
+def run_condition(
+    cluster: Cluster, name: str, options: list[str], seconds: int, figures: DaemonFigures
+) -> tuple[float, str]:
+    """TPS of one pgbench run under condition `name`, and a note."""
+    if name == "no tracing":
+        bench = pgbench(cluster, options, seconds)
+        return window_tps(bench.communicate()[0], WARMUP_S), ""
+    if name.startswith("pgslowlog"):
+        threshold = float(name.split()[-1].removesuffix("ms"))
+        with pgslowlog(cluster, threshold, figures):
+            output = pgbench(cluster, options, seconds).communicate()[0]
+        return window_tps(output, WARMUP_S), f"{transactions(output)} transactions"
+    if name.startswith("log_min_duration_statement"):
+        with postgres_log(cluster, int(name.split()[-1])):
+            return window_tps(pgbench(cluster, options, seconds).communicate()[0], WARMUP_S), ""
+    return run_dbslower(cluster, options, seconds)
+
+
+def run_dbslower(cluster: Cluster, options: list[str], seconds: int) -> tuple[float, str]:
+    """dbslower needs the backends' pids, so it attaches after pgbench has connected."""
+    bench = pgbench(cluster, options, seconds + 8)
+    started = time.monotonic()
+    pids: list[str] = []
+    while len(pids) < CLIENTS and time.monotonic() - started < 10:
+        listed = cluster.psql(
+            "select pid from pg_stat_activity where application_name = 'pgbench'"
+        ).stdout.split()
+        pids = listed
+        time.sleep(0.1)
+    tracer = subprocess.Popen(
+        [DBSLOWER, "postgres", "-m", "200", "-p", *pids],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert tracer.stdout is not None
+    tracer.stdout.readline()  # "Tracing database queries for pids ..." once attached
+    attached_after = time.monotonic() - started
+    output = bench.communicate()[0]
+    tracer.terminate()
+    tracer.wait()
+    return window_tps(output, attached_after + 1), f"attached after {attached_after:.1f} s"
+
+
+def latency(cluster: Cluster, figures: DaemonFigures, statements: int = 40) -> list[float]:
+    """Milliseconds from a slow statement's end to its line in the file sink."""
+    arrivals: dict[str, float] = {}
+    with pgslowlog(cluster, 100, figures) as log:
+        stop = threading.Event()
+
+        def watch() -> None:
+            seen = 0
+            while not stop.is_set():
+                if log.exists():
+                    lines = log.read_text().splitlines()
+                    for line in lines[seen:]:
+                        arrivals[json.loads(line)["query"]] = time.time()
+                    seen = len(lines)
+                time.sleep(0.001)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        for n in range(statements):
+            cluster.psql(f"select pg_sleep(0.12) /* latency {n} */", check=True)
+        time.sleep(0.5)
+        stop.set()
+        watcher.join()
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    result = []
+    for event in events:
+        if event["query"] in arrivals:
+            end = datetime.fromisoformat(event["ts"]).timestamp() + event["duration_ms"] / 1000
+            result.append((arrivals[event["query"]] - end) * 1000)
+    return sorted(result)
+
+
+CONDITIONS: list[str] = [
+    "no tracing",
+    "pgslowlog 200ms",
+    "pgslowlog 0ms",
+    "log_min_duration_statement 200",
+    "log_min_duration_statement 0",
+    "dbslower 200ms",
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10, help="pgbench -T per run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
+    arguments = parser.parse_args()
+    if arguments.seconds < WARMUP_S + 2:
+        print(f"pgslowlog bench: --seconds must be at least {WARMUP_S + 2}", file=sys.stderr)
+        return 2
+    if os.geteuid() != 0:
+        print("pgslowlog bench: needs root (eBPF); run it with sudo", file=sys.stderr)
+        return 2
+
+    cluster = Cluster(BINDIR).start()
+    figures = DaemonFigures()
+    results: dict[tuple[str, str], Measured] = {}
+    try:
+        subprocess.run(
+            [str(BINDIR / "pgbench"), "-i", "-q", "-s", "10", cluster.dsn()],
+            check=True,
+            capture_output=True,
+        )
+        for round_number in range(arguments.rounds):
+            for workload in arguments.workloads:
+                for condition in CONDITIONS:
+                    tps, note = run_condition(
+                        cluster, condition, WORKLOADS[workload], arguments.seconds, figures
+                    )
+                    measured = results.setdefault((workload, condition), Measured())
+                    measured.tps.append(tps)
+                    if note:
+                        measured.notes.append(note)
+                    print(
+                        f"round {round_number + 1} {workload:22} {condition:32} {tps:10.0f} TPS",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        latencies = latency(cluster, figures)
+    finally:
+        cluster.stop()
+
+    print(
+        f"\nMachine: {platform.node()}, {os.cpu_count()} cores, kernel {platform.release()}; "
+        f"PostgreSQL 15 (Debian), pgbench -c {CLIENTS} -T {arguments.seconds}, "
+        f"{arguments.rounds} interleaved rounds, median TPS\n"
+    )
+    print("| workload | condition | median TPS | ratio to no tracing |")
+    print("|---|---|---|---|")
+    for workload in arguments.workloads:
+        base = statistics.median(results[(workload, "no tracing")].tps)
+        for condition in CONDITIONS:
+            tps = statistics.median(results[(workload, condition)].tps)
+            print(f"| {workload} | {condition} | {tps:,.0f} | {tps / base:.2f} |")
+    print()
+    for line in figures.threshold0:
+        print(f"- threshold 0 run: {line}")
+    if latencies:
+        p50 = latencies[len(latencies) // 2]
+        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        print(
+            f"- statement end to file sink: p50 {p50:.1f} ms, p99 {p99:.1f} ms "
+            f"({len(latencies)} statements)"
+        )
+    print(f"- start-up to probes attached: median {statistics.median(figures.startup_s):.2f} s")
+    print(f"- daemon peak RSS: max {max(figures.peak_rss_mb):.0f} MB")
+    print(
+        f"- daemon CPU per run: median {statistics.median(figures.cpu_s):.2f} s, "
+        f"max {max(figures.cpu_s):.2f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
