@@ -7,7 +7,9 @@ Sink options are validated later against the schema each sink plugin declares.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -42,6 +44,9 @@ class DaemonConfig(_Strict):
     # Longest value logged, in bytes, like PostgreSQL's log_parameter_max_length;
     # a longer one is cut and ends in "...". 0 logs none.
     params_max_length: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 1024
+    # Replace constants in query text with $1, $2, ... (and bound values with
+    # "<redacted>") before any sink sees them: query text can hold personal data.
+    redact_literals: bool = False
 
 
 class TargetConfig(_Strict):
@@ -64,11 +69,22 @@ class Config(_Strict):
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def refuse_writable_by_others(path: Path, mode: int) -> None:
+    """The config names secret files and what to probe as root: only its owner may edit it."""
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UserError(
+            f"config file {path} is writable by group or others (mode {stat.S_IMODE(mode):04o}); "
+            "it decides what runs as root and may name secrets",
+            f"run `chmod go-w {path}`",
+        )
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate the config file; raise UserError naming the cause and the fix."""
     path = Path(path)
     try:
         with path.open("rb") as file:  # tomllib wants bytes, as black reads pyproject.toml
+            refuse_writable_by_others(path, os.fstat(file.fileno()).st_mode)
             data = tomllib.load(file)
     except FileNotFoundError:
         raise UserError(f"config file {path} not found", "pass the right path with -c") from None
@@ -78,6 +94,10 @@ def load_config(path: str | Path) -> Config:
         ) from None
     except IsADirectoryError:
         raise UserError(f"config path {path} is a directory", "pass the TOML file") from None
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"config {path} is not UTF-8 text (byte {error.start})", "save it as UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as error:
         raise UserError(
             f"config {path} is not valid TOML: {error}", "fix the syntax there"

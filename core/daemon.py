@@ -36,12 +36,15 @@ LOSS_CHECK_INTERVAL_S = 10.0  # kernel loss counters are checked at least this o
 RESTART_ONLY = (
     "capture_params",
     "params_max_length",
+    "redact_literals",
     "query_max_bytes",
     "max_backends",
     "ring_buffer_mib",
     "sink_queue_size",
     "stats_interval_s",
 )
+# The per-target figures of the health line.
+TARGET_HEALTH = ("probes_attached", "uprobes", "statements", "slow_events", "lost", "untracked")
 # Kernel counters that mean something was lost: log event, cause, fix.
 LOSS_COUNTERS = {
     "untracked": (
@@ -161,7 +164,7 @@ class Daemon:
                 self._reload()
             self._report_losses()
             if time.monotonic() >= next_sink_report:
-                self.dispatcher.report()
+                log.info("health", **self._health())
                 next_sink_report = time.monotonic() + stats_interval
         log.info("stopping", signal=self._stop_signal)
         sd_notify("STOPPING=1")
@@ -182,6 +185,7 @@ class Daemon:
             config.daemon.include_background,
             config.daemon.max_backends,
             config.daemon.params_max_length,
+            config.daemon.redact_literals,
         )
         collector = Collector(loaded, enricher, self.dispatcher, self._fail)
         self._collectors.append(collector)
@@ -255,6 +259,28 @@ class Daemon:
                         event, probe=loaded.definition.name, count=lost, cause=cause, fix=fix
                     )
 
+    def _target_health(self) -> dict[str, dict[str, int]]:
+        """Per target: probes attached and the kernel's counters, summed over its probes."""
+        targets: dict[str, dict[str, int]] = {}
+        for loaded in self._loaded:
+            counters = loaded.counters()
+            entry = targets.setdefault(loaded.target.name, dict.fromkeys(TARGET_HEALTH, 0))
+            entry["probes_attached"] += loaded.attached_count > 0
+            entry["uprobes"] += loaded.attached_count
+            entry["statements"] += counters["statements"]
+            entry["slow_events"] += counters["emitted"]
+            entry["lost"] += counters["ringbuf_full"]
+            entry["untracked"] += counters["untracked"]
+        return targets
+
+    def _health(self) -> dict[str, object]:
+        """What an operator checks first: is every target probed, is anything lost."""
+        return {
+            "targets": self._target_health(),
+            "sinks": {name: asdict(stats) for name, stats in self.dispatcher.stats().items()},
+            "undecodable_records": sum(c.failed_records + c.undecodable for c in self._collectors),
+        }
+
     def _shutdown(self) -> None:
         for loaded in self._loaded:
             loaded.detach()
@@ -264,11 +290,13 @@ class Daemon:
             collector.join()
         self._report_losses()
         totals = {f"{p.definition.name}@{p.target.index}": p.counters() for p in self._loaded}
+        targets = self._target_health()
         for loaded in self._loaded:
             loaded.close()
         sink_stats = self.dispatcher.close()
         log.info(
             "stopped",
+            targets=targets,
             kernel_counters=totals,
             sinks={name: asdict(stats) for name, stats in sink_stats.items()},
             filtered_background=sum(c.enricher.filtered for c in self._collectors),

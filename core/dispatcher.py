@@ -137,7 +137,6 @@ class _Lane:
 class Dispatcher:
     def __init__(self) -> None:
         self._lanes: list[_Lane] = []
-        self._last_reported: dict[str, SinkStats] = {}
 
     def add_sink(self, name: str, sink: Sink, queue_size: int, shutdown_timeout_s: float) -> None:
         self._lanes.append(_Lane(name, sink, queue_size, shutdown_timeout_s))
@@ -159,13 +158,6 @@ class Dispatcher:
 
     def stats(self) -> dict[str, SinkStats]:
         return {lane.name: lane.snapshot() for lane in self._lanes}
-
-    def report(self) -> None:
-        """Log each sink's counters when they changed since the last report."""
-        for name, stats in self.stats().items():
-            if stats != self._last_reported.get(name):
-                self._last_reported[name] = stats
-                log.info("sink_stats", sink=name, **asdict(stats))
 
     def close(self) -> dict[str, SinkStats]:
         """Deliver what is queued within each sink's shutdown_timeout_s, then close it."""

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 
 from pgslowlog.decoder import BackendNotice, BindMessage, BoundParameter, RawStatement, RecordKind
 from pgslowlog.event import SlowQuery
+from pgslowlog.redaction import redact_literals, redact_parameters
 
 _CLIENT = re.compile(r"^(\[local\]|\S+\(\d+\))$")
 
@@ -84,11 +85,13 @@ class Enricher:
         include_background: bool,
         max_backends: int,
         params_max_length: int = 1024,
+        redact: bool = False,
     ) -> None:
         self.probe = probe
         self.binary = binary
         self.target = target
         self.params_max_length = params_max_length
+        self.redact = redact
         # pid -> the Bind message sent just before that pid's statement record
         self._binds: dict[int, BindMessage] = {}
         self.include_background = include_background
@@ -123,7 +126,8 @@ class Enricher:
     def _params(self, bind: BindMessage | None) -> list[str | None] | None:
         if bind is None or bind.params is None:
             return None
-        return [format_parameter(p, self.params_max_length) for p in bind.params]
+        params = [format_parameter(p, self.params_max_length) for p in bind.params]
+        return redact_parameters(params) if self.redact else params
 
     def sync_clock(self) -> None:
         """Offset from CLOCK_MONOTONIC (bpf_ktime_get_ns) to wall time, once per batch."""
@@ -142,7 +146,7 @@ class Enricher:
         return SlowQuery(
             ts=start,
             duration_ms=raw.duration_ns / 1e6,
-            query=raw.query,
+            query=redact_literals(raw.query) if self.redact else raw.query,
             query_truncated=raw.query_truncated,
             pid=raw.pid,
             user=backend.user if backend else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 
 import msgspec
@@ -27,7 +28,17 @@ class SlowQuery(msgspec.Struct, frozen=True, kw_only=True):
     backend_exited: bool = False  # the backend ended before the statement did
 
     def to_json(self) -> bytes:
-        return _encoder.encode(self)
+        encoded = _encoder.encode(self)
+        # JSON escapes only C0 controls; DEL and C1 controls (UTF-8 \xc2\x80-\x9f) can
+        # still steer a terminal that shows the line (`tail -f`). Both are rare: look first.
+        if b"\x7f" in encoded or b"\xc2" in encoded:
+            encoded = _TERMINAL_CONTROLS.sub(_json_escape, encoded)
+        return encoded
 
 
 _encoder = msgspec.json.Encoder()
+_TERMINAL_CONTROLS = re.compile(b"\x7f|\xc2[\x80-\x9f]")
+
+
+def _json_escape(match: re.Match[bytes]) -> bytes:
+    return b"\\u%04x" % ord(match.group().decode())

@@ -114,6 +114,12 @@ class WebhookSink(BaseSink):
         self._interrupted = threading.Event()
         if not options.verify_tls:
             verify: ssl.SSLContext | bool = False
+            log.warning(
+                "webhook_tls_verification_off",
+                url=self._shown_url,
+                hint="events go to an endpoint whose identity is not checked; "
+                "set verify_tls = true (and ca_file for a private CA)",
+            )
         else:
             verify = ssl.create_default_context(cafile=options.ca_file)
         self._client = httpx.Client(

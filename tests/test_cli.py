@@ -76,6 +76,14 @@ BAD_CONFIGS = {
         GOOD.replace(f'binary = "{PG15}"', f'binary = "{PG15}"\nprobes = ["nosuch"]'),
         "unknown probe 'nosuch'; use one of auto, activity, extended, simple_query, usdt, utility",
     ),
+    "negative threshold": (
+        GOOD.replace("threshold_ms = 200", "threshold_ms = -5"),
+        "daemon.threshold_ms: expected `float` >= 0",
+    ),
+    "absurd ring buffer": (
+        GOOD.replace("threshold_ms = 200", "ring_buffer_mib = 1000000"),
+        "daemon.ring_buffer_mib: expected `int` <= 1024",
+    ),
     "query_max_bytes too big": (
         GOOD.replace("threshold_ms = 200", "query_max_bytes = 100000"),
         "daemon.query_max_bytes: expected `int` <= 16384",
@@ -102,6 +110,21 @@ def test_check_reports_bad_config_as_error_line(tmp_path, case):
     assert result.returncode == 2
     errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
     assert any(expected in line for line in errors), result.stdout
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("mode", [0o664, 0o646])
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_config_writable_by_others_is_refused(tmp_path, command, mode):
+    path = write(tmp_path, GOOD)
+    Path(path).chmod(mode)
+    result = pgslowlog(command, "-c", path)
+    assert result.returncode == 2
+    output = result.stderr if command == "run" else result.stdout
+    assert (
+        f"config file {path} is writable by group or others (mode {mode:04o}); it decides what "
+        f"runs as root and may name secrets; run `chmod go-w {path}`"
+    ) in output
     assert "Traceback" not in result.stderr + result.stdout
 
 

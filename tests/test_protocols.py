@@ -163,3 +163,29 @@ def test_two_targets_at_once_name_their_events(pg15, pg18, start_daemon):
         ("debian15", str(pg15.postgres)),
         ("pypi18", str(pg18.postgres)),
     ]
+
+
+def test_redact_literals_before_any_sink(pg15_O0, start_daemon):
+    """Literals in the text and bound values never reach a sink with redact_literals."""
+    daemon = start_daemon(
+        pg15_O0, threshold_ms=25, probes=["extended"], capture_params=True, redact_literals=True
+    )
+    with psycopg.connect(pg15_O0.dsn(), autocommit=True) as connection:
+        connection.execute(
+            "select pg_sleep(0.05), 'alice@example.com', 4111111111111111 /* redact simple */",
+            prepare=False,
+        )
+        connection.execute(
+            "select pg_sleep(%s), %s::text, 'bob' /* redact extended */",
+            (SLEEP, "carol@example.com"),
+            prepare=True,
+        )
+    assert daemon.stop() == 0
+    (simple,) = daemon.events("redact simple")
+    assert simple["query"] == "select pg_sleep($1), $2, $3 /* redact simple */"
+    (extended,) = daemon.events("redact extended")
+    assert extended["query"] == "select pg_sleep($1), $2::text, $3 /* redact extended */"
+    assert extended["params"] == ["<redacted>", "<redacted>"]
+    everything = daemon.log.read_text()
+    for secret in ("alice@example.com", "4111111111111111", "carol@example.com", "bob"):
+        assert secret not in everything

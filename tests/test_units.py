@@ -10,6 +10,7 @@ from pgslowlog.enrichment import parse_process_title
 from pgslowlog.errors import UserError
 from pgslowlog.hookspecs import hookimpl
 from pgslowlog.plugin_manager import Plugins
+from pgslowlog.redaction import redact_literals, redact_parameters
 
 
 def record(
@@ -170,3 +171,27 @@ def test_bind_parameters_text_binary_null_and_cut():
     params, complete = parse_bind_parameters(bind_section([], [b"first", b"second"])[:-5])
     assert not complete
     assert [format_parameter(p, 1024) for p in params] == ["first", "sec..."]
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        (
+            "select 'a''b', 1.5, 42 from t where c = 'x' /* keep */",
+            "select $1, $2, $3 from t where c = $4 /* keep */",
+        ),
+        ("select $1, 'x', $$dollar$$", "select $1, $2, $3"),
+        ("select E'a\\'b', U&'d\\0061', B'101', X'1f'", "select $1, $2, $3, $4"),
+        ("select 1, 'cut by query_max_by", "select $1, $2"),  # the cut literal goes whole
+        ("not sql at all 'x' 5", "not sql at all $1 $2"),
+        ("select 'é日本', 2; select 3", "select $1, $2; select $3"),
+        ("", ""),
+    ],
+)
+def test_redact_literals(text, redacted):
+    assert redact_literals(text) == redacted
+
+
+def test_redact_parameters_keeps_count_and_nulls():
+    assert redact_parameters(["alice", None, "\\x00ff"]) == ["<redacted>", None, "<redacted>"]
+    assert redact_parameters(None) is None
