@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from pgslowlog.errors import UserError
@@ -85,6 +87,10 @@ class Cluster:
             "UTF8",
             "--no-sync",
         )
+        self._pg_ctl("start")
+        return self
+
+    def _pg_ctl(self, action: str) -> None:
         options = (
             f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 "
             "-c max_connections=120 -c fsync=off"
@@ -98,9 +104,29 @@ class Cluster:
             "-o",
             options,
             "-w",
-            "start",
+            action,
         )
-        return self
+
+    def restart(self) -> None:
+        """pg_ctl restart: a clean shutdown, then a new postmaster and new backends."""
+        self._pg_ctl("restart")
+
+    def crash_and_start(self) -> None:
+        """SIGKILL the postmaster, as the OOM killer would, then start it again."""
+        pid = self.postmaster_pid
+        os.kill(pid, signal.SIGKILL)
+        while Path(f"/proc/{pid}").exists():
+            time.sleep(0.05)
+        # Orphaned backends keep the old shared memory until they notice the postmaster
+        # is gone, and a new postmaster refuses to start while they do: try again.
+        for attempt in range(40):
+            try:
+                self._pg_ctl("start")
+                return
+            except RuntimeError:
+                if attempt == 39:
+                    raise
+                time.sleep(0.5)
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():

@@ -21,6 +21,7 @@ import msgspec
 from pgslowlog.collector import Collector
 from pgslowlog.config import Config, load_config
 from pgslowlog.dispatcher import Dispatcher
+from pgslowlog.elf import file_identity
 from pgslowlog.enrichment import Enricher
 from pgslowlog.errors import UserError
 from pgslowlog.loader import LoadedProbe, ProbeLoadError
@@ -28,6 +29,7 @@ from pgslowlog.log import configure_logging, get_logger
 from pgslowlog.plugin_manager import Plugins
 from pgslowlog.probes import ProbeDefinition, select_probes, wanted_symbols
 from pgslowlog.sinks import CommonSinkOptions
+from pgslowlog.target_watch import WATCH_INTERVAL_S, WatchedTarget
 from pgslowlog.targets import Target, resolve_target
 
 log = get_logger(__name__)
@@ -66,13 +68,19 @@ class Plan:
 
     config: Config
     probes: list[tuple[Target, ProbeDefinition]]
+    # binary targets whose file is not there yet (PostgreSQL installed after the daemon)
+    pending: list[int] = field(default_factory=list)
     sink_options: dict[str, tuple[CommonSinkOptions, object]] = field(default_factory=dict)
 
 
 def plan(config: Config, plugins: Plugins, source: str) -> Plan:
     wanted = wanted_symbols(plugins.probe_definitions.values())
     chosen: list[tuple[Target, ProbeDefinition]] = []
+    pending = []
     for index, target_config in enumerate(config.target):
+        if target_config.binary is not None and file_identity(target_config.binary) is None:
+            pending.append(index)
+            continue
         target = resolve_target(target_config, index, wanted)
         for definition in select_probes(
             target_config.probes, plugins.probe_definitions, target.binary, target.label
@@ -88,7 +96,7 @@ def plan(config: Config, plugins: Plugins, source: str) -> Plan:
                 "correct the [sinks.NAME] table or install the plugin",
             )
         sink_options[name] = sink_type.parse_options(raw, source)
-    return Plan(config=config, probes=chosen, sink_options=sink_options)
+    return Plan(config=config, probes=chosen, pending=pending, sink_options=sink_options)
 
 
 def sd_notify(state: str) -> None:
@@ -111,7 +119,8 @@ class Daemon:
         self._failure: str | None = None
         self._loaded: list[LoadedProbe] = []
         self._collectors: list[Collector] = []
-        self._last_counters: dict[int, dict[str, int]] = {}
+        self._last_counters: dict[LoadedProbe, dict[str, int]] = {}
+        self._watched: list[WatchedTarget] = []
 
     def run(self) -> int:
         config = load_config(self.config_path)
@@ -119,6 +128,7 @@ class Daemon:
         plugins = Plugins.load()
         the_plan = plan(config, plugins, self.config_path)
         self.config = config
+        self.plugins = plugins
 
         self.dispatcher = Dispatcher()
         failed_sinks = []
@@ -139,6 +149,7 @@ class Daemon:
         self.dispatcher.start()
 
         self._install_signal_handlers()
+        self._watch_binary_targets(config)
         try:
             for target, definition in the_plan.probes:
                 self._start_probe(target, definition, config)
@@ -146,6 +157,13 @@ class Daemon:
             log.error("probe_failed", error=str(error))
             self._shutdown()
             return 1
+        for index in the_plan.pending:
+            log.warning(
+                "target_waiting",
+                target=config.target[index].name or f"target{index}",
+                binary=config.target[index].binary,
+                action=f"attaching when the file appears (checked every {WATCH_INTERVAL_S:g} s)",
+            )
         log.info(
             "ready",
             threshold_ms=config.daemon.threshold_ms,
@@ -157,11 +175,12 @@ class Daemon:
         stats_interval = config.daemon.stats_interval_s
         next_sink_report = time.monotonic() + stats_interval
         while self._stop_signal is None:
-            self._wake.wait(min(LOSS_CHECK_INTERVAL_S, stats_interval))
+            self._wake.wait(min(LOSS_CHECK_INTERVAL_S, stats_interval, WATCH_INTERVAL_S))
             self._wake.clear()
             if self._reload_requested:
                 self._reload_requested = False
                 self._reload()
+            self._check_binary_targets()
             self._report_losses()
             if time.monotonic() >= next_sink_report:
                 log.info("health", **self._health())
@@ -174,10 +193,91 @@ class Daemon:
             return 1
         return 0
 
+    def _watch_binary_targets(self, config: Config) -> None:
+        for index, target_config in enumerate(config.target):
+            if target_config.binary is not None:
+                # Taken before the file is read: a replacement in between is seen next time.
+                watched = WatchedTarget(index, target_config, file_identity(target_config.binary))
+                self._watched.append(watched)
+
+    def _check_binary_targets(self) -> None:
+        """Attach to a binary that appeared or replaced the one the probes are on."""
+        for watched in self._watched:
+            name = watched.config.name or f"target{watched.index}"
+            new_file = watched.change()
+            if new_file is None:
+                gone = watched.attached is not None and file_identity(watched.path) is None
+                if gone and not watched.missing_logged:
+                    watched.missing_logged = True
+                    log.error(
+                        "target_binary_missing",
+                        target=name,
+                        binary=watched.path,
+                        action="probes stay on the old file for processes still running it; "
+                        "other targets are served; attaching again when a binary appears",
+                    )
+                continue
+            watched.missing_logged = False
+            try:
+                target = resolve_target(
+                    watched.config,
+                    watched.index,
+                    wanted_symbols(self.plugins.probe_definitions.values()),
+                )
+                definitions = select_probes(
+                    watched.config.probes,
+                    self.plugins.probe_definitions,
+                    target.binary,
+                    target.label,
+                )
+            except UserError as error:
+                watched.refused = new_file
+                log.error("target_unusable", target=name, binary=watched.path, error=str(error))
+                continue
+            replaced = watched.attached is not None
+            self._stop_target_probes(watched.index)
+            try:
+                for definition in definitions:
+                    self._start_probe(target, definition, self.config)
+            except ProbeLoadError as error:
+                watched.refused = new_file
+                log.error("target_attach_failed", target=name, error=str(error))
+                self._stop_target_probes(watched.index)
+                continue
+            watched.attached = new_file
+            log.warning(
+                "target_reattached" if replaced else "target_attached",
+                target=name,
+                binary=watched.path,
+                postgres_version=target.binary.version,
+                reason="the binary was replaced" if replaced else "the binary appeared",
+            )
+
+    def _stop_target_probes(self, index: int) -> None:
+        """Detach one target's probes, deliver what their ring buffers hold, free them."""
+        keep_loaded, keep_collectors = [], []
+        for loaded, collector in zip(self._loaded, self._collectors, strict=True):
+            if loaded.target.index != index:
+                keep_loaded.append(loaded)
+                keep_collectors.append(collector)
+                continue
+            loaded.detach()
+            collector.stop()
+            collector.join()
+            self._report_losses_of(loaded)
+            loaded.close()
+            self._last_counters.pop(loaded, None)
+        self._loaded, self._collectors = keep_loaded, keep_collectors
+
     def _start_probe(self, target: Target, definition: ProbeDefinition, config: Config) -> None:
         loaded = LoadedProbe(definition, target, config.daemon)
         self._loaded.append(loaded)
-        loaded.attach()
+        try:
+            loaded.attach()
+        except ProbeLoadError:
+            self._loaded.pop()
+            loaded.close()
+            raise
         enricher = Enricher(
             definition.name,
             target.binary.path,
@@ -249,15 +349,16 @@ class Daemon:
         sd_notify("READY=1")
 
     def _report_losses(self) -> None:
-        for index, loaded in enumerate(self._loaded):
-            now = loaded.counters()
-            before = self._last_counters.get(index, dict.fromkeys(now, 0))
-            self._last_counters[index] = now
-            for counter, (event, cause, fix) in LOSS_COUNTERS.items():
-                if lost := now[counter] - before[counter]:
-                    log.warning(
-                        event, probe=loaded.definition.name, count=lost, cause=cause, fix=fix
-                    )
+        for loaded in self._loaded:
+            self._report_losses_of(loaded)
+
+    def _report_losses_of(self, loaded: LoadedProbe) -> None:
+        now = loaded.counters()
+        before = self._last_counters.get(loaded, dict.fromkeys(now, 0))
+        self._last_counters[loaded] = now
+        for counter, (event, cause, fix) in LOSS_COUNTERS.items():
+            if lost := now[counter] - before[counter]:
+                log.warning(event, probe=loaded.definition.name, count=lost, cause=cause, fix=fix)
 
     def _target_health(self) -> dict[str, dict[str, int]]:
         """Per target: probes attached and the kernel's counters, summed over its probes."""

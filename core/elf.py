@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import mmap
+import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -71,12 +72,38 @@ class PostgresBinary:
         return f"{len(self.usdt)} USDT probes" if self.usdt else "no USDT probes"
 
 
-@functools.lru_cache(maxsize=32)
+@dataclass(frozen=True)
+class FileIdentity:
+    """What tells one file at a path from the next: an upgrade renames a new one over it."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+
+def file_identity(path: str) -> FileIdentity | None:
+    """The identity of the file at `path`; None if nothing is there."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+
+
 def inspect_binary(path: str, wanted: frozenset[str], label: str = "binary") -> PostgresBinary:
     """Open `path`, check that it is a PostgreSQL server, find the `wanted` symbols.
 
-    Cached: reading a full symbol table takes most of a second, and `check` asks twice.
+    Cached per file, not per path: reading a full symbol table takes most of a second
+    and `check` asks twice, but a replaced binary must be read again.
     """
+    return _inspect_binary(path, wanted, label, file_identity(path))
+
+
+@functools.lru_cache(maxsize=32)
+def _inspect_binary(
+    path: str, wanted: frozenset[str], label: str, _identity: FileIdentity | None
+) -> PostgresBinary:
     file_path = Path(path)
     if not file_path.exists():
         raise UserError(

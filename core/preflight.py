@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pgslowlog.config import Config, load_config
 from pgslowlog.daemon import plan
-from pgslowlog.elf import inspect_binary
+from pgslowlog.elf import file_identity, inspect_binary
 from pgslowlog.errors import UserError
 from pgslowlog.loader import BCC_MISSING, LoadedProbe, ProbeLoadError
 from pgslowlog.plugin_manager import Plugins
@@ -28,9 +28,10 @@ CAP_BPF = 39
 class Finding:
     ok: bool
     text: str
+    warning: bool = False  # not an error: `run` copes, but the operator should know
 
     def __str__(self) -> str:
-        return f"{'ok' if self.ok else 'error'}: {self.text}"
+        return f"{'warning' if self.warning else 'ok' if self.ok else 'error'}: {self.text}"
 
 
 def _effective_capabilities() -> int:
@@ -129,6 +130,17 @@ def _target_findings(config: Config, plugins: Plugins) -> list[Finding]:
     definitions = plugins.probe_definitions
     wanted = wanted_symbols(definitions.values())
     for index, target_config in enumerate(config.target):
+        if target_config.binary is not None and file_identity(target_config.binary) is None:
+            # Not an error: ExecStartPre runs check, and PostgreSQL may be installed later.
+            findings.append(
+                Finding(
+                    True,
+                    f"target[{index}] binary {target_config.binary} does not exist yet; "
+                    "run attaches when it appears (check the path if PostgreSQL is installed)",
+                    warning=True,
+                )
+            )
+            continue
         try:
             target = resolve_target(target_config, index, wanted)
         except UserError as error:

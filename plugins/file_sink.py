@@ -10,15 +10,40 @@ import msgspec
 
 from pgslowlog.event import SlowQuery
 from pgslowlog.hookspecs import hookimpl
+from pgslowlog.log import get_logger
 from pgslowlog.plugin_manager import RegisterSink
 from pgslowlog.sinks import BaseSink, SinkType
 
+log = get_logger(__name__)
 FILE_MODE = 0o640
 DIRECTORY_MODE = 0o750
 
 
 class FileSinkOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     path: str
+
+
+TORN_TAIL_SEARCH_BYTES = 1 << 20  # far more than one event's line
+
+
+def remove_torn_line(path: Path) -> None:
+    """Cut a last line left half-written (a daemon killed inside write()), so every line parses.
+
+    A write to a file can stop at a page boundary when SIGKILL arrives. The cut
+    piece was never a whole event: it is logged with its size, not kept.
+    """
+    with path.open("r+b") as file:
+        size = file.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        start = max(0, size - TORN_TAIL_SEARCH_BYTES)
+        file.seek(start)
+        tail = file.read()
+        if tail.endswith(b"\n"):
+            return
+        keep = start + tail.rfind(b"\n") + 1 if b"\n" in tail else start
+        file.truncate(keep)
+    log.warning("file_sink_torn_line_removed", path=str(path), bytes=size - keep)
 
 
 class FileSink(BaseSink):
@@ -33,6 +58,7 @@ class FileSink(BaseSink):
             # The mode given to open() is filtered by the umask (0077 under systemd).
             os.fchmod(fd, FILE_MODE)
         except FileExistsError:
+            remove_torn_line(self.path)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         return fd
 

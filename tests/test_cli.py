@@ -42,10 +42,6 @@ BAD_CONFIGS = {
         GOOD.replace("threshold_ms = 200", 'threshold_ms = "fast"'),
         "daemon.threshold_ms: expected `float`, got `str`",
     ),
-    "missing binary": (
-        GOOD.replace(PG15, "/nonexistent/postgres"),
-        "target[0] binary /nonexistent/postgres does not exist; point it at the postgres",
-    ),
     "not postgres": (
         GOOD.replace(PG15, "/bin/ls"),
         "target[0] binary /bin/ls is not a PostgreSQL server binary",
@@ -126,6 +122,16 @@ def test_config_writable_by_others_is_refused(tmp_path, command, mode):
         f"runs as root and may name secrets; run `chmod go-w {path}`"
     ) in output
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_binary_not_there_yet_is_a_warning_not_an_error(tmp_path):
+    """ExecStartPre runs check: a server installed after the daemon must not stop it starting."""
+    result = pgslowlog("check", "-c", write(tmp_path, GOOD.replace(PG15, "/nonexistent/postgres")))
+    assert result.returncode == 0, result.stdout
+    assert (
+        "warning: target[0] binary /nonexistent/postgres does not exist yet; run attaches when "
+        "it appears"
+    ) in result.stdout
 
 
 def test_missing_config_file(tmp_path):
