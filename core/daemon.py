@@ -297,6 +297,7 @@ class Daemon:
             binary=target.binary.path,
             postgres_version=target.binary.version,
             uprobes=loaded.attached_count,
+            compiler_peak_rss_mb=loaded.compiler_peak_rss_mb,
         )
 
     def _fail(self, reason: str) -> None:

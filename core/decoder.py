@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+
+import msgspec
 
 # u64 start_ns, u64 duration_ns, u32 pid, u32 query_len, u8 query_truncated,
 # u8 backend_exited, u8 kind, u8 outcome, u8 protocol, u8 reserved[3],
@@ -28,8 +29,9 @@ class DecodeError(ValueError):
     pass
 
 
-@dataclass(slots=True, frozen=True)
-class RawStatement:
+# msgspec structs, not dataclasses: at threshold 0 one is made per statement, and a
+# frozen dataclass costs several times as much to create.
+class RawStatement(msgspec.Struct, frozen=True, gc=False):
     start_ns: int  # CLOCK_MONOTONIC
     duration_ns: int
     pid: int
@@ -41,21 +43,18 @@ class RawStatement:
     application_name: str
 
 
-@dataclass(slots=True, frozen=True)
-class BackendNotice:
+class BackendNotice(msgspec.Struct, frozen=True, gc=False):
     kind: RecordKind  # BACKEND_STARTED or BACKEND_EXITED
     pid: int
 
 
-@dataclass(slots=True, frozen=True)
-class BoundParameter:
+class BoundParameter(msgspec.Struct, frozen=True, gc=False):
     value: bytes | None  # None: SQL NULL
     binary: bool  # sent in binary format
     cut: bool  # the copy ended inside this value
 
 
-@dataclass(slots=True, frozen=True)
-class BindMessage:
+class BindMessage(msgspec.Struct, frozen=True):
     """The Bind message of the statement that follows from the same pid."""
 
     pid: int
@@ -66,15 +65,22 @@ class BindMessage:
     complete: bool  # every value is in `params`
 
 
+_STATEMENT = RecordKind.STATEMENT.value  # plain ints: compared once per record
+_BIND = RecordKind.BIND.value
+# Raw application_name field -> text. Few distinct names, one per statement: cached.
+_names: dict[bytes, str] = {}
+_NAMES_CACHED = 1024
+
+
 def decode(record: bytes) -> RawStatement | BackendNotice | BindMessage:
     if len(record) < HEADER.size:
         raise DecodeError(f"record of {len(record)} bytes is shorter than the header")
     (start_ns, duration_ns, pid, query_len, truncated, exited, kind, outcome, protocol, name) = (
         HEADER.unpack_from(record)
     )
-    if kind == RecordKind.BIND:
-        return _decode_bind(record, pid, start_ns)
-    if kind != RecordKind.STATEMENT:
+    if kind != _STATEMENT:
+        if kind == _BIND:
+            return _decode_bind(record, pid, start_ns)
         try:
             return BackendNotice(RecordKind(kind), pid)
         except ValueError:
@@ -84,16 +90,25 @@ def decode(record: bytes) -> RawStatement | BackendNotice | BindMessage:
         raise DecodeError(f"record announces {query_len} bytes of text but has {len(text)}")
     if outcome >= len(OUTCOMES) or protocol >= len(PROTOCOLS):
         raise DecodeError(f"unknown outcome {outcome} or protocol {protocol}")
+    try:
+        query = text.decode()
+    except UnicodeDecodeError:
+        query = decode_text(text, bool(truncated))
+    application_name = _names.get(name)
+    if application_name is None:
+        if len(_names) >= _NAMES_CACHED:
+            _names.clear()
+        application_name = _names[name] = _name(name)
     return RawStatement(
-        start_ns=start_ns,
-        duration_ns=duration_ns,
-        pid=pid,
-        query=decode_text(text, bool(truncated)),
-        query_truncated=bool(truncated),
-        backend_exited=bool(exited),
-        outcome=OUTCOMES[outcome],
-        protocol=PROTOCOLS[protocol],
-        application_name=name.split(b"\0", 1)[0].decode(errors="replace"),
+        start_ns,
+        duration_ns,
+        pid,
+        query,
+        bool(truncated),
+        bool(exited),
+        OUTCOMES[outcome],
+        PROTOCOLS[protocol],
+        application_name,
     )
 
 

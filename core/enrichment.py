@@ -135,14 +135,14 @@ class Enricher:
 
     def enrich(self, raw: RawStatement) -> SlowQuery | None:
         """The event, or None for a non-client process when those are not wanted."""
-        bind = self._binds.pop(raw.pid, None)
+        bind = self._binds.pop(raw.pid, None) if self._binds else None
         if bind is not None and bind.start_ns != raw.start_ns:
             bind = None  # left over from a statement whose record was lost
-        backend = self._lookup(raw.pid)
+        backend = self._backends.get(raw.pid) or self._lookup(raw.pid)
         if backend is not None and backend.kind != "client" and not self.include_background:
             self.filtered += 1
             return None
-        start = datetime.fromtimestamp((raw.start_ns + self._clock_offset_ns) / 1e9, tz=UTC)
+        start = datetime.fromtimestamp((raw.start_ns + self._clock_offset_ns) / 1e9, UTC)
         return SlowQuery(
             ts=start,
             duration_ms=raw.duration_ns / 1e6,

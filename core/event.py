@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import datetime
 
 import msgspec
@@ -28,12 +29,20 @@ class SlowQuery(msgspec.Struct, frozen=True, kw_only=True):
     backend_exited: bool = False  # the backend ended before the statement did
 
     def to_json(self) -> bytes:
-        encoded = _encoder.encode(self)
-        # JSON escapes only C0 controls; DEL and C1 controls (UTF-8 \xc2\x80-\x9f) can
-        # still steer a terminal that shows the line (`tail -f`). Both are rare: look first.
-        if b"\x7f" in encoded or b"\xc2" in encoded:
-            encoded = _TERMINAL_CONTROLS.sub(_json_escape, encoded)
-        return encoded
+        return _terminal_safe(_encoder.encode(self))
+
+
+def json_lines(events: Sequence[SlowQuery]) -> bytes:
+    """Each event's to_json() followed by a newline, encoded in one call (file sink)."""
+    return _terminal_safe(_encoder.encode_lines(events))
+
+
+def _terminal_safe(encoded: bytes) -> bytes:
+    # JSON escapes only C0 controls; DEL and C1 controls (UTF-8 \xc2\x80-\x9f) can
+    # still steer a terminal that shows the line (`tail -f`). Both are rare: look first.
+    if b"\x7f" in encoded or b"\xc2" in encoded:
+        encoded = _TERMINAL_CONTROLS.sub(_json_escape, encoded)
+    return encoded
 
 
 _encoder = msgspec.json.Encoder()

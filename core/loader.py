@@ -1,29 +1,36 @@
 """Compiles a probe definition's BPF program for one target and attaches it.
 
-Uprobes are attached through libbcc's C function with its full prototype (bcc's
-Python wrapper omits the 7th argument, ref_ctr_offset, that USDT semaphores need)
-and detached by closing the perf event: a perf-PMU uprobe needs no tracefs, and
-bcc's own clean-up would write to /sys/kernel/tracing/uprobe_events, which may not
-be mounted. pid -1: every process that maps the binary, present and future.
+The compile runs in a child process (compiler.py), so the daemon never loads
+LLVM. Uprobes are attached through libbcc_bpf's C function with its full
+prototype (bcc's Python wrapper omits the 7th argument, ref_ctr_offset, that USDT
+semaphores need) and detached by closing the perf event: a perf-PMU uprobe needs
+no tracefs, and bcc's own clean-up would write to
+/sys/kernel/tracing/uprobe_events, which may not be mounted. pid -1: every process
+that maps the binary, present and future.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import os
 from importlib.resources import files
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
 
+from pgslowlog.compiler import KPROBE, RAW_TRACEPOINT, CompileError, compile_program
 from pgslowlog.config import DaemonConfig
 from pgslowlog.errors import UserError
 from pgslowlog.probes import OUTCOME_UPROBES, ProbeDefinition, Uprobe, Usdt
+from pgslowlog.ringbuf import RingBuffer, ring_buffer_fd_size
 from pgslowlog.targets import Target
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
 COUNTERS = ("statements", "emitted", "untracked", "ringbuf_full")  # enum counter
+MAPS = ["settings", "counters", "events"]  # slow_query.h: the maps user space touches
+# slow_query.h's RAW_TRACEPOINT_PROBE(sched_process_exit) names its function so.
+EXIT_TRACEPOINT = "sched_process_exit"
+EXIT_TRACEPOINT_FUNCTION = f"raw_tracepoint__{EXIT_TRACEPOINT}"
+LIBBCC_BPF = "libbcc_bpf.so.0"
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 SHARED_SOURCE = files("pgslowlog") / "bpf" / "slow_query.h"
 BCC_MISSING = (
@@ -32,20 +39,21 @@ BCC_MISSING = (
 )
 
 
-def import_bcc() -> Any:
-    try:
-        import bcc
-    except ImportError:
-        raise UserError(*BCC_MISSING) from None
-    return bcc
+def require_bcc() -> None:
+    """bcc must be importable by the compiler child; found here without loading LLVM."""
+    if importlib.util.find_spec("bcc") is None:
+        raise UserError(*BCC_MISSING)
 
 
 class _Libbcc:
-    """The two libbcc calls we make with our own prototypes."""
+    """libbcc_bpf: bcc's syscall wrappers, without the LLVM that libbcc itself loads.
+
+    The prototypes are our own: bcc's Python wrapper declares bpf_attach_uprobe
+    without its 7th argument, ref_ctr_offset, which USDT semaphores need.
+    """
 
     def __init__(self) -> None:
-        # A CDLL of our own: setting argtypes here does not change bcc's function objects.
-        library = ctypes.CDLL(ctypes.util.find_library("bcc") or "libbcc.so.0", use_errno=True)
+        library = ctypes.CDLL(ctypes.util.find_library("bcc_bpf") or LIBBCC_BPF, use_errno=True)
         self.attach_uprobe = library.bpf_attach_uprobe
         self.attach_uprobe.restype = ctypes.c_int
         self.attach_uprobe.argtypes = [
@@ -60,6 +68,20 @@ class _Libbcc:
         self.close_perf_event = library.bpf_close_perf_event_fd
         self.close_perf_event.restype = ctypes.c_int
         self.close_perf_event.argtypes = [ctypes.c_int]
+        self.attach_raw_tracepoint = library.bpf_attach_raw_tracepoint
+        self.attach_raw_tracepoint.restype = ctypes.c_int
+        self.attach_raw_tracepoint.argtypes = [ctypes.c_int, ctypes.c_char_p]
+        self.update_elem = library.bpf_update_elem
+        self.update_elem.restype = ctypes.c_int
+        self.update_elem.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_ulonglong,
+        ]
+        self.lookup_elem = library.bpf_lookup_elem
+        self.lookup_elem.restype = ctypes.c_int
+        self.lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
 
 
 _libbcc: _Libbcc | None = None
@@ -70,6 +92,16 @@ def libbcc() -> _Libbcc:
     if _libbcc is None:
         _libbcc = _Libbcc()
     return _libbcc
+
+
+def possible_cpus() -> int:
+    """How many values a per-CPU map holds: one per possible CPU ("0-3,8-11")."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    count = 0
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        count += int(last or first) - int(first) + 1
+    return count
 
 
 class ProbeLoadError(Exception):
@@ -114,45 +146,56 @@ def cflags_for(definition: ProbeDefinition, target: Target, daemon: DaemonConfig
 
 
 class LoadedProbe:
-    """One probe definition compiled for one target: attach, tune, poll, detach."""
+    """One probe definition compiled for one target: attach, tune, read, detach.
+
+    Compiling and loading happen in a child process (compiler.py); this object
+    owns the program and map fds it hands back.
+    """
 
     def __init__(self, definition: ProbeDefinition, target: Target, daemon: DaemonConfig) -> None:
         self.definition = definition
         self.target = target
-        bcc = import_bcc()
-        self._bcc = bcc
+        require_bcc()
+        functions = [(a.function, KPROBE) for a in self._attachments()]
+        functions.append((EXIT_TRACEPOINT_FUNCTION, RAW_TRACEPOINT))
         try:
-            self.bpf = bcc.BPF(
-                text=program_text(definition), cflags=cflags_for(definition, target, daemon)
+            self._compiled = compile_program(
+                program_text(definition),
+                cflags_for(definition, target, daemon),
+                list(dict.fromkeys(functions)),  # a function may serve two attachments
+                MAPS,
             )
-        except Exception as error:
+        except CompileError as error:
             raise ProbeLoadError(
-                f"compiling probe {definition.name} failed ({error}); run `pgslowlog check` "
+                f"loading probe {definition.name} failed ({error}); run `pgslowlog check` "
                 "to see whether kernel headers or privileges are missing"
             ) from None
+        self.compiler_peak_rss_mb = self._compiled.compiler_peak_rss_mb
         self._perf_fds: list[int] = []
+        self._tracepoint_fd: int | None = None
+        self._cpus = possible_cpus()
         self.set_threshold_ns(round(daemon.threshold_ms * 1_000_000))
 
     def _attachments(self) -> list[Uprobe | Usdt]:
         return [*self.definition.attachments, *outcome_uprobes(self.target)]
 
     def verify(self) -> None:
-        """Load every function into the kernel: the verifier runs, nothing is attached."""
-        for attachment in self._attachments():
-            self._load(attachment.function)
-
-    def _load(self, function: str) -> Any:
-        try:
-            return self.bpf.load_func(function.encode(), self._bcc.BPF.KPROBE)
-        except Exception as error:
-            raise ProbeLoadError(
-                f"the kernel rejected {self.definition.name}.{function}: {error}"
-            ) from None
+        """Nothing left to do: the child loaded every function, so the verifier has run."""
 
     def attach(self) -> None:
         binary = self.target.binary
+        # Backend exits first: a statement cut short by one is then never left behind.
+        fd = libbcc().attach_raw_tracepoint(
+            self._compiled.functions[EXIT_TRACEPOINT_FUNCTION], EXIT_TRACEPOINT.encode()
+        )
+        if fd < 0:
+            raise ProbeLoadError(
+                f"attaching {self.definition.name} to the {EXIT_TRACEPOINT} tracepoint failed: "
+                f"{os.strerror(ctypes.get_errno())}"
+            )
+        self._tracepoint_fd = fd
         for attachment in self._attachments():
-            function = self._load(attachment.function)
+            program = self._compiled.functions[attachment.function]
             if isinstance(attachment, Usdt):
                 note = binary.usdt[(attachment.provider, attachment.name)]
                 retprobe, offset, semaphore = False, note.offset, note.semaphore_offset
@@ -168,7 +211,7 @@ class LoadedProbe:
             # With a semaphore offset the kernel raises the semaphore in every process
             # mapping the binary, now and later: USDT probes guarded by it start firing.
             fd = libbcc().attach_uprobe(
-                function.fd, int(retprobe), event_name, binary.path.encode(), offset, -1, semaphore
+                program, int(retprobe), event_name, binary.path.encode(), offset, -1, semaphore
             )
             if fd < 0:
                 error = os.strerror(ctypes.get_errno())
@@ -183,34 +226,42 @@ class LoadedProbe:
         return len(self._perf_fds)
 
     def set_threshold_ns(self, threshold_ns: int) -> None:
-        settings = self.bpf["settings"]
-        settings[settings.Key(0)] = settings.Leaf(threshold_ns)
+        key, value = ctypes.c_uint32(0), ctypes.c_uint64(threshold_ns)
+        if (
+            libbcc().update_elem(
+                self._compiled.maps["settings"], ctypes.byref(key), ctypes.byref(value), 0
+            )
+            != 0
+        ):
+            raise ProbeLoadError(f"setting the threshold failed: {os.strerror(ctypes.get_errno())}")
 
     def counters(self) -> dict[str, int]:
-        table = self.bpf["counters"]
-        return {
-            name: sum(int(value) for value in table[table.Key(index)])
-            for index, name in enumerate(COUNTERS)
-        }
+        """The kernel's counters, summed over CPUs (a per-CPU array: one u64 per CPU)."""
+        values = (ctypes.c_uint64 * self._cpus)()
+        totals = {}
+        for index, name in enumerate(COUNTERS):
+            key = ctypes.c_uint32(index)
+            if (
+                libbcc().lookup_elem(self._compiled.maps["counters"], ctypes.byref(key), values)
+                != 0
+            ):
+                raise OSError(ctypes.get_errno(), f"reading counter {name} failed")
+            totals[name] = sum(values)
+        return totals
 
-    def open_ring_buffer(self, on_record: Callable[[bytes], None]) -> None:
-        def callback(_ctx: Any, data: Any, size: int) -> int:
-            on_record(ctypes.string_at(data, size))  # copy out; decoding happens later
-            return 0
-
-        self.bpf["events"].open_ring_buffer(callback)
-
-    def poll(self, timeout_ms: int) -> None:
-        self.bpf.ring_buffer_poll(timeout_ms)
-
-    def consume(self) -> None:
-        self.bpf.ring_buffer_consume()
+    def ring_buffer(self) -> RingBuffer:
+        """The events ring buffer, read from its shared memory (ringbuf.py)."""
+        fd = self._compiled.maps["events"]
+        return RingBuffer(fd, ring_buffer_fd_size(fd))
 
     def detach(self) -> None:
         """Stop probing: no statement begins or ends any more. The ring buffer stays readable."""
         while self._perf_fds:
             libbcc().close_perf_event(self._perf_fds.pop())
+        if self._tracepoint_fd is not None:
+            os.close(self._tracepoint_fd)
+            self._tracepoint_fd = None
 
     def close(self) -> None:
         self.detach()
-        self.bpf.cleanup()  # nothing of ours is left for its tracefs clean-up to touch
+        self._compiled.close()

@@ -1,0 +1,87 @@
+"""Reads a BPF ring buffer straight from its shared memory, many records per call.
+
+bcc's reader calls a Python function through ctypes for every record, and the
+kernel wakes the reader for each record that finds it caught up: at tens of
+thousands of statements a second (threshold 0) that is a context switch and a
+foreign call per statement, on the cores PostgreSQL needs. Here the kernel wakes
+the reader only when the buffer fills up or a record is urgent (slow_query.h
+decides), the reader also looks every `poll_interval_ms`, and each look takes
+everything committed so far in one Python loop.
+
+The layout is the kernel's (kernel/bpf/ringbuf.c), the one libbpf reads: page 0
+holds the consumer position (ours to write), page 1 the producer position, then
+the data area, mapped twice in a row so a record that wraps reads contiguously.
+Each record starts with an 8-byte header: u32 length with a busy bit (still being
+written) and a discard bit, then u32 page offset. Records are 8-byte aligned.
+"""
+
+from __future__ import annotations
+
+import mmap
+import select
+import struct
+
+BUSY_BIT = 1 << 31
+DISCARD_BIT = 1 << 30
+HEADER_BYTES = 8
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class RingBuffer:
+    """One BPF_MAP_TYPE_RINGBUF, given its map fd and data size in bytes."""
+
+    def __init__(self, map_fd: int, size: int) -> None:
+        if size <= 0 or size & (size - 1):
+            raise ValueError(f"ring buffer size {size} is not a power of two")
+        page = mmap.PAGESIZE
+        self._mask = size - 1
+        self._consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._producer = mmap.mmap(
+            map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
+        )
+        self._data = memoryview(self._producer)[page:]
+        self._epoll = select.epoll()
+        self._epoll.register(map_fd, select.EPOLLIN)
+
+    def wait(self, timeout_ms: int) -> None:
+        """Sleep until the kernel wakes us (buffer filling, urgent record) or the timeout."""
+        try:
+            self._epoll.poll(timeout_ms / 1000)
+        except InterruptedError:  # a signal: the caller looks at the buffer anyway
+            pass
+
+    def read(self, limit: int = 1 << 30) -> list[bytes]:
+        """Every committed record (up to `limit`), oldest first; their space is given back."""
+        records: list[bytes] = []
+        consumer = _U64.unpack_from(self._consumer)[0]
+        producer = _U64.unpack_from(self._producer)[0]
+        data, mask, unpack = self._data, self._mask, _U32.unpack_from
+        # x86 and arm64 give Python's plain loads the ordering the kernel's
+        # smp_store_release needs: the busy bit is cleared after the record is written.
+        while consumer < producer and len(records) < limit:
+            at = consumer & mask
+            length = unpack(data, at)[0]
+            if length & BUSY_BIT:
+                break  # reserved but not yet submitted: records after it wait too
+            size = length & ~(BUSY_BIT | DISCARD_BIT)
+            if not length & DISCARD_BIT:
+                records.append(data[at + HEADER_BYTES : at + HEADER_BYTES + size].tobytes())
+            consumer += (size + HEADER_BYTES + 7) & ~7
+        _U64.pack_into(self._consumer, 0, consumer)
+        return records
+
+    def close(self) -> None:
+        self._epoll.close()
+        self._data.release()
+        self._producer.close()
+        self._consumer.close()
+
+
+def ring_buffer_fd_size(fd: int) -> int:
+    """Bytes of data in the ring buffer behind `fd`, from /proc/self/fdinfo."""
+    with open(f"/proc/self/fdinfo/{fd}") as info:
+        for line in info:
+            if line.startswith("max_entries:"):
+                return int(line.split()[1])
+    raise OSError(f"fd {fd} is not a BPF map")
