@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
 
-from pgslowlog.event import SlowQuery
+from pgslowlog.event import SlowQuery, json_lines
 from pgslowlog.hookspecs import hookimpl
 from pgslowlog.log import get_logger
 from pgslowlog.plugin_manager import RegisterSink
@@ -64,9 +65,18 @@ class FileSink(BaseSink):
 
     def write(self, events: Sequence[SlowQuery]) -> None:
         # One write() per batch with O_APPEND: readers never see half a line.
-        data = b"".join(event.to_json() + b"\n" for event in events)
-        while data:
-            data = data[os.write(self._fd, data) :]
+        data = json_lines(events)
+        size_before = os.fstat(self._fd).st_size
+        try:
+            while data:
+                data = data[os.write(self._fd, data) :]
+        except OSError:
+            # A full disk can take part of the batch: cut it off, so the file keeps
+            # whole lines and the next batch starts on a fresh one. The batch counts
+            # as failed (dispatcher); later batches are written once space returns.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size_before)
+            raise
 
     def reopen(self) -> None:
         fd = self._open()
