@@ -49,7 +49,13 @@ def make_traversable(path: Path) -> None:
 
 
 class Cluster:
-    def __init__(self, bindir: Path, os_user: str | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        bindir: Path,
+        os_user: str | None = None,
+        port: int | None = None,
+        max_connections: int = 120,
+    ) -> None:
         self.bindir = Path(bindir)
         self.postgres = self.bindir / "postgres"
         if not self.postgres.exists():
@@ -59,6 +65,7 @@ class Cluster:
         self.base = Path(tempfile.mkdtemp(prefix="pgslowlog-cluster-"))
         self.data = self.base / "data"
         self.logfile = self.base / "server.log"
+        self.max_connections = max_connections
 
     def _run(self, *command: str) -> None:
         prefix = ["runuser", "-u", self.os_user, "--"] if self.os_user else []
@@ -93,7 +100,7 @@ class Cluster:
     def _pg_ctl(self, action: str) -> None:
         options = (
             f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 "
-            "-c max_connections=120 -c fsync=off"
+            f"-c max_connections={self.max_connections} -c fsync=off"
         )
         self._run(
             str(self.bindir / "pg_ctl"),

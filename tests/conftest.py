@@ -87,8 +87,8 @@ class DaemonUnderTest:
     def __init__(self, directory: Path, binary: Path, **daemon_options: Any) -> None:
         self.directory = directory
         self.config = directory / "pgslowlog.toml"
-        self.log = directory / "log" / "slow.jsonl"
         self.binary = binary
+        self.log = Path(daemon_options.pop("file_path", directory / "log" / "slow.jsonl"))
         self.target_pid = daemon_options.pop("target_pid", None)
         self.target_name = daemon_options.pop("target_name", None)
         self.extra_targets = daemon_options.pop("extra_targets", [])

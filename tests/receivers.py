@@ -97,7 +97,7 @@ class WebhookReceiver:
     (answers nothing for `hang_s`), or None for 200. Only answered-200 bodies count.
     """
 
-    def __init__(self, hang_s: float = 3.0) -> None:
+    def __init__(self, hang_s: float = 3.0, port: int = 0) -> None:
         import http.server
         import threading
 
@@ -132,9 +132,11 @@ class WebhookReceiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        # A given port lets a test bring a receiver back where the old one was.
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/slow"
+        self.url = f"http://127.0.0.1:{self.port}/slow"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def wait_for(self, marker: str, count: int, timeout: float = 20) -> list[dict[str, Any]]:
