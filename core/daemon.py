@@ -26,6 +26,7 @@ from pgslowlog.enrichment import Enricher
 from pgslowlog.errors import UserError
 from pgslowlog.loader import LoadedProbe, ProbeLoadError
 from pgslowlog.log import configure_logging, get_logger
+from pgslowlog.machine import require_machine
 from pgslowlog.plugin_manager import Plugins
 from pgslowlog.probes import ProbeDefinition, select_probes, wanted_symbols
 from pgslowlog.sinks import CommonSinkOptions
@@ -124,6 +125,7 @@ class Daemon:
 
     def run(self) -> int:
         config = load_config(self.config_path)
+        require_machine()  # privileges, bcc, headers...: one line naming what is missing
         configure_logging(config.daemon.log_level)
         plugins = Plugins.load()
         the_plan = plan(config, plugins, self.config_path)

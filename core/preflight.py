@@ -6,89 +6,15 @@ any check failed, so an installer can use it as a validate step.
 
 from __future__ import annotations
 
-import platform
-from dataclasses import dataclass
-from pathlib import Path
-
 from pgslowlog.config import Config, load_config
 from pgslowlog.daemon import plan
 from pgslowlog.elf import file_identity, inspect_binary
 from pgslowlog.errors import UserError
-from pgslowlog.loader import BCC_MISSING, LoadedProbe, ProbeLoadError
+from pgslowlog.loader import LoadedProbe, ProbeLoadError
+from pgslowlog.machine import Finding, machine_findings
 from pgslowlog.plugin_manager import Plugins
 from pgslowlog.probes import wanted_symbols
 from pgslowlog.targets import resolve_target
-
-CAP_SYS_ADMIN = 21
-CAP_PERFMON = 38
-CAP_BPF = 39
-
-
-@dataclass(frozen=True)
-class Finding:
-    ok: bool
-    text: str
-    warning: bool = False  # not an error: `run` copes, but the operator should know
-
-    def __str__(self) -> str:
-        return f"{'warning' if self.warning else 'ok' if self.ok else 'error'}: {self.text}"
-
-
-def _effective_capabilities() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    return 0
-
-
-def check_privileges() -> Finding:
-    caps = _effective_capabilities()
-    has_bpf = caps & (1 << CAP_BPF) or caps & (1 << CAP_SYS_ADMIN)
-    has_perfmon = caps & (1 << CAP_PERFMON) or caps & (1 << CAP_SYS_ADMIN)
-    if has_bpf and has_perfmon:
-        return Finding(True, "privileges: CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) held")
-    return Finding(
-        False,
-        "privileges: CAP_BPF and CAP_PERFMON are missing; run as root, or give the service "
-        "AmbientCapabilities=CAP_BPF CAP_PERFMON CAP_SYS_RESOURCE",
-    )
-
-
-def check_bcc() -> Finding:
-    try:
-        import bcc
-    except ImportError:
-        return Finding(False, "; ".join(BCC_MISSING))
-    return Finding(True, f"bcc {getattr(bcc, '__version__', '?')} importable")
-
-
-def check_kernel_headers() -> Finding:
-    release = platform.release()
-    build = Path(f"/lib/modules/{release}/build")
-    if not build.exists():
-        return Finding(
-            False,
-            f"no kernel headers at {build}; apt-get install linux-headers-{release}, or where "
-            "the running kernel has no package, install linux-headers-amd64 and link "
-            f"{build} to /usr/src/linux-headers-<version>-amd64 (and source to ...-common)",
-        )
-    header_release = _headers_release(build)
-    if header_release == release:
-        return Finding(True, f"kernel headers at {build} match the running kernel {release}")
-    return Finding(
-        True,
-        f"kernel headers at {build} are {header_release or 'of unknown version'}, the running "
-        f"kernel is {release}: fine, the probes read no kernel structs",
-    )
-
-
-def _headers_release(build: Path) -> str | None:
-    for candidate in ("include/config/kernel.release", "include/generated/utsrelease.h"):
-        path = build / candidate
-        if path.exists():
-            text = path.read_text(errors="replace").strip()
-            return text.split('"')[1] if '"' in text else text
-    return None
 
 
 def run_checks(config_path: str) -> list[Finding]:
@@ -99,8 +25,8 @@ def run_checks(config_path: str) -> list[Finding]:
         return [Finding(False, str(error))]
     findings.append(Finding(True, f"config {config_path} is valid"))
 
-    privileges, bcc, headers = check_privileges(), check_bcc(), check_kernel_headers()
-    findings += [privileges, bcc, headers]
+    machine = machine_findings()
+    findings += machine
 
     plugins = Plugins.load()
     findings += [Finding(False, f"{failure}; fix or uninstall it") for failure in plugins.failures]
@@ -112,7 +38,7 @@ def run_checks(config_path: str) -> list[Finding]:
         return findings
     findings += [Finding(True, f"sink {name} options valid") for name in the_plan.sink_options]
 
-    if privileges.ok and bcc.ok and headers.ok:
+    if all(finding.ok for finding in machine):
         for target, definition in the_plan.probes:
             try:
                 LoadedProbe(definition, target, config.daemon).verify()

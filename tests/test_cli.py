@@ -196,3 +196,44 @@ def test_probes_command_explains_each_binary():
     refused = pgslowlog("probes", "--binary", "/bin/ls")
     assert refused.returncode == 2
     assert refused.stderr.startswith("pgslowlog: binary /bin/ls is not a PostgreSQL server binary")
+
+
+def hide(*paths: str) -> list[str]:
+    """Run in a mount namespace where each path is an empty tmpfs: as if it were absent."""
+    mounts = " && ".join(f"mount -t tmpfs none {path}" for path in paths)
+    return ["unshare", "--mount", "sh", "-c", f'{mounts} && exec "$@"', "sh"]
+
+
+MISSING_PIECES = {
+    "capabilities": (
+        ["setpriv", "--bounding-set", "-all", "--inh-caps", "-all"],
+        "privileges: CAP_BPF and CAP_PERFMON are missing; run as root",
+    ),
+    "kernel headers": (hide("/lib/modules"), "no kernel headers at /lib/modules/"),
+    "uprobe PMU and tracefs": (
+        hide("/sys/bus/event_source/devices", "/sys/kernel/tracing", "/sys/kernel/debug"),
+        "no perf uprobe PMU and tracefs is not mounted; mount -t tracefs nodev",
+    ),
+    "BPF system call": (hide("/proc/sys/kernel"), "has no BPF system call; boot a kernel built"),
+}
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+@pytest.mark.parametrize("piece", sorted(MISSING_PIECES))
+def test_missing_piece_of_the_machine_is_named_with_its_fix(tmp_path, command, piece):
+    """Each piece is really taken away (capabilities dropped, paths hidden), nothing mocked."""
+    prefix, expected = MISSING_PIECES[piece]
+    config = write(tmp_path, GOOD.replace("/tmp/pgslowlog-test-unused", str(tmp_path)))
+    result = subprocess.run(
+        [*prefix, sys.executable, "-m", "pgslowlog", command, "-c", config],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    output = result.stdout if command == "check" else result.stderr
+    lines = [line for line in output.splitlines() if expected in line]
+    assert len(lines) == 1, output
+    assert "Traceback" not in result.stdout + result.stderr
+    if command == "run":
+        assert result.stderr.startswith("pgslowlog: ") and result.stderr.count("\n") == 1

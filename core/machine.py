@@ -1,0 +1,148 @@
+"""What the machine must offer before a probe can load, said one finding a line.
+
+`check` prints every finding; `run` stops at the first failed one with the same
+words (cause; fix), before it compiles anything.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgslowlog.errors import UserError
+from pgslowlog.loader import BCC_MISSING
+
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
+
+
+# BPF ring buffer (5.8) and task-local storage for tracing programs (5.11).
+MINIMUM_KERNEL = (5, 11)
+UPROBE_PMU = Path("/sys/bus/event_source/devices/uprobe/type")
+TRACEFS = (
+    Path("/sys/kernel/tracing/uprobe_events"),
+    Path("/sys/kernel/debug/tracing/uprobe_events"),
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    ok: bool
+    text: str
+    warning: bool = False  # not an error: `run` copes, but the operator should know
+
+    def __str__(self) -> str:
+        return f"{'warning' if self.warning else 'ok' if self.ok else 'error'}: {self.text}"
+
+
+def _effective_capabilities() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def check_privileges() -> Finding:
+    caps = _effective_capabilities()
+    has_bpf = caps & (1 << CAP_BPF) or caps & (1 << CAP_SYS_ADMIN)
+    has_perfmon = caps & (1 << CAP_PERFMON) or caps & (1 << CAP_SYS_ADMIN)
+    if has_bpf and has_perfmon:
+        return Finding(True, "privileges: CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) held")
+    return Finding(
+        False,
+        "privileges: CAP_BPF and CAP_PERFMON are missing; run as root (the shipped unit "
+        "etc/pgslowlog.service bounds root to the capabilities the daemon needs)",
+    )
+
+
+def check_bcc() -> Finding:
+    # Found, not imported: importing bcc loads LLVM (about 60 MB), which only the
+    # compiler child (compiler.py) may carry.
+    if importlib.util.find_spec("bcc") is None:
+        return Finding(False, "; ".join(BCC_MISSING))
+    try:
+        version = importlib.metadata.version("bcc")
+    except importlib.metadata.PackageNotFoundError:
+        version = "(version unknown)"
+    return Finding(True, f"bcc {version} found")
+
+
+def check_kernel_headers() -> Finding:
+    release = platform.release()
+    build = Path(f"/lib/modules/{release}/build")
+    if not build.exists():
+        return Finding(
+            False,
+            f"no kernel headers at {build}; apt-get install linux-headers-{release}, or where "
+            "the running kernel has no package, install linux-headers-amd64 and link "
+            f"{build} to /usr/src/linux-headers-<version>-amd64 (and source to ...-common)",
+        )
+    header_release = _headers_release(build)
+    if header_release == release:
+        return Finding(True, f"kernel headers at {build} match the running kernel {release}")
+    return Finding(
+        True,
+        f"kernel headers at {build} are {header_release or 'of unknown version'}, the running "
+        f"kernel is {release}: fine, the probes read no kernel structs",
+    )
+
+
+def _headers_release(build: Path) -> str | None:
+    for candidate in ("include/config/kernel.release", "include/generated/utsrelease.h"):
+        path = build / candidate
+        if path.exists():
+            text = path.read_text(errors="replace").strip()
+            return text.split('"')[1] if '"' in text else text
+    return None
+
+
+def check_kernel() -> Finding:
+    release = platform.release()
+    match = re.match(r"(\d+)\.(\d+)", release)
+    version = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    if version < MINIMUM_KERNEL:
+        return Finding(
+            False,
+            f"kernel {release} is older than 5.11 (BPF ring buffer and task-local storage); "
+            "boot a newer kernel",
+        )
+    if not Path("/proc/sys/kernel/unprivileged_bpf_disabled").exists():
+        return Finding(
+            False, f"kernel {release} has no BPF system call; boot a kernel built with BPF_SYSCALL"
+        )
+    return Finding(True, f"kernel {release} has BPF, its ring buffer and task-local storage")
+
+
+def check_uprobe_attach() -> Finding:
+    """Uprobes attach through the perf uprobe PMU; without it, through tracefs."""
+    if UPROBE_PMU.exists():
+        return Finding(True, "uprobes attach through the perf uprobe PMU: tracefs is not needed")
+    if any(path.exists() for path in TRACEFS):
+        return Finding(True, "uprobes attach through tracefs (no perf uprobe PMU)")
+    return Finding(
+        False,
+        "no perf uprobe PMU and tracefs is not mounted; mount -t tracefs nodev /sys/kernel/tracing",
+    )
+
+
+def machine_findings() -> list[Finding]:
+    return [
+        check_kernel(),
+        check_privileges(),
+        check_bcc(),
+        check_kernel_headers(),
+        check_uprobe_attach(),
+    ]
+
+
+def require_machine() -> None:
+    """For `run`: the first missing piece as a UserError, before anything is compiled."""
+    for finding in machine_findings():
+        if not finding.ok:
+            cause, _, fix = finding.text.partition("; ")
+            raise UserError(cause, fix or "see `pgslowlog check`")
