@@ -97,6 +97,14 @@ def plan(config: Config, plugins: Plugins, source: str) -> Plan:
                 "correct the [sinks.NAME] table or install the plugin",
             )
         sink_options[name] = sink_type.parse_options(raw, source)
+        if sink_type.check is not None:
+            try:
+                sink_type.check(sink_options[name][1])
+            except ValueError as error:
+                raise UserError(
+                    f"config {source}: sinks.{name}.{error}",
+                    "fix that option, or the file or variable it names",
+                ) from None
     return Plan(config=config, probes=chosen, pending=pending, sink_options=sink_options)
 
 

@@ -79,6 +79,10 @@ class SinkType:
     description: str
     options: type[msgspec.Struct]
     create: Callable[[Any], Sink]
+    #: Optional: look at what the options point to (secret files, variables, CA
+    #: files) without side effects; raise ValueError("key: what is wrong") when it
+    #: is unusable. `check` and `run` then refuse the config in one line.
+    check: Callable[[Any], None] | None = None
 
     def parse_options(
         self, raw: dict[str, Any], source: str

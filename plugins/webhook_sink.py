@@ -85,6 +85,13 @@ def resolve_headers(options: WebhookOptions) -> dict[str, str]:
     return headers
 
 
+def check_options(options: WebhookOptions) -> None:
+    """Secrets and the CA file must be there before the daemon starts (and for `check`)."""
+    resolve_headers(options)
+    if options.ca_file is not None and not os.access(options.ca_file, os.R_OK):
+        raise ValueError(f"ca_file: cannot read {options.ca_file}")
+
+
 def retry_after_s(response: httpx.Response) -> float | None:
     value = response.headers.get("Retry-After")
     if value is None:
@@ -175,5 +182,6 @@ def pgslowlog_register_sinks(register: RegisterSink) -> None:
             description="HTTP(S) POST of JSON arrays, batched, with retries",
             options=WebhookOptions,
             create=WebhookSink,
+            check=check_options,
         )
     )

@@ -84,6 +84,20 @@ BAD_CONFIGS = {
         GOOD.replace("threshold_ms = 200", "query_max_bytes = 100000"),
         "daemon.query_max_bytes: expected `int` <= 16384",
     ),
+    "unreadable secret file": (
+        GOOD
+        + '[sinks.webhook]\nurl = "http://127.0.0.1:9/x"\n'
+        + 'headers_from_file = { Authorization = "/nonexistent/token" }\n',
+        "sinks.webhook.headers_from_file.Authorization: cannot read /nonexistent/token: No such "
+        "file or directory; fix that option, or the file or variable it names",
+    ),
+    "unset secret variable": (
+        GOOD
+        + '[sinks.webhook]\nurl = "http://127.0.0.1:9/x"\n'
+        + 'headers_from_env = { Authorization = "PGSLOWLOG_TEST_UNSET_TOKEN" }\n',
+        "sinks.webhook.headers_from_env.Authorization: environment variable "
+        "PGSLOWLOG_TEST_UNSET_TOKEN is not set",
+    ),
 }
 
 
