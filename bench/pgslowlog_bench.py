@@ -29,6 +29,8 @@ from datetime import datetime
 from pathlib import Path
 
 from pgslowlog.cluster import Cluster
+from pgslowlog.elf import inspect_binary
+from pgslowlog.loader import libbcc
 from pgslowlog.running_daemon import RunningDaemon
 
 BINDIR = Path("/usr/lib/postgresql/15/bin")
@@ -39,6 +41,7 @@ WORKLOADS = {
     "tpc-b simple": ["-M", "simple"],
 }
 CLIENTS = 2
+ACTIVITY_SYMBOL = "pgstat_report_activity"  # where the default probe definition attaches
 WARMUP_S = 2  # progress seconds left out at the start of a window
 PROGRESS = re.compile(r"^progress: ([\d.]+) s, ([\d.]+) tps")
 
@@ -136,9 +139,34 @@ def pgslowlog(cluster: Cluster, threshold_ms: float, figures: DaemonFigures) -> 
                 f"emitted {kernel['emitted']}, written {written}, "
                 f"lost in kernel {kernel['ringbuf_full']} (ring buffer full) + "
                 f"{kernel['untracked']} (untracked), "
-                f"sink drops {stopped['sinks']['file']['dropped']}"
+                f"sink drops {stopped['sinks']['file']['dropped']}, "
+                f"background processes left out {stopped['filtered_background']}"
             )
         shutil.rmtree(directory)  # a threshold-0 run writes hundreds of MB
+
+
+@contextmanager
+def bare_uprobe(cluster: Cluster) -> Iterator[None]:
+    """The floor of any uprobe-based tracer: an empty BPF program where pgslowlog probes.
+
+    Compiled in this process (the benchmark may load LLVM) and attached like the
+    daemon attaches, so the difference to "pgslowlog 200ms" is pgslowlog's own work.
+    """
+    import bcc
+
+    binary = inspect_binary(str(cluster.postgres), frozenset({ACTIVITY_SYMBOL}))
+    program = bcc.BPF(text=b"int on(struct pt_regs *ctx) { return 0; }")
+    function = program.load_func(b"on", bcc.BPF.KPROBE)
+    offset = binary.functions[ACTIVITY_SYMBOL].offset
+    fd = libbcc().attach_uprobe(
+        function.fd, 0, b"pgslowlog_bench", str(cluster.postgres).encode(), offset, -1, 0
+    )
+    if fd < 0:
+        raise RuntimeError("attaching the bare uprobe failed")
+    try:
+        yield
+    finally:
+        libbcc().close_perf_event(fd)
 
 
 @contextmanager
@@ -159,6 +187,9 @@ def run_condition(
     if name == "no tracing":
         bench = pgbench(cluster, options, seconds)
         return window_tps(bench.communicate()[0], WARMUP_S), ""
+    if name == "bare uprobe":
+        with bare_uprobe(cluster):
+            return window_tps(pgbench(cluster, options, seconds).communicate()[0], WARMUP_S), ""
     if name.startswith("pgslowlog"):
         threshold = float(name.split()[-1].removesuffix("ms"))
         with pgslowlog(cluster, threshold, figures):
@@ -230,6 +261,7 @@ def latency(cluster: Cluster, figures: DaemonFigures, statements: int = 40) -> l
 
 CONDITIONS: list[str] = [
     "no tracing",
+    "bare uprobe",
     "pgslowlog 200ms",
     "pgslowlog 0ms",
     "log_min_duration_statement 200",

@@ -41,30 +41,34 @@ class Collector(threading.Thread):
         self.undecodable = 0
         self.failed_records = 0
         self._stop_requested = threading.Event()
-        self._ring = probe.ring_buffer()
+        # The main ring buffer wakes us; the spill one (records the main one refused,
+        # rare) is read at every look.
+        self._rings = probe.ring_buffers()
 
     def run(self) -> None:
         try:
             while not self._stop_requested.is_set():
-                self._ring.wait(POLL_INTERVAL_MS)
+                self._rings[0].wait(POLL_INTERVAL_MS)
                 self._drain()
-            # The probes are detached by now: take what is left in the ring buffer.
+            # The probes are detached by now: take what is left in the ring buffers.
             self._drain()
         except Exception as error:
             # No more events would flow for this probe: the daemon must not go on as if.
             log.exception("collector_failed", probe=self.probe.definition.name)
             self.on_failure(f"collector of {self.probe.definition.name} failed: {error}")
         finally:
-            self._ring.close()
+            for ring in self._rings:
+                ring.close()
 
     def stop(self) -> None:
         self._stop_requested.set()
 
     def _drain(self) -> None:
-        while records := self._ring.read(BATCH_RECORDS):
-            self._handle_batch(records)
-            if len(records) < BATCH_RECORDS:
-                return
+        for ring in self._rings:
+            while records := ring.read(BATCH_RECORDS):
+                self._handle_batch(records)
+                if len(records) < BATCH_RECORDS:
+                    break
 
     def _handle_batch(self, records: list[bytes]) -> None:
         self.enricher.sync_clock()

@@ -26,7 +26,9 @@ from pgslowlog.ringbuf import RingBuffer, ring_buffer_fd_size
 from pgslowlog.targets import Target
 
 COUNTERS = ("statements", "emitted", "untracked", "ringbuf_full")  # enum counter
-MAPS = ["settings", "counters", "events"]  # slow_query.h: the maps user space touches
+# slow_query.h: the maps user space touches; "spill" takes what "events" refuses.
+MAPS = ["settings", "counters", "events", "spill"]
+RING_BUFFERS = ("events", "spill")
 # slow_query.h's RAW_TRACEPOINT_PROBE(sched_process_exit) names its function so.
 EXIT_TRACEPOINT = "sched_process_exit"
 EXIT_TRACEPOINT_FUNCTION = f"raw_tracepoint__{EXIT_TRACEPOINT}"
@@ -249,10 +251,10 @@ class LoadedProbe:
             totals[name] = sum(values)
         return totals
 
-    def ring_buffer(self) -> RingBuffer:
-        """The events ring buffer, read from its shared memory (ringbuf.py)."""
-        fd = self._compiled.maps["events"]
-        return RingBuffer(fd, ring_buffer_fd_size(fd))
+    def ring_buffers(self) -> list[RingBuffer]:
+        """The ring buffers, read from their shared memory (ringbuf.py): events, spill."""
+        fds = [self._compiled.maps[name] for name in RING_BUFFERS]
+        return [RingBuffer(fd, ring_buffer_fd_size(fd)) for fd in fds]
 
     def detach(self) -> None:
         """Stop probing: no statement begins or ends any more. The ring buffer stays readable."""

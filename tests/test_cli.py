@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -251,3 +252,25 @@ def test_missing_piece_of_the_machine_is_named_with_its_fix(tmp_path, command, p
     assert "Traceback" not in result.stdout + result.stderr
     if command == "run":
         assert result.stderr.startswith("pgslowlog: ") and result.stderr.count("\n") == 1
+
+
+def test_secrets_never_appear_in_check_output(tmp_path):
+    secret_file = tmp_path / "token"
+    secret_file.write_text("Bearer from-a-file-0451\n")
+    config = write(
+        tmp_path,
+        GOOD.replace("/tmp/pgslowlog-test-unused", str(tmp_path))
+        + '[sinks.webhook]\nurl = "https://user:pa55word@127.0.0.1:9/x"\n'
+        + 'headers_from_env = { "X-Token" = "PGSLOWLOG_TEST_TOKEN" }\n'
+        + f'headers_from_file = {{ Authorization = "{secret_file}" }}\n',
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pgslowlog", "check", "-c", config],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PGSLOWLOG_TEST_TOKEN": "from-the-environment-0451"},
+    )
+    assert result.returncode == 0, result.stdout
+    for secret in ("from-a-file-0451", "from-the-environment-0451", "pa55word"):
+        assert secret not in result.stdout + result.stderr

@@ -164,6 +164,7 @@ def test_file_sink_mode_and_reopen_on_sighup(cluster, start_daemon):
     cluster.psql("select pg_sleep(0.25) /* first file */", check=True)
     daemon.wait_for_events("/* first file */", 1)
     assert stat.S_IMODE(os.stat(daemon.log).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(daemon.log.parent).st_mode) == 0o750  # created by the sink
     rotated = daemon.log.with_name("slow.jsonl.1")
     daemon.log.rename(rotated)  # what logrotate does before it signals
     daemon.process.reload()

@@ -261,3 +261,12 @@ def test_sigterm_is_bounded_when_a_sink_hangs_and_others_lose_nothing(pg18, star
     )
     assert stopped["webhook"]["delivered"] == 0
     assert any(e["event"] == "sink_stuck_at_shutdown" for e in daemon.process.logs)
+
+
+def test_tls_verification_off_is_warned_about(pg18, start_daemon):
+    daemon = start_daemon(
+        pg18, sinks={"webhook": {"url": "https://127.0.0.1:9/x", "verify_tls": False}}
+    )
+    warning = daemon.process.wait_for_log("webhook_tls_verification_off", timeout=5)
+    assert warning["level"] == "warning"
+    assert daemon.stop() == 0
