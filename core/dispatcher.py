@@ -91,8 +91,11 @@ class _Lane:
                 self._changed.wait_for(
                     lambda: len(self._events) >= self.sink.max_batch or self._closing, delay
                 )
-            count = min(len(self._events), self.sink.max_batch)
-            return [self._events.popleft() for _ in range(count)]
+            if len(self._events) <= self.sink.max_batch:
+                batch = list(self._events)  # the usual case: take all, in one copy
+                self._events.clear()
+                return batch
+            return [self._events.popleft() for _ in range(self.sink.max_batch)]
 
     def _give_up_queued(self) -> None:
         if self._events:

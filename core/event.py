@@ -9,7 +9,10 @@ from datetime import datetime
 import msgspec
 
 
-class SlowQuery(msgspec.Struct, frozen=True, kw_only=True):
+# gc=False: an event refers only to strings, numbers, a datetime and a list of
+# strings, never back to itself, so it cannot be part of a cycle; at threshold 0
+# tens of thousands a second would otherwise keep the cycle collector busy.
+class SlowQuery(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     ts: datetime  # statement start, UTC
     duration_ms: float
     query: str
