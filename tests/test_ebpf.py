@@ -11,6 +11,12 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
+from conftest import DEBIAN_PG15
+
+from pgslowlog.config import DaemonConfig, TargetConfig
+from pgslowlog.loader import LoadedProbe, ProbeLoadError
+from pgslowlog.probes import ProbeDefinition, Uprobe, wanted_symbols
+from pgslowlog.targets import resolve_target
 
 pytestmark = pytest.mark.ebpf
 
@@ -277,3 +283,45 @@ def test_usdt_probe_covers_backends_connected_before_and_after(start_daemon, tmp
         late.close()
     finally:
         server.stop()
+
+
+BROKEN_PROBES = {
+    # clang refuses it, in the compiler child: its message names the file and line
+    "does not compile": (
+        "int on_broken(struct pt_regs *ctx) { return undefined_name; }",
+        "broken.c",
+    ),
+    # clang accepts it, the kernel's verifier refuses it: a loop it cannot bound
+    "verifier rejects": (
+        "int on_broken(struct pt_regs *ctx) {\n"
+        "    volatile u64 spin = PT_REGS_PARM1(ctx);\n"
+        "    while (spin)\n"
+        "        spin++;\n"
+        "    return 0;\n"
+        "}",
+        "the kernel rejected on_broken",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_PROBES))
+def test_a_broken_probe_definition_is_refused_in_one_line(tmp_path, case):
+    """Compiled for real in the compiler child: the reason comes back, no fd leaks out."""
+    source, expected = BROKEN_PROBES[case]
+    (tmp_path / "broken.c").write_text(source)
+    definition = ProbeDefinition(
+        name="broken",
+        description="a probe that cannot load",
+        source=tmp_path / "broken.c",
+        attachments=(Uprobe(symbol="pgstat_report_activity", function="on_broken"),),
+    )
+    target = resolve_target(
+        TargetConfig(binary=str(DEBIAN_PG15 / "postgres")), 0, wanted_symbols([definition])
+    )
+    open_fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(ProbeLoadError) as refused:
+        LoadedProbe(definition, target, DaemonConfig())
+    message = str(refused.value)
+    assert message.startswith("loading probe broken failed (") and expected in message
+    assert "\n" not in message
+    assert len(os.listdir("/proc/self/fd")) == open_fds
