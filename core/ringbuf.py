@@ -53,21 +53,9 @@ class RingBuffer:
 
     def read(self, limit: int = 1 << 30) -> list[bytes]:
         """Every committed record (up to `limit`), oldest first; their space is given back."""
-        records: list[bytes] = []
         consumer = _U64.unpack_from(self._consumer)[0]
         producer = _U64.unpack_from(self._producer)[0]
-        data, mask, unpack = self._data, self._mask, _U32.unpack_from
-        # x86 and arm64 give Python's plain loads the ordering the kernel's
-        # smp_store_release needs: the busy bit is cleared after the record is written.
-        while consumer < producer and len(records) < limit:
-            at = consumer & mask
-            length = unpack(data, at)[0]
-            if length & BUSY_BIT:
-                break  # reserved but not yet submitted: records after it wait too
-            size = length & ~(BUSY_BIT | DISCARD_BIT)
-            if not length & DISCARD_BIT:
-                records.append(data[at + HEADER_BYTES : at + HEADER_BYTES + size].tobytes())
-            consumer += (size + HEADER_BYTES + 7) & ~7
+        records, consumer = take_records(self._data, consumer, producer, self._mask, limit)
         _U64.pack_into(self._consumer, 0, consumer)
         return records
 
@@ -76,6 +64,31 @@ class RingBuffer:
         self._data.release()
         self._producer.close()
         self._consumer.close()
+
+
+def take_records(
+    data: memoryview | bytes, consumer: int, producer: int, mask: int, limit: int
+) -> tuple[list[bytes], int]:
+    """The committed records between the two positions, and the new consumer position.
+
+    `data` is the data area mapped twice in a row, so a record that wraps past the
+    end reads contiguously. Stops at a record still being written (busy), since the
+    ones after it must wait their turn; skips discarded ones.
+    """
+    records: list[bytes] = []
+    unpack = _U32.unpack_from
+    # The kernel clears the busy bit with a release store after writing the record.
+    # On x86 (TSO, where this was tested) plain loads keep that order.
+    while consumer < producer and len(records) < limit:
+        at = consumer & mask
+        length = unpack(data, at)[0]
+        if length & BUSY_BIT:
+            break
+        size = length & ~(BUSY_BIT | DISCARD_BIT)
+        if not length & DISCARD_BIT:
+            records.append(bytes(data[at + HEADER_BYTES : at + HEADER_BYTES + size]))
+        consumer += (size + HEADER_BYTES + 7) & ~7
+    return records, consumer
 
 
 def ring_buffer_fd_size(fd: int) -> int:

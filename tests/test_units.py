@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from pgslowlog.config import parse_config
@@ -11,6 +13,7 @@ from pgslowlog.errors import UserError
 from pgslowlog.hookspecs import hookimpl
 from pgslowlog.plugin_manager import Plugins
 from pgslowlog.redaction import redact_literals, redact_parameters
+from pgslowlog.ringbuf import BUSY_BIT, DISCARD_BIT, take_records
 
 
 def record(
@@ -195,3 +198,38 @@ def test_redact_literals(text, redacted):
 def test_redact_parameters_keeps_count_and_nulls():
     assert redact_parameters(["alice", None, "\\x00ff"]) == ["<redacted>", None, "<redacted>"]
     assert redact_parameters(None) is None
+
+
+def ring(size: int, records: list[tuple[int, bytes]], start: int = 0) -> tuple[bytearray, int]:
+    """A ring buffer's data area as the kernel lays it out, mapped twice; records from
+    `start` as (flags, payload). Returns the area and the producer position."""
+    area = bytearray(size)
+    position = start
+    for flags, payload in records:
+        header = struct.pack("<II", len(payload) | flags, 0)
+        for offset, byte in enumerate(header + payload):
+            area[(position + offset) % size] = byte
+        position += (len(payload) + 8 + 7) & ~7
+    return area + area, position
+
+
+def test_ring_records_in_order_across_the_wrap_skipping_discarded():
+    payloads = [
+        (0, b"first"),
+        (DISCARD_BIT, b"thrown away"),
+        (0, b"wraps around the end"),
+        (0, b"x"),
+    ]
+    data, producer = ring(128, payloads, start=120)  # "first" crosses the end
+    records, consumer = take_records(memoryview(data), 120, producer, 127, 100)
+    assert records == [b"first", b"wraps around the end", b"x"]
+    assert consumer == producer
+
+
+def test_ring_stops_at_a_record_still_being_written():
+    data, producer = ring(256, [(0, b"done"), (BUSY_BIT, b"writing"), (0, b"after")])
+    records, consumer = take_records(data, 0, producer, 255, 100)
+    assert records == [b"done"]
+    assert consumer == 16  # the busy record and the one after it wait for the next look
+    records, consumer = take_records(data, 0, producer, 255, 1)
+    assert (records, consumer) == ([b"done"], 16)
