@@ -19,7 +19,7 @@ from types import FrameType
 import msgspec
 
 from pgslowlog.collector import Collector
-from pgslowlog.config import Config, load_config
+from pgslowlog.config import Config, TargetConfig, load_config
 from pgslowlog.dispatcher import Dispatcher
 from pgslowlog.elf import file_identity
 from pgslowlog.enrichment import Enricher
@@ -31,7 +31,7 @@ from pgslowlog.plugin_manager import Plugins
 from pgslowlog.probes import ProbeDefinition, select_probes, wanted_symbols
 from pgslowlog.sinks import CommonSinkOptions
 from pgslowlog.target_watch import WATCH_INTERVAL_S, WatchedTarget
-from pgslowlog.targets import Target, resolve_target
+from pgslowlog.targets import Target, resolve_target, target_name
 
 log = get_logger(__name__)
 LOSS_CHECK_INTERVAL_S = 10.0  # kernel loss counters are checked at least this often
@@ -74,19 +74,27 @@ class Plan:
     sink_options: dict[str, tuple[CommonSinkOptions, object]] = field(default_factory=dict)
 
 
-def plan(config: Config, plugins: Plugins, source: str) -> Plan:
+def resolve_with_probes(
+    target_config: TargetConfig, index: int, plugins: Plugins
+) -> tuple[Target, list[ProbeDefinition]]:
+    """One [[target]]: its binary inspected, and the probe definitions that attach to it."""
     wanted = wanted_symbols(plugins.probe_definitions.values())
+    target = resolve_target(target_config, index, wanted)
+    definitions = select_probes(
+        target_config.probes, plugins.probe_definitions, target.binary, target.label
+    )
+    return target, definitions
+
+
+def plan(config: Config, plugins: Plugins, source: str) -> Plan:
     chosen: list[tuple[Target, ProbeDefinition]] = []
     pending = []
     for index, target_config in enumerate(config.target):
         if target_config.binary is not None and file_identity(target_config.binary) is None:
             pending.append(index)
             continue
-        target = resolve_target(target_config, index, wanted)
-        for definition in select_probes(
-            target_config.probes, plugins.probe_definitions, target.binary, target.label
-        ):
-            chosen.append((target, definition))
+        target, definitions = resolve_with_probes(target_config, index, plugins)
+        chosen += [(target, definition) for definition in definitions]
     sink_options = {}
     for name, raw in config.sinks.items():
         sink_type = plugins.sink_types.get(name)
@@ -170,7 +178,7 @@ class Daemon:
         for index in the_plan.pending:
             log.warning(
                 "target_waiting",
-                target=config.target[index].name or f"target{index}",
+                target=target_name(config.target[index], index),
                 binary=config.target[index].binary,
                 action=f"attaching when the file appears (checked every {WATCH_INTERVAL_S:g} s)",
             )
@@ -213,7 +221,7 @@ class Daemon:
     def _check_binary_targets(self) -> None:
         """Attach to a binary that appeared or replaced the one the probes are on."""
         for watched in self._watched:
-            name = watched.config.name or f"target{watched.index}"
+            name = target_name(watched.config, watched.index)
             new_file = watched.change()
             if new_file is None:
                 gone = watched.attached is not None and file_identity(watched.path) is None
@@ -229,16 +237,8 @@ class Daemon:
                 continue
             watched.missing_logged = False
             try:
-                target = resolve_target(
-                    watched.config,
-                    watched.index,
-                    wanted_symbols(self.plugins.probe_definitions.values()),
-                )
-                definitions = select_probes(
-                    watched.config.probes,
-                    self.plugins.probe_definitions,
-                    target.binary,
-                    target.label,
+                target, definitions = resolve_with_probes(
+                    watched.config, watched.index, self.plugins
                 )
             except UserError as error:
                 watched.refused = new_file

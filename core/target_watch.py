@@ -9,7 +9,7 @@ when the file there is a different one, attaches to it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pgslowlog.config import TargetConfig
 from pgslowlog.elf import FileIdentity, file_identity
@@ -26,7 +26,6 @@ class WatchedTarget:
     attached: FileIdentity | None = None  # the file the probes are attached to
     refused: FileIdentity | None = None  # a file that could not be used: wait for the next
     missing_logged: bool = False
-    probe_indexes: list[int] = field(default_factory=list)
 
     @property
     def path(self) -> str:

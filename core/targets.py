@@ -70,4 +70,9 @@ def _same_file(a: str, b: str) -> bool:
 def resolve_target(config: TargetConfig, index: int, wanted_symbols: frozenset[str]) -> Target:
     path = resolve_binary_path(config, index)
     binary = inspect_binary(path, wanted_symbols, label=f"target[{index}] binary")
-    return Target(index=index, binary=binary, name=config.name or f"target{index}")
+    return Target(index=index, binary=binary, name=target_name(config, index))
+
+
+def target_name(config: TargetConfig, index: int) -> str:
+    """What events and logs call a [[target]]: its `name`, else target0, target1, ..."""
+    return config.name or f"target{index}"
