@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import importlib.util
 import os
 from importlib.resources import files
 from pathlib import Path
 
 from pgslowlog.compiler import KPROBE, RAW_TRACEPOINT, CompileError, compile_program
 from pgslowlog.config import DaemonConfig
-from pgslowlog.errors import UserError
 from pgslowlog.probes import OUTCOME_UPROBES, ProbeDefinition, Uprobe, Usdt
 from pgslowlog.ringbuf import RingBuffer, ring_buffer_fd_size
 from pgslowlog.targets import Target
@@ -35,16 +33,6 @@ EXIT_TRACEPOINT_FUNCTION = f"raw_tracepoint__{EXIT_TRACEPOINT}"
 LIBBCC_BPF = "libbcc_bpf.so.0"
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 SHARED_SOURCE = files("pgslowlog") / "bpf" / "slow_query.h"
-BCC_MISSING = (
-    "bcc's Python module is not importable",
-    "apt-get install python3-bpfcc libbpfcc, and create the venv with --system-site-packages",
-)
-
-
-def require_bcc() -> None:
-    """bcc must be importable by the compiler child; found here without loading LLVM."""
-    if importlib.util.find_spec("bcc") is None:
-        raise UserError(*BCC_MISSING)
 
 
 class _Libbcc:
@@ -157,7 +145,6 @@ class LoadedProbe:
     def __init__(self, definition: ProbeDefinition, target: Target, daemon: DaemonConfig) -> None:
         self.definition = definition
         self.target = target
-        require_bcc()
         functions = [(a.function, KPROBE) for a in self._attachments()]
         functions.append((EXIT_TRACEPOINT_FUNCTION, RAW_TRACEPOINT))
         try:
@@ -180,9 +167,6 @@ class LoadedProbe:
 
     def _attachments(self) -> list[Uprobe | Usdt]:
         return [*self.definition.attachments, *outcome_uprobes(self.target)]
-
-    def verify(self) -> None:
-        """Nothing left to do: the child loaded every function, so the verifier has run."""
 
     def attach(self) -> None:
         binary = self.target.binary

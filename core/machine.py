@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pgslowlog.errors import UserError
-from pgslowlog.loader import BCC_MISSING
 
+BCC_MISSING = (
+    "bcc's Python module is not importable",
+    "apt-get install python3-bpfcc libbpfcc, and create the venv with --system-site-packages",
+)
 CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38
 CAP_BPF = 39

@@ -41,7 +41,8 @@ def run_checks(config_path: str) -> list[Finding]:
     if all(finding.ok for finding in machine):
         for target, definition in the_plan.probes:
             try:
-                LoadedProbe(definition, target, config.daemon).verify()
+                # Loading runs the compiler and the kernel's verifier; nothing is attached.
+                LoadedProbe(definition, target, config.daemon).close()
             except ProbeLoadError as error:
                 findings.append(Finding(False, str(error)))
             else:
