@@ -199,6 +199,8 @@ class Daemon:
                 self._reload_requested = False
                 self._reload()
             self._check_binary_targets()
+            for loaded in self._loaded:
+                loaded.sync_clock()
             self._report_losses()
             if time.monotonic() >= next_sink_report:
                 log.info("health", **self._health())

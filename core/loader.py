@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import time
 from importlib.resources import files
 from pathlib import Path
 
@@ -26,6 +27,10 @@ from pgslowlog.targets import Target
 COUNTERS = ("statements", "emitted", "untracked", "ringbuf_full")  # enum counter
 # slow_query.h: the maps user space touches; "spill" takes what "events" refuses.
 MAPS = ["settings", "counters", "events", "spill"]
+# Indexes into the settings map (bpf/slow_query.h).
+SETTING_THRESHOLD = 0
+SETTING_REALTIME_OFFSET = 1
+SETTING_ATTACHED_REALTIME = 2
 RING_BUFFERS = ("events", "spill")
 # slow_query.h's RAW_TRACEPOINT_PROBE(sched_process_exit) names its function so.
 EXIT_TRACEPOINT = "sched_process_exit"
@@ -164,12 +169,15 @@ class LoadedProbe:
         self._tracepoint_fd: int | None = None
         self._cpus = possible_cpus()
         self.set_threshold_ns(round(daemon.threshold_ms * 1_000_000))
+        self.sync_clock()
 
     def _attachments(self) -> list[Uprobe | Usdt]:
         return [*self.definition.attachments, *outcome_uprobes(self.target)]
 
     def attach(self) -> None:
         binary = self.target.binary
+        # Statements that began before this are not this attach's to report.
+        self._set(SETTING_ATTACHED_REALTIME, time.clock_gettime_ns(time.CLOCK_REALTIME), "the time")
         # Backend exits first: a statement cut short by one is then never left behind.
         fd = libbcc().attach_raw_tracepoint(
             self._compiled.functions[EXIT_TRACEPOINT_FUNCTION], EXIT_TRACEPOINT.encode()
@@ -212,14 +220,23 @@ class LoadedProbe:
         return len(self._perf_fds)
 
     def set_threshold_ns(self, threshold_ns: int) -> None:
-        key, value = ctypes.c_uint32(0), ctypes.c_uint64(threshold_ns)
+        self._set(SETTING_THRESHOLD, threshold_ns, "the threshold")
+
+    def sync_clock(self) -> None:
+        """Tell the kernel CLOCK_REALTIME - CLOCK_MONOTONIC, for definitions that read
+        PostgreSQL's timestamps. Called again every few seconds: NTP moves it."""
+        offset = time.clock_gettime_ns(time.CLOCK_REALTIME) - time.monotonic_ns()
+        self._set(SETTING_REALTIME_OFFSET, offset, "the clock offset")
+
+    def _set(self, index: int, number: int, what: str) -> None:
+        key, value = ctypes.c_uint32(index), ctypes.c_uint64(number)
         if (
             libbcc().update_elem(
                 self._compiled.maps["settings"], ctypes.byref(key), ctypes.byref(value), 0
             )
             != 0
         ):
-            raise ProbeLoadError(f"setting the threshold failed: {os.strerror(ctypes.get_errno())}")
+            raise ProbeLoadError(f"setting {what} failed: {os.strerror(ctypes.get_errno())}")
 
     def counters(self) -> dict[str, int]:
         """The kernel's counters, summed over CPUs (a per-CPU array: one u64 per CPU)."""

@@ -73,6 +73,10 @@ def _no_cflags(binary: PostgresBinary) -> list[str]:
     return []
 
 
+def _no_requirement(binary: PostgresBinary) -> str | None:
+    return None
+
+
 @dataclass(frozen=True)
 class ProbeDefinition:
     """A way of timing statements; its BPF source calls statement_begin/statement_end.
@@ -86,6 +90,12 @@ class ProbeDefinition:
         probe that misses some statement ends, whose stale entries would be misreported.
     extra_sources: other .c files put before `source`, to build on another
         definition's functions instead of copying them.
+    globals: exported globals the BPF code reads; their file addresses are in
+        binary.objects for `cflags`.
+    requirement: why a binary cannot take the definition beyond missing symbols
+        (for example an unknown struct layout), or None.
+    automatic: whether "auto" may pick it; off for a definition with trade-offs a
+        user should choose knowingly.
     """
 
     name: str
@@ -97,10 +107,15 @@ class ProbeDefinition:
     cflags: Callable[[PostgresBinary], list[str]] = field(default=_no_cflags, compare=False)
     report_backend_exit: bool = True
     extra_sources: tuple[Path, ...] = ()
+    globals: tuple[str, ...] = ()
+    requirement: Callable[[PostgresBinary], str | None] = field(
+        default=_no_requirement, compare=False
+    )
+    automatic: bool = True
 
     @property
     def symbols(self) -> set[str]:
-        return {a.symbol for a in self.attachments if isinstance(a, Uprobe)}
+        return {a.symbol for a in self.attachments if isinstance(a, Uprobe)} | set(self.globals)
 
     def unsupported_reason(self, binary: PostgresBinary) -> str | None:
         """None if the probe can attach to `binary`, else why not."""
@@ -118,7 +133,10 @@ class ProbeDefinition:
                     else "the function is inlined or absent in this build"
                 )
                 return f"no function {attachment.symbol} in {binary.path} ({why})"
-        return None
+        for name in self.globals:
+            if name not in binary.objects:
+                return f"no exported global {name} in {binary.path}"
+        return self.requirement(binary)
 
 
 def wanted_symbols(definitions: Iterable[ProbeDefinition]) -> frozenset[str]:
@@ -160,7 +178,8 @@ def _best_supported(
     available: dict[str, ProbeDefinition], binary: PostgresBinary, label: str
 ) -> ProbeDefinition:
     reasons = []
-    for definition in sorted(available.values(), key=lambda d: -d.priority):
+    automatic = [d for d in available.values() if d.automatic]
+    for definition in sorted(automatic, key=lambda d: -d.priority):
         reason = definition.unsupported_reason(binary)
         if reason is None:
             return definition

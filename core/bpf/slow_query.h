@@ -68,9 +68,11 @@ struct slow_query {
     /* Kept in the kernel, never sent: */
     u64 load_bias;          /* where the binary is mapped in this backend */
     u32 running_reports;    /* statement starts seen for this statement */
-    u8 cancel_requested;    /* SIGINT arrived while it ran */
+    u8 cancel_requested;    /* SIGINT arrived since the statement began (or the last end) */
     u8 in_flight;           /* a statement is running: begun, not yet ended */
     u8 announced;           /* user space was sent RECORD_BACKEND_STARTED for this backend */
+    u8 abort_seen;          /* an ERROR was recovered from since the last statement end */
+    s64 last_start_us;      /* definitions that read PostgreSQL's timestamps: the last seen */
 };
 
 #define BIND_NAME_BYTES 64      /* NAMEDATALEN */
@@ -105,8 +107,16 @@ enum counter {
 BPF_TASK_STORAGE(backend_statements, struct slow_query);
 /* The last Bind message of each backend, until its statement ends. */
 BPF_TASK_STORAGE(backend_binds, struct bind_record);
-/* [0] = threshold in ns. A map, not a cflag, so SIGHUP changes it without re-attaching. */
-BPF_ARRAY(settings, u64, 1);
+/*
+ * [0] = threshold in ns. A map, not a cflag, so SIGHUP changes it without re-attaching.
+ * [1] = CLOCK_REALTIME - CLOCK_MONOTONIC in ns, kept current by user space: for
+ *       definitions that compare the kernel's clock with PostgreSQL's timestamps.
+ * [2] = CLOCK_REALTIME ns when the probes were attached.
+ */
+#define SETTING_THRESHOLD 0
+#define SETTING_REALTIME_OFFSET 1
+#define SETTING_ATTACHED_REALTIME 2
+BPF_ARRAY(settings, u64, 3);
 BPF_PERCPU_ARRAY(counters, u64, COUNTER_COUNT);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 /* Where a record goes when `events` refuses it: see ring_output(). 256 KiB. */
@@ -321,38 +331,59 @@ static __always_inline void emit_bind(u32 pid, u64 start_ns)
         count(COUNTER_RINGBUF_FULL);
 }
 
+static __always_inline u64 setting(int which)
+{
+    u64 *value = settings.lookup(&which);
+    return value ? *value : 0;
+}
+
+static __always_inline int over_threshold(u64 duration_ns)
+{
+    int which = SETTING_THRESHOLD;
+    u64 *threshold = settings.lookup(&which);
+    return threshold && duration_ns >= *threshold;
+}
+
+/*
+ * Send a statement that reached the threshold: header->start_ns, query and
+ * query_len are filled in by the caller. `read_memory` is 0 when the backend's
+ * memory may already be gone (an exiting process).
+ */
+static __always_inline void emit_statement(struct slow_query *record, u64 duration_ns,
+                                           int backend_exited, int read_memory)
+{
+    struct record_header *header = &record->header;
+    header->duration_ns = duration_ns;
+    header->backend_exited = backend_exited;
+    if (header->protocol == PROTOCOL_UNKNOWN && record->running_reports > 0)
+        /* parse+bind+execute, or bind+execute, report RUNNING more than once */
+        header->protocol = record->running_reports > 1 ? PROTOCOL_EXTENDED : PROTOCOL_SIMPLE;
+    if (read_memory)
+        read_application_name(record);
+    emit_bind(header->pid, header->start_ns);  /* first: user space pairs it with what follows */
+    /* Send only the header and the text that is there, not the whole buffer. */
+    u64 size = sizeof(struct record_header) + header->query_len;
+    /* The barriers keep clang from clamping a copy the verifier cannot see. */
+    asm volatile("" : "+r"(size));
+    if (size > sizeof(struct record_header) + QUERY_MAX_BYTES + 1)
+        size = sizeof(struct record_header) + QUERY_MAX_BYTES + 1;
+    asm volatile("" : "+r"(size));
+    if (ring_output(record, size, wakeup_flags(0)) != 0)
+        count(COUNTER_RINGBUF_FULL);
+    else
+        count(COUNTER_EMITTED);
+}
+
 /* Stop timing; only a statement at or over the threshold leaves the kernel. */
 static __always_inline int statement_end(int backend_exited)
 {
     struct slow_query *record = statement_in_flight();
     if (!record)
         return 0;
-    u32 pid = current_pid();
-    struct record_header *header = &record->header;
-    u64 duration = bpf_ktime_get_ns() - header->start_ns;
-    int zero = 0;
-    u64 *threshold = settings.lookup(&zero);
-    if (threshold && duration >= *threshold) {
-        header->duration_ns = duration;
-        header->backend_exited = backend_exited;
-        if (header->protocol == PROTOCOL_UNKNOWN)
-            /* parse+bind+execute, or bind+execute, report RUNNING more than once */
-            header->protocol = record->running_reports > 1 ? PROTOCOL_EXTENDED : PROTOCOL_SIMPLE;
-        if (!backend_exited)  /* an exiting process's memory is being torn down */
-            read_application_name(record);
-        emit_bind(pid, header->start_ns);  /* first: user space pairs it with what follows */
-        /* Send only the header and the text that is there, not the whole buffer. */
-        u64 size = sizeof(struct record_header) + header->query_len;
-        /* The barriers keep clang from clamping a copy the verifier cannot see. */
-        asm volatile("" : "+r"(size));
-        if (size > sizeof(struct record_header) + QUERY_MAX_BYTES + 1)
-            size = sizeof(struct record_header) + QUERY_MAX_BYTES + 1;
-        asm volatile("" : "+r"(size));
-        if (ring_output(record, size, wakeup_flags(0)) != 0)
-            count(COUNTER_RINGBUF_FULL);
-        else
-            count(COUNTER_EMITTED);
-    }
+    u64 duration = bpf_ktime_get_ns() - record->header.start_ns;
+    if (over_threshold(duration))
+        /* an exiting process's memory is being torn down: do not read it */
+        emit_statement(record, duration, backend_exited, !backend_exited);
     record->in_flight = 0;
     forget_bind();
     return 0;
@@ -367,7 +398,8 @@ static __always_inline int statement_end(int backend_exited)
  */
 int on_cancel_request(struct pt_regs *ctx)
 {
-    struct slow_query *record = statement_in_flight();
+    /* Not only in flight: a definition that times statements at their end asks later. */
+    struct slow_query *record = backend_state(0);
     if (record)
         record->cancel_requested = 1;
     return 0;
@@ -375,6 +407,9 @@ int on_cancel_request(struct pt_regs *ctx)
 
 int on_transaction_abort(struct pt_regs *ctx)
 {
+    struct slow_query *state = backend_state(0);
+    if (state)
+        state->abort_seen = 1;  /* for a definition that learns of the statement at its end */
     struct slow_query *record = statement_in_flight();
     if (!record) {
         forget_bind();  /* a Bind that failed before its statement began */
