@@ -112,13 +112,15 @@ def process_figures(pid: int) -> tuple[float, float]:
 
 
 @contextmanager
-def pgslowlog(cluster: Cluster, threshold_ms: float, figures: DaemonFigures) -> Iterator[Path]:
+def pgslowlog(
+    cluster: Cluster, threshold_ms: float, probe: str, figures: DaemonFigures
+) -> Iterator[Path]:
     directory = Path(tempfile.mkdtemp(prefix="pgslowlog-bench-"))
     log = directory / "slow.jsonl"
     config = directory / "pgslowlog.toml"
     config.write_text(
-        f'[daemon]\nthreshold_ms = {threshold_ms}\n\n[[target]]\nbinary = "{cluster.postgres}"\n\n'
-        f'[sinks.file]\npath = "{log}"\n'
+        f'[daemon]\nthreshold_ms = {threshold_ms}\n\n[[target]]\nbinary = "{cluster.postgres}"\n'
+        f'probes = ["{probe}"]\n\n[sinks.file]\npath = "{log}"\n'
     )
     started = time.monotonic()
     daemon = RunningDaemon(config)
@@ -136,7 +138,7 @@ def pgslowlog(cluster: Cluster, threshold_ms: float, figures: DaemonFigures) -> 
             kernel = next(iter(stopped["kernel_counters"].values()))
             written = len(log.read_text().splitlines()) if log.exists() else 0
             figures.threshold0.append(
-                f"emitted {kernel['emitted']}, written {written}, "
+                f"({probe}): emitted {kernel['emitted']}, written {written}, "
                 f"lost in kernel {kernel['ringbuf_full']} (ring buffer full) + "
                 f"{kernel['untracked']} (untracked), "
                 f"sink drops {stopped['sinks']['file']['dropped']}, "
@@ -191,8 +193,11 @@ def run_condition(
         with bare_uprobe(cluster):
             return window_tps(pgbench(cluster, options, seconds).communicate()[0], WARMUP_S), ""
     if name.startswith("pgslowlog"):
-        threshold = float(name.split()[-1].removesuffix("ms"))
-        with pgslowlog(cluster, threshold, figures):
+        # "pgslowlog 200ms" (the default probe) or "pgslowlog backend_status 200ms"
+        words = name.split()
+        threshold = float(words[-1].removesuffix("ms"))
+        probe = words[1] if len(words) == 3 else "auto"
+        with pgslowlog(cluster, threshold, probe, figures):
             output = pgbench(cluster, options, seconds).communicate()[0]
         return window_tps(output, WARMUP_S), f"{transactions(output)} transactions"
     if name.startswith("log_min_duration_statement"):
@@ -230,7 +235,7 @@ def run_dbslower(cluster: Cluster, options: list[str], seconds: int) -> tuple[fl
 def latency(cluster: Cluster, figures: DaemonFigures, statements: int = 40) -> list[float]:
     """Milliseconds from a slow statement's end to its line in the file sink."""
     arrivals: dict[str, float] = {}
-    with pgslowlog(cluster, 100, figures) as log:
+    with pgslowlog(cluster, 100, "auto", figures) as log:
         stop = threading.Event()
 
         def watch() -> None:
@@ -264,6 +269,8 @@ CONDITIONS: list[str] = [
     "bare uprobe",
     "pgslowlog 200ms",
     "pgslowlog 0ms",
+    "pgslowlog backend_status 200ms",
+    "pgslowlog backend_status 0ms",
     "log_min_duration_statement 200",
     "log_min_duration_statement 0",
     "dbslower 200ms",
@@ -341,7 +348,7 @@ def main() -> int:
             )
     print()
     for line in figures.threshold0:
-        print(f"- threshold 0 run: {line}")
+        print(f"- threshold 0 run {line}")
     if latencies:
         p50 = latencies[len(latencies) // 2]
         p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]

@@ -20,6 +20,8 @@ CONDITIONS = [
     "bare uprobe",
     "pgslowlog 200ms",
     "pgslowlog 0ms",
+    "pgslowlog backend_status 200ms",
+    "pgslowlog backend_status 0ms",
     "log_min_duration_statement 200",
     "log_min_duration_statement 0",
     "dbslower 200ms",
@@ -50,15 +52,16 @@ def test_benchmark_runs_and_accounts_for_every_event():
     ]
     assert [row[2].strip() for row in rows] == CONDITIONS
     assert all(float(row[3].replace(",", "")) > 0 for row in rows), rows
-    counted = re.search(
-        r"threshold 0 run: emitted (\d+), written (\d+), lost in kernel (\d+) \(ring buffer "
-        r"full\) \+ (\d+) \(untracked\), sink drops (\d+), background processes left out (\d+)",
+    counted = re.findall(
+        r"threshold 0 run \((\w+)\): emitted (\d+), written (\d+), lost in kernel (\d+) \(ring "
+        r"buffer full\) \+ (\d+) \(untracked\), sink drops (\d+), background processes left "
+        r"out (\d+)",
         result.stdout,
     )
-    assert counted, result.stdout
-    emitted, written, _full, _untracked, drops, background = map(int, counted.groups())
-    assert emitted > 1000
-    assert (
-        written + drops + background == emitted
-    )  # every event the kernel sent is written or counted
+    assert [probe for probe, *_ in counted] == ["auto", "backend_status"], result.stdout
+    for _probe, *figures in counted:
+        emitted, written, _full, _untracked, drops, background = map(int, figures)
+        assert emitted > 1000
+        # every event the kernel sent is written or counted
+        assert written + drops + background == emitted
     assert re.search(r"statement end to file sink: p50 [\d.]+ ms, p99 [\d.]+ ms", result.stdout)
