@@ -71,7 +71,8 @@ BAD_CONFIGS = {
     ),
     "unknown probe": (
         GOOD.replace(f'binary = "{PG15}"', f'binary = "{PG15}"\nprobes = ["nosuch"]'),
-        "unknown probe 'nosuch'; use one of auto, activity, backend_status, extended, simple_query, usdt, utility",
+        "unknown probe 'nosuch'; use one of auto, activity, backend_status, extended, "
+        "simple_query, usdt, utility",
     ),
     "negative threshold": (
         GOOD.replace("threshold_ms = 200", "threshold_ms = -5"),
