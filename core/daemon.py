@@ -55,6 +55,11 @@ LOSS_COUNTERS = {
         "no kernel memory for a backend's statement state",
         "look for memory pressure in the kernel log",
     ),
+    "unrecorded": (
+        "statements_unrecorded",
+        "track_activities is off, so PostgreSQL kept no record for the probe to read",
+        "turn track_activities on, or use the activity probe",
+    ),
     "ringbuf_full": (
         "slow_statements_dropped",
         "ring buffer full",
@@ -384,7 +389,7 @@ class Daemon:
             entry["statements"] += counters["statements"]
             entry["slow_events"] += counters["emitted"]
             entry["lost"] += counters["ringbuf_full"]
-            entry["untracked"] += counters["untracked"]
+            entry["untracked"] += counters["untracked"] + counters["unrecorded"]
         return targets
 
     def _health(self) -> dict[str, object]:

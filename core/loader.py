@@ -24,7 +24,7 @@ from pgslowlog.probes import OUTCOME_UPROBES, ProbeDefinition, Uprobe, Usdt
 from pgslowlog.ringbuf import RingBuffer, ring_buffer_fd_size
 from pgslowlog.targets import Target
 
-COUNTERS = ("statements", "emitted", "untracked", "ringbuf_full")  # enum counter
+COUNTERS = ("statements", "emitted", "untracked", "ringbuf_full", "unrecorded")  # enum counter
 # slow_query.h: the maps user space touches; "spill" takes what "events" refuses.
 MAPS = ["settings", "counters", "events", "spill"]
 # Indexes into the settings map (bpf/slow_query.h).

@@ -55,13 +55,7 @@ static __always_inline void read_text(struct slow_query *record, const char *ent
     record->query[0] = 0;
     if (bpf_probe_read_user(&text, sizeof(text), entry + OFFSET_ACTIVITY_RAW) || !text)
         return;
-    long copied = bpf_probe_read_user_str(record->query, sizeof(record->query), text);
-    header->query_len = copied > 0 ? copied - 1 : 0;
-    if (copied == sizeof(record->query)) {
-        char next = 0;
-        bpf_probe_read_user(&next, 1, text + QUERY_MAX_BYTES);
-        header->query_truncated = next != 0;
-    }
+    read_query_text(record, text);
     /* As long as PostgreSQL's buffer allows: it may have been cut there. */
     bpf_probe_read_user(&query_size, sizeof(query_size),
                         (void *)(record->load_bias + QUERY_SIZE_VADDR));
@@ -129,16 +123,17 @@ int on_ready_for_query(struct pt_regs *ctx)
         s64 activity_start;
         s64 state_start;
     } stamps = {};
-    int state = 0;
-    if (bpf_probe_read_user(&stamps, sizeof(stamps), entry + OFFSET_ACTIVITY_START) ||
-        bpf_probe_read_user(&state, sizeof(state), entry + OFFSET_STATE))
+    if (bpf_probe_read_user(&stamps, sizeof(stamps), entry + OFFSET_ACTIVITY_START))
         return 0;
-    if (state == STATE_DISABLED) {
-        count(COUNTER_UNTRACKED);  /* track_activities = off: PostgreSQL keeps no record */
+    if (stamps.activity_start == 0) {
+        /* No statement yet, or track_activities = off: then PostgreSQL keeps no record. */
+        int state = 0;
+        if (bpf_probe_read_user(&state, sizeof(state), entry + OFFSET_STATE) == 0 &&
+            state == STATE_DISABLED)
+            count(COUNTER_UNRECORDED);
         return 0;
     }
-    if (first_sight && stamps.activity_start != 0 &&
-        realtime_ns(stamps.activity_start) < setting(SETTING_ATTACHED_REALTIME)) {
+    if (first_sight && realtime_ns(stamps.activity_start) < setting(SETTING_ATTACHED_REALTIME)) {
         /*
          * A backend that was there before the probes: its last statement began
          * before they attached (a cycle without a statement, such as a bare Sync,

@@ -108,6 +108,16 @@ def test_backend_connected_before_the_daemon(cluster, start_daemon):
     assert daemon.events("/* bs before attach */") == []
 
 
+def test_statements_postgresql_kept_no_record_of_are_counted(pg15, start_daemon):
+    daemon = start_daemon(pg15, probes=PROBE)
+    pg15.psql("set track_activities = off", "select pg_sleep(0.25) /* bs off */", check=True)
+    warning = daemon.process.wait_for_log("statements_unrecorded")
+    assert warning["count"] >= 1
+    assert warning["fix"] == "turn track_activities on, or use the activity probe"
+    assert daemon.stop() == 0
+    assert daemon.events("/* bs off */") == []
+
+
 def test_text_is_cut_where_postgresql_cut_it(cluster, start_daemon):
     daemon = start_daemon(cluster, probes=PROBE, query_max_bytes=4096)
     query = "select pg_sleep(0.25) /* bs long " + "x" * 2000 + " */"
@@ -119,7 +129,8 @@ def test_text_is_cut_where_postgresql_cut_it(cluster, start_daemon):
 
 
 def test_offered_where_the_layout_is_known_and_never_picked_by_auto():
-    binary = inspect_binary(str(DEBIAN_PG15 / "postgres"), wanted_symbols([BACKEND_STATUS]))
+    wanted = wanted_symbols([ACTIVITY, BACKEND_STATUS])
+    binary = inspect_binary(str(DEBIAN_PG15 / "postgres"), wanted)
     assert BACKEND_STATUS.unsupported_reason(binary) is None
     older = dataclasses.replace(binary, major=14)
     assert BACKEND_STATUS.unsupported_reason(older) == (

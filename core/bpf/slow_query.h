@@ -95,7 +95,8 @@ enum counter {
     COUNTER_EMITTED = 1,        /* slow statements sent to user space */
     COUNTER_UNTRACKED = 2,      /* a statement could not be tracked: no kernel memory */
     COUNTER_RINGBUF_FULL = 3,   /* a record was dropped: the ring buffer refused it twice */
-    COUNTER_COUNT = 4,
+    COUNTER_UNRECORDED = 4,     /* PostgreSQL kept no record to read (track_activities off) */
+    COUNTER_COUNT = 5,
 };
 
 /*
@@ -213,6 +214,21 @@ static __always_inline void notify_backend(u32 pid, u8 kind)
         count(COUNTER_RINGBUF_FULL);
 }
 
+/* Copy a statement's text into the record: query, query_len, query_truncated. */
+static __always_inline void read_query_text(struct slow_query *record, const char *text)
+{
+    struct record_header *header = &record->header;
+    long copied = bpf_probe_read_user_str(record->query, sizeof(record->query), text);
+    header->query_len = copied > 0 ? copied - 1 : 0;
+    header->query_truncated = 0;
+    if (copied == sizeof(record->query)) {
+        /* Exactly full: the text is longer than QUERY_MAX_BYTES only if more follows. */
+        char next = 0;
+        bpf_probe_read_user(&next, 1, text + QUERY_MAX_BYTES);
+        header->query_truncated = next != 0;
+    }
+}
+
 /*
  * Start timing a statement of the current backend. `anchor_vaddr` is the file
  * address of the probed function or USDT probe (VADDR_<name>): the difference to
@@ -253,14 +269,7 @@ static __always_inline int statement_begin(struct pt_regs *ctx, const char *text
     record->load_bias = (PT_REGS_IP(ctx) - anchor_vaddr) & ~PAGE_MASK_BITS;
     record->running_reports = 1;
     record->cancel_requested = 0;
-    long copied = bpf_probe_read_user_str(record->query, sizeof(record->query), text);
-    header->query_len = copied > 0 ? copied - 1 : 0;
-    if (copied == sizeof(record->query)) {
-        /* Exactly full: the text is longer than QUERY_MAX_BYTES only if more follows. */
-        char next = 0;
-        bpf_probe_read_user(&next, 1, text + QUERY_MAX_BYTES);
-        header->query_truncated = next != 0;
-    }
+    read_query_text(record, text);
     record->in_flight = 1;
     count(COUNTER_STATEMENTS);
     return 0;
