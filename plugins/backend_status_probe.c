@@ -72,8 +72,6 @@ static __always_inline void report(struct slow_query *record, const char *entry,
 {
     struct record_header *header = &record->header;
     u8 aborted = record->abort_seen, cancelled = record->cancel_requested;
-    record->abort_seen = 0;
-    record->cancel_requested = 0;
     if (start_us == 0 || start_us == record->last_start_us)
         return;  /* no statement since the last ready: an empty Sync, a failed Bind */
     record->last_start_us = start_us;
@@ -105,11 +103,16 @@ static __always_inline struct slow_query *backend_here(struct pt_regs *ctx, u64 
     return record;
 }
 
-int on_ready_for_query(struct pt_regs *ctx)
+/* The error and cancel flags the outcome probes left belong to this cycle only. */
+static __always_inline void forget_outcome(struct slow_query *record)
 {
-    struct slow_query *record = backend_here(ctx, VADDR_ReadyForQuery);
-    if (!record)
-        return 0;
+    record->abort_seen = 0;
+    record->cancel_requested = 0;
+}
+
+/* What one ReadyForQuery tells: the statement of the cycle that just ended, if any. */
+static __always_inline void ready(struct slow_query *record)
+{
     int first_sight = !record->announced;
     if (first_sight) {
         /* Ready for its first statement: the process title names user and database. */
@@ -118,20 +121,20 @@ int on_ready_for_query(struct pt_regs *ctx)
     }
     const char *entry = backend_entry(record);
     if (!entry)
-        return 0;
+        return;
     struct {
         s64 activity_start;
         s64 state_start;
     } stamps = {};
     if (bpf_probe_read_user(&stamps, sizeof(stamps), entry + OFFSET_ACTIVITY_START))
-        return 0;
+        return;
     if (stamps.activity_start == 0) {
         /* No statement yet, or track_activities = off: then PostgreSQL keeps no record. */
         int state = 0;
         if (bpf_probe_read_user(&state, sizeof(state), entry + OFFSET_STATE) == 0 &&
             state == STATE_DISABLED)
             count(COUNTER_UNRECORDED);
-        return 0;
+        return;
     }
     if (first_sight && realtime_ns(stamps.activity_start) < setting(SETTING_ATTACHED_REALTIME)) {
         /*
@@ -141,11 +144,18 @@ int on_ready_for_query(struct pt_regs *ctx)
          * definitions miss a statement that straddles the attach too.
          */
         record->last_start_us = stamps.activity_start;
-        record->abort_seen = 0;
-        record->cancel_requested = 0;
-        return 0;
+        return;
     }
     report(record, entry, stamps.activity_start, stamps.state_start, 0);
+}
+
+int on_ready_for_query(struct pt_regs *ctx)
+{
+    struct slow_query *record = backend_here(ctx, VADDR_ReadyForQuery);
+    if (!record)
+        return 0;
+    ready(record);
+    forget_outcome(record);
     return 0;
 }
 
