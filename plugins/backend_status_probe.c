@@ -84,6 +84,8 @@ static __always_inline void report(struct slow_query *record, const char *entry,
     header->kind = RECORD_STATEMENT;
     header->protocol = PROTOCOL;
     header->application_name[0] = 0;
+    /* A cancel that arrived while the backend was idle cancelled nothing. */
+    cancelled = cancelled && record->cancel_ns >= header->start_ns;
     header->outcome = exited || aborted ? (cancelled ? OUTCOME_CANCELLED : OUTCOME_ERROR)
                                         : OUTCOME_OK;
     record->running_reports = 0;  /* not seen: the protocol stays unknown */

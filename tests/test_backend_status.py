@@ -82,6 +82,16 @@ def test_failed_and_cancelled_statements(cluster, start_daemon):
     assert fine["outcome"] == "ok"
 
 
+def test_cancel_while_idle_does_not_label_the_next_error(cluster, start_daemon):
+    daemon = start_daemon(cluster, probes=PROBE)
+    with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+        cluster.psql(f"select pg_cancel_backend({conn.info.backend_pid})", check=True)
+        with pytest.raises(psycopg.errors.RaiseException):
+            conn.execute(FAILING.format(marker="bs error after idle cancel"))
+    (event,) = daemon.wait_for_events("/* bs error after idle cancel */", 1)
+    assert event["outcome"] == "error"
+
+
 def test_backend_terminated_mid_statement(cluster, start_daemon):
     daemon = start_daemon(cluster, probes=PROBE)
     with psycopg.connect(cluster.dsn(), autocommit=True) as victim:

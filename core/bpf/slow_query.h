@@ -73,6 +73,7 @@ struct slow_query {
     u8 announced;           /* user space was sent RECORD_BACKEND_STARTED for this backend */
     u8 abort_seen;          /* an ERROR was recovered from since the last statement end */
     s64 last_start_us;      /* definitions that read PostgreSQL's timestamps: the last seen */
+    u64 cancel_ns;          /* bpf_ktime_get_ns() of the last SIGINT */
 };
 
 #define BIND_NAME_BYTES 64      /* NAMEDATALEN */
@@ -409,8 +410,10 @@ int on_cancel_request(struct pt_regs *ctx)
 {
     /* Not only in flight: a definition that times statements at their end asks later. */
     struct slow_query *record = backend_state(0);
-    if (record)
+    if (record) {
         record->cancel_requested = 1;
+        record->cancel_ns = bpf_ktime_get_ns();
+    }
     return 0;
 }
 
