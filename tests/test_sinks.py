@@ -252,7 +252,15 @@ def test_sigterm_is_bounded_when_a_sink_hangs_and_others_lose_nothing(pg18, star
         assert time.monotonic() - started < 8  # 1 s budget + 1 s grace, not the 30 s timeout
     finally:
         hanging.stop()
-    stopped = daemon.process.wait_for_log("stopped")["sinks"]
+    stopped_line = daemon.process.wait_for_log("stopped")
+    # The per-target half of the health line: probes on, every statement counted.
+    assert set(health["targets"]) == set(stopped_line["targets"]) == {"target0"}
+    assert health["targets"]["target0"]["probes_attached"] >= 1
+    assert health["targets"]["target0"]["uprobes"] >= 1
+    target = stopped_line["targets"]["target0"]  # the totals, counted after detaching
+    assert target["slow_events"] >= 20 and target["statements"] >= target["slow_events"]
+    assert target["lost"] == target["untracked"] == 0
+    stopped = stopped_line["sinks"]
     assert (
         stopped["file"]["delivered"]
         == stopped["webhook"]["dropped"]
