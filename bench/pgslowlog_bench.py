@@ -40,6 +40,9 @@ WORKLOADS = {
     "select-only prepared": ["-S", "-M", "prepared"],
     "tpc-b simple": ["-M", "simple"],
 }
+# Statements a pgbench transaction sends: -S one SELECT; TPC-B BEGIN, 3 UPDATEs, a SELECT,
+# an INSERT and END.
+STATEMENTS_PER_TRANSACTION = {"select-only simple": 1, "select-only prepared": 1, "tpc-b simple": 7}
 CLIENTS = 2
 ACTIVITY_SYMBOL = "pgstat_report_activity"  # where the default probe definition attaches
 WARMUP_S = 2  # progress seconds left out at the start of a window
@@ -58,6 +61,8 @@ class DaemonFigures:
     peak_rss_mb: list[float] = field(default_factory=list)
     cpu_s: list[float] = field(default_factory=list)
     threshold0: list[str] = field(default_factory=list)
+    issued: int = 0  # statements pgbench completed in the current pgslowlog run
+    workload: str = ""  # and which workload it ran
 
 
 def socket_dsn(cluster: Cluster) -> str:
@@ -138,7 +143,8 @@ def pgslowlog(
             kernel = next(iter(stopped["kernel_counters"].values()))
             written = len(log.read_text().splitlines()) if log.exists() else 0
             figures.threshold0.append(
-                f"({probe}): emitted {kernel['emitted']}, written {written}, "
+                f"({probe}, {figures.workload}): pgbench issued {figures.issued}, "
+                f"emitted {kernel['emitted']}, written {written}, "
                 f"lost in kernel {kernel['ringbuf_full']} (ring buffer full) + "
                 f"{kernel['untracked']} (untracked), "
                 f"sink drops {stopped['sinks']['file']['dropped']}, "
@@ -183,9 +189,10 @@ def postgres_log(cluster: Cluster, threshold_ms: int) -> Iterator[None]:
 
 
 def run_condition(
-    cluster: Cluster, name: str, options: list[str], seconds: int, figures: DaemonFigures
+    cluster: Cluster, name: str, workload: str, seconds: int, figures: DaemonFigures
 ) -> tuple[float, str]:
     """TPS of one pgbench run under condition `name`, and a note."""
+    options = WORKLOADS[workload]
     if name == "no tracing":
         bench = pgbench(cluster, options, seconds)
         return window_tps(bench.communicate()[0], WARMUP_S), ""
@@ -199,6 +206,8 @@ def run_condition(
         probe = words[1] if len(words) == 3 else "auto"
         with pgslowlog(cluster, threshold, probe, figures):
             output = pgbench(cluster, options, seconds).communicate()[0]
+            figures.issued = transactions(output) * STATEMENTS_PER_TRANSACTION[workload]
+            figures.workload = workload
         return window_tps(output, WARMUP_S), f"{transactions(output)} transactions"
     if name.startswith("log_min_duration_statement"):
         with postgres_log(cluster, int(name.split()[-1])):
@@ -315,7 +324,7 @@ def main() -> int:
             for workload in arguments.workloads:
                 for condition in order:
                     tps, note = run_condition(
-                        cluster, condition, WORKLOADS[workload], arguments.seconds, figures
+                        cluster, condition, workload, arguments.seconds, figures
                     )
                     measured = results.setdefault((workload, condition), Measured())
                     measured.tps.append(tps)
@@ -349,6 +358,9 @@ def main() -> int:
     print()
     for line in figures.threshold0:
         print(f"- threshold 0 run {line}")
+    for (workload, condition), measured in results.items():
+        if condition.startswith("dbslower"):
+            print(f"- {condition}, {workload}: {', '.join(measured.notes)}")
     if latencies:
         p50 = latencies[len(latencies) // 2]
         p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
