@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -60,7 +61,8 @@ class DaemonFigures:
     startup_s: list[float] = field(default_factory=list)
     peak_rss_mb: list[float] = field(default_factory=list)
     cpu_s: list[float] = field(default_factory=list)
-    threshold0: list[str] = field(default_factory=list)
+    # (probe, workload) -> statements counted over its threshold-0 runs
+    threshold0: dict[tuple[str, str], Counter[str]] = field(default_factory=dict)
     issued: int = 0  # statements pgbench completed in the current pgslowlog run
     workload: str = ""  # and which workload it ran
 
@@ -142,13 +144,16 @@ def pgslowlog(
         if threshold_ms == 0:
             kernel = next(iter(stopped["kernel_counters"].values()))
             written = len(log.read_text().splitlines()) if log.exists() else 0
-            figures.threshold0.append(
-                f"({probe}, {figures.workload}): pgbench issued {figures.issued}, "
-                f"emitted {kernel['emitted']}, written {written}, "
-                f"lost in kernel {kernel['ringbuf_full']} (ring buffer full) + "
-                f"{kernel['untracked']} (untracked), "
-                f"sink drops {stopped['sinks']['file']['dropped']}, "
-                f"background processes left out {stopped['filtered_background']}"
+            totals = figures.threshold0.setdefault((probe, figures.workload), Counter())
+            totals.update(
+                runs=1,
+                issued=figures.issued,
+                emitted=kernel["emitted"],
+                written=written,
+                ringbuf_full=kernel["ringbuf_full"],
+                untracked=kernel["untracked"],
+                dropped=stopped["sinks"]["file"]["dropped"],
+                background=stopped["filtered_background"],
             )
         shutil.rmtree(directory)  # a threshold-0 run writes hundreds of MB
 
@@ -356,8 +361,13 @@ def main() -> int:
                 f"{min(runs) / base:.2f}-{max(runs) / base:.2f} |"
             )
     print()
-    for line in figures.threshold0:
-        print(f"- threshold 0 run {line}")
+    for (probe, workload), t in figures.threshold0.items():
+        print(
+            f"- threshold 0 ({probe}, {workload}), runs {t['runs']}: pgbench issued {t['issued']}, "
+            f"emitted {t['emitted']}, written {t['written']}, lost in kernel {t['ringbuf_full']} "
+            f"(ring buffer full) + {t['untracked']} (untracked), sink drops {t['dropped']}, "
+            f"background processes left out {t['background']}"
+        )
     for (workload, condition), measured in results.items():
         if condition.startswith("dbslower"):
             print(f"- {condition}, {workload}: {', '.join(measured.notes)}")

@@ -7,7 +7,6 @@ read is the backend's own pg_stat_activity row (PgBackendStatus).
 from __future__ import annotations
 
 import dataclasses
-import threading
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -90,21 +89,6 @@ def test_cancel_while_idle_does_not_label_the_next_error(cluster, start_daemon):
             conn.execute(FAILING.format(marker="bs error after idle cancel"))
     (event,) = daemon.wait_for_events("/* bs error after idle cancel */", 1)
     assert event["outcome"] == "error"
-
-
-def test_backend_terminated_mid_statement(cluster, start_daemon):
-    daemon = start_daemon(cluster, probes=PROBE)
-    with psycopg.connect(cluster.dsn(), autocommit=True) as victim:
-        pid = victim.info.backend_pid
-        killer = threading.Timer(0.4, cluster.psql, args=(f"select pg_terminate_backend({pid})",))
-        killer.start()
-        with pytest.raises(psycopg.OperationalError):
-            victim.execute("select pg_sleep(5) /* bs terminated */")
-        killer.join()
-    (event,) = daemon.wait_for_events("/* bs terminated */", 1)
-    assert event["pid"] == pid
-    assert (event["backend_exited"], event["outcome"]) == (True, "error")
-    assert 380 < event["duration_ms"] < 1000
 
 
 def test_backend_connected_before_the_daemon(cluster, start_daemon):

@@ -129,8 +129,10 @@ def test_sigterm_writes_every_event_and_exits_cleanly(cluster, start_daemon):
     assert stopped["sinks"]["file"]["delivered"] >= 5
 
 
-def test_backend_terminated_mid_statement_is_logged(cluster, start_daemon):
-    daemon = start_daemon(cluster)
+# backend_status learns of the statement from proc_exit, the others from the exit tracepoint.
+@pytest.mark.parametrize("probes", [["auto"], ["backend_status"]])
+def test_backend_terminated_mid_statement_is_logged(cluster, start_daemon, probes):
+    daemon = start_daemon(cluster, probes=probes)
     with psycopg.connect(cluster.dsn(), autocommit=True) as victim:
         pid = victim.info.backend_pid
         killer = threading.Timer(0.4, cluster.psql, args=(f"select pg_terminate_backend({pid})",))
