@@ -45,7 +45,12 @@ WORKLOADS = {
 # an INSERT and END.
 STATEMENTS_PER_TRANSACTION = {"select-only simple": 1, "select-only prepared": 1, "tpc-b simple": 7}
 CLIENTS = 2
-ACTIVITY_SYMBOL = "pgstat_report_activity"  # where the default probe definition attaches
+# Empty programs where the default (activity) and the one-trap (backend_status)
+# definitions trap: the floors their costs are read against.
+BARE_UPROBES = {
+    "bare uprobe": "pgstat_report_activity",
+    "bare uprobe ReadyForQuery": "ReadyForQuery",
+}
 WARMUP_S = 2  # progress seconds left out at the start of a window
 PROGRESS = re.compile(r"^progress: ([\d.]+) s, ([\d.]+) tps")
 
@@ -159,27 +164,40 @@ def pgslowlog(
 
 
 @contextmanager
-def bare_uprobe(cluster: Cluster) -> Iterator[None]:
-    """The floor of any uprobe-based tracer: an empty BPF program where pgslowlog probes.
+def bare_uprobe(cluster: Cluster, symbol: str) -> Iterator[None]:
+    """The floor of any tracer that traps at `symbol`: an empty BPF program there.
 
     Compiled in this process (the benchmark may load LLVM) and attached like the
     daemon attaches, so the difference to "pgslowlog 200ms" is pgslowlog's own work.
     """
     import bcc
 
-    binary = inspect_binary(str(cluster.postgres), frozenset({ACTIVITY_SYMBOL}))
+    binary = inspect_binary(str(cluster.postgres), frozenset({symbol}))
     program = bcc.BPF(text=b"int on(struct pt_regs *ctx) { return 0; }")
     function = program.load_func(b"on", bcc.BPF.KPROBE)
-    offset = binary.functions[ACTIVITY_SYMBOL].offset
+    offset = binary.functions[symbol].offset
     fd = libbcc().attach_uprobe(
         function.fd, 0, b"pgslowlog_bench", str(cluster.postgres).encode(), offset, -1, 0
     )
     if fd < 0:
-        raise RuntimeError("attaching the bare uprobe failed")
+        raise RuntimeError(f"attaching the bare uprobe on {symbol} failed")
     try:
         yield
     finally:
         libbcc().close_perf_event(fd)
+
+
+@contextmanager
+def bare_sched_switch() -> Iterator[None]:
+    """An empty program on every context switch: the floor of a tracer that reads each
+    backend's pg_stat_activity entry when it is switched out, instead of trapping."""
+    import bcc
+
+    program = bcc.BPF(text=b"RAW_TRACEPOINT_PROBE(sched_switch) { return 0; }")  # attaches
+    try:
+        yield
+    finally:
+        program.detach_raw_tracepoint(b"sched_switch")
 
 
 @contextmanager
@@ -201,8 +219,11 @@ def run_condition(
     if name == "no tracing":
         bench = pgbench(cluster, options, seconds)
         return window_tps(bench.communicate()[0], WARMUP_S), ""
-    if name == "bare uprobe":
-        with bare_uprobe(cluster):
+    if name in BARE_UPROBES:
+        with bare_uprobe(cluster, BARE_UPROBES[name]):
+            return window_tps(pgbench(cluster, options, seconds).communicate()[0], WARMUP_S), ""
+    if name == "bare sched_switch":
+        with bare_sched_switch():
             return window_tps(pgbench(cluster, options, seconds).communicate()[0], WARMUP_S), ""
     if name.startswith("pgslowlog"):
         # "pgslowlog 200ms" (the default probe) or "pgslowlog backend_status 200ms"
@@ -281,6 +302,8 @@ def latency(cluster: Cluster, figures: DaemonFigures, statements: int = 40) -> l
 CONDITIONS: list[str] = [
     "no tracing",
     "bare uprobe",
+    "bare uprobe ReadyForQuery",
+    "bare sched_switch",
     "pgslowlog 200ms",
     "pgslowlog 0ms",
     "pgslowlog backend_status 200ms",
