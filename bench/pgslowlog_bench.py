@@ -24,7 +24,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -68,8 +68,15 @@ class DaemonFigures:
     cpu_s: list[float] = field(default_factory=list)
     # (probe, workload) -> statements counted over its threshold-0 runs
     threshold0: dict[tuple[str, str], Counter[str]] = field(default_factory=dict)
-    issued: int = 0  # statements pgbench completed in the current pgslowlog run
-    workload: str = ""  # and which workload it ran
+
+
+@dataclass
+class DaemonRun:
+    """One pgslowlog run: where its file sink writes, and what pgbench sent meanwhile."""
+
+    log: Path
+    workload: str = ""
+    issued: int = 0  # statements pgbench completed
 
 
 def socket_dsn(cluster: Cluster) -> str:
@@ -125,10 +132,11 @@ def process_figures(pid: int) -> tuple[float, float]:
 
 @contextmanager
 def pgslowlog(
-    cluster: Cluster, threshold_ms: float, probe: str, figures: DaemonFigures
-) -> Iterator[Path]:
+    cluster: Cluster, threshold_ms: float, probe: str, figures: DaemonFigures, workload: str = ""
+) -> Iterator[DaemonRun]:
     directory = Path(tempfile.mkdtemp(prefix="pgslowlog-bench-"))
-    log = directory / "slow.jsonl"
+    run = DaemonRun(directory / "slow.jsonl", workload)
+    log = run.log
     config = directory / "pgslowlog.toml"
     config.write_text(
         f'[daemon]\nthreshold_ms = {threshold_ms}\n\n[[target]]\nbinary = "{cluster.postgres}"\n'
@@ -139,7 +147,7 @@ def pgslowlog(
     daemon.wait_for_log("ready")
     figures.startup_s.append(time.monotonic() - started)
     try:
-        yield log
+        yield run
     finally:
         rss, cpu = process_figures(daemon.process.pid)
         figures.peak_rss_mb.append(rss)
@@ -149,10 +157,10 @@ def pgslowlog(
         if threshold_ms == 0:
             kernel = next(iter(stopped["kernel_counters"].values()))
             written = len(log.read_text().splitlines()) if log.exists() else 0
-            totals = figures.threshold0.setdefault((probe, figures.workload), Counter())
+            totals = figures.threshold0.setdefault((probe, run.workload), Counter())
             totals.update(
                 runs=1,
-                issued=figures.issued,
+                issued=run.issued,
                 emitted=kernel["emitted"],
                 written=written,
                 ringbuf_full=kernel["ringbuf_full"],
@@ -211,34 +219,38 @@ def postgres_log(cluster: Cluster, threshold_ms: int) -> Iterator[None]:
         cluster.psql("select pg_reload_conf()", check=True)
 
 
+def plain_tracer(cluster: Cluster, name: str) -> AbstractContextManager[object]:
+    """What a condition without figures of its own runs pgbench under."""
+    if name == "no tracing":
+        return nullcontext()
+    if name in BARE_UPROBES:
+        return bare_uprobe(cluster, BARE_UPROBES[name])
+    if name == "bare sched_switch":
+        return bare_sched_switch()
+    if name.startswith("log_min_duration_statement"):
+        return postgres_log(cluster, int(name.split()[-1]))
+    raise ValueError(f"unknown condition {name!r}")
+
+
 def run_condition(
     cluster: Cluster, name: str, workload: str, seconds: int, figures: DaemonFigures
 ) -> tuple[float, str]:
     """TPS of one pgbench run under condition `name`, and a note."""
     options = WORKLOADS[workload]
-    if name == "no tracing":
-        bench = pgbench(cluster, options, seconds)
-        return window_tps(bench.communicate()[0], WARMUP_S), ""
-    if name in BARE_UPROBES:
-        with bare_uprobe(cluster, BARE_UPROBES[name]):
-            return window_tps(pgbench(cluster, options, seconds).communicate()[0], WARMUP_S), ""
-    if name == "bare sched_switch":
-        with bare_sched_switch():
-            return window_tps(pgbench(cluster, options, seconds).communicate()[0], WARMUP_S), ""
     if name.startswith("pgslowlog"):
         # "pgslowlog 200ms" (the default probe) or "pgslowlog backend_status 200ms"
         words = name.split()
         threshold = float(words[-1].removesuffix("ms"))
         probe = words[1] if len(words) == 3 else "auto"
-        with pgslowlog(cluster, threshold, probe, figures):
+        with pgslowlog(cluster, threshold, probe, figures, workload) as run:
             output = pgbench(cluster, options, seconds).communicate()[0]
-            figures.issued = transactions(output) * STATEMENTS_PER_TRANSACTION[workload]
-            figures.workload = workload
-        return window_tps(output, WARMUP_S), f"{transactions(output)} transactions"
-    if name.startswith("log_min_duration_statement"):
-        with postgres_log(cluster, int(name.split()[-1])):
-            return window_tps(pgbench(cluster, options, seconds).communicate()[0], WARMUP_S), ""
-    return run_dbslower(cluster, options, seconds)
+            completed = transactions(output)
+            run.issued = completed * STATEMENTS_PER_TRANSACTION[workload]
+        return window_tps(output, WARMUP_S), f"{completed} transactions"
+    if name.startswith("dbslower"):
+        return run_dbslower(cluster, options, seconds)
+    with plain_tracer(cluster, name):
+        return window_tps(pgbench(cluster, options, seconds).communicate()[0], WARMUP_S), ""
 
 
 def run_dbslower(cluster: Cluster, options: list[str], seconds: int) -> tuple[float, str]:
@@ -270,7 +282,8 @@ def run_dbslower(cluster: Cluster, options: list[str], seconds: int) -> tuple[fl
 def latency(cluster: Cluster, figures: DaemonFigures, statements: int = 40) -> list[float]:
     """Milliseconds from a slow statement's end to its line in the file sink."""
     arrivals: dict[str, float] = {}
-    with pgslowlog(cluster, 100, "auto", figures) as log:
+    with pgslowlog(cluster, 100, "auto", figures) as run:
+        log = run.log
         stop = threading.Event()
 
         def watch() -> None:
