@@ -104,6 +104,22 @@ def _headers_release(build: Path) -> str | None:
     return None
 
 
+# The ring-buffer reader (ringbuf.py) relies on x86's memory ordering, and the USDT
+# argument parser (plugins/usdt_probe.py) knows x86 register names only.
+SUPPORTED_ARCHITECTURES = ("x86_64",)
+
+
+def check_architecture(machine: str | None = None) -> Finding:
+    machine = machine or platform.machine()
+    if machine in SUPPORTED_ARCHITECTURES:
+        return Finding(True, f"architecture {machine} is supported")
+    return Finding(
+        False,
+        f"architecture {machine} is not supported yet (the ring-buffer reader relies on "
+        "x86's memory ordering, the USDT parser on x86 register names); run it on x86_64 hosts",
+    )
+
+
 def check_kernel() -> Finding:
     release = platform.release()
     match = re.match(r"(\d+)\.(\d+)", release)
@@ -135,6 +151,7 @@ def check_uprobe_attach() -> Finding:
 
 def machine_findings() -> list[Finding]:
     return [
+        check_architecture(),
         check_kernel(),
         check_privileges(),
         check_bcc(),
