@@ -13,9 +13,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pgslowlog.cluster import Cluster
 from pgslowlog.errors import UserError
-from pgslowlog.running_daemon import DaemonExited, RunningDaemon
+from pgslowlog.testing.cluster import Cluster
+from pgslowlog.testing.daemon_process import DaemonExited, RunningDaemon
 
 DEMO_EXTRA = "pip install 'pgslowlog[demo]'"
 

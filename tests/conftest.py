@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from pgslowlog.cluster import Cluster
+from pgslowlog.testing.cluster import Cluster
 from pgslowlog.demo import embedded_bindir
-from pgslowlog.running_daemon import RunningDaemon
+from pgslowlog.testing.daemon_process import RunningDaemon
 
 DEBIAN_PG15 = Path("/usr/lib/postgresql/15/bin")
 BINDIRS = {"pg15": DEBIAN_PG15, "pg18": embedded_bindir()}

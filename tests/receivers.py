@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pgslowlog.cluster import free_port
+from pgslowlog.testing.cluster import free_port
 
 RAW_FORMAT = "%app-name%|%procid%|%msgid%|%syslogfacility-text%|%syslogseverity-text%|%msg%\\n"
 

@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 from receivers import WebhookReceiver, start_rsyslog
 
-from pgslowlog.cluster import Cluster
+from pgslowlog.testing.cluster import Cluster
 from pgslowlog.demo import embedded_bindir
 
 pytestmark = pytest.mark.ebpf

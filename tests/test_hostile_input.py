@@ -8,7 +8,7 @@ import time
 import pytest
 from receivers import WebhookReceiver, start_rsyslog
 
-from pgslowlog.cluster import Cluster
+from pgslowlog.testing.cluster import Cluster
 
 QUERY_MAX_BYTES = 256
 # Bytes no UTF-8 database accepts (so a SQL_ASCII one), a terminal escape sequence,

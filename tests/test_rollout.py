@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pgslowlog.cluster import free_port
+from pgslowlog.testing.cluster import free_port
 
 pytestmark = pytest.mark.ebpf
 

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from receivers import WebhookReceiver, start_rsyslog
 
-from pgslowlog.cluster import free_port
+from pgslowlog.testing.cluster import free_port
 from pgslowlog.event import SlowQuery
 from pgslowlog.plugins.syslog_sink import SyslogOptions, SyslogSink, fit_event
 
