@@ -1,7 +1,7 @@
-"""Drains one probe's ring buffer in its own thread: decode, enrich, dispatch.
+"""Drains one source's records in its own thread: decode, enrich, dispatch.
 
-Records come in batches (ringbuf.py takes everything committed at each look), and
-the batch's events reach the dispatcher in one hand-over: at threshold 0 every
+Records come in batches (a ring buffer gives everything committed at each look),
+and the batch's events reach the dispatcher in one hand-over: at threshold 0 every
 statement is a record, and per-record locking and wake-ups cost PostgreSQL's CPU.
 """
 
@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
-from pgslowlog.decoder import BackendNotice, DecodeError, RawStatement, decode
+from pgslowlog.decoder import BackendNotice, DecodeError, RawStatement
 from pgslowlog.dispatcher import Dispatcher
 from pgslowlog.enrichment import Enricher
-from pgslowlog.loader import LoadedProbe
 from pgslowlog.log import get_logger
+from pgslowlog.sources import RecordReader
 
 log = get_logger(__name__)
 # How often the reader looks without being woken: the kernel wakes it only when
@@ -26,53 +27,49 @@ BATCH_RECORDS = 4096  # records handled per hand-over: bounds the memory of a bu
 class Collector(threading.Thread):
     def __init__(
         self,
-        probe: LoadedProbe,
+        name: str,
+        reader: RecordReader,
         enricher: Enricher,
         dispatcher: Dispatcher,
         on_failure: Callable[[str], None],
     ) -> None:
-        super().__init__(
-            name=f"collector-{probe.definition.name}-{probe.target.index}", daemon=True
-        )
-        self.probe = probe
+        super().__init__(name=f"collector-{name}", daemon=True)
+        self.source_name = name
+        self.reader = reader
         self.enricher = enricher
         self.dispatcher = dispatcher
         self.on_failure = on_failure
         self.undecodable = 0
         self.failed_records = 0
         self._stop_requested = threading.Event()
-        # The main ring buffer wakes us; the spill one (records the main one refused,
-        # rare) is read at every look.
-        self._rings = probe.ring_buffers()
 
     def run(self) -> None:
         try:
             while not self._stop_requested.is_set():
-                self._rings[0].wait(POLL_INTERVAL_MS)
+                self.reader.wait(POLL_INTERVAL_MS)
                 self._drain()
-            # The probes are detached by now: take what is left in the ring buffers.
+            # The source is detached by now: take what it still holds.
             self._drain()
         except Exception as error:
-            # No more events would flow for this probe: the daemon must not go on as if.
-            log.exception("collector_failed", probe=self.probe.definition.name)
-            self.on_failure(f"collector of {self.probe.definition.name} failed: {error}")
+            # No more events would flow from this source: the daemon must not go on as if.
+            log.exception("collector_failed", source=self.source_name)
+            self.on_failure(f"collector of {self.source_name} failed: {error}")
         finally:
-            for ring in self._rings:
-                ring.close()
+            self.reader.close()
 
     def stop(self) -> None:
         self._stop_requested.set()
 
     def _drain(self) -> None:
-        for ring in self._rings:
-            while records := ring.read(BATCH_RECORDS):
-                self._handle_batch(records)
-                if len(records) < BATCH_RECORDS:
-                    break
+        while records := self.reader.read(BATCH_RECORDS):
+            self.handle_batch(records)
+            if len(records) < BATCH_RECORDS:
+                break
 
-    def _handle_batch(self, records: list[bytes]) -> None:
+    def handle_batch(self, records: list[Any]) -> None:
         self.enricher.sync_clock()
         enrich = self.enricher.enrich
+        decode = self.reader.decode
         events = []
         for record in records:
             try:
@@ -87,10 +84,10 @@ class Collector(threading.Thread):
                     self.enricher.note_bind(raw)
             except DecodeError as error:
                 self.undecodable += 1
-                log.error("undecodable_record", error=str(error))
+                log.error("undecodable_record", source=self.source_name, error=str(error))
             except Exception:
                 # A bug in one record's handling must not stop the stream.
                 self.failed_records += 1
-                log.exception("record_failed", probe=self.probe.definition.name)
+                log.exception("record_failed", source=self.source_name)
         if events:
             self.dispatcher.dispatch_many(events)

@@ -65,6 +65,9 @@ class BindMessage(msgspec.Struct, frozen=True):
     complete: bool  # every value is in `params`
 
 
+# What a record decodes to, whatever its source.
+Record = RawStatement | BackendNotice | BindMessage
+
 _STATEMENT = RecordKind.STATEMENT.value  # plain ints: compared once per record
 _BIND = RecordKind.BIND.value
 # Raw application_name field -> text. Few distinct names, one per statement: cached.
@@ -72,7 +75,7 @@ _names: dict[bytes, str] = {}
 _NAMES_CACHED = 1024
 
 
-def decode(record: bytes) -> RawStatement | BackendNotice | BindMessage:
+def decode(record: bytes) -> Record:
     if len(record) < HEADER.size:
         raise DecodeError(f"record of {len(record)} bytes is shorter than the header")
     (start_ns, duration_ns, pid, query_len, truncated, exited, kind, outcome, protocol, name) = (

@@ -9,13 +9,13 @@ from the `.note.stapsdt` notes of a build made with --enable-dtrace.
 
 from __future__ import annotations
 
-import functools
 import mmap
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import BinaryIO
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
@@ -88,32 +88,108 @@ def file_identity(path: str) -> FileIdentity | None:
         status = os.stat(path)
     except OSError:
         return None
+    return _identity(status)
+
+
+def _identity(status: os.stat_result) -> FileIdentity:
     return FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
 
 
-def inspect_binary(path: str, wanted: frozenset[str], label: str = "binary") -> PostgresBinary:
+class BinaryFile:
+    """A binary opened once: read, identified and attached to through the same open file.
+
+    Between reading a binary's symbols and attaching uprobes at their offsets lies a
+    compile of a second or more. A package upgrade that renames a new file over the
+    path in that window must not receive the old file's offsets (an int3 in the
+    middle of one of its instructions), so uprobes are attached by `attach_path`,
+    the kernel's name for this open file, never by the path again.
+    """
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+        self.identity = _identity(os.fstat(fd))
+
+    @property
+    def attach_path(self) -> str:
+        """A path the kernel resolves to this very file, whatever the path holds now."""
+        if self._fd is None:
+            raise ValueError(f"{self.path} was closed before it was attached to")
+        return f"/proc/{os.getpid()}/fd/{self._fd}"
+
+    def reader(self) -> BinaryIO:
+        """A separate handle on the same open file, for the ELF parser."""
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        return os.fdopen(os.dup(self._fd), "rb")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> BinaryFile:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def open_binary(
+    path: str, wanted: frozenset[str], label: str = "binary"
+) -> tuple[BinaryFile, PostgresBinary]:
     """Open `path`, check that it is a PostgreSQL server, find the `wanted` symbols.
 
-    Cached per file, not per path: reading a full symbol table takes most of a second
-    and `check` asks twice, but a replaced binary must be read again.
+    The caller owns the open file: attach through it (BinaryFile.attach_path), then
+    close it.
     """
-    return _inspect_binary(path, wanted, label, file_identity(path))
-
-
-@functools.lru_cache(maxsize=32)
-def _inspect_binary(
-    path: str, wanted: frozenset[str], label: str, _identity: FileIdentity | None
-) -> PostgresBinary:
-    file_path = Path(path)
-    if not file_path.exists():
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
         raise UserError(
             f"{label} {path} does not exist",
             f"point it at the postgres server binary, for example {_EXAMPLE_BINARY}",
-        )
-    if not file_path.is_file():
-        raise UserError(f"{label} {path} is not a file", "point it at the postgres server binary")
+        ) from None
+    except PermissionError:
+        raise UserError(f"{label} {path} is not readable", "run as root") from None
+    except OSError as error:
+        raise UserError(
+            f"{label} {path} cannot be opened ({error.strerror})",
+            "point it at the postgres server binary",
+        ) from None
+    binary_file = BinaryFile(path, fd)
     try:
-        with file_path.open("rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(
+                f"{label} {path} is not a file", "point it at the postgres server binary"
+            )
+        return binary_file, _inspect_binary(path, wanted, label, binary_file)
+    except BaseException:
+        binary_file.close()
+        raise
+
+
+def inspect_binary(path: str, wanted: frozenset[str], label: str = "binary") -> PostgresBinary:
+    """What `open_binary` finds, for a caller that attaches nothing (check, probes)."""
+    binary_file, binary = open_binary(path, wanted, label)
+    binary_file.close()
+    return binary
+
+
+_cache: dict[tuple[str, frozenset[str], FileIdentity], PostgresBinary] = {}
+_CACHED = 32
+
+
+def _inspect_binary(
+    path: str, wanted: frozenset[str], label: str, binary_file: BinaryFile
+) -> PostgresBinary:
+    """Cached per file, not per path: reading a full symbol table takes most of a second
+    and `check` asks twice, but a replaced binary (another identity) is read again."""
+    key = (path, wanted, binary_file.identity)
+    if (cached := _cache.get(key)) is not None:
+        return cached
+    try:
+        with binary_file.reader() as handle:
             elf = ELFFile(handle)
             functions, objects, has_symtab = _symbols(elf, wanted | {_SERVER_MARKER})
             usdt = _usdt_probes(elf)
@@ -121,20 +197,19 @@ def _inspect_binary(
                 match = _VERSION.search(data)
                 # Copy the groups out while the mapping is open.
                 version_groups = (match.group(1), match.group(2) or b"") if match else None
-    except ELFError:
+    except (ELFError, ValueError, struct.error):
+        # ValueError: mmap of an empty file; struct.error: a truncated ELF header
         raise UserError(
             f"{label} {path} is not an ELF executable",
             f"point it at the postgres server binary, for example {_EXAMPLE_BINARY}",
         ) from None
-    except PermissionError:
-        raise UserError(f"{label} {path} is not readable", "run as root") from None
     if _SERVER_MARKER not in functions or version_groups is None:
         raise UserError(
             f"{label} {path} is not a PostgreSQL server binary (no PostgresMain)",
             f"point it at the postgres server binary, for example {_EXAMPLE_BINARY}",
         )
     functions.pop(_SERVER_MARKER)
-    return PostgresBinary(
+    binary = PostgresBinary(
         path=path,
         version=(version_groups[0] + version_groups[1]).decode(),
         major=int(version_groups[0]),
@@ -143,6 +218,10 @@ def _inspect_binary(
         objects=objects,
         usdt=usdt,
     )
+    if len(_cache) >= _CACHED:
+        del _cache[next(iter(_cache))]
+    _cache[key] = binary
+    return binary
 
 
 def _symbols(elf: ELFFile, wanted: set[str]) -> tuple[dict[str, Function], dict[str, int], bool]:

@@ -102,11 +102,15 @@ class Enricher:
         self._max_cached = 2 * max_backends
 
     def note_bind(self, bind: BindMessage) -> None:
+        self._binds.pop(bind.pid, None)
         self._binds[bind.pid] = bind
+        if len(self._binds) > self._max_cached:  # exit notices lost too: forget the oldest
+            del self._binds[next(iter(self._binds))]
 
     def note(self, notice: BackendNotice) -> None:
         if notice.kind == RecordKind.BACKEND_EXITED:
             self._backends.pop(notice.pid, None)
+            self._binds.pop(notice.pid, None)  # a Bind whose statement never came
         else:
             self._lookup(notice.pid, refresh=True)
 

@@ -20,11 +20,12 @@ from pathlib import Path
 
 from pgslowlog.compiler import KPROBE, RAW_TRACEPOINT, CompileError, compile_program
 from pgslowlog.config import DaemonConfig
+from pgslowlog.decoder import Record, decode
 from pgslowlog.probes import OUTCOME_UPROBES, ProbeDefinition, Uprobe, Usdt
 from pgslowlog.ringbuf import RingBuffer, ring_buffer_fd_size
+from pgslowlog.sources import COUNTERS, ProbeLoadError
 from pgslowlog.targets import Target
 
-COUNTERS = ("statements", "emitted", "untracked", "ringbuf_full", "unrecorded")  # enum counter
 # slow_query.h: the maps user space touches; "spill" takes what "events" refuses.
 MAPS = ["settings", "counters", "events", "spill"]
 # Indexes into the settings map (bpf/slow_query.h).
@@ -99,16 +100,13 @@ def possible_cpus() -> int:
     return count
 
 
-class ProbeLoadError(Exception):
-    """The kernel or the compiler refused a probe: not a config mistake."""
-
-
 def program_text(definition: ProbeDefinition) -> bytes:
     """The shared part, then the probe's own files: one translation unit for bcc.
 
     bcc rewrites map calls only in the main file, so the shared code cannot be an
     #include. The #line directives keep compiler messages pointing at the real files.
     """
+    assert definition.source is not None  # sources.open_source sends only BPF definitions
     parts = [SHARED_SOURCE, *definition.extra_sources, definition.source]
     return "\n".join(f'#line 1 "{path}"\n{path.read_text()}' for path in parts).encode()
 
@@ -140,11 +138,41 @@ def cflags_for(definition: ProbeDefinition, target: Target, daemon: DaemonConfig
     ]
 
 
+class RingBufferReader:
+    """The records of one BPF program: its main ring buffer, then its spill one.
+
+    The main ring buffer wakes the reader; the spill one (records the main one
+    refused, rare) is read at every look.
+    """
+
+    def __init__(self, rings: list[RingBuffer]) -> None:
+        self._rings = rings
+
+    def wait(self, timeout_ms: int) -> None:
+        self._rings[0].wait(timeout_ms)
+
+    def read(self, limit: int) -> list[bytes]:
+        records: list[bytes] = []
+        for ring in self._rings:
+            if len(records) < limit:
+                records += ring.read(limit - len(records))
+        return records
+
+    def decode(self, record: bytes) -> Record:
+        return decode(record)
+
+    def close(self) -> None:
+        for ring in self._rings:
+            ring.close()
+
+
 class LoadedProbe:
     """One probe definition compiled for one target: attach, tune, read, detach.
 
-    Compiling and loading happen in a child process (compiler.py); this object
-    owns the program and map fds it hands back.
+    The BPF kind of sources.StatementSource. Compiling and loading happen in a
+    child process (compiler.py); this object owns the program and map fds it
+    hands back. Uprobes are attached through the target's open file, the one
+    whose offsets were read (elf.BinaryFile), never by its path again.
     """
 
     def __init__(self, definition: ProbeDefinition, target: Target, daemon: DaemonConfig) -> None:
@@ -176,6 +204,7 @@ class LoadedProbe:
 
     def attach(self) -> None:
         binary = self.target.binary
+        attach_path = self.target.file.attach_path.encode()
         # Statements that began before this are not this attach's to report.
         self._set(SETTING_ATTACHED_REALTIME, time.clock_gettime_ns(time.CLOCK_REALTIME), "the time")
         # Backend exits first: a statement cut short by one is then never left behind.
@@ -205,7 +234,7 @@ class LoadedProbe:
             # With a semaphore offset the kernel raises the semaphore in every process
             # mapping the binary, now and later: USDT probes guarded by it start firing.
             fd = libbcc().attach_uprobe(
-                program, int(retprobe), event_name, binary.path.encode(), offset, -1, semaphore
+                program, int(retprobe), event_name, attach_path, offset, -1, semaphore
             )
             if fd < 0:
                 error = os.strerror(ctypes.get_errno())
@@ -218,6 +247,15 @@ class LoadedProbe:
     @property
     def attached_count(self) -> int:
         return len(self._perf_fds)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "uprobes": self.attached_count,
+            "compiler_peak_rss_mb": self.compiler_peak_rss_mb,
+        }
+
+    def tick(self) -> None:
+        self.sync_clock()
 
     def set_threshold_ns(self, threshold_ns: int) -> None:
         self._set(SETTING_THRESHOLD, threshold_ns, "the threshold")
@@ -252,10 +290,10 @@ class LoadedProbe:
             totals[name] = sum(values)
         return totals
 
-    def ring_buffers(self) -> list[RingBuffer]:
+    def reader(self) -> RingBufferReader:
         """The ring buffers, read from their shared memory (ringbuf.py): events, spill."""
         fds = [self._compiled.maps[name] for name in RING_BUFFERS]
-        return [RingBuffer(fd, ring_buffer_fd_size(fd)) for fd in fds]
+        return RingBufferReader([RingBuffer(fd, ring_buffer_fd_size(fd)) for fd in fds])
 
     def detach(self) -> None:
         """Stop probing: no statement begins or ends any more. The ring buffer stays readable."""

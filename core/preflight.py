@@ -7,13 +7,13 @@ any check failed, so an installer can use it as a validate step.
 from __future__ import annotations
 
 from pgslowlog.config import Config, load_config
-from pgslowlog.daemon import plan
 from pgslowlog.elf import file_identity, inspect_binary
 from pgslowlog.errors import UserError
-from pgslowlog.loader import LoadedProbe, ProbeLoadError
 from pgslowlog.machine import Finding, machine_findings
+from pgslowlog.planner import PlannedTarget, plan
 from pgslowlog.plugin_manager import Plugins
 from pgslowlog.probes import wanted_symbols
+from pgslowlog.sources import ProbeLoadError, open_source
 from pgslowlog.targets import resolve_target
 
 
@@ -38,11 +38,22 @@ def run_checks(config_path: str) -> list[Finding]:
         return findings
     findings += [Finding(True, f"sink {name} options valid") for name in the_plan.sink_options]
 
-    if all(finding.ok for finding in machine):
-        for target, definition in the_plan.probes:
+    try:
+        if all(finding.ok for finding in machine):
+            findings += _load_findings(config, the_plan.targets)
+    finally:
+        the_plan.close()
+    return findings
+
+
+def _load_findings(config: Config, targets: list[PlannedTarget]) -> list[Finding]:
+    findings = []
+    for planned in targets:
+        target = planned.target
+        for definition in planned.definitions:
             try:
-                # Loading runs the compiler and the kernel's verifier; nothing is attached.
-                LoadedProbe(definition, target, config.daemon).close()
+                # Opening runs the compiler and the kernel's verifier; nothing is attached.
+                open_source(definition, target, config.daemon).close()
             except ProbeLoadError as error:
                 findings.append(Finding(False, str(error)))
             else:
@@ -73,6 +84,7 @@ def _target_findings(config: Config, plugins: Plugins) -> list[Finding]:
         except UserError as error:
             findings.append(Finding(False, str(error)))
             continue
+        target.file.close()
         binary = target.binary
         support = []
         for name, definition in sorted(definitions.items(), key=lambda kv: -kv[1].priority):
@@ -99,7 +111,7 @@ def describe_probes(binary_path: str) -> list[str]:
     best = None
     for definition in sorted(definitions.values(), key=lambda d: -d.priority):
         reason = definition.unsupported_reason(binary)
-        if reason is None and best is None:
+        if reason is None and best is None and definition.automatic:
             best = definition.name
         status = "can attach" if reason is None else f"cannot attach: {reason}"
         lines.append(f"  {definition.name:<14} {status}")

@@ -11,9 +11,15 @@ import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pgslowlog.elf import PostgresBinary
 from pgslowlog.errors import UserError
+
+if TYPE_CHECKING:
+    from pgslowlog.config import DaemonConfig
+    from pgslowlog.sources import StatementSource
+    from pgslowlog.targets import Target
 
 AUTO = "auto"
 
@@ -77,11 +83,19 @@ def _no_requirement(binary: PostgresBinary) -> str | None:
     return None
 
 
+OpenSource = Callable[["ProbeDefinition", "Target", "DaemonConfig"], "StatementSource"]
+
+
 @dataclass(frozen=True)
 class ProbeDefinition:
-    """A way of timing statements; its BPF source calls statement_begin/statement_end.
+    """A way of timing statements: a source of statement records for one target.
+
+    Most definitions are a BPF program (`source`) whose functions run at
+    `attachments` and call statement_begin/statement_end. A definition that is not
+    a BPF program sets `open_source` instead (see sources.py).
 
     name: what users write in `probes = [...]` and what events carry as `probe`.
+    source: the BPF C file; None for a definition with `open_source`.
     attachments: uprobes and USDT probes, each naming the BPF function it runs.
     priority: "auto" picks the supported definition with the highest priority.
     protocol: SIMPLE or EXTENDED if every statement it sees is of that protocol.
@@ -96,12 +110,14 @@ class ProbeDefinition:
         (for example an unknown struct layout), or None.
     automatic: whether "auto" may pick it; off for a definition with trade-offs a
         user should choose knowingly.
+    open_source: makes the definition's StatementSource for one target, when it is
+        not a BPF program with attachments (None: loader.LoadedProbe compiles `source`).
     """
 
     name: str
     description: str
-    source: Path
-    attachments: tuple[Attachment, ...]
+    source: Path | None = None
+    attachments: tuple[Attachment, ...] = ()
     priority: int = 0
     protocol: Protocol = Protocol.COUNTED
     cflags: Callable[[PostgresBinary], list[str]] = field(default=_no_cflags, compare=False)
@@ -112,6 +128,14 @@ class ProbeDefinition:
         default=_no_requirement, compare=False
     )
     automatic: bool = True
+    open_source: OpenSource | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if (self.source is None) == (self.open_source is None):
+            raise ValueError(
+                f"probe definition {self.name!r} needs exactly one of source (a BPF C file) "
+                "or open_source"
+            )
 
     @property
     def symbols(self) -> set[str]:

@@ -9,12 +9,22 @@ when the file there is a different one, attaches to it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pgslowlog.config import TargetConfig
 from pgslowlog.elf import FileIdentity, file_identity
+from pgslowlog.errors import UserError
+from pgslowlog.log import get_logger
+from pgslowlog.probe_set import ProbeSet, RunningProbe
+from pgslowlog.probes import ProbeDefinition
+from pgslowlog.sources import ProbeLoadError
+from pgslowlog.targets import Target, target_name
 
+log = get_logger(__name__)
 WATCH_INTERVAL_S = 2.0
+
+Resolve = Callable[[TargetConfig, int], tuple[Target, list[ProbeDefinition]]]
 
 
 @dataclass
@@ -32,9 +42,80 @@ class WatchedTarget:
         assert self.config.binary is not None
         return self.config.binary
 
+    @property
+    def name(self) -> str:
+        return target_name(self.config, self.index)
+
     def change(self) -> FileIdentity | None:
         """The new file to attach to, if the path now holds one we have not tried."""
         current = file_identity(self.path)
         if current is None or current in (self.attached, self.refused):
             return None
         return current
+
+
+class TargetWatcher:
+    """Attaches to a binary that appeared, or that replaced the one the probes are on."""
+
+    def __init__(
+        self, resolve: Resolve, probes: ProbeSet, retire: Callable[[RunningProbe], object]
+    ) -> None:
+        self._resolve = resolve
+        self._probes = probes
+        self._retire = retire
+        self.watched: list[WatchedTarget] = []
+
+    def watch(self, index: int, config: TargetConfig, attached: FileIdentity | None) -> None:
+        """Watch a binary target; `attached` is the identity of the file read and attached
+        to (Target.file.identity), None while the file is not there yet."""
+        if config.binary is not None:
+            self.watched.append(WatchedTarget(index, config, attached))
+
+    def poll(self) -> None:
+        for watched in self.watched:
+            new_file = watched.change()
+            if new_file is None:
+                self._say_if_missing(watched)
+                continue
+            watched.missing_logged = False
+            self._attach_new_file(watched, new_file)
+
+    def _say_if_missing(self, watched: WatchedTarget) -> None:
+        gone = watched.attached is not None and file_identity(watched.path) is None
+        if gone and not watched.missing_logged:
+            watched.missing_logged = True
+            log.error(
+                "target_binary_missing",
+                target=watched.name,
+                binary=watched.path,
+                action="probes stay on the old file for processes still running it; "
+                "other targets are served; attaching again when a binary appears",
+            )
+
+    def _attach_new_file(self, watched: WatchedTarget, new_file: FileIdentity) -> None:
+        try:
+            target, definitions = self._resolve(watched.config, watched.index)
+        except UserError as error:
+            watched.refused = new_file
+            log.error("target_unusable", target=watched.name, binary=watched.path, error=str(error))
+            return
+        # The file read may already be newer than the one stat saw: remember the one read.
+        read = target.file.identity
+        replaced = watched.attached is not None
+        with target.file:
+            self._probes.stop_target(watched.index, self._retire)
+            try:
+                self._probes.start(target, definitions)
+            except ProbeLoadError as error:
+                watched.refused = read
+                watched.attached = None
+                log.error("target_attach_failed", target=watched.name, error=str(error))
+                return
+        watched.attached = read
+        log.warning(
+            "target_reattached" if replaced else "target_attached",
+            target=watched.name,
+            binary=watched.path,
+            postgres_version=target.binary.version,
+            reason="the binary was replaced" if replaced else "the binary appeared",
+        )

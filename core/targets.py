@@ -10,14 +10,15 @@ import os
 from dataclasses import dataclass
 
 from pgslowlog.config import TargetConfig
-from pgslowlog.elf import PostgresBinary, inspect_binary
+from pgslowlog.elf import BinaryFile, PostgresBinary, open_binary
 from pgslowlog.errors import UserError
 
 
 @dataclass(frozen=True)
 class Target:
     index: int
-    binary: PostgresBinary
+    binary: PostgresBinary  # what was read from `file`
+    file: BinaryFile  # the open file that was read: probes attach through it
     name: str  # what events carry as `target`
 
     @property
@@ -68,9 +69,10 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def resolve_target(config: TargetConfig, index: int, wanted_symbols: frozenset[str]) -> Target:
+    """The target's binary, opened and read; the caller closes `target.file`."""
     path = resolve_binary_path(config, index)
-    binary = inspect_binary(path, wanted_symbols, label=f"target[{index}] binary")
-    return Target(index=index, binary=binary, name=target_name(config, index))
+    binary_file, binary = open_binary(path, wanted_symbols, label=f"target[{index}] binary")
+    return Target(index=index, binary=binary, file=binary_file, name=target_name(config, index))
 
 
 def target_name(config: TargetConfig, index: int) -> str:

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pgslowlog.config import Config, load_config, parse_config
-from pgslowlog.daemon import plan
 from pgslowlog.errors import UserError
+from pgslowlog.planner import plan
 from pgslowlog.plugin_manager import Plugins
 
 PG15 = "/usr/lib/postgresql/15/bin/postgres"
@@ -61,7 +61,8 @@ def test_generated_configs_load_or_fail_in_one_line(data: dict[str, Any]) -> Non
         return
     assert isinstance(config, Config)
     try:
-        plan(config, PLUGINS, "fuzz.toml")  # targets and sink options, as `run` resolves them
+        # targets and sink options, as `run` resolves them
+        plan(config, PLUGINS, "fuzz.toml").close()
     except UserError as error:
         assert_one_line(error)
 

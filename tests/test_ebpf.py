@@ -14,8 +14,9 @@ import pytest
 from conftest import DEBIAN_PG15
 
 from pgslowlog.config import DaemonConfig, TargetConfig
-from pgslowlog.loader import LoadedProbe, ProbeLoadError
+from pgslowlog.loader import LoadedProbe
 from pgslowlog.probes import ProbeDefinition, Uprobe, wanted_symbols
+from pgslowlog.sources import ProbeLoadError
 from pgslowlog.targets import resolve_target
 
 pytestmark = pytest.mark.ebpf
@@ -320,6 +321,7 @@ def test_a_broken_probe_definition_is_refused_in_one_line(tmp_path, case):
     target = resolve_target(
         TargetConfig(binary=str(DEBIAN_PG15 / "postgres")), 0, wanted_symbols([definition])
     )
+    target.file.close()  # compiling needs only what was read from it
     open_fds = len(os.listdir("/proc/self/fd"))
     with pytest.raises(ProbeLoadError) as refused:
         LoadedProbe(definition, target, DaemonConfig())

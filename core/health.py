@@ -1,0 +1,138 @@
+"""What an operator checks first: is every target probed, is anything lost.
+
+The health line every `stats_interval_s`, a warning whenever a loss counter moved,
+and the totals of the `stopped` line, all from the sources' own counters and the
+dispatcher's per-sink figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from pgslowlog.dispatcher import Dispatcher
+from pgslowlog.log import get_logger
+from pgslowlog.probe_set import ProbeSet, RunningProbe
+
+log = get_logger(__name__)
+
+# The per-target figures of the health line.
+TARGET_HEALTH = ("probes_attached", "uprobes", "statements", "slow_events", "lost", "untracked")
+# Counters that mean something was lost: log event, cause, fix.
+LOSS_COUNTERS = {
+    "untracked": (
+        "statements_untracked",
+        "no kernel memory for a backend's statement state",
+        "look for memory pressure in the kernel log",
+    ),
+    "unrecorded": (
+        "statements_unrecorded",
+        "track_activities is off, so PostgreSQL kept no record for the probe to read",
+        "turn track_activities on, or use the activity probe",
+    ),
+    "ringbuf_full": (
+        "slow_statements_dropped",
+        "ring buffer full",
+        "raise daemon.ring_buffer_mib or the threshold",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ProbeFigures:
+    """One running probe's figures at one moment."""
+
+    name: str  # definition@target index, as the `stopped` line keys them
+    target: str
+    attached_count: int
+    counters: dict[str, int]
+
+    @classmethod
+    def of(cls, running: RunningProbe) -> ProbeFigures:
+        return cls(
+            f"{running.definition.name}@{running.target.index}",
+            running.target.name,
+            running.source.attached_count,
+            running.source.counters(),
+        )
+
+
+def sum_per_target(figures: list[ProbeFigures]) -> dict[str, dict[str, int]]:
+    """Per target: probes attached and the counters, summed over its probes."""
+    targets: dict[str, dict[str, int]] = {}
+    for probe in figures:
+        counters = probe.counters
+        entry = targets.setdefault(probe.target, dict.fromkeys(TARGET_HEALTH, 0))
+        entry["probes_attached"] += probe.attached_count > 0
+        entry["uprobes"] += probe.attached_count
+        entry["statements"] += counters["statements"]
+        entry["slow_events"] += counters["emitted"]
+        entry["lost"] += counters["ringbuf_full"]
+        entry["untracked"] += counters["untracked"] + counters["unrecorded"]
+    return targets
+
+
+class HealthReporter:
+    def __init__(self, probes: ProbeSet, dispatcher: Dispatcher) -> None:
+        self._probes = probes
+        self._dispatcher = dispatcher
+        # The counters last reported, per running probe: a warning says what is new.
+        self._reported: dict[RunningProbe, dict[str, int]] = {}
+        # Records filtered or failed by probes already closed, kept for the totals.
+        self._filtered_retired = 0
+        self._failed_retired = 0
+
+    def report_losses(self) -> None:
+        for running in self._probes:
+            self.report_losses_of(running)
+
+    def report_losses_of(self, running: RunningProbe) -> ProbeFigures:
+        figures = ProbeFigures.of(running)
+        now = figures.counters
+        before = self._reported.get(running, dict.fromkeys(now, 0))
+        self._reported[running] = now
+        for counter, (event, cause, fix) in LOSS_COUNTERS.items():
+            if lost := now[counter] - before[counter]:
+                log.warning(
+                    event,
+                    probe=running.definition.name,
+                    target=running.target.name,
+                    count=lost,
+                    cause=cause,
+                    fix=fix,
+                )
+        return figures
+
+    def retire(self, running: RunningProbe) -> ProbeFigures:
+        """A probe is stopped and about to be closed: report its last losses, keep its
+        record totals, and return its final figures."""
+        figures = self.report_losses_of(running)
+        self._reported.pop(running, None)
+        self._filtered_retired += running.collector.enricher.filtered
+        self._failed_retired += _failed(running)
+        return figures
+
+    def failed_records(self) -> int:
+        return self._failed_retired + sum(_failed(running) for running in self._probes)
+
+    def filtered_background(self) -> int:
+        return self._filtered_retired + sum(r.collector.enricher.filtered for r in self._probes)
+
+    def health(self) -> dict[str, object]:
+        return {
+            "targets": sum_per_target([ProbeFigures.of(running) for running in self._probes]),
+            "sinks": {name: asdict(stats) for name, stats in self._dispatcher.stats().items()},
+            "undecodable_records": self.failed_records(),
+        }
+
+    def stopped(self, final: list[ProbeFigures]) -> dict[str, object]:
+        """The `stopped` line, from the figures `retire` returned at shutdown."""
+        return {
+            "targets": sum_per_target(final),
+            "kernel_counters": {probe.name: probe.counters for probe in final},
+            "filtered_background": self.filtered_background(),
+            "failed_records": self.failed_records(),
+        }
+
+
+def _failed(running: RunningProbe) -> int:
+    return running.collector.failed_records + running.collector.undecodable

@@ -1,0 +1,96 @@
+"""What the config asks for, resolved against the installed plugins and binaries.
+
+Shared by `run` and `check`: each [[target]]'s binary is opened and read once, the
+probe definitions that fit it are chosen, and every sink's options are parsed and
+checked, so both commands refuse the same mistakes with the same words.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pgslowlog.config import Config, TargetConfig
+from pgslowlog.elf import file_identity
+from pgslowlog.errors import UserError
+from pgslowlog.plugin_manager import Plugins
+from pgslowlog.probes import ProbeDefinition, select_probes, wanted_symbols
+from pgslowlog.sinks import CommonSinkOptions
+from pgslowlog.targets import Target, resolve_target
+
+
+@dataclass
+class PlannedTarget:
+    target: Target  # its binary open: attach through it, then close it
+    definitions: list[ProbeDefinition]
+
+
+@dataclass
+class Plan:
+    config: Config
+    targets: list[PlannedTarget]
+    # binary targets whose file is not there yet (PostgreSQL installed after the daemon)
+    pending: list[int] = field(default_factory=list)
+    sink_options: dict[str, tuple[CommonSinkOptions, object]] = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Close the targets' binaries (after attaching, or when nothing will attach)."""
+        for planned in self.targets:
+            planned.target.file.close()
+
+
+def resolve_with_probes(
+    target_config: TargetConfig, index: int, plugins: Plugins
+) -> tuple[Target, list[ProbeDefinition]]:
+    """One [[target]]: its binary opened and read, and the definitions that attach to it."""
+    wanted = wanted_symbols(plugins.probe_definitions.values())
+    target = resolve_target(target_config, index, wanted)
+    try:
+        definitions = select_probes(
+            target_config.probes, plugins.probe_definitions, target.binary, target.label
+        )
+    except BaseException:
+        target.file.close()
+        raise
+    return target, definitions
+
+
+def plan(config: Config, plugins: Plugins, source: str) -> Plan:
+    """The plan, or a UserError naming the first thing that cannot be done."""
+    the_plan = Plan(config=config, targets=[])
+    try:
+        for index, target_config in enumerate(config.target):
+            if target_config.binary is not None and file_identity(target_config.binary) is None:
+                the_plan.pending.append(index)
+                continue
+            target, definitions = resolve_with_probes(target_config, index, plugins)
+            the_plan.targets.append(PlannedTarget(target, definitions))
+        the_plan.sink_options = parse_sinks(config, plugins, source)
+    except BaseException:
+        the_plan.close()
+        raise
+    return the_plan
+
+
+def parse_sinks(
+    config: Config, plugins: Plugins, source: str
+) -> dict[str, tuple[CommonSinkOptions, object]]:
+    """Each [sinks.NAME] table validated by its plugin's schema and check."""
+    sink_options = {}
+    for name, raw in config.sinks.items():
+        sink_type = plugins.sink_types.get(name)
+        if sink_type is None:
+            installed = ", ".join(sorted(plugins.sink_types)) or "none"
+            raise UserError(
+                f"config {source}: no sink plugin named {name!r} (installed: {installed})",
+                "correct the [sinks.NAME] table or install the plugin",
+            )
+        sink_options[name] = sink_type.parse_options(raw, source)
+        if sink_type.check is not None:
+            try:
+                sink_type.check(sink_options[name][1])
+            except ValueError as error:
+                raise UserError(
+                    f"config {source}: sinks.{name}.{error}",
+                    "fix that option, or the file or variable it names",
+                ) from None
+    return sink_options

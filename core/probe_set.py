@@ -1,0 +1,147 @@
+"""Every running source with its collector, owned as one object per (target, definition).
+
+A source without its collector would record statements nobody reads, and a
+collector without its source would wait forever: so a RunningProbe exists only
+once both have started, and stopping one stops, drains and frees both together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+from pgslowlog.collector import Collector
+from pgslowlog.config import DaemonConfig
+from pgslowlog.dispatcher import Dispatcher
+from pgslowlog.enrichment import Enricher
+from pgslowlog.log import get_logger
+from pgslowlog.probes import OpenSource, ProbeDefinition
+from pgslowlog.sources import StatementSource, open_source
+from pgslowlog.targets import Target
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class RunningProbe:
+    source: StatementSource
+    collector: Collector
+
+    @property
+    def definition(self) -> ProbeDefinition:
+        return self.source.definition
+
+    @property
+    def target(self) -> Target:
+        return self.source.target
+
+    @property
+    def name(self) -> str:
+        return f"{self.definition.name}@{self.target.name}"
+
+
+class ProbeSet:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        daemon: DaemonConfig,
+        on_failure: Callable[[str], None],
+        opener: OpenSource = open_source,
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._daemon = daemon
+        self._on_failure = on_failure
+        self._open = opener
+        self._running: list[RunningProbe] = []
+
+    def __iter__(self) -> Iterator[RunningProbe]:
+        return iter(list(self._running))
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    def start(self, target: Target, definitions: list[ProbeDefinition]) -> list[RunningProbe]:
+        """Start every definition on `target`, or none: a failure stops those begun.
+
+        Raises sources.ProbeLoadError (or whatever a source raised) after cleaning up.
+        """
+        started: list[RunningProbe] = []
+        try:
+            for definition in definitions:
+                started.append(self._start_one(target, definition))
+        except BaseException:
+            self._stop(started, lambda _running: None)
+            raise
+        return started
+
+    def _start_one(self, target: Target, definition: ProbeDefinition) -> RunningProbe:
+        source = self._open(definition, target, self._daemon)
+        try:
+            source.attach()
+            daemon = self._daemon
+            enricher = Enricher(
+                definition.name,
+                target.binary.path,
+                target.name,
+                daemon.include_background,
+                daemon.max_backends,
+                daemon.params_max_length,
+                daemon.redact_literals,
+            )
+            name = f"{definition.name}@{target.name}"
+            collector = Collector(
+                name, source.reader(), enricher, self._dispatcher, self._on_failure
+            )
+            collector.start()
+        except BaseException:
+            source.close()
+            raise
+        running = RunningProbe(source, collector)
+        self._running.append(running)
+        log.info(
+            "probe_attached",
+            probe=definition.name,
+            target=target.name,
+            binary=target.binary.path,
+            postgres_version=target.binary.version,
+            **source.describe(),
+        )
+        return running
+
+    def set_threshold_ns(self, threshold_ns: int) -> None:
+        for running in self._running:
+            running.source.set_threshold_ns(threshold_ns)
+
+    def tick(self) -> None:
+        for running in self._running:
+            running.source.tick()
+
+    def stop_target(self, index: int, before_close: Callable[[RunningProbe], T]) -> list[T]:
+        """Stop one target's probes. `before_close` sees each one detached and drained,
+        its counters still readable; what it returns is returned, one per probe."""
+        return self._stop([r for r in self._running if r.target.index == index], before_close)
+
+    def stop_all(self, before_close: Callable[[RunningProbe], T]) -> list[T]:
+        return self._stop(list(self._running), before_close)
+
+    def _stop(
+        self, stopping: list[RunningProbe], before_close: Callable[[RunningProbe], T]
+    ) -> list[T]:
+        # Detach all first, so that no statement begins or ends while others drain.
+        for running in stopping:
+            running.source.detach()
+        for running in stopping:
+            running.collector.stop()
+        for running in stopping:
+            running.collector.join()
+        results = []
+        for running in stopping:
+            try:
+                results.append(before_close(running))
+            finally:
+                running.source.close()
+                if running in self._running:
+                    self._running.remove(running)
+        return results

@@ -1,0 +1,83 @@
+"""Onto which file probes attach: the very file that was read, even when an upgrade
+replaces it in between."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pgslowlog.config import DaemonConfig, TargetConfig
+from pgslowlog.dispatcher import Dispatcher
+from pgslowlog.planner import resolve_with_probes
+from pgslowlog.plugin_manager import Plugins
+from pgslowlog.probe_set import ProbeSet
+from pgslowlog.sinks import BaseSink
+
+pytestmark = pytest.mark.ebpf
+
+
+class ListSink(BaseSink):
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def write(self, events):
+        self.events.extend(events)
+
+
+def test_a_binary_replaced_before_attach_never_gets_the_old_offsets(pg15, pg18, tmp_path):
+    """An upgrade renames a new binary over the path between reading and attaching.
+
+    The target path first holds PostgreSQL 15 (a hard link: the inode pg15 runs). It is
+    read, then PostgreSQL 18 is renamed over it, then the probes attach. They must land
+    on the file that was read: pg15's statements are seen, and pg18 gets no uprobe at
+    offsets that belong to another build.
+    """
+    path = tmp_path / "postgres"
+    os.link(pg15.postgres, path)
+    config = TargetConfig(binary=str(path), probes=["activity"])
+    target, definitions = resolve_with_probes(config, 0, Plugins.load())
+    assert target.binary.major == 15
+    upgrade = tmp_path / "postgres.dpkg-new"
+    os.link(pg18.postgres, upgrade)
+    os.rename(upgrade, path)  # what dpkg does
+    assert os.stat(path).st_ino == os.stat(pg18.postgres).st_ino
+
+    sink = ListSink()
+    dispatcher = Dispatcher()
+    dispatcher.add_sink("list", sink, 1000, 5.0)
+    dispatcher.start()
+    failures: list[str] = []
+    probes = ProbeSet(dispatcher, DaemonConfig(threshold_ms=200), failures.append)
+    try:
+        with target.file:
+            (running,) = probes.start(target, definitions)
+        assert running.source.attached_count >= 1
+        pg18.psql("select pg_sleep(0.3) /* on the new file */", check=True)
+        pg15.psql("select pg_sleep(0.3) /* on the file read */", check=True)
+        deadline = time.monotonic() + 10
+        while not any("file read" in e.query for e in sink.events):
+            assert time.monotonic() < deadline, [e.query for e in sink.events]
+            time.sleep(0.05)
+    finally:
+        probes.stop_all(lambda running: None)
+        dispatcher.close()
+    assert [e.query for e in sink.events] == ["select pg_sleep(0.3) /* on the file read */"]
+    assert sink.events[0].binary == str(path) and not failures
+    # pg18 was never probed at pg15's offsets: it still answers.
+    assert pg18.psql("select 41 + 1", check=True).stdout.strip() == "42"
+
+
+def test_the_binary_is_read_through_the_file_that_is_attached(tmp_path):
+    """The identity the watcher keeps is the open file's, not a later look at the path."""
+    path = tmp_path / "postgres"
+    os.link("/usr/lib/postgresql/15/bin/postgres", path)
+    target, _ = resolve_with_probes(TargetConfig(binary=str(path)), 0, Plugins.load())
+    with target.file:
+        os.unlink(path)
+        attach_path = Path(target.file.attach_path)
+        assert os.stat(attach_path).st_ino == target.file.identity.inode
+        assert os.readlink(attach_path).endswith("(deleted)")

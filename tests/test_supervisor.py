@@ -1,0 +1,405 @@
+"""The daemon's supervisor parts without root: probe set, health, watcher, reload.
+
+Sources here are fakes that hand out decoded records; the collectors, the
+enricher, the dispatcher and a list sink around them are the real ones.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from pgslowlog.config import DaemonConfig, TargetConfig, parse_config
+from pgslowlog.daemon import Daemon
+from pgslowlog.decoder import RawStatement
+from pgslowlog.dispatcher import Dispatcher
+from pgslowlog.elf import BinaryFile, PostgresBinary
+from pgslowlog.health import HealthReporter
+from pgslowlog.live_config import merge_live, needs_restart
+from pgslowlog.probe_set import ProbeSet
+from pgslowlog.probes import ProbeDefinition
+from pgslowlog.sinks import BaseSink
+from pgslowlog.sources import COUNTERS, ProbeLoadError
+from pgslowlog.target_watch import TargetWatcher
+from pgslowlog.targets import Target
+
+
+class ListSink(BaseSink):
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def write(self, events):
+        self.events.extend(events)
+
+
+class FakeReader:
+    def __init__(self) -> None:
+        self.records: list[RawStatement] = []
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def wait(self, timeout_ms: int) -> None:
+        time.sleep(timeout_ms / 1000)
+
+    def read(self, limit: int) -> list[RawStatement]:
+        with self.lock:
+            taken, self.records = self.records[:limit], self.records[limit:]
+        return taken
+
+    def decode(self, record: RawStatement) -> RawStatement:
+        return record
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeSource:
+    """A StatementSource whose statements a test puts in by hand."""
+
+    def __init__(self, definition: ProbeDefinition, target: Target, fail_attach: bool = False):
+        self.definition = definition
+        self.target = target
+        self.fail_attach = fail_attach
+        self.threshold_ns: int | None = None
+        self.attached = False
+        self.closed = False
+        self.ticks = 0
+        self._reader = FakeReader()
+        self.counts = dict.fromkeys(COUNTERS, 0)
+
+    @property
+    def attached_count(self) -> int:
+        return 2 if self.attached else 0
+
+    def describe(self) -> dict[str, object]:
+        return {"uprobes": self.attached_count}
+
+    def attach(self) -> None:
+        if self.fail_attach:
+            raise ProbeLoadError(f"{self.definition.name} refused")
+        self.attached = True
+
+    def reader(self) -> FakeReader:
+        return self._reader
+
+    def set_threshold_ns(self, threshold_ns: int) -> None:
+        self.threshold_ns = threshold_ns
+
+    def tick(self) -> None:
+        self.ticks += 1
+
+    def counters(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    def detach(self) -> None:
+        self.attached = False
+
+    def close(self) -> None:
+        self.detach()
+        self.closed = True
+
+    def emit(self, query: str, pid: int = 1) -> None:
+        with self._reader.lock:
+            self._reader.records.append(
+                RawStatement(0, 300_000_000, pid, query, False, False, "ok", "simple", "")
+            )
+        self.counts["statements"] += 1
+        self.counts["emitted"] += 1
+
+
+def definition(name: str) -> ProbeDefinition:
+    return ProbeDefinition(name=name, description=name, open_source=FakeSource)
+
+
+def target(tmp_path: Path, index: int = 0, name: str = "main") -> Target:
+    path = tmp_path / f"postgres{index}"
+    path.write_bytes(b"not really postgres")
+    binary = PostgresBinary(str(path), "15.18", 15, False, {}, {}, {})
+    return Target(index, binary, BinaryFile(str(path), os.open(path, os.O_RDONLY)), name)
+
+
+class Harness:
+    """A probe set with fake sources, feeding a real dispatcher and a list sink."""
+
+    def __init__(self, fail: set[str] = frozenset()) -> None:
+        self.sink = ListSink()
+        self.dispatcher = Dispatcher()
+        self.dispatcher.add_sink("list", self.sink, 1000, 5.0)
+        self.dispatcher.start()
+        self.failures: list[str] = []
+        self.opened: list[FakeSource] = []
+
+        def opener(definition, target, daemon):
+            source = FakeSource(definition, target, fail_attach=definition.name in fail)
+            self.opened.append(source)
+            return source
+
+        self.probes = ProbeSet(
+            self.dispatcher, DaemonConfig(include_background=True), self.failures.append, opener
+        )
+        self.health = HealthReporter(self.probes, self.dispatcher)
+
+    def wait_for_events(self, count: int) -> list[Any]:
+        deadline = time.monotonic() + 5
+        while len(self.sink.events) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(self.sink.events)} events, wanted {count}")
+            time.sleep(0.01)
+        return self.sink.events
+
+    def close(self) -> None:
+        self.probes.stop_all(lambda running: None)
+        self.dispatcher.close()
+
+
+@pytest.fixture
+def harness():
+    made: list[Harness] = []
+
+    def make(**options: Any) -> Harness:
+        made.append(Harness(**options))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.close()
+
+
+def test_probe_set_runs_each_source_with_its_collector(harness, tmp_path):
+    h = harness()
+    started = h.probes.start(target(tmp_path), [definition("a"), definition("b")])
+    assert [r.name for r in started] == ["a@main", "b@main"]
+    h.opened[1].emit("select from b")
+    events = h.wait_for_events(1)
+    assert (events[0].query, events[0].probe, events[0].target) == ("select from b", "b", "main")
+    h.probes.set_threshold_ns(5)
+    h.probes.tick()
+    assert [(s.threshold_ns, s.ticks) for s in h.opened] == [(5, 1), (5, 1)]
+
+
+def test_a_target_starts_all_its_probes_or_none(harness, tmp_path):
+    h = harness(fail={"b"})
+    with pytest.raises(ProbeLoadError, match="b refused"):
+        h.probes.start(target(tmp_path), [definition("a"), definition("b")])
+    assert len(h.probes) == 0
+    assert all(source.closed for source in h.opened)
+    assert h.opened[0]._reader.closed  # the collector that had started read to its end
+
+
+def test_a_source_whose_collector_cannot_start_is_closed(harness, tmp_path, monkeypatch):
+    h = harness()
+    monkeypatch.setattr(FakeSource, "reader", lambda self: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        h.probes.start(target(tmp_path), [definition("a")])
+    assert len(h.probes) == 0 and h.opened[0].closed and not h.opened[0].attached
+
+
+def test_stopping_one_target_drains_it_and_keeps_the_other(harness, tmp_path):
+    h = harness()
+    h.probes.start(target(tmp_path, 0, "one"), [definition("a")])
+    h.probes.start(target(tmp_path, 1, "two"), [definition("a")])
+    one, two = h.opened
+    one.emit("last words")  # still in the reader when the stop begins
+    seen = h.probes.stop_target(0, lambda running: (running.name, running.source.closed))
+    assert seen == [("a@one", False)]  # before_close sees it open, then it is closed
+    assert one.closed and not two.closed
+    assert [r.target.name for r in h.probes] == ["two"]
+    assert [e.query for e in h.wait_for_events(1)] == ["last words"]
+
+
+def test_losses_are_warned_once_each_and_health_sums_per_target(harness, tmp_path):
+    h = harness()
+    h.probes.start(target(tmp_path), [definition("a"), definition("b")])
+    a, b = h.opened
+    a.counts["ringbuf_full"] = 3
+    with capture_logs() as logs:
+        h.health.report_losses()
+        h.health.report_losses()  # nothing new: nothing said
+        a.counts["ringbuf_full"] = 5
+        h.health.report_losses()
+    dropped = [entry["count"] for entry in logs if entry["event"] == "slow_statements_dropped"]
+    assert dropped == [3, 2]
+    a.emit("x")
+    b.emit("y")
+    b.counts["unrecorded"] = 4
+    health = h.health.health()
+    assert health["targets"] == {
+        "main": {
+            "probes_attached": 2,
+            "uprobes": 4,
+            "statements": 2,
+            "slow_events": 2,
+            "lost": 5,
+            "untracked": 4,
+        }
+    }
+    assert health["sinks"]["list"]["dropped"] == 0
+
+
+def test_stopped_line_counts_what_each_probe_did(harness, tmp_path):
+    h = harness()
+    h.probes.start(target(tmp_path), [definition("a")])
+    h.opened[0].emit("x")
+    h.wait_for_events(1)
+    final = h.probes.stop_all(h.health.retire)
+    stopped = h.health.stopped(final)
+    assert stopped["kernel_counters"]["a@0"]["emitted"] == 1
+    assert stopped["targets"]["main"]["slow_events"] == 1
+    assert stopped["targets"]["main"]["probes_attached"] == 0  # detached by then
+
+
+class FakeProbeSet:
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.calls: list[tuple[str, int]] = []
+
+    def stop_target(self, index, before_close):
+        self.calls.append(("stop", index))
+        return []
+
+    def start(self, target, definitions):
+        self.calls.append(("start", target.index))
+        if self.refuse:
+            raise ProbeLoadError("refused")
+
+
+def test_watcher_attaches_to_a_new_file_once_and_names_a_missing_one(tmp_path):
+    path = tmp_path / "bin" / "postgres"
+    path.parent.mkdir()
+    config = TargetConfig(binary=str(path))
+    resolved: list[Target] = []
+
+    def resolve(target_config, index):
+        resolved.append(target(tmp_path))
+        # what was read is the file at the path
+        resolved[-1].file.close()
+        file = BinaryFile(str(path), os.open(path, os.O_RDONLY))
+        return Target(index, resolved[-1].binary, file, "main"), [definition("a")]
+
+    probes = FakeProbeSet()
+    watcher = TargetWatcher(resolve, probes, lambda running: None)
+    watcher.watch(0, config, None)
+    with capture_logs() as logs:
+        watcher.poll()  # nothing there yet
+        path.write_bytes(b"v1")
+        watcher.poll()
+        watcher.poll()  # the same file: nothing to do
+        replacement = tmp_path / "new"
+        replacement.write_bytes(b"v2, longer")
+        os.rename(replacement, path)  # as dpkg does
+        watcher.poll()
+        path.unlink()
+        watcher.poll()
+        watcher.poll()
+    events = [entry["event"] for entry in logs]
+    assert events == ["target_attached", "target_reattached", "target_binary_missing"]
+    assert probes.calls == [("stop", 0), ("start", 0), ("stop", 0), ("start", 0)]
+
+
+def test_watcher_does_not_retry_a_file_it_could_not_attach_to(tmp_path):
+    path = tmp_path / "postgres"
+    path.write_bytes(b"v1")
+
+    def resolve(target_config, index):
+        file = BinaryFile(str(path), os.open(path, os.O_RDONLY))
+        binary = PostgresBinary(str(path), "15.18", 15, False, {}, {}, {})
+        return Target(index, binary, file, "main"), [definition("a")]
+
+    probes = FakeProbeSet(refuse=True)
+    watcher = TargetWatcher(resolve, probes, lambda running: None)
+    watcher.watch(0, TargetConfig(binary=str(path)), None)
+    with capture_logs() as logs:
+        watcher.poll()
+        watcher.poll()
+    assert [entry["event"] for entry in logs] == ["target_attach_failed"]
+    assert probes.calls == [("stop", 0), ("start", 0)]
+
+
+def test_watcher_remembers_the_file_it_read_not_the_one_it_saw_first(tmp_path):
+    """A second upgrade between stat and open: the identity kept is the file read."""
+    path = tmp_path / "postgres"
+    path.write_bytes(b"v1")
+
+    def resolve(target_config, index):
+        newer = tmp_path / "newer"
+        newer.write_bytes(b"v2, newer")
+        os.rename(newer, path)
+        file = BinaryFile(str(path), os.open(path, os.O_RDONLY))
+        binary = PostgresBinary(str(path), "15.18", 15, False, {}, {}, {})
+        return Target(index, binary, file, "main"), [definition("a")]
+
+    watcher = TargetWatcher(resolve, FakeProbeSet(), lambda running: None)
+    watcher.watch(0, TargetConfig(binary=str(path)), None)
+    watcher.poll()
+    assert watcher.watched[0].attached.inode == os.stat(path).st_ino
+    assert watcher.watched[0].attached.size == len(b"v2, newer")
+
+
+BASE = {"target": [{"binary": "/x/postgres"}], "sinks": {"file": {"path": "/tmp/x"}}}
+
+
+def test_reload_applies_live_keys_and_names_the_rest():
+    running = parse_config({**BASE, "daemon": {"threshold_ms": 200, "capture_params": False}})
+    new = parse_config(
+        {
+            **BASE,
+            "daemon": {"threshold_ms": 50, "log_level": "debug", "capture_params": True},
+            "sinks": {"file": {"path": "/tmp/y"}},
+        }
+    )
+    assert needs_restart(running, new) == ["daemon.capture_params", "sinks"]
+    merged = merge_live(running, new)
+    assert (merged.daemon.threshold_ms, merged.daemon.log_level) == (50, "debug")
+    assert merged.daemon.capture_params is False and merged.sinks == running.sinks
+    # Compared with what is in effect, the same file asks for the same restart again.
+    assert needs_restart(merged, new) == ["daemon.capture_params", "sinks"]
+    assert needs_restart(merged, merged) == []
+
+
+def test_daemon_reload_moves_the_threshold_and_reopens_sinks(harness, tmp_path, monkeypatch):
+    config_path = tmp_path / "pgslowlog.toml"
+    config_path.write_text(
+        '[daemon]\nthreshold_ms = 200\n[[target]]\nbinary = "/x/postgres"\n'
+        '[sinks.file]\npath = "/tmp/x"\n'
+    )
+    h = harness()
+    h.probes.start(target(tmp_path), [definition("a")])
+    daemon = Daemon(str(config_path))
+    daemon.config = parse_config(
+        {"target": [{"binary": "/x/postgres"}], "sinks": {"file": {"path": "/tmp/x"}}}
+    )
+    daemon.probes, daemon.dispatcher = h.probes, h.dispatcher
+    config_path.write_text(config_path.read_text().replace("200", "1500"))
+    reopened = []
+    h.sink.reopen = lambda: reopened.append(True)
+    levels: list[str] = []  # the real one would replace capture_logs' configuration
+    monkeypatch.setattr("pgslowlog.daemon.configure_logging", levels.append)
+    with capture_logs() as logs:
+        daemon.reload()
+    assert h.opened[0].threshold_ns == 1_500_000_000
+    assert [e["event"] for e in logs] == ["reloaded"] and levels == ["info"]
+    config_path.write_text("not toml [")
+    with capture_logs() as logs:
+        daemon.reload()
+    assert [e["event"] for e in logs] == ["reload_failed"]
+    assert h.opened[0].threshold_ns == 1_500_000_000  # unchanged
+    deadline = time.monotonic() + 5
+    while not reopened and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert reopened
+
+
+def test_harness_files_are_not_left_open(tmp_path):
+    t = target(tmp_path)
+    t.file.close()
+    t.file.close()  # twice is fine
+    with pytest.raises(ValueError, match="closed"):
+        _ = t.file.attach_path
+    shutil.rmtree(tmp_path / "postgres0", ignore_errors=True)
