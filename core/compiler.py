@@ -108,9 +108,11 @@ def compile_program(
 
 
 def _last_lines(stderr: bytes, lines: int = 6) -> str:
-    """The part of clang's or the verifier's output that says what went wrong."""
-    text = stderr.decode(errors="replace").strip().splitlines()
-    return " | ".join(line.strip() for line in text[-lines:] if line.strip())
+    """The part of clang's or the verifier's output that says what went wrong: clang's
+    error lines where there are any (a macro's notes follow them), else the last lines."""
+    text = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in text if " error: " in line or line.startswith("error: ")]
+    return " | ".join(errors[:3] if errors else text[-lines:])
 
 
 def _peak_rss_mb() -> float:

@@ -1,4 +1,10 @@
-"""Ring-buffer record -> Python object. Mirrors struct record_header in bpf/slow_query.h."""
+"""Ring-buffer record -> Python object. Mirrors struct record_header in bpf/slow_query.h.
+
+The layout is written once here, as (field, struct format) pairs. `layout_cflags`
+hands every offset, size and enum value to the compiler, and slow_query.h asserts
+each one (_Static_assert): a change on one side that the other does not follow
+stops every compile with the field's name, instead of misreading records.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,25 @@ import struct
 
 import msgspec
 
-# u64 start_ns, u64 duration_ns, u32 pid, u32 query_len, u8 query_truncated,
-# u8 backend_exited, u8 kind, u8 outcome, u8 protocol, u8 reserved[3],
-# char application_name[64]; a statement's text follows.
-HEADER = struct.Struct("<QQIIBBBBB3x64s")
-# struct bind_record after its header: portal[64], statement[64], u32 message_len,
-# u32 params_len, then params_len bytes of the Bind message's parameter section.
-BIND_NAMES = struct.Struct("<64s64sII")
+# struct record_header; a statement's text follows it.
+HEADER_LAYOUT = (
+    ("start_ns", "Q"),
+    ("duration_ns", "Q"),
+    ("pid", "I"),
+    ("query_len", "I"),
+    ("query_truncated", "B"),
+    ("backend_exited", "B"),
+    ("kind", "B"),
+    ("outcome", "B"),
+    ("protocol", "B"),
+    ("reserved", "3x"),
+    ("application_name", "64s"),
+)
+# struct bind_record after its header; then params_len bytes of the Bind message's
+# parameter section.
+BIND_LAYOUT = (("portal", "64s"), ("statement", "64s"), ("message_len", "I"), ("params_len", "I"))
+HEADER = struct.Struct("<" + "".join(code for _, code in HEADER_LAYOUT))
+BIND_NAMES = struct.Struct("<" + "".join(code for _, code in BIND_LAYOUT))
 OUTCOMES = ("ok", "error", "cancelled")  # enum outcome
 PROTOCOLS = (None, "simple", "extended")  # enum protocol
 
@@ -23,6 +41,29 @@ class RecordKind(enum.IntEnum):
     BACKEND_STARTED = 1
     BACKEND_EXITED = 2
     BIND = 3
+
+
+def _offsets(layout: tuple[tuple[str, str], ...], start: int = 0) -> dict[str, int]:
+    offsets, prefix = {}, "<"
+    for name, code in layout:
+        offsets[name] = start + struct.calcsize(prefix)
+        prefix += code
+    return offsets
+
+
+def layout_cflags() -> list[str]:
+    """-D flags that slow_query.h checks its structs and enums against."""
+    flags = [f"-DPY_RECORD_HEADER_SIZE={HEADER.size}"]
+    flags += [f"-DPY_HEADER_{name}={at}" for name, at in _offsets(HEADER_LAYOUT).items()]
+    flags += [f"-DPY_BIND_{name}={at}" for name, at in _offsets(BIND_LAYOUT, HEADER.size).items()]
+    flags += [f"-DPY_BIND_params={HEADER.size + BIND_NAMES.size}"]
+    flags += [f"-DPY_RECORD_{kind.name}={kind.value}" for kind in RecordKind]
+    flags += [f"-DPY_OUTCOME_{name.upper()}={value}" for value, name in enumerate(OUTCOMES)]
+    flags += [
+        f"-DPY_PROTOCOL_{(name or 'unknown').upper()}={value}"
+        for value, name in enumerate(PROTOCOLS)
+    ]
+    return flags
 
 
 class DecodeError(ValueError):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pgslowlog.compiler import KPROBE, RAW_TRACEPOINT, CompileError, compile_program
 from pgslowlog.config import DaemonConfig
-from pgslowlog.decoder import Record, decode
+from pgslowlog.decoder import Record, decode, layout_cflags
 from pgslowlog.probes import OUTCOME_UPROBES, ProbeDefinition, Uprobe, Usdt
 from pgslowlog.ringbuf import RingBuffer, ring_buffer_fd_size
 from pgslowlog.sources import COUNTERS, ProbeLoadError
@@ -116,6 +116,19 @@ def outcome_uprobes(target: Target) -> list[Uprobe]:
     return [u for u in OUTCOME_UPROBES if target.binary.function_offset(u.symbol) is not None]
 
 
+def shared_layout_cflags() -> list[str]:
+    """What user space assumes of slow_query.h, for its _Static_asserts: the record
+    layout (decoder.py), the counters and the settings indexes (here)."""
+    return [
+        *layout_cflags(),
+        *(f"-DPY_COUNTER_{name.upper()}={index}" for index, name in enumerate(COUNTERS)),
+        f"-DPY_COUNTER_COUNT={len(COUNTERS)}",
+        f"-DPY_SETTING_THRESHOLD={SETTING_THRESHOLD}",
+        f"-DPY_SETTING_REALTIME_OFFSET={SETTING_REALTIME_OFFSET}",
+        f"-DPY_SETTING_ATTACHED_REALTIME={SETTING_ATTACHED_REALTIME}",
+    ]
+
+
 def cflags_for(definition: ProbeDefinition, target: Target, daemon: DaemonConfig) -> list[str]:
     binary = target.binary
     ring_pages = daemon.ring_buffer_mib * 1024 * 1024 // PAGE_SIZE
@@ -134,6 +147,7 @@ def cflags_for(definition: ProbeDefinition, target: Target, daemon: DaemonConfig
         f"-DAPPLICATION_NAME_VADDR={binary.objects.get('application_name', 0):#x}ULL",
         f"-DCAPTURE_PARAMS={int(daemon.capture_params)}",
         *sorted(set(anchors)),
+        *shared_layout_cflags(),
         *definition.cflags(binary),
     ]
 

@@ -1,5 +1,5 @@
-"""Onto which file probes attach: the very file that was read, even when an upgrade
-replaces it in between."""
+"""What is loaded, and onto which file: the layout checks, and attaching through the
+very file that was read, even when an upgrade replaces it in between."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
+from pgslowlog.compiler import KPROBE, CompileError, compile_program
 from pgslowlog.config import DaemonConfig, TargetConfig
 from pgslowlog.dispatcher import Dispatcher
+from pgslowlog.loader import cflags_for, program_text
 from pgslowlog.planner import resolve_with_probes
 from pgslowlog.plugin_manager import Plugins
 from pgslowlog.probe_set import ProbeSet
@@ -26,6 +28,30 @@ class ListSink(BaseSink):
 
     def write(self, events):
         self.events.extend(events)
+
+
+@pytest.mark.parametrize(
+    ("flag", "wrong", "named"),
+    [
+        ("-DPY_HEADER_outcome=27", "-DPY_HEADER_outcome=28", "record_header.outcome"),
+        ("-DPY_RECORD_HEADER_SIZE=96", "-DPY_RECORD_HEADER_SIZE=88", "size of struct record"),
+        ("-DPY_COUNTER_COUNT=5", "-DPY_COUNTER_COUNT=6", "COUNTER_COUNT"),
+    ],
+)
+def test_a_layout_user_space_does_not_share_stops_the_compile(flag, wrong, named):
+    """The C side checks every offset, size and index user space reads."""
+    plugins = Plugins.load()
+    config = TargetConfig(binary="/usr/lib/postgresql/15/bin/postgres", probes=["activity"])
+    target, (definition,) = resolve_with_probes(config, 0, plugins)
+    target.file.close()
+    flags = cflags_for(definition, target, DaemonConfig())
+    assert flag in flags  # what decoder.py and loader.py say today
+    flags[flags.index(flag)] = wrong
+    with pytest.raises(CompileError) as refused:
+        compile_program(program_text(definition), flags, [("on_report_activity", KPROBE)], [])
+    message = str(refused.value)
+    assert "differs between bpf/slow_query.h and decoder.py or loader.py" in message
+    assert named in message and "\n" not in message
 
 
 def test_a_binary_replaced_before_attach_never_gets_the_old_offsets(pg15, pg18, tmp_path):

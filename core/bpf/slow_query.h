@@ -9,13 +9,17 @@
  * translation unit: bcc rewrites map calls (settings.lookup() and friends) only
  * in the main file, so an #include of this file would not work.
  *
- * The record header is mirrored by pgslowlog/decoder.py; change both together.
+ * The record layout, the enums, the counters and the settings indexes are what
+ * user space reads (pgslowlog/decoder.py, loader.py): it passes its view as PY_*
+ * cflags and the _Static_asserts below stop the compile where the two differ.
  *
  * No kernel struct is dereferenced anywhere: the kernel headers bcc compiles
  * against may not match the running kernel, and only pt_regs, helpers and maps
- * are layout-stable. No PostgreSQL struct is read either: only exported globals
- * of a plain C type (application_name is a char *), found at
- * load bias + their address in the file.
+ * are layout-stable. The shared code reads no PostgreSQL struct either: only
+ * exported globals of a plain C type (application_name is a char *), found at
+ * load bias + their address in the file. Definitions that do read PostgreSQL's
+ * structs (backend_status, for PgBackendStatus) get each offset per major
+ * version as cflags from their plugin, which refuses versions it does not know.
  *
  * Set by the loader through cflags:
  *   QUERY_MAX_BYTES         bytes of query text kept per statement
@@ -25,12 +29,13 @@
  *   APPLICATION_NAME_VADDR  file address of the global `char *application_name`, or 0
  *   VADDR_<symbol>          file address of each probed function or USDT probe
  *   CAPTURE_PARAMS          1 to copy bound parameter values out of Bind messages
+ *   PY_*                    user space's view of the layout (loader.shared_layout_cflags)
  */
 #include <uapi/linux/ptrace.h>
 
 #if !defined(QUERY_MAX_BYTES) || !defined(RINGBUF_PAGES) || \
     !defined(REPORT_BACKEND_EXIT) || !defined(PROTOCOL) || !defined(APPLICATION_NAME_VADDR) || \
-    !defined(CAPTURE_PARAMS)
+    !defined(CAPTURE_PARAMS) || !defined(PY_RECORD_HEADER_SIZE)
 #error "the loader passes QUERY_MAX_BYTES, RINGBUF_PAGES, ... as cflags"
 #endif
 
@@ -100,6 +105,51 @@ enum counter {
     COUNTER_COUNT = 5,
 };
 
+/* The layout user space reads, checked against what it says it reads. */
+#define SAME_AS_USER_SPACE(c_value, py_value, what) \
+    _Static_assert((c_value) == (py_value), \
+                   what " differs between bpf/slow_query.h and decoder.py or loader.py")
+#define HEADER_FIELD(field) \
+    SAME_AS_USER_SPACE(offsetof(struct record_header, field), PY_HEADER_##field, \
+                       "the offset of record_header." #field)
+#define BIND_FIELD(field) \
+    SAME_AS_USER_SPACE(offsetof(struct bind_record, field), PY_BIND_##field, \
+                       "the offset of bind_record." #field)
+SAME_AS_USER_SPACE(sizeof(struct record_header), PY_RECORD_HEADER_SIZE,
+                   "the size of struct record_header");
+HEADER_FIELD(start_ns);
+HEADER_FIELD(duration_ns);
+HEADER_FIELD(pid);
+HEADER_FIELD(query_len);
+HEADER_FIELD(query_truncated);
+HEADER_FIELD(backend_exited);
+HEADER_FIELD(kind);
+HEADER_FIELD(outcome);
+HEADER_FIELD(protocol);
+HEADER_FIELD(reserved);
+HEADER_FIELD(application_name);
+BIND_FIELD(portal);
+BIND_FIELD(statement);
+BIND_FIELD(message_len);
+BIND_FIELD(params_len);
+BIND_FIELD(params);
+SAME_AS_USER_SPACE(RECORD_STATEMENT, PY_RECORD_STATEMENT, "RECORD_STATEMENT");
+SAME_AS_USER_SPACE(RECORD_BACKEND_STARTED, PY_RECORD_BACKEND_STARTED, "RECORD_BACKEND_STARTED");
+SAME_AS_USER_SPACE(RECORD_BACKEND_EXITED, PY_RECORD_BACKEND_EXITED, "RECORD_BACKEND_EXITED");
+SAME_AS_USER_SPACE(RECORD_BIND, PY_RECORD_BIND, "RECORD_BIND");
+SAME_AS_USER_SPACE(OUTCOME_OK, PY_OUTCOME_OK, "OUTCOME_OK");
+SAME_AS_USER_SPACE(OUTCOME_ERROR, PY_OUTCOME_ERROR, "OUTCOME_ERROR");
+SAME_AS_USER_SPACE(OUTCOME_CANCELLED, PY_OUTCOME_CANCELLED, "OUTCOME_CANCELLED");
+SAME_AS_USER_SPACE(PROTOCOL_UNKNOWN, PY_PROTOCOL_UNKNOWN, "PROTOCOL_UNKNOWN");
+SAME_AS_USER_SPACE(PROTOCOL_SIMPLE, PY_PROTOCOL_SIMPLE, "PROTOCOL_SIMPLE");
+SAME_AS_USER_SPACE(PROTOCOL_EXTENDED, PY_PROTOCOL_EXTENDED, "PROTOCOL_EXTENDED");
+SAME_AS_USER_SPACE(COUNTER_STATEMENTS, PY_COUNTER_STATEMENTS, "COUNTER_STATEMENTS");
+SAME_AS_USER_SPACE(COUNTER_EMITTED, PY_COUNTER_EMITTED, "COUNTER_EMITTED");
+SAME_AS_USER_SPACE(COUNTER_UNTRACKED, PY_COUNTER_UNTRACKED, "COUNTER_UNTRACKED");
+SAME_AS_USER_SPACE(COUNTER_RINGBUF_FULL, PY_COUNTER_RINGBUF_FULL, "COUNTER_RINGBUF_FULL");
+SAME_AS_USER_SPACE(COUNTER_UNRECORDED, PY_COUNTER_UNRECORDED, "COUNTER_UNRECORDED");
+SAME_AS_USER_SPACE(COUNTER_COUNT, PY_COUNTER_COUNT, "COUNTER_COUNT");
+
 /*
  * Each backend's statement state lives in task-local storage: created on the
  * backend's first statement and freed by the kernel with the process. A statement
@@ -119,6 +169,10 @@ BPF_TASK_STORAGE(backend_binds, struct bind_record);
 #define SETTING_REALTIME_OFFSET 1
 #define SETTING_ATTACHED_REALTIME 2
 BPF_ARRAY(settings, u64, 3);
+SAME_AS_USER_SPACE(SETTING_THRESHOLD, PY_SETTING_THRESHOLD, "SETTING_THRESHOLD");
+SAME_AS_USER_SPACE(SETTING_REALTIME_OFFSET, PY_SETTING_REALTIME_OFFSET, "SETTING_REALTIME_OFFSET");
+SAME_AS_USER_SPACE(SETTING_ATTACHED_REALTIME, PY_SETTING_ATTACHED_REALTIME,
+                   "SETTING_ATTACHED_REALTIME");
 BPF_PERCPU_ARRAY(counters, u64, COUNTER_COUNT);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 /* Where a record goes when `events` refuses it: see ring_output(). 256 KiB. */
