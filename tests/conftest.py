@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from leaks import LeakWatch
 
-from pgslowlog.testing.cluster import Cluster
 from pgslowlog.demo import embedded_bindir
+from pgslowlog.testing.cluster import Cluster
 from pgslowlog.testing.daemon_process import RunningDaemon
 
 DEBIAN_PG15 = Path("/usr/lib/postgresql/15/bin")
@@ -28,6 +29,9 @@ PG15_O0 = Path(
 )
 
 _skipped: list[str] = []
+# Processes and sockets the tests start must not outlive the session (leaks.py).
+_leaks = LeakWatch()
+_leftovers: list[str] = []
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -35,8 +39,14 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         _skipped.append(report.nodeid)
 
 
+def pytest_runtest_logfinish(nodeid: str, location: tuple[str, int | None, str]) -> None:
+    _leaks.after_test(nodeid)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if _skipped:
+    # Every fixture, session-scoped ones included, has been torn down by now.
+    _leftovers.extend(_leaks.leftovers())
+    if _skipped or _leftovers:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -45,6 +55,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(
             f"FAILED: {len(_skipped)} test(s) skipped; every test must run: {_skipped}", red=True
         )
+    for line in _leftovers:
+        terminalreporter.write_line(f"FAILED: left over after the tests: {line}", red=True)
 
 
 @pytest.fixture(scope="session", params=sorted(BINDIRS))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +27,6 @@ pytestmark = pytest.mark.ebpf
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent
 TREE = Path(os.environ.get("PGSLOWLOG_DEBIAN_TREE", "/var/cache/pgslowlog/nspawn/tree"))
-PG_PORT = 5544  # the container shares the host's network: not the host's 5432
 
 
 @dataclass
@@ -34,17 +34,21 @@ class Host:
     tree: Path
     leader: int  # the container's PID 1, seen from here
     ssh_port: int
+    pg_port: int
     key: Path
     workdir: Path
+    wheel: Path | None = None
 
-    def run(self, *command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *command: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         """Run a command inside the container (all of its namespaces)."""
         return subprocess.run(
             ["nsenter", "-t", str(self.leader), "-a", *command],
             capture_output=True,
             text=True,
             check=check,
-            timeout=120,
+            timeout=timeout,
         )
 
     def playbook(self, **variables: object) -> subprocess.CompletedProcess[str]:
@@ -87,7 +91,7 @@ class Host:
         )
 
     def psql(self, sql: str) -> None:
-        self.run("runuser", "-u", "postgres", "--", "psql", "-p", str(PG_PORT), "-qAtc", sql)
+        self.run("runuser", "-u", "postgres", "--", "psql", "-p", str(self.pg_port), "-qAtc", sql)
 
     def events(self) -> list[dict[str, object]]:
         log = self.tree / "var" / "log" / "pgslowlog" / "slow.jsonl"
@@ -104,9 +108,9 @@ class Host:
         return shown.stdout.strip()
 
 
-def _prepare(tree: Path, ssh_port: int, public_key: str) -> None:
+def _prepare(tree: Path, ssh_port: int, pg_port: int, public_key: str) -> None:
     conf = next((tree / "etc" / "postgresql").glob("*/main/postgresql.conf"))
-    conf.write_text(conf.read_text() + f"\nport = {PG_PORT}\n")
+    conf.write_text(conf.read_text() + f"\nport = {pg_port}\n")
     sshd = tree / "etc" / "ssh" / "sshd_config.d" / "pgslowlog-test.conf"
     sshd.write_text(
         f"Port {ssh_port}\nListenAddress 127.0.0.1\nPermitRootLogin prohibit-password\n"
@@ -120,60 +124,80 @@ def _prepare(tree: Path, ssh_port: int, public_key: str) -> None:
     (tree / "etc" / "pip.conf").write_text("[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n")
 
 
+BOOT_TIMEOUT_S = 180
+FAIL_AT_SETUP = "PGSLOWLOG_TEST_ROLLOUT_FAIL_AT_SETUP"
+
+
 @pytest.fixture(scope="module")
 def host(tmp_path_factory) -> Iterator[Host]:
+    """A booted container; powered off and removed on every path, a failed set-up too."""
     if not (TREE / "usr" / "lib" / "postgresql").exists():
         raise RuntimeError(f"no Debian tree at {TREE}: run bash .ci/build-debian-tree")
     workdir = tmp_path_factory.mktemp("rollout")
-    tree = workdir / "tree"
-    subprocess.run(["cp", "-a", str(TREE), str(tree)], check=True)
-    key = workdir / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    ssh_port = free_port()
-    _prepare(tree, ssh_port, (workdir / "id_ed25519.pub").read_text())
-    machine = subprocess.Popen(
-        [
-            "systemd-nspawn",
-            "--register=no",
-            "--keep-unit",
-            "-q",
-            "-D",
-            str(tree),
-            "-b",
-            "--capability=all",
-            "--system-call-filter=bpf perf_event_open",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=(workdir / "console.log").open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    leader = _container_init(machine.pid)
-    host = Host(tree=tree, leader=leader, ssh_port=ssh_port, key=key, workdir=workdir)
-    state = host.run("systemctl", "is-system-running", "--wait", check=False).stdout.strip()
-    assert state in ("running", "degraded"), (workdir / "console.log").read_text()[-2000:]
-    subprocess.run(
-        ["pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(workdir / "dist"), str(ROOT)],
-        check=True,
-        executable=str(BIN / "pip"),
-    )
-    host.wheel = next((workdir / "dist").glob("pgslowlog-*.whl"))  # type: ignore[attr-defined]
+    machine: subprocess.Popen[bytes] | None = None
+    leader: int | None = None
     try:
+        tree = workdir / "tree"
+        subprocess.run(["cp", "-a", str(TREE), str(tree)], check=True)
+        key = workdir / "id_ed25519"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        # Both ports free now: the container shares the host's loopback.
+        ssh_port, pg_port = free_port(), free_port()
+        _prepare(tree, ssh_port, pg_port, (workdir / "id_ed25519.pub").read_text())
+        console = (workdir / "console.log").open("w")
+        machine = subprocess.Popen(
+            [
+                "systemd-nspawn",
+                "--register=no",
+                "--keep-unit",
+                "-q",
+                "-D",
+                str(tree),
+                "-b",
+                "--capability=all",
+                "--system-call-filter=bpf perf_event_open",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=console,
+            stderr=subprocess.STDOUT,
+        )
+        console.close()  # nspawn has its own copy
+        leader = _container_init(machine)
+        host = Host(
+            tree=tree, leader=leader, ssh_port=ssh_port, pg_port=pg_port, key=key, workdir=workdir
+        )
+        _wait_until_booted(host, machine)
+        if os.environ.get(FAIL_AT_SETUP):
+            # To check that a failed set-up leaves nothing running (the leak check).
+            raise RuntimeError(f"set-up failed on purpose ({FAIL_AT_SETUP} is set)")
+        subprocess.run(
+            [
+                "pip",
+                "wheel",
+                "--quiet",
+                "--no-deps",
+                "--wheel-dir",
+                str(workdir / "dist"),
+                str(ROOT),
+            ],
+            check=True,
+            executable=str(BIN / "pip"),
+        )
+        host.wheel = next((workdir / "dist").glob("pgslowlog-*.whl"))
         yield host
     finally:
-        host.run("systemctl", "poweroff", check=False)
-        try:
-            machine.wait(60)
-        except subprocess.TimeoutExpired:
-            machine.kill()
-            machine.wait()
+        if machine is not None:
+            _power_off(machine, leader)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _container_init(nspawn_pid: int, timeout: float = 60) -> int:
+def _container_init(machine: subprocess.Popen[bytes], timeout: float = 60) -> int:
     """The container's PID 1: the child of systemd-nspawn running systemd."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        children = Path(f"/proc/{nspawn_pid}/task/{nspawn_pid}/children")
+        if machine.poll() is not None:
+            raise RuntimeError(f"systemd-nspawn exited with {machine.returncode}")
+        children = Path(f"/proc/{machine.pid}/task/{machine.pid}/children")
         for pid in children.read_text().split() if children.exists() else []:
             if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
                 return int(pid)
@@ -181,18 +205,64 @@ def _container_init(nspawn_pid: int, timeout: float = 60) -> int:
     raise RuntimeError("the container's systemd did not start")
 
 
-def _wait_for(predicate, timeout: float = 15) -> bool:
-    deadline = time.monotonic() + timeout
+def _wait_until_booted(host: Host, machine: subprocess.Popen[bytes]) -> None:
+    """Until systemctl names a finished boot. Right after systemd becomes PID 1 its bus
+    is not up and systemctl prints nothing, so ask again until it answers."""
+    deadline = time.monotonic() + BOOT_TIMEOUT_S
+    state = ""
     while time.monotonic() < deadline:
-        if predicate():
-            return True
+        if machine.poll() is not None:
+            raise RuntimeError(f"the container stopped while booting ({machine.returncode})")
+        try:
+            answer = host.run("systemctl", "is-system-running", "--wait", check=False, timeout=30)
+            state = answer.stdout.strip()
+        except subprocess.TimeoutExpired:
+            state = "(no answer in 30 s)"
+        if state in ("running", "degraded"):
+            return
+        time.sleep(1)
+    console = (host.workdir / "console.log").read_text()[-2000:]
+    raise RuntimeError(f"the container did not finish booting: {state!r}\n{console}")
+
+
+def _power_off(machine: subprocess.Popen[bytes], leader: int | None) -> None:
+    """Power the container off; kill it when it does not go within a minute."""
+    if leader is not None and machine.poll() is None:
+        subprocess.run(
+            ["nsenter", "-t", str(leader), "-a", "systemctl", "poweroff"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    try:
+        machine.wait(60)
+    except subprocess.TimeoutExpired:
+        machine.terminate()  # nspawn asks the container's systemd to halt
+        try:
+            machine.wait(20)
+        except subprocess.TimeoutExpired:
+            machine.kill()
+            machine.wait()
+    # Killing nspawn alone would leave the container's processes running: its PID 1,
+    # killed, takes every process of its namespace with it.
+    if leader is not None and Path(f"/proc/{leader}").exists():
+        try:
+            os.kill(leader, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_for(predicate, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not true within {timeout} s: {predicate.__doc__ or predicate}")
         time.sleep(0.2)
-    return False
 
 
 def test_playbook_rolls_out_a_working_service(host: Host):
     variables = {
-        "pgslowlog_wheel": str(host.wheel),  # type: ignore[attr-defined]
+        "pgslowlog_wheel": str(host.wheel),
         "pgslowlog_kernel_headers": "linked",  # the container's kernel has no package
         "pgslowlog_threshold_ms": 200,
     }
@@ -201,7 +271,7 @@ def test_playbook_rolls_out_a_working_service(host: Host):
     assert host.run("systemctl", "is-active", "pgslowlog").stdout.strip() == "active"
 
     host.psql("select pg_sleep(0.3) /* rolled out */")
-    assert _wait_for(lambda: any("rolled out" in e["query"] for e in host.events()))
+    _wait_for(lambda: any("rolled out" in e["query"] for e in host.events()))
 
     second = host.playbook(**variables)
     assert second.returncode == 0, second.stdout[-3000:]
@@ -215,5 +285,5 @@ def test_playbook_rolls_out_a_working_service(host: Host):
     assert host.main_pid() == pid_before  # reloaded, not restarted
     host.psql("select pg_sleep(0.3) /* under the new threshold */")
     host.psql("select pg_sleep(1.1) /* over the new threshold */")
-    assert _wait_for(lambda: any("over the new" in e["query"] for e in host.events()))
+    _wait_for(lambda: any("over the new" in e["query"] for e in host.events()))
     assert not any("under the new" in e["query"] for e in host.events())

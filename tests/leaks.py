@@ -1,0 +1,150 @@
+"""What the tests started and did not stop: processes and listening sockets.
+
+A fixture that starts a cluster, a daemon, rsyslogd, an nspawn container or a
+receiver must stop it on every path. conftest.py looks after every test for
+processes that were not there when the session began, remembers which test they
+appeared in, and fails the run when any of them outlives the session, naming the
+process and that test. Only processes of this test run count: descendants of pytest,
+and processes that carry this run's mark in their environment (every child inherits
+it, so a server that daemonized is still known), so other work on the machine, a
+second test run included, is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_KERNEL_THREAD = 0x00200000  # PF_KTHREAD, in /proc/PID/stat's flags
+MARK = "PGSLOWLOG_TEST_SESSION"
+
+
+@dataclass(frozen=True)
+class Process:
+    pid: int
+    start_ticks: int  # with the pid, tells a process from a later one with its pid
+    parent: int
+    kernel_thread: bool
+    command: str
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.pid, self.start_ticks)
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} ({self.command[:160]})"
+
+
+def _read(pid: int) -> Process | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None  # gone in between
+    # The command name is in parentheses and may hold spaces: split after the last ')'.
+    name = stat[stat.index("(") + 1 : stat.rindex(")")]
+    fields = stat[stat.rindex(")") + 2 :].split()
+    command = raw.replace(b"\0", b" ").decode(errors="replace").strip() or f"[{name}]"
+    return Process(
+        pid=pid,
+        start_ticks=int(fields[19]),
+        parent=int(fields[1]),
+        kernel_thread=bool(int(fields[6]) & _KERNEL_THREAD),
+        command=command,
+    )
+
+
+def processes() -> dict[tuple[int, int], Process]:
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (process := _read(int(entry))) is not None:
+            found[process.key] = process
+    return found
+
+
+def _marked(pid: int, mark: bytes) -> bool:
+    try:
+        return mark in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False  # gone, or another user's
+
+
+def of_the_run(
+    now: dict[tuple[int, int], Process], before: set[tuple[int, int]], root: int, mark: bytes
+) -> list[Process]:
+    """Processes that are new since `before` and belong to the run rooted at `root`."""
+    by_pid = {process.pid: process for process in now.values()}
+
+    def descends_from_root(process: Process) -> bool:
+        for _ in range(64):  # a chain of ancestors, never a loop
+            if process.parent == root:
+                return True
+            parent = by_pid.get(process.parent)
+            if parent is None:
+                return False
+            process = parent
+        return False
+
+    return [
+        process
+        for key, process in now.items()
+        if key not in before and not process.kernel_thread and process.pid != root
+        if descends_from_root(process) or _marked(process.pid, mark)
+    ]
+
+
+def listening_sockets(pid: int) -> set[str]:
+    """Loopback addresses this process listens on (TCP), as 'address:port' in hex."""
+    listening = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A":  # TCP_LISTEN
+                listening[fields[9]] = fields[1]
+    owned = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and (inode := link[8:-1]) in listening:
+            owned.add(listening[inode])
+    return owned
+
+
+class LeakWatch:
+    def __init__(self) -> None:
+        self.root = os.getpid()
+        value = f"{self.root}-{time.time_ns()}"
+        os.environ[MARK] = value  # inherited by everything the tests start
+        self.mark = f"{MARK}={value}".encode()
+        self.before = set(processes())
+        self.sockets_before = listening_sockets(self.root)
+        self.first_seen: dict[tuple[int, int], str] = {}
+
+    def after_test(self, nodeid: str) -> None:
+        for process in of_the_run(processes(), self.before, self.root, self.mark):
+            self.first_seen.setdefault(process.key, nodeid)
+
+    def leftovers(self, grace_s: float = 20) -> list[str]:
+        """What is still there at the end, after `grace_s` for things already stopping."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            left = of_the_run(processes(), self.before, self.root, self.mark)
+            sockets = listening_sockets(self.root) - self.sockets_before
+            if (not left and not sockets) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+        lines = [
+            f"{process} still running; it appeared during "
+            f"{self.first_seen.get(process.key, 'the session set-up or tear-down')}"
+            for process in left
+        ]
+        lines += [f"a listening socket {address} is still open in pytest" for address in sockets]
+        return lines
