@@ -10,7 +10,7 @@ from pgslowlog.plugin_manager import RegisterProbe, RegisterSink
 from pgslowlog.probes import ProbeDefinition, Uprobe
 from pgslowlog.sinks import BaseSink, Sink, SinkType
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it from here
 __all__ = [
     "BaseSink",
     "ProbeDefinition",

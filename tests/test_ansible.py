@@ -6,6 +6,7 @@ The rollout to a booted systemd host is tests/test_rollout.py.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -47,6 +48,51 @@ def test_playbook_syntax():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("architecture", ["x86_64", "aarch64"])
+def test_preflight_refuses_other_architectures_than_x86_64(tmp_path, architecture):
+    # The role's own preflight tasks, run on the controller with the facts of a
+    # Debian 12 host on the given architecture (set_fact, nothing gathered or changed).
+    facts = {
+        "architecture": architecture,
+        "os_family": "Debian",
+        "distribution": "Debian",
+        "service_mgr": "systemd",
+        "kernel": "6.1.0-28-amd64",
+        "cacheable": True,
+    }
+    play = [
+        {
+            "name": "Preflight with a given architecture",
+            "hosts": "localhost",
+            "gather_facts": False,
+            "tasks": [
+                {"name": "Facts", "ansible.builtin.set_fact": facts},
+                {
+                    "name": "Preflight",
+                    "ansible.builtin.import_tasks": str(ROLE / "tasks" / "preflight.yml"),
+                },
+            ],
+        }
+    ]
+    (tmp_path / "play.yml").write_text(yaml.safe_dump(play))
+    result = run(
+        str(BIN / "ansible-playbook"),
+        "-i",
+        "localhost,",
+        "-c",
+        "local",
+        "play.yml",
+        cwd=tmp_path,
+        env={**os.environ, "ANSIBLE_NOCOLOR": "1"},
+    )
+    if architecture == "x86_64":
+        assert result.returncode == 0, result.stdout + result.stderr
+    else:
+        assert result.returncode != 0, result.stdout
+        assert "x86_64 only, not on aarch64" in result.stdout, result.stdout
+        assert "arm64 is not supported yet" in result.stdout, result.stdout
+
+
 def test_config_template_renders_a_config_pgslowlog_accepts(tmp_path):
     from pgslowlog.config import load_config
 
@@ -71,6 +117,8 @@ def test_config_template_renders_a_config_pgslowlog_accepts(tmp_path):
         f"src={ROLE / 'templates' / 'pgslowlog.toml.j2'} dest={rendered}",
         "-e",
         f"@{tmp_path / 'vars.json'}",
+        # ansible's temporary files go below $HOME, which an unprivileged user may not have
+        env={**os.environ, "ANSIBLE_REMOTE_TMP": str(tmp_path / "ansible-tmp")},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     config = load_config(rendered)
