@@ -114,8 +114,9 @@ def parse_config(data: dict[str, Any], source: str = "config") -> Config:
     return config
 
 
-_AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
-_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<key>[^`]+)`$")
+# DOTALL: a key may hold a newline (TOML allows "\n" = 1), and must still match.
+_AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<key>[^`]+)`$", re.DOTALL)
 _MISSING = re.compile(r"^Object missing required field `(?P<key>[^`]+)`$")
 
 
@@ -127,7 +128,8 @@ def config_error(source: str, error: msgspec.ValidationError, prefix: str = "") 
     inner = (match["path"] or "").lstrip(".")
     path = ".".join(part for part in (prefix, inner) if part).replace(".[", "[")
     if unknown := _UNKNOWN.match(message):
-        key = f"{path}.{unknown['key']}" if path else unknown["key"]
+        name = unknown["key"] if unknown["key"].isprintable() else repr(unknown["key"])
+        key = f"{path}.{name}" if path else name
         return UserError(
             f"config {source}: unknown key {key}",
             f"remove it or correct its spelling ({EXAMPLE})",

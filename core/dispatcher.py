@@ -44,6 +44,7 @@ class _Lane:
         self._closing = False
         self.deadline = float("inf")
         self._in_flight = 0  # events inside the current write()
+        self._abandoned = False  # given up at shutdown while stuck in write()
         self.thread = threading.Thread(target=self._run, name=f"sink-{name}", daemon=True)
 
     def put_many(self, events: list[SlowQuery]) -> None:
@@ -116,11 +117,15 @@ class _Lane:
             self._in_flight = len(batch)
             try:
                 self.sink.write(batch)
-                self.stats.delivered += len(batch)
+                outcome = "delivered"
             except Exception as error:
-                self.stats.failed += len(batch)
+                outcome = "failed"
                 log.error("sink_write_failed", sink=self.name, events=len(batch), error=str(error))
-            self._in_flight = 0
+            with self._changed:
+                # An abandoned write that returns late was counted as dropped already.
+                if not self._abandoned:
+                    setattr(self.stats, outcome, getattr(self.stats, outcome) + len(batch))
+                self._in_flight = 0
         self.call("close")
 
     def abandon(self) -> None:
@@ -128,7 +133,8 @@ class _Lane:
         with self._changed:
             lost = len(self._events) + self._in_flight
             self._events.clear()
-        self.stats.dropped += lost
+            self._abandoned = True
+            self.stats.dropped += lost
         log.error("sink_stuck_at_shutdown", sink=self.name, undelivered=lost)
 
     def call(self, method: str) -> None:

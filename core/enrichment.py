@@ -112,11 +112,10 @@ class Enricher:
             self._backends.pop(notice.pid, None)
             self._binds.pop(notice.pid, None)  # a Bind whose statement never came
         else:
-            self._lookup(notice.pid, refresh=True)
+            self._lookup(notice.pid)
 
-    def _lookup(self, pid: int, refresh: bool = False) -> Backend | None:
-        if not refresh and (cached := self._backends.get(pid)) is not None:
-            return cached
+    def _lookup(self, pid: int) -> Backend | None:
+        """Read the pid's process title now, and remember what it says."""
         title = read_process_title(pid)
         if title is None:
             return None
@@ -128,8 +127,8 @@ class Enricher:
         return backend
 
     def _params(self, bind: BindMessage | None) -> list[str | None] | None:
-        if bind is None or bind.params is None:
-            return None
+        if bind is None or bind.params is None or self.params_max_length == 0:
+            return None  # 0 logs none, as log_parameter_max_length = 0 does
         params = [format_parameter(p, self.params_max_length) for p in bind.params]
         return redact_parameters(params) if self.redact else params
 
