@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,21 @@ from typing import Any
 from pgslowlog.testing.cluster import free_port
 
 RAW_FORMAT = "%app-name%|%procid%|%msgid%|%syslogfacility-text%|%syslogseverity-text%|%msg%\\n"
+
+
+def wait_for_count(
+    find: Callable[[], list[dict[str, Any]]], what: str, count: int, timeout: float
+) -> list[dict[str, Any]]:
+    """What `find` returns once it holds at least `count` items (more: a duplicate is the
+    caller's to see); AssertionError naming `what` and how many arrived if time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = find()
+        if len(found) >= count:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(found)} {what} within {timeout} s, wanted {count}")
+        time.sleep(0.05)
 
 
 @dataclass
@@ -28,7 +44,8 @@ class Rsyslog:
         if not self.output.exists():
             return []
         messages = []
-        for line in self.output.read_text().splitlines():
+        # rsyslogd writes through a buffer that can end mid-line: only whole lines count.
+        for line in self.output.read_text().split("\n")[:-1]:
             app, procid, msgid, facility, severity, message = line.split("|", 5)
             messages.append(
                 {
@@ -43,12 +60,13 @@ class Rsyslog:
         return messages
 
     def wait_for(self, marker: str, count: int, timeout: float = 10) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [m for m in self.messages() if marker in m["event"]["query"]]
-            if len(found) >= count or time.monotonic() > deadline:
-                return found
-            time.sleep(0.05)
+        """At least `count` messages whose query holds `marker`; AssertionError if not in time."""
+        return wait_for_count(
+            lambda: [m for m in self.messages() if marker in m["event"]["query"]],
+            f"rsyslog messages with {marker!r}",
+            count,
+            timeout,
+        )
 
     def stop(self) -> None:
         self.process.terminate()
@@ -140,12 +158,14 @@ class WebhookReceiver:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def wait_for(self, marker: str, count: int, timeout: float = 20) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [event for event in self.events if marker in event["query"]]
-            if len(found) >= count or time.monotonic() > deadline:
-                return found
-            time.sleep(0.05)
+        """At least `count` events whose query holds `marker` (answered 200); AssertionError
+        if not in time."""
+        return wait_for_count(
+            lambda: [event for event in list(self.events) if marker in event["query"]],
+            f"webhook events with {marker!r}",
+            count,
+            timeout,
+        )
 
     def stop(self) -> None:
         self.server.shutdown()

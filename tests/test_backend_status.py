@@ -18,12 +18,13 @@ from pgslowlog.plugins.activity_probe import ACTIVITY
 from pgslowlog.plugins.backend_status_probe import BACKEND_STATUS
 from pgslowlog.probes import select_probes, wanted_symbols
 
-pytestmark = pytest.mark.ebpf
+# Each test that attaches is marked ebpf; the last one only reads a binary (no root).
 
 PROBE = ["backend_status"]
 FAILING = "do $$ begin perform pg_sleep(0.3); raise exception 'boom'; end $$ /* {marker} */"
 
 
+@pytest.mark.ebpf
 def test_simple_statement_timed_from_postgresql_own_timestamps(cluster, start_daemon):
     daemon = start_daemon(cluster, probes=PROBE)
     before = datetime.now(UTC)
@@ -44,6 +45,7 @@ def test_simple_statement_timed_from_postgresql_own_timestamps(cluster, start_da
     assert daemon.events("/* bs fast */") == []
 
 
+@pytest.mark.ebpf
 def test_extended_protocol_and_a_cycle_without_a_statement(cluster, start_daemon):
     daemon = start_daemon(cluster, probes=PROBE)
     with psycopg.connect(cluster.dsn() + " application_name=shop-api", autocommit=True) as conn:
@@ -65,6 +67,7 @@ def test_extended_protocol_and_a_cycle_without_a_statement(cluster, start_daemon
     assert len(daemon.events("/* bs extended */")) == 1
 
 
+@pytest.mark.ebpf
 def test_failed_and_cancelled_statements(cluster, start_daemon):
     daemon = start_daemon(cluster, probes=PROBE)
     cluster.psql(FAILING.format(marker="bs failing"))
@@ -81,6 +84,7 @@ def test_failed_and_cancelled_statements(cluster, start_daemon):
     assert fine["outcome"] == "ok"
 
 
+@pytest.mark.ebpf
 def test_cancel_while_idle_does_not_label_the_next_error(cluster, start_daemon):
     daemon = start_daemon(cluster, probes=PROBE)
     with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
@@ -91,6 +95,7 @@ def test_cancel_while_idle_does_not_label_the_next_error(cluster, start_daemon):
     assert event["outcome"] == "error"
 
 
+@pytest.mark.ebpf
 def test_backend_connected_before_the_daemon(cluster, start_daemon):
     with psycopg.connect(cluster.dsn(), autocommit=True) as early:
         early.execute("select pg_sleep(0.3) /* bs before attach */")
@@ -102,6 +107,7 @@ def test_backend_connected_before_the_daemon(cluster, start_daemon):
     assert daemon.events("/* bs before attach */") == []
 
 
+@pytest.mark.ebpf
 def test_statements_postgresql_kept_no_record_of_are_counted(pg15, start_daemon):
     daemon = start_daemon(pg15, probes=PROBE)
     pg15.psql("set track_activities = off", "select pg_sleep(0.25) /* bs off */", check=True)
@@ -112,6 +118,7 @@ def test_statements_postgresql_kept_no_record_of_are_counted(pg15, start_daemon)
     assert daemon.events("/* bs off */") == []
 
 
+@pytest.mark.ebpf
 def test_text_is_cut_where_postgresql_cut_it(cluster, start_daemon):
     daemon = start_daemon(cluster, probes=PROBE, query_max_bytes=4096)
     query = "select pg_sleep(0.25) /* bs long " + "x" * 2000 + " */"

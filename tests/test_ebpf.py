@@ -28,8 +28,7 @@ FAILING = "do $$ begin perform pg_sleep(0.3); raise exception 'boom'; end $$ /* 
 def test_slow_statement_logged_with_text_duration_and_backend(cluster, start_daemon):
     daemon = start_daemon(cluster)
     before = datetime.now(UTC)
-    result = cluster.psql("select 1 /* fast */", "select pg_sleep(0.3) /* slow */", check=True)
-    assert result.returncode == 0
+    cluster.psql("select 1 /* fast */", "select pg_sleep(0.3) /* slow */", check=True)
     (event,) = daemon.wait_for_events("/* slow */", 1)
     assert event["query"] == "select pg_sleep(0.3) /* slow */"
     assert abs(event["duration_ms"] - 300) < 20
@@ -211,12 +210,15 @@ def test_exec_simple_query_probe_on_full_symbol_build(pg18, start_daemon):
 
 def test_target_given_by_postmaster_pid(cluster, start_daemon):
     daemon = start_daemon(cluster, target_pid=cluster.postmaster_pid)
-    config = daemon.config.read_text()
-    assert f"pid = {cluster.postmaster_pid}" in config and "binary =" not in config
+    # The daemon found the binary from the pid alone: /proc/PID/exe, and the server
+    # shares our root, so no /proc/PID/root prefix.
+    binary = os.path.realpath(cluster.postgres)
+    attached = daemon.process.wait_for_log("probe_attached")
+    assert (attached["target"], attached["binary"]) == ("target0", binary)
+    assert daemon.process.wait_for_log("ready")["probes"] == [f"activity@{binary}"]
     cluster.psql("select pg_sleep(0.25) /* by pid */", check=True)
     (event,) = daemon.wait_for_events("/* by pid */", 1)
-    # /proc/PID/exe, and the server shares our root, so no /proc/PID/root prefix
-    assert event["binary"] == os.path.realpath(cluster.postgres)
+    assert (event["binary"], event["target"]) == (binary, "target0")
 
 
 @pytest.mark.parametrize("include_background", [False, True])

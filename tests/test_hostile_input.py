@@ -64,10 +64,10 @@ def test_hostile_query_text_is_escaped_in_every_sink(pg18, start_daemon, tmp_pat
         (syslogged,) = rsyslog.wait_for(MARKER, 1)
         (posted,) = webhook.wait_for(MARKER, 1)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            console = [e["line"] for e in daemon.process.logs if MARKER in e.get("line", "")]
-            if console:
-                break
+        while not (
+            console := [e["line"] for e in daemon.process.logs if MARKER in e.get("line", "")]
+        ):
+            assert time.monotonic() < deadline, "no console line with the hostile statement"
             time.sleep(0.05)
     finally:
         rsyslog.stop()

@@ -83,7 +83,8 @@ def test_defaults_and_no_threshold_cap():
     assert config.target[0].probes == ["auto"]
     big = parse_config({**BASE, "daemon": {"threshold_ms": 3_600_000}})
     assert big.threshold_ns == 3_600_000_000_000  # an hour: no 2-second cap
-    assert parse_config({**BASE, "daemon": {"query_max_bytes": 16384}}).daemon.query_max_bytes
+    most = parse_config({**BASE, "daemon": {"query_max_bytes": 16384}})
+    assert most.daemon.query_max_bytes == 16384  # the limit itself is accepted
 
 
 @pytest.mark.parametrize(
@@ -233,3 +234,11 @@ def test_ring_stops_at_a_record_still_being_written():
     assert consumer == 16  # the busy record and the one after it wait for the next look
     records, consumer = take_records(data, 0, producer, 255, 1)
     assert (records, consumer) == ([b"done"], 16)
+
+
+@pytest.mark.parametrize(("key", "shown"), [("\n", "'\\n'"), ("a\x1bb", "'a\\x1bb'")])
+def test_an_unknown_key_with_a_control_character_is_one_quoted_line(key, shown):
+    with pytest.raises(UserError) as refused:
+        parse_config({**BASE, "daemon": {key: 0}})
+    assert str(refused.value).startswith(f"config config: unknown key daemon.{shown}; ")
+    assert "\n" not in str(refused.value) and "\x1b" not in str(refused.value)
