@@ -280,7 +280,7 @@ def test_a_write_that_ignores_the_interrupt_is_abandoned_in_bounded_time(dispatc
         elapsed = time.monotonic() - started
     finally:
         stuck.gate.set()  # let the abandoned thread finish
-    assert 1.1 <= elapsed < 2.0  # the budget, then one second of grace after interrupt()
+    assert 1.1 <= elapsed < 3.0  # the budget, then one second of grace after interrupt()
     # In write() and still queued: all counted as dropped, nothing as delivered.
     assert (stats["stuck"].delivered, stats["stuck"].dropped) == (0, 4)
     (abandoned,) = [entry for entry in logs if entry["event"] == "sink_stuck_at_shutdown"]

@@ -11,6 +11,7 @@ from pgslowlog.decoder import HEADER, BackendNotice, RecordKind, decode, decode_
 from pgslowlog.enrichment import parse_process_title
 from pgslowlog.errors import UserError
 from pgslowlog.hookspecs import hookimpl
+from pgslowlog.machine import check_architecture
 from pgslowlog.plugin_manager import Plugins
 from pgslowlog.redaction import redact_literals, redact_parameters
 from pgslowlog.ringbuf import BUSY_BIT, DISCARD_BIT, take_records
@@ -242,3 +243,9 @@ def test_an_unknown_key_with_a_control_character_is_one_quoted_line(key, shown):
         parse_config({**BASE, "daemon": {key: 0}})
     assert str(refused.value).startswith(f"config config: unknown key daemon.{shown}; ")
     assert "\n" not in str(refused.value) and "\x1b" not in str(refused.value)
+
+
+def test_x86_64_is_the_supported_architecture():
+    assert check_architecture("x86_64").ok
+    refused = check_architecture("aarch64")
+    assert not refused.ok and refused.text.startswith("architecture aarch64 is not supported")
