@@ -97,20 +97,22 @@ class Daemon:
             partial(resolve_with_probes, plugins=plugins), self.probes, self.health.retire
         )
         self._install_signal_handlers()
-        if not self._attach(the_plan):
+        try:
+            if not self._attach(the_plan):
+                return 1
+            log.info(
+                "ready",
+                threshold_ms=config.daemon.threshold_ms,
+                probes=[f"{r.definition.name}@{r.target.binary.path}" for r in self.probes],
+                sinks=self.dispatcher.sink_names(),
+            )
+            sd_notify("READY=1")
+            self._loop()
+            log.info("stopping", signal=self._stop_signal)
+            sd_notify("STOPPING=1")
+        finally:
+            # Whatever ended the loop, even a bug: detach, drain, deliver, close.
             self._shutdown()
-            return 1
-        log.info(
-            "ready",
-            threshold_ms=config.daemon.threshold_ms,
-            probes=[f"{r.definition.name}@{r.target.binary.path}" for r in self.probes],
-            sinks=self.dispatcher.sink_names(),
-        )
-        sd_notify("READY=1")
-        self._loop()
-        log.info("stopping", signal=self._stop_signal)
-        sd_notify("STOPPING=1")
-        self._shutdown()
         if self._failure is not None:
             log.error("exiting_after_failure", reason=self._failure)
             return 1
@@ -127,6 +129,9 @@ class Daemon:
                 )
         except ProbeLoadError as error:
             log.error("probe_failed", error=str(error))
+            return False
+        except Exception as error:  # a third-party source may raise anything
+            log.exception("probe_failed", error=f"{type(error).__name__}: {error}")
             return False
         finally:
             the_plan.close()

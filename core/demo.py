@@ -65,7 +65,7 @@ def main(threshold_ms: float) -> int:
         daemon = RunningDaemon(config)
         try:
             ready = daemon.wait_for_log("ready")
-        except DaemonExited as error:
+        except (DaemonExited, TimeoutError) as error:
             print(f"pgslowlog demo: {error}", file=sys.stderr)
             return 1
         print(f"-- daemon ready: probes {ready['probes']}")

@@ -144,7 +144,8 @@ def open_binary(
     close it.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO at the path must not hang the open; S_ISREG refuses it next.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise UserError(
             f"{label} {path} does not exist",

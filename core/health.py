@@ -16,7 +16,16 @@ from pgslowlog.probe_set import ProbeSet, RunningProbe
 log = get_logger(__name__)
 
 # The per-target figures of the health line.
-TARGET_HEALTH = ("probes_attached", "uprobes", "statements", "slow_events", "lost", "untracked")
+# `attachments`: the places the probes watch (uprobes and USDT probes for a BPF
+# program; whatever a source counts as attached otherwise).
+TARGET_HEALTH = (
+    "probes_attached",
+    "attachments",
+    "statements",
+    "slow_events",
+    "lost",
+    "untracked",
+)
 # Counters that mean something was lost: log event, cause, fix.
 LOSS_COUNTERS = {
     "untracked": (
@@ -47,11 +56,11 @@ class ProbeFigures:
     counters: dict[str, int]
 
     @classmethod
-    def of(cls, running: RunningProbe) -> ProbeFigures:
+    def of(cls, running: RunningProbe, attached_count: int | None = None) -> ProbeFigures:
         return cls(
             f"{running.definition.name}@{running.target.index}",
             running.target.name,
-            running.source.attached_count,
+            running.source.attached_count if attached_count is None else attached_count,
             running.source.counters(),
         )
 
@@ -62,12 +71,13 @@ def sum_per_target(figures: list[ProbeFigures]) -> dict[str, dict[str, int]]:
     for probe in figures:
         counters = probe.counters
         entry = targets.setdefault(probe.target, dict.fromkeys(TARGET_HEALTH, 0))
+        count = counters.get  # a source counts what it can know; the rest is 0
         entry["probes_attached"] += probe.attached_count > 0
-        entry["uprobes"] += probe.attached_count
-        entry["statements"] += counters["statements"]
-        entry["slow_events"] += counters["emitted"]
-        entry["lost"] += counters["ringbuf_full"]
-        entry["untracked"] += counters["untracked"] + counters["unrecorded"]
+        entry["attachments"] += probe.attached_count
+        entry["statements"] += count("statements", 0)
+        entry["slow_events"] += count("emitted", 0)
+        entry["lost"] += count("ringbuf_full", 0)
+        entry["untracked"] += count("untracked", 0) + count("unrecorded", 0)
     return targets
 
 
@@ -85,13 +95,15 @@ class HealthReporter:
         for running in self._probes:
             self.report_losses_of(running)
 
-    def report_losses_of(self, running: RunningProbe) -> ProbeFigures:
-        figures = ProbeFigures.of(running)
+    def report_losses_of(
+        self, running: RunningProbe, attached_count: int | None = None
+    ) -> ProbeFigures:
+        figures = ProbeFigures.of(running, attached_count)
         now = figures.counters
-        before = self._reported.get(running, dict.fromkeys(now, 0))
+        before = self._reported.get(running, {})
         self._reported[running] = now
         for counter, (event, cause, fix) in LOSS_COUNTERS.items():
-            if lost := now[counter] - before[counter]:
+            if lost := now.get(counter, 0) - before.get(counter, 0):
                 log.warning(
                     event,
                     probe=running.definition.name,
@@ -104,8 +116,9 @@ class HealthReporter:
 
     def retire(self, running: RunningProbe) -> ProbeFigures:
         """A probe is stopped and about to be closed: report its last losses, keep its
-        record totals, and return its final figures."""
-        figures = self.report_losses_of(running)
+        record totals, and return its final figures (with the places it watched while
+        attached: it is detached by now)."""
+        figures = self.report_losses_of(running, running.attachments)
         self._reported.pop(running, None)
         self._filtered_retired += running.collector.enricher.filtered
         self._failed_retired += _failed(running)

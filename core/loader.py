@@ -210,8 +210,12 @@ class LoadedProbe:
         self._perf_fds: list[int] = []
         self._tracepoint_fd: int | None = None
         self._cpus = possible_cpus()
-        self.set_threshold_ns(round(daemon.threshold_ms * 1_000_000))
-        self.sync_clock()
+        try:
+            self.set_threshold_ns(round(daemon.threshold_ms * 1_000_000))
+            self.sync_clock()
+        except BaseException:
+            self._compiled.close()  # the programs and maps the child handed over
+            raise
 
     def _attachments(self) -> list[Uprobe | Usdt]:
         return [*self.definition.attachments, *outcome_uprobes(self.target)]

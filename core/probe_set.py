@@ -28,6 +28,7 @@ T = TypeVar("T")
 class RunningProbe:
     source: StatementSource
     collector: Collector
+    attachments: int  # places it watched once attached (attached_count is 0 after detach)
 
     @property
     def definition(self) -> ProbeDefinition:
@@ -55,6 +56,9 @@ class ProbeSet:
         self._on_failure = on_failure
         self._open = opener
         self._running: list[RunningProbe] = []
+        # The live threshold: a SIGHUP may have moved it since start-up, and a source
+        # opened later (a target re-attached, a binary installed) must use it too.
+        self._threshold_ns = round(daemon.threshold_ms * 1_000_000)
 
     def __iter__(self) -> Iterator[RunningProbe]:
         return iter(list(self._running))
@@ -79,7 +83,9 @@ class ProbeSet:
     def _start_one(self, target: Target, definition: ProbeDefinition) -> RunningProbe:
         source = self._open(definition, target, self._daemon)
         try:
+            source.set_threshold_ns(self._threshold_ns)
             source.attach()
+            attachments = source.attached_count
             daemon = self._daemon
             enricher = Enricher(
                 definition.name,
@@ -91,14 +97,17 @@ class ProbeSet:
                 daemon.redact_literals,
             )
             name = f"{definition.name}@{target.name}"
-            collector = Collector(
-                name, source.reader(), enricher, self._dispatcher, self._on_failure
-            )
-            collector.start()
+            reader = source.reader()
+            try:
+                collector = Collector(name, reader, enricher, self._dispatcher, self._on_failure)
+                collector.start()
+            except BaseException:
+                reader.close()
+                raise
         except BaseException:
             source.close()
             raise
-        running = RunningProbe(source, collector)
+        running = RunningProbe(source, collector, attachments)
         self._running.append(running)
         log.info(
             "probe_attached",
@@ -111,6 +120,7 @@ class ProbeSet:
         return running
 
     def set_threshold_ns(self, threshold_ns: int) -> None:
+        self._threshold_ns = threshold_ns
         for running in self._running:
             running.source.set_threshold_ns(threshold_ns)
 
@@ -131,7 +141,10 @@ class ProbeSet:
     ) -> list[T]:
         # Detach all first, so that no statement begins or ends while others drain.
         for running in stopping:
-            running.source.detach()
+            try:
+                running.source.detach()
+            except Exception as error:  # keep stopping the others
+                log.error("probe_detach_failed", probe=running.name, error=str(error))
         for running in stopping:
             running.collector.stop()
         for running in stopping:
@@ -140,8 +153,13 @@ class ProbeSet:
         for running in stopping:
             try:
                 results.append(before_close(running))
+            except Exception as error:
+                log.error("probe_report_failed", probe=running.name, error=str(error))
             finally:
-                running.source.close()
+                try:
+                    running.source.close()
+                except Exception as error:
+                    log.error("probe_close_failed", probe=running.name, error=str(error))
                 if running in self._running:
                     self._running.remove(running)
         return results

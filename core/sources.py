@@ -52,7 +52,8 @@ class StatementSource(Protocol):
 
     @property
     def attached_count(self) -> int:
-        """How many places it watches (uprobes, USDT probes); 0 when not attached."""
+        """How many places it watches (uprobes and USDT probes for a BPF program; what
+        a source that is not one counts as watched, at least 1); 0 when not attached."""
 
     def describe(self) -> dict[str, object]:
         """Figures for the `probe_attached` log line (for example uprobes: 3)."""

@@ -106,10 +106,11 @@ class TargetWatcher:
             self._probes.stop_target(watched.index, self._retire)
             try:
                 self._probes.start(target, definitions)
-            except ProbeLoadError as error:
+            except Exception as error:  # ProbeLoadError, or anything a third-party source raises
                 watched.refused = read
                 watched.attached = None
-                log.error("target_attach_failed", target=watched.name, error=str(error))
+                detail = str(error) if isinstance(error, ProbeLoadError) else repr(error)
+                log.error("target_attach_failed", target=watched.name, error=detail)
                 return
         watched.attached = read
         log.warning(

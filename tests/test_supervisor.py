@@ -7,7 +7,6 @@ enricher, the dispatcher and a list sink around them are the real ones.
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from pgslowlog.dispatcher import Dispatcher
 from pgslowlog.elf import BinaryFile, PostgresBinary
 from pgslowlog.health import HealthReporter
 from pgslowlog.live_config import merge_live, needs_restart
+from pgslowlog.planner import Plan, PlannedTarget
 from pgslowlog.probe_set import ProbeSet
 from pgslowlog.probes import ProbeDefinition
 from pgslowlog.sinks import BaseSink
@@ -84,6 +84,7 @@ class FakeSource:
     def attach(self) -> None:
         if self.fail_attach:
             raise ProbeLoadError(f"{self.definition.name} refused")
+        self.threshold_ns_at_attach = self.threshold_ns
         self.attached = True
 
     def reader(self) -> FakeReader:
@@ -118,11 +119,26 @@ def definition(name: str) -> ProbeDefinition:
     return ProbeDefinition(name=name, description=name, open_source=FakeSource)
 
 
+_opened: list[BinaryFile] = []
+
+
+@pytest.fixture(autouse=True)
+def close_binary_files():
+    yield
+    while _opened:
+        _opened.pop().close()
+
+
+def binary_file(path: Path) -> BinaryFile:
+    _opened.append(BinaryFile(str(path), os.open(path, os.O_RDONLY)))
+    return _opened[-1]
+
+
 def target(tmp_path: Path, index: int = 0, name: str = "main") -> Target:
     path = tmp_path / f"postgres{index}"
     path.write_bytes(b"not really postgres")
     binary = PostgresBinary(str(path), "15.18", 15, False, {}, {}, {})
-    return Target(index, binary, BinaryFile(str(path), os.open(path, os.O_RDONLY)), name)
+    return Target(index, binary, binary_file(path), name)
 
 
 class Harness:
@@ -137,7 +153,8 @@ class Harness:
         self.opened: list[FakeSource] = []
 
         def opener(definition, target, daemon):
-            source = FakeSource(definition, target, fail_attach=definition.name in fail)
+            make = definition.open_source  # FakeSource, or a subclass a test gives
+            source = make(definition, target, fail_attach=definition.name in fail)
             self.opened.append(source)
             return source
 
@@ -233,7 +250,7 @@ def test_losses_are_warned_once_each_and_health_sums_per_target(harness, tmp_pat
     assert health["targets"] == {
         "main": {
             "probes_attached": 2,
-            "uprobes": 4,
+            "attachments": 4,
             "statements": 2,
             "slow_events": 2,
             "lost": 5,
@@ -252,7 +269,9 @@ def test_stopped_line_counts_what_each_probe_did(harness, tmp_path):
     stopped = h.health.stopped(final)
     assert stopped["kernel_counters"]["a@0"]["emitted"] == 1
     assert stopped["targets"]["main"]["slow_events"] == 1
-    assert stopped["targets"]["main"]["probes_attached"] == 0  # detached by then
+    # What was attached during the run, though detached by the time it is counted.
+    assert stopped["targets"]["main"]["probes_attached"] == 1
+    assert stopped["targets"]["main"]["attachments"] == 2
 
 
 class FakeProbeSet:
@@ -280,7 +299,7 @@ def test_watcher_attaches_to_a_new_file_once_and_names_a_missing_one(tmp_path):
         resolved.append(target(tmp_path))
         # what was read is the file at the path
         resolved[-1].file.close()
-        file = BinaryFile(str(path), os.open(path, os.O_RDONLY))
+        file = binary_file(path)
         return Target(index, resolved[-1].binary, file, "main"), [definition("a")]
 
     probes = FakeProbeSet()
@@ -308,7 +327,7 @@ def test_watcher_does_not_retry_a_file_it_could_not_attach_to(tmp_path):
     path.write_bytes(b"v1")
 
     def resolve(target_config, index):
-        file = BinaryFile(str(path), os.open(path, os.O_RDONLY))
+        file = binary_file(path)
         binary = PostgresBinary(str(path), "15.18", 15, False, {}, {}, {})
         return Target(index, binary, file, "main"), [definition("a")]
 
@@ -331,7 +350,7 @@ def test_watcher_remembers_the_file_it_read_not_the_one_it_saw_first(tmp_path):
         newer = tmp_path / "newer"
         newer.write_bytes(b"v2, newer")
         os.rename(newer, path)
-        file = BinaryFile(str(path), os.open(path, os.O_RDONLY))
+        file = binary_file(path)
         binary = PostgresBinary(str(path), "15.18", 15, False, {}, {}, {})
         return Target(index, binary, file, "main"), [definition("a")]
 
@@ -396,10 +415,44 @@ def test_daemon_reload_moves_the_threshold_and_reopens_sinks(harness, tmp_path, 
     assert reopened
 
 
-def test_harness_files_are_not_left_open(tmp_path):
+def test_a_closed_binary_file_cannot_be_attached_to(tmp_path):
+    """Attaching goes through the open file: once closed, there is nothing to attach to."""
     t = target(tmp_path)
+    assert os.readlink(t.file.attach_path) == str(tmp_path / "postgres0")
     t.file.close()
     t.file.close()  # twice is fine
     with pytest.raises(ValueError, match="closed"):
         _ = t.file.attach_path
-    shutil.rmtree(tmp_path / "postgres0", ignore_errors=True)
+
+
+def test_a_threshold_moved_by_reload_reaches_probes_started_later(harness, tmp_path):
+    """A target re-attached after a SIGHUP (an upgrade) uses the live threshold."""
+    h = harness()
+    h.probes.start(target(tmp_path, 0), [definition("a")])
+    h.probes.set_threshold_ns(1_500_000_000)
+    h.probes.stop_target(0, lambda running: None)
+    h.probes.start(target(tmp_path, 0), [definition("a")])  # as the watcher does
+    assert [s.threshold_ns for s in h.opened] == [1_500_000_000, 1_500_000_000]
+    assert h.opened[0].threshold_ns_at_attach == 200_000_000
+    assert h.opened[1].threshold_ns_at_attach == 1_500_000_000
+
+
+class BrokenSource(FakeSource):
+    def attach(self) -> None:
+        raise OSError("a third-party source failed in its own way")
+
+
+def test_a_source_that_raises_anything_is_one_failed_start_and_a_clean_stop(harness, tmp_path):
+    h = harness()
+    broken = ProbeDefinition(name="broken", description="", open_source=BrokenSource)
+    daemon = Daemon("unused.toml")
+    daemon.probes = h.probes
+    daemon.watcher = TargetWatcher(lambda c, i: (target(tmp_path), []), h.probes, print)
+    config = parse_config(BASE)
+    the_plan = Plan(config, [PlannedTarget(target(tmp_path, 0), [definition("a"), broken])], [], {})
+    with capture_logs() as logs:
+        assert daemon._attach(the_plan) is False
+    (failed,) = [entry for entry in logs if entry["event"] == "probe_failed"]
+    assert "OSError: a third-party source failed" in failed["error"]
+    assert len(h.probes) == 0 and h.opened[0].closed  # the one that had started is stopped
+    assert the_plan.targets[0].target.file._fd is None  # the binary is closed
