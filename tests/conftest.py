@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -110,7 +111,6 @@ class DaemonUnderTest:
         self.sinks = daemon_options.pop("sinks", {})
         self.write_config(**daemon_options)
         self.process = RunningDaemon(self.config, env=env, wrapper=wrapper)
-        self.process.wait_for_log("ready")
 
     def write_config(self, threshold_ms: float = 200, **options: Any) -> None:
         lines = ["[daemon]", f"threshold_ms = {threshold_ms}"]
@@ -155,10 +155,18 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonUnderTest]]:
 
     def start(cluster: Cluster, **options: Any) -> DaemonUnderTest:
         daemon = DaemonUnderTest(tmp_path, cluster.postgres, **options)
-        started.append(daemon)
+        started.append(daemon)  # before waiting: one that never gets ready is stopped too
+        daemon.process.wait_for_log("ready")
         return daemon
 
     yield start
+    # Stop every one before judging any: a failed stop must not leave the next running.
+    problems = []
     for daemon in started:
         if daemon.process.process.poll() is None:
-            assert daemon.stop() == 0
+            try:
+                if (status := daemon.stop()) != 0:
+                    problems.append(f"a daemon exited with {status}")
+            except (AssertionError, subprocess.TimeoutExpired) as error:
+                problems.append(str(error))
+    assert not problems, problems

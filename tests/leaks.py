@@ -27,6 +27,7 @@ class Process:
     start_ticks: int  # with the pid, tells a process from a later one with its pid
     parent: int
     kernel_thread: bool
+    zombie: bool  # exited, waiting for its parent to reap it: nothing runs
     command: str
 
     @property
@@ -52,6 +53,7 @@ def _read(pid: int) -> Process | None:
         start_ticks=int(fields[19]),
         parent=int(fields[1]),
         kernel_thread=bool(int(fields[6]) & _KERNEL_THREAD),
+        zombie=fields[0] == "Z",
         command=command,
     )
 
@@ -77,21 +79,23 @@ def of_the_run(
     """Processes that are new since `before` and belong to the run rooted at `root`."""
     by_pid = {process.pid: process for process in now.values()}
 
-    def descends_from_root(process: Process) -> bool:
+    def belongs(process: Process) -> bool:
+        """A descendant of pytest, or of a process carrying the run's mark (a postgres
+        backend's title overwrites its environment, its postmaster's does not)."""
         for _ in range(64):  # a chain of ancestors, never a loop
-            if process.parent == root:
+            if process.parent == root or _marked(process.pid, mark):
                 return True
             parent = by_pid.get(process.parent)
-            if parent is None:
-                return False
+            if parent is None or parent.key in before:
+                return False  # reached the machine's own processes
             process = parent
         return False
 
     return [
         process
         for key, process in now.items()
-        if key not in before and not process.kernel_thread and process.pid != root
-        if descends_from_root(process) or _marked(process.pid, mark)
+        if key not in before and not process.kernel_thread and not process.zombie
+        if process.pid != root and belongs(process)
     ]
 
 
@@ -136,7 +140,15 @@ class LeakWatch:
         """What is still there at the end, after `grace_s` for things already stopping."""
         deadline = time.monotonic() + grace_s
         while True:
-            left = of_the_run(processes(), self.before, self.root, self.mark)
+            now = processes()
+            left = of_the_run(now, self.before, self.root, self.mark)
+            # Also whatever was seen during a test and still runs, mark or not: a
+            # container's init (nspawn gives it a fresh environment) whose nspawn died.
+            left += [
+                process
+                for key, process in now.items()
+                if key in self.first_seen and not process.zombie and process not in left
+            ]
             sockets = listening_sockets(self.root) - self.sockets_before
             if (not left and not sockets) or time.monotonic() >= deadline:
                 break
