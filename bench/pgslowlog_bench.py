@@ -321,6 +321,7 @@ CONDITIONS: list[str] = [
     "pgslowlog 0ms",
     "pgslowlog backend_status 200ms",
     "pgslowlog backend_status 0ms",
+    "pgslowlog sampled 200ms",  # no trap per statement; 0 ms is not its use
     "log_min_duration_statement 200",
     "log_min_duration_statement 0",
     "dbslower 200ms",

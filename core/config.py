@@ -47,6 +47,9 @@ class DaemonConfig(_Strict):
     # Replace constants in query text with $1, $2, ... (and bound values with
     # "<redacted>") before any sink sees them: query text can hold personal data.
     redact_literals: bool = False
+    # How often the `sampled` definition looks at every backend's pg_stat_activity
+    # entry. It sees every statement of at least threshold + 2 intervals.
+    sample_interval_ms: Annotated[float, msgspec.Meta(ge=1, le=1000)] = 10.0
 
 
 class TargetConfig(_Strict):

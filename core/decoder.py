@@ -82,6 +82,10 @@ class RawStatement(msgspec.Struct, frozen=True, gc=False):
     outcome: str
     protocol: str | None
     application_name: str
+    # Known to a definition that samples PostgreSQL's bookkeeping (sampled):
+    duration_exact: bool = True  # False: the end is an upper bound
+    query_id: int | None = None
+    waits: dict[str, int] | None = None  # samples per wait event type, "CPU" for none
 
 
 class BackendNotice(msgspec.Struct, frozen=True, gc=False):

@@ -58,6 +58,10 @@ class PostgresBinary:
     functions: dict[str, Function] = field(repr=False)
     objects: dict[str, int] = field(repr=False)  # exported globals: name -> file address
     usdt: dict[tuple[str, str], UsdtProbe] = field(repr=False)
+    # File address of the start of the file (first PT_LOAD's p_vaddr - p_offset): 0
+    # for a position-independent build, 0x400000 or so for one that is not. A running
+    # process's load bias is where it mapped file offset 0 minus this.
+    base_vaddr: int = 0
 
     def function_offset(self, name: str) -> int | None:
         function = self.functions.get(name)
@@ -194,6 +198,7 @@ def _inspect_binary(
             elf = ELFFile(handle)
             functions, objects, has_symtab = _symbols(elf, wanted | {_SERVER_MARKER})
             usdt = _usdt_probes(elf)
+            base_vaddr = _base_vaddr(elf)
             with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
                 match = _VERSION.search(data)
                 # Copy the groups out while the mapping is open.
@@ -218,6 +223,7 @@ def _inspect_binary(
         functions=functions,
         objects=objects,
         usdt=usdt,
+        base_vaddr=base_vaddr,
     )
     if len(_cache) >= _CACHED:
         del _cache[next(iter(_cache))]
@@ -277,6 +283,13 @@ def _usdt_probes(elf: ELFFile) -> dict[tuple[str, str], UsdtProbe]:
             ),
         )
     return probes
+
+
+def _base_vaddr(elf: ELFFile) -> int:
+    for segment in elf.iter_segments():
+        if segment["p_type"] == "PT_LOAD":
+            return int(segment["p_vaddr"] - segment["p_offset"])
+    return 0
 
 
 def _file_offset(elf: ELFFile, address: int) -> int | None:

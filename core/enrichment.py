@@ -164,4 +164,7 @@ class Enricher:
             binary=self.binary,
             target=self.target,
             backend_exited=raw.backend_exited,
+            duration_exact=raw.duration_exact,
+            query_id=raw.query_id,
+            waits=raw.waits,
         )

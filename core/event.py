@@ -30,6 +30,13 @@ class SlowQuery(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     binary: str
     target: str = ""  # the [[target]]'s name
     backend_exited: bool = False  # the backend ended before the statement did
+    # False when the end is an upper bound (a sampled statement followed at once by
+    # the next one, as in a pipeline); every trapped duration is exact.
+    duration_exact: bool = True
+    query_id: int | None = None  # pg_stat_statements.queryid, where the definition reads it
+    # What a sampled statement was doing at each look: wait event type ("Lock", "IO",
+    # "Timeout", ...) or "CPU" -> number of looks. None for trapped statements.
+    waits: dict[str, int] | None = None
 
     def to_json(self) -> bytes:
         return _terminal_safe(_encoder.encode(self))

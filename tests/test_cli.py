@@ -74,7 +74,7 @@ BAD_CONFIGS = {
         # The shipped definitions; installed third-party ones (the example `utility`
         # where .ci/bootstrap installed it) follow in the same sorted list.
         "unknown probe 'nosuch'; use one of auto, activity, backend_status, extended, "
-        "simple_query, usdt",
+        "sampled, simple_query, usdt",
     ),
     "negative threshold": (
         GOOD.replace("threshold_ms = 200", "threshold_ms = -5"),

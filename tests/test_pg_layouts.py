@@ -99,3 +99,13 @@ def test_an_unverified_major_is_refused_naming_the_verified_ones():
         layout_for(12)
     assert "PostgreSQL 12's struct layout is not known" in refused.value.cause
     assert "13, 14, 15, 16, 17, 18" in refused.value.cause
+
+
+@pytest.mark.parametrize(("build", "base"), [("pg15", 0), ("pg18", 0x400000)])
+def test_the_file_address_of_offset_zero_for_pie_and_fixed_builds(build, base):
+    """Debian builds position-independent executables, the wheel does not: the sampler's
+    load bias (where offset 0 is mapped, minus this) must serve both."""
+    from pgslowlog.elf import inspect_binary
+
+    postgres = BUILDS[build][1]
+    assert inspect_binary(str(postgres), frozenset()).base_vaddr == base

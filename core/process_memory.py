@@ -1,0 +1,114 @@
+"""Reads another process's memory without stopping it: process_vm_readv(2).
+
+The sampler reads PostgreSQL's own bookkeeping (the backend status array and the
+PGPROC array live in shared memory, mapped at the same address in every process of
+a cluster, so the postmaster's view serves for all backends). One system call
+reads many ranges: the kernel copies each remote range into its local buffer.
+Needs CAP_SYS_PTRACE over the target (root has it), as /proc/PID/mem would.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from collections.abc import Sequence
+
+_IOV_MAX = 1024  # UIO_MAXIOV: ranges per system call
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = (("base", ctypes.c_void_p), ("length", ctypes.c_size_t))
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_readv = _libc.process_vm_readv
+_readv.restype = ctypes.c_ssize_t
+_readv.argtypes = [
+    ctypes.c_int,
+    ctypes.POINTER(_Iovec),
+    ctypes.c_ulong,
+    ctypes.POINTER(_Iovec),
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
+
+
+class MemoryReadError(OSError):
+    """The process is gone, or a range is not mapped in it."""
+
+
+def read_ranges(pid: int, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    """Each (address, size) of `pid`'s memory, in as few system calls as the kernel allows.
+
+    A range that is not mapped (or a process that is gone) raises MemoryReadError:
+    the caller decides whether one bad range spoils the rest.
+    """
+    results: list[bytes] = []
+    for start in range(0, len(ranges), _IOV_MAX):
+        chunk = ranges[start : start + _IOV_MAX]
+        buffers = [ctypes.create_string_buffer(size) for _, size in chunk]
+        local = (_Iovec * len(chunk))(
+            *(
+                _Iovec(ctypes.addressof(buffer), size)
+                for buffer, (_, size) in zip(buffers, chunk, strict=True)
+            )
+        )
+        remote = (_Iovec * len(chunk))(*(_Iovec(address, size) for address, size in chunk))
+        wanted = sum(size for _, size in chunk)
+        got = _readv(pid, local, len(chunk), remote, len(chunk), 0)
+        if got < 0:
+            error = ctypes.get_errno()
+            raise MemoryReadError(error, f"reading pid {pid}: {os.strerror(error)}")
+        if got != wanted:
+            # Partial: the kernel stops at the first range it cannot read.
+            raise MemoryReadError(0, f"reading pid {pid}: {got} of {wanted} bytes readable")
+        results += [buffer.raw for buffer in buffers]
+    return results
+
+
+def read(pid: int, address: int, size: int) -> bytes:
+    return read_ranges(pid, [(address, size)])[0]
+
+
+def read_pointer(pid: int, address: int) -> int:
+    return int.from_bytes(read(pid, address, 8), "little")
+
+
+def read_c_string(pid: int, address: int, limit: int) -> bytes:
+    """A NUL-terminated string of at most `limit` bytes (without the NUL).
+
+    Read in pieces that do not cross a page, so a string near the end of a mapping
+    is read up to its NUL without touching the next, unmapped page.
+    """
+    out = bytearray()
+    page = 4096
+    while len(out) < limit:
+        size = min(page - (address % page), limit - len(out))
+        piece = read(pid, address, size)
+        end = piece.find(b"\0")
+        if end >= 0:
+            return bytes(out + piece[:end])
+        out += piece
+        address += size
+    return bytes(out)
+
+
+def load_bias(pid: int, binary_inode: int) -> int | None:
+    """Where `pid` mapped the binary's file offset 0 (the caller subtracts the file
+    address that offset has, elf.PostgresBinary.base_vaddr, to get the load bias).
+
+    The inode alone identifies the file: overlay file systems show another device
+    here than stat() does.
+    """
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) < 6 or int(fields[4]) != binary_inode:
+                    continue
+                if int(fields[2], 16) == 0:
+                    return int(fields[0].split("-")[0], 16)
+    except OSError:
+        return None
+    return None

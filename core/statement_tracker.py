@@ -1,0 +1,121 @@
+"""Statements from samples of PostgreSQL's own bookkeeping: when each began and ended.
+
+The sampler looks at every backend's pg_stat_activity entry many times a second. A
+statement is never trapped; it is seen running, then seen over:
+- seen idle (or idle in transaction) with the same start: it ended exactly when
+  that state began (st_state_start_timestamp);
+- seen with a later start (the next statement of a pipeline, or one that came and
+  went between two looks): it ended at or before that start, an upper bound;
+- its backend gone: the entry is read once more if it can be (the caller does);
+  otherwise the end is the last time it was seen running, and the backend exited.
+Pure logic, no I/O: the sampler feeds it BackendSample values.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSample:
+    pid: int
+    running: bool  # st_state is RUNNING (or FASTPATH): a statement is in flight
+    activity_start_us: int  # st_activity_start_timestamp, PostgreSQL's microseconds
+    state_start_us: int  # st_state_start_timestamp: when the current state began
+    wait: str  # what it waits on now, "CPU" for nothing (pg_stat_activity's names)
+    query_id: int | None = None
+    aborted: bool = False  # idle in an aborted transaction: the last statement failed
+
+
+@dataclass(slots=True)
+class InFlight:
+    pid: int
+    start_us: int
+    last_seen_us: int  # `now` of the last sample that saw it running
+    query_id: int | None
+    waits: Counter[str] = field(default_factory=Counter)
+    text: bytes | None = None  # read by the sampler while the statement runs
+    text_truncated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    pid: int
+    start_us: int
+    end_us: int
+    exact: bool  # end read from PostgreSQL; False: an upper bound
+    backend_exited: bool
+    # "error" when PostgreSQL shows the transaction aborted right at its end; otherwise
+    # "unknown": a failure outside a transaction block leaves no mark to read.
+    outcome: str
+    query_id: int | None
+    waits: dict[str, int]
+    text: bytes | None
+    text_truncated: bool
+
+    @property
+    def duration_us(self) -> int:
+        return self.end_us - self.start_us
+
+
+class StatementTracker:
+    def __init__(self) -> None:
+        self.in_flight: dict[int, InFlight] = {}
+
+    def observe(self, sample: BackendSample, now_us: int) -> Finished | None:
+        """Account for one look at a backend; the statement that ended, if one did."""
+        finished = None
+        current = self.in_flight.get(sample.pid)
+        if current is not None:
+            if sample.activity_start_us != current.start_us:
+                # Another statement began: this one ended at or before its start.
+                finished = self._finish(current, sample.activity_start_us, exact=False)
+                current = None
+            elif not sample.running:
+                outcome = "error" if sample.aborted else "unknown"
+                finished = self._finish(current, sample.state_start_us, True, outcome=outcome)
+                current = None
+        if sample.running:
+            if current is None:
+                current = InFlight(sample.pid, sample.activity_start_us, now_us, sample.query_id)
+                self.in_flight[sample.pid] = current
+            current.last_seen_us = now_us
+            current.waits[sample.wait] += 1
+        return finished
+
+    def backend_gone(self, pid: int, last: BackendSample | None, now_us: int) -> Finished | None:
+        """The backend exited. `last` is its entry read once more, if that was possible
+        and the slot was not taken by another backend yet."""
+        current = self.in_flight.get(pid)
+        if current is None:
+            return None
+        if last is not None and last.activity_start_us == current.start_us and not last.running:
+            outcome = "error" if last.aborted else "unknown"
+            return self._finish(current, last.state_start_us, exact=True, outcome=outcome)
+        if last is not None and last.activity_start_us != current.start_us:
+            return self._finish(current, last.activity_start_us, exact=False)
+        # Still "running" when it went: cut short (terminated, FATAL, crash).
+        return self._finish(current, current.last_seen_us, False, exited=True, outcome="error")
+
+    def _finish(
+        self,
+        statement: InFlight,
+        end_us: int,
+        exact: bool,
+        exited: bool = False,
+        outcome: str = "unknown",
+    ) -> Finished:
+        del self.in_flight[statement.pid]
+        return Finished(
+            pid=statement.pid,
+            start_us=statement.start_us,
+            end_us=max(end_us, statement.start_us),
+            exact=exact,
+            backend_exited=exited,
+            outcome=outcome,
+            query_id=statement.query_id,
+            waits=dict(statement.waits),
+            text=statement.text,
+            text_truncated=statement.text_truncated,
+        )

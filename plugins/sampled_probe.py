@@ -1,0 +1,220 @@
+"""`sampled`: slow statements found by looking, with no trap per statement.
+
+Opt-in for now (`probes = ["sampled"]`). Every `[daemon] sample_interval_ms` it
+reads each backend's pg_stat_activity entry and wait word (sampler.py) and turns
+the looks into statements (statement_tracker.py): an ordinary statement costs
+PostgreSQL nothing. What it gives up, said in each event: a statement that ends
+between two looks is timed to the next one's start (`duration_exact: false`), a
+statement shorter than threshold + 2 intervals may go unseen, the outcome is
+known only for an error inside a transaction block (otherwise "unknown"), and
+the protocol is not told.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pgslowlog.config import DaemonConfig
+from pgslowlog.decoder import BackendNotice, RawStatement, Record, RecordKind
+from pgslowlog.elf import PostgresBinary
+from pgslowlog.hookspecs import hookimpl
+from pgslowlog.log import get_logger
+from pgslowlog.pg_layouts import EXPORTED_GLOBALS, LAYOUTS, layout_for
+from pgslowlog.plugin_manager import RegisterProbe
+from pgslowlog.probes import ProbeDefinition
+from pgslowlog.process_memory import MemoryReadError
+from pgslowlog.sampler import GLOBALS, PG_EPOCH_UNIX_US, Backend, Cluster, pg_now_us, postmasters
+from pgslowlog.sources import COUNTERS, ProbeLoadError
+from pgslowlog.statement_tracker import Finished, StatementTracker
+from pgslowlog.targets import Target
+
+log = get_logger(__name__)
+DISCOVER_EVERY_S = 1.0  # how often new (or restarted) postmasters are looked for
+# A statement's text is read once it is this many intervals short of the threshold:
+# one that reaches the threshold is still running at some look after that.
+TEXT_MARGIN_INTERVALS = 3
+
+
+class SampledSource:
+    """The StatementSource of `sampled`, and its own RecordReader."""
+
+    def __init__(self, definition: ProbeDefinition, target: Target, daemon: DaemonConfig) -> None:
+        self.definition = definition
+        self.target = target
+        self._layout = layout_for(target.binary.major)
+        self._identity = target.file.identity
+        self._interval_s = daemon.sample_interval_ms / 1000
+        self._query_max_bytes = daemon.query_max_bytes
+        self._threshold_us = round(daemon.threshold_ms * 1000)
+        self._tracker = StatementTracker()
+        self._clusters: dict[int, Cluster] = {}
+        self._owner: dict[int, tuple[Cluster, Backend]] = {}  # backend pid -> where
+        self._app_names: dict[int, str] = {}
+        self._counts = dict.fromkeys(COUNTERS, 0)
+        self._attached = False
+        self._next_look = 0.0
+        self._next_discovery = 0.0
+
+    @property
+    def attached_count(self) -> int:
+        return 1 if self._attached else 0
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "sample_interval_ms": self._interval_s * 1000,
+            "clusters": sorted(self._clusters),
+        }
+
+    def attach(self) -> None:
+        try:
+            self._discover()
+        except OSError as error:
+            raise ProbeLoadError(f"sampling {self.target.binary.path} failed: {error}") from None
+        self._attached = True
+
+    def reader(self) -> SampledSource:
+        return self
+
+    def set_threshold_ns(self, threshold_ns: int) -> None:
+        self._threshold_us = threshold_ns // 1000
+
+    def tick(self) -> None:
+        pass  # clocks: PostgreSQL's timestamps are wall-clock time already
+
+    def counters(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def detach(self) -> None:
+        self._attached = False
+
+    def close(self) -> None:
+        self.detach()
+
+    # RecordReader: the collector's thread does the looking.
+    def wait(self, timeout_ms: int) -> None:
+        delay = self._next_look - time.monotonic()
+        if delay > 0:
+            time.sleep(min(delay, timeout_ms / 1000))
+
+    def read(self, limit: int) -> list[Record]:
+        now = time.monotonic()
+        if not self._attached or now < self._next_look:
+            return []
+        self._next_look = now + self._interval_s
+        if now >= self._next_discovery:
+            self._discover()
+        return self._look()
+
+    def decode(self, record: Any) -> Record:
+        return record  # made as records already
+
+    def _discover(self) -> None:
+        self._next_discovery = time.monotonic() + DISCOVER_EVERY_S
+        found = set(postmasters(self._identity))
+        for pid in set(self._clusters) - found:
+            del self._clusters[pid]  # its backends are reported gone at the next look
+        for pid in found - set(self._clusters):
+            try:
+                self._clusters[pid] = Cluster(
+                    pid, self.target.binary, self._identity.inode, self._layout
+                )
+            except MemoryReadError as error:
+                log.warning("cluster_unreadable", postmaster=pid, error=str(error))
+
+    def _look(self) -> list[Record]:
+        now_us = pg_now_us()
+        records: list[Record] = []
+        children: dict[int, set[int]] = {pid: c.children() for pid, c in self._clusters.items()}
+        for pid, (cluster, backend) in list(self._owner.items()):
+            if pid not in children.get(cluster.pid, set()):
+                del self._owner[pid]
+                cluster.backends.pop(pid, None)
+                self._emit(
+                    self._tracker.backend_gone(pid, cluster.read_entry(backend), now_us), records
+                )
+                records.append(BackendNotice(RecordKind.BACKEND_EXITED, pid))
+                self._app_names.pop(pid, None)
+        for cluster_pid, pids in children.items():
+            cluster = self._clusters[cluster_pid]
+            for pid in pids - set(cluster.backends):
+                if (backend := cluster.adopt(pid)) is not None:
+                    self._owner[pid] = (cluster, backend)
+                    records.append(BackendNotice(RecordKind.BACKEND_STARTED, pid))
+            try:
+                samples = list(cluster.sample(list(cluster.backends.values())))
+            except MemoryReadError:
+                continue  # a server stopping: its backends are reported gone next time
+            text_age_us = self._threshold_us - TEXT_MARGIN_INTERVALS * self._interval_s * 1e6
+            for backend, sample in samples:
+                if sample is None:
+                    continue
+                self._emit(self._tracker.observe(sample, now_us), records)
+                running = self._tracker.in_flight.get(backend.pid)
+                if running is not None and running.text is None:
+                    if now_us - running.start_us >= text_age_us:
+                        self._read_text(cluster, backend, running)
+        return records
+
+    def _read_text(self, cluster: Cluster, backend: Backend, running: Any) -> None:
+        found = cluster.statement_text(backend, self._query_max_bytes)
+        if found is None:
+            found = cluster.shared_text(backend)
+        running.text, running.text_truncated = found if found is not None else (b"", False)
+        self._app_names[backend.pid] = cluster.application_name(backend)
+
+    def _emit(self, finished: Finished | None, records: list[Record]) -> None:
+        if finished is None:
+            return
+        self._counts["statements"] += 1
+        if finished.duration_us < self._threshold_us or finished.text is None:
+            return  # under the threshold (never read: it was not old enough to matter)
+        self._counts["emitted"] += 1
+        wall_ns = (finished.start_us + PG_EPOCH_UNIX_US) * 1000
+        records.append(
+            RawStatement(
+                start_ns=wall_ns - (time.time_ns() - time.monotonic_ns()),
+                duration_ns=finished.duration_us * 1000,
+                pid=finished.pid,
+                query=finished.text.decode(errors="replace"),
+                query_truncated=finished.text_truncated,
+                backend_exited=finished.backend_exited,
+                outcome=finished.outcome,
+                protocol=None,
+                application_name=self._app_names.get(finished.pid, ""),
+                duration_exact=finished.exact,
+                query_id=finished.query_id,
+                waits=finished.waits,
+            )
+        )
+
+
+def sampled_unsupported(binary: PostgresBinary) -> str | None:
+    if binary.major not in LAYOUTS:
+        return (
+            f"PostgreSQL {binary.major}'s struct layout is not verified "
+            f"(verified: {', '.join(map(str, sorted(LAYOUTS)))})"
+        )
+    if "MyBEEntry" not in EXPORTED_GLOBALS[binary.major]:
+        return f"PostgreSQL {binary.major} does not export MyBEEntry"
+    return None
+
+
+SAMPLED = ProbeDefinition(
+    name="sampled",
+    description=(
+        "no trap per statement: every backend's pg_stat_activity entry read every "
+        "sample_interval_ms (PostgreSQL 14-18; opt-in preview: outcome only for errors in "
+        "a transaction block, protocol not told, statements under threshold + 2 intervals "
+        "may go unseen)"
+    ),
+    open_source=SampledSource,
+    automatic=False,
+    globals=GLOBALS,
+    requirement=sampled_unsupported,
+)
+
+
+@hookimpl
+def pgslowlog_register_probes(register: RegisterProbe) -> None:
+    register(SAMPLED)

@@ -1,0 +1,113 @@
+"""The `sampled` definition against real servers: no trap, statements found by looking.
+
+Debian's stripped PostgreSQL 15 and the embedded PostgreSQL 18, with real psql,
+psycopg (extended protocol, a pipeline, a transaction) and two connections that
+block each other on a row lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+
+pytestmark = pytest.mark.ebpf  # needs root: it reads the servers' memory
+
+SAMPLED = {"probes": ["sampled"], "threshold_ms": 200}
+
+
+def test_short_lived_connections_are_timed_exactly(cluster, start_daemon):
+    daemon = start_daemon(cluster, **SAMPLED)
+    for n in range(3):
+        cluster.psql(f"select pg_sleep(0.3) /* sampled short {n} */", check=True)
+    cluster.psql("select pg_sleep(0.05) /* sampled fast */", check=True)
+    events = daemon.wait_for_events("sampled short", 3)
+    for event in events:
+        assert event["probe"] == "sampled" and event["duration_exact"] is True
+        assert abs(event["duration_ms"] - 300) < 15, event
+        assert (event["user"], event["database"]) == ("postgres", "postgres")
+        assert event["waits"] and max(event["waits"], key=event["waits"].get) == "Timeout"
+    assert sorted(e["query"] for e in events) == [
+        f"select pg_sleep(0.3) /* sampled short {n} */" for n in range(3)
+    ]
+    assert daemon.stop() == 0
+    assert daemon.events("sampled fast") == []
+
+
+def test_extended_protocol_in_a_transaction_and_an_error_in_it(cluster, start_daemon):
+    daemon = start_daemon(cluster, **SAMPLED)
+    with psycopg.connect(cluster.dsn()) as connection:  # not autocommit: a transaction
+        connection.execute("select pg_sleep(%s) /* sampled bound */", (0.25,))
+        time.sleep(0.1)  # idle in transaction: the end was exact
+        with pytest.raises(psycopg.errors.RaiseException):
+            connection.execute(
+                "do $$ begin perform pg_sleep(0.3); raise exception 'boom'; end $$"
+                " /* sampled failing */"
+            )
+        # Left idle in the aborted transaction for a few looks, PostgreSQL's mark of
+        # the failure is seen (a rollback at once would leave the outcome "unknown").
+        time.sleep(0.1)
+    (bound,) = daemon.wait_for_events("sampled bound", 1)
+    (failed,) = daemon.wait_for_events("sampled failing", 1)
+    assert bound["query"] == "select pg_sleep($1) /* sampled bound */"
+    assert abs(bound["duration_ms"] - 250) < 15 and bound["duration_exact"] is True
+    assert failed["outcome"] == "error" and 290 < failed["duration_ms"] < 330
+
+
+def test_each_statement_of_a_pipeline_on_its_own(cluster, start_daemon):
+    daemon = start_daemon(cluster, **SAMPLED)
+    sleeps = [0, 0.3, 0, 0.25, 0.01]
+    with psycopg.connect(cluster.dsn(), autocommit=True) as connection:
+        with connection.pipeline():
+            for n, seconds in enumerate(sleeps):
+                connection.execute(f"select pg_sleep(%s) /* sampled pipe {n} */", (seconds,))
+    first = daemon.wait_for_events("sampled pipe 1", 1)[0]
+    second = daemon.wait_for_events("sampled pipe 3", 1)[0]
+    # Each is timed from its own Execute; the next one's start bounds its end.
+    assert 300 <= first["duration_ms"] < 340 and first["duration_exact"] is False
+    assert 250 <= second["duration_ms"] < 290
+    assert [e for e in daemon.events("sampled pipe") if e not in (first, second)] == []
+
+
+def test_a_lock_wait_shows_as_lock(cluster, start_daemon):
+    daemon = start_daemon(cluster, **SAMPLED)
+    cluster.psql("create table if not exists sampled_lock (id int primary key)", check=True)
+    cluster.psql("insert into sampled_lock values (1) on conflict do nothing", check=True)
+    holder = psycopg.connect(cluster.dsn())
+    try:
+        holder.execute("select * from sampled_lock where id = 1 for update")
+        release = threading.Timer(1.0, holder.commit)
+        release.start()
+        cluster.psql("update sampled_lock set id = 1 where id = 1 /* sampled blocked */")
+        release.join()
+    finally:
+        holder.close()
+    (event,) = daemon.wait_for_events("sampled blocked", 1)
+    waits = event["waits"]
+    assert waits.get("Lock", 0) > 0.8 * sum(waits.values()), waits
+    assert 950 < event["duration_ms"] < 1200
+
+
+def test_query_id_is_postgresql_s_own(cluster, start_daemon):
+    daemon = start_daemon(cluster, **SAMPLED)
+    seen: list[int] = []
+    with psycopg.connect(cluster.dsn(), autocommit=True) as connection:
+        connection.execute("set compute_query_id = on")
+        pid = connection.info.backend_pid
+
+        def ask() -> None:
+            time.sleep(0.2)
+            with psycopg.connect(cluster.dsn(), autocommit=True) as other:
+                row = other.execute(
+                    "select query_id from pg_stat_activity where pid = %s", (pid,)
+                ).fetchone()
+                seen.append(row[0])
+
+        asking = threading.Thread(target=ask)
+        asking.start()
+        connection.execute("select pg_sleep(0.5) /* sampled query id */")
+        asking.join()
+    (event,) = daemon.wait_for_events("sampled query id", 1)
+    assert seen[0] is not None and event["query_id"] == seen[0]
