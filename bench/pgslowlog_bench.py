@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from pgslowlog.testing.cluster import Cluster
 from pgslowlog.elf import inspect_binary
 from pgslowlog.loader import libbcc
+from pgslowlog.testing.cluster import Cluster
 from pgslowlog.testing.daemon_process import RunningDaemon
 
 BINDIR = Path("/usr/lib/postgresql/15/bin")
