@@ -102,7 +102,9 @@ class HealthReporter:
         now = figures.counters
         before = self._reported.get(running, {})
         self._reported[running] = now
-        for counter, (event, cause, fix) in LOSS_COUNTERS.items():
+        # A source may say its own losses (what a count means for it, and the fix).
+        causes = getattr(running.source, "loss_causes", LOSS_COUNTERS)
+        for counter, (event, cause, fix) in causes.items():
             if lost := now.get(counter, 0) - before.get(counter, 0):
                 log.warning(
                     event,

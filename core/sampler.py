@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +25,11 @@ from pgslowlog.elf import FileIdentity, PostgresBinary
 from pgslowlog.pg_layouts import WAIT_EVENT_TYPES, BackendStatusLayout
 from pgslowlog.process_memory import (
     MemoryReadError,
+    RangeReader,
     load_bias,
     read,
     read_c_string,
     read_pointer,
-    read_ranges,
 )
 from pgslowlog.statement_tracker import BackendSample
 
@@ -77,6 +76,14 @@ class Backend:
     pid: int
     entry: int  # its PgBackendStatus, in shared memory
     proc: int  # its PGPROC, in shared memory
+    proc_start_us: int  # st_proc_start_timestamp: tells its slot from a later owner's
+
+
+# Per backend, in one system call: the change count, the entry, the wait word, the
+# change count again. The kernel copies the ranges in order, so equal even counts
+# around the copy mean no write ran during it (PostgreSQL's own reader does the same).
+_RANGES_PER_BACKEND = 4
+_BACKENDS_PER_READ = 1024 // _RANGES_PER_BACKEND
 
 
 class Cluster:
@@ -98,6 +105,8 @@ class Cluster:
             read(postmaster, self._addresses["pgstat_track_activity_query_size"], 4)
         )[0]
         self._running = (layout.state_running, layout.state_fastpath)
+        self._readers: list[tuple[list[Backend], RangeReader]] = []
+        self._reading: list[Backend] = []
 
     def children(self) -> set[int]:
         try:
@@ -106,73 +115,119 @@ class Cluster:
             return set()
         return {int(pid) for pid in text.split()}
 
-    def alive(self) -> bool:
-        return Path(f"/proc/{self.pid}").exists()
+    def still_child(self, pid: int) -> bool:
+        """The children file may miss a running child (the kernel documents it as
+        unreliable): ask the process itself before calling it gone."""
+        return _parent(pid) == self.pid
 
     def adopt(self, pid: int) -> Backend | None:
-        """A child's entry and PGPROC addresses; None while it is starting (NULL)."""
+        """A child's entry and PGPROC; None while it is starting (MyBEEntry still NULL,
+        or the entry not yet filled in: it may still hold a former owner's data)."""
         try:
             entry = read_pointer(pid, self._addresses["MyBEEntry"])
             proc = read_pointer(pid, self._addresses["MyProc"])
+            if not entry or not proc:
+                return None
+            data = read(self.pid, entry, self.layout.backend_status_size)
         except MemoryReadError:
             return None
-        if not entry or not proc:
+        if _INT.unpack_from(data, self.layout.st_procpid)[0] != pid:
             return None
-        backend = Backend(pid, entry, proc)
+        started = _INT64.unpack_from(data, self.layout.st_proc_start_timestamp)[0]
+        backend = Backend(pid, entry, proc, started)
         self.backends[pid] = backend
         return backend
 
-    def sample(self, backends: list[Backend]) -> Iterator[tuple[Backend, BackendSample | None]]:
+    def sample(self, backends: list[Backend]) -> list[tuple[Backend, BackendSample | None]]:
         """Each backend's entry and wait word, read in one system call.
 
-        None for an entry caught mid-write (odd or moving st_changecount) or taken by
-        another process: look again next time.
+        None for an entry caught mid-write or no longer its backend's: look again next
+        time. A range that cannot be read (a backend gone this instant) spoils the one
+        call; then each is read on its own and the unreadable ones are dropped.
         """
+        if self._reading != backends:
+            # A system call takes at most 1024 ranges: 256 backends per reader.
+            self._readers = [
+                (chunk, RangeReader(self.pid, self._ranges(chunk)))
+                for chunk in (
+                    backends[at : at + _BACKENDS_PER_READ]
+                    for at in range(0, len(backends), _BACKENDS_PER_READ)
+                )
+            ]
+            self._reading = list(backends)
+        looks: list[tuple[Backend, BackendSample | None]] = []
+        for chunk, reader in self._readers:
+            try:
+                raw = reader.read()
+            except MemoryReadError:
+                self._reading = []  # build the readers again next time
+                looks += [(backend, self.read_entry(backend, live=True)) for backend in chunk]
+                continue
+            offsets = reader.offsets
+            looks += [
+                (backend, self._decode(backend, raw, offsets[_RANGES_PER_BACKEND * index :]))
+                for index, backend in enumerate(chunk)
+            ]
+        return looks
+
+    def _ranges(self, backends: list[Backend]) -> list[tuple[int, int]]:
         layout = self.layout
-        size = layout.backend_status_size
         ranges = []
         for backend in backends:
-            ranges.append((backend.entry, size))
-            ranges.append((backend.proc + layout.proc_wait_event_info, 4))
-        raw = read_ranges(self.pid, ranges)
-        for index, backend in enumerate(backends):
-            yield backend, self._decode(backend.pid, raw[2 * index], raw[2 * index + 1])
+            ranges += [
+                (backend.entry + layout.st_changecount, 4),
+                (backend.entry, layout.backend_status_size),
+                (backend.proc + layout.proc_wait_event_info, 4),
+                (backend.entry + layout.st_changecount, 4),
+            ]
+        return ranges
 
-    def read_entry(self, backend: Backend) -> BackendSample | None:
-        """One entry again (its backend exited): None if another took the slot."""
+    def read_entry(self, backend: Backend, live: bool = False) -> BackendSample | None:
+        """One backend's entry on its own: its last state after it exited (None if its
+        slot has a new owner or cannot be read), or a live look."""
         try:
-            entry, wait = read_ranges(
-                self.pid,
-                [
-                    (backend.entry, self.layout.backend_status_size),
-                    (backend.proc + self.layout.proc_wait_event_info, 4),
-                ],
-            )
+            raw = read(self.pid, backend.entry + self.layout.st_changecount, 4)
+            raw += read(self.pid, backend.entry, self.layout.backend_status_size)
+            raw += read(self.pid, backend.proc + self.layout.proc_wait_event_info, 4)
+            raw += raw[:4]
         except MemoryReadError:
             return None
-        pid = _INT.unpack_from(entry, self.layout.st_procpid)[0]
-        return self._decode(backend.pid, entry, wait) if pid in (0, backend.pid) else None
+        size = self.layout.backend_status_size
+        return self._decode(backend, raw, [0, 4, 4 + size, 8 + size], exited=not live)
 
-    def _decode(self, pid: int, entry: bytes, wait: bytes) -> BackendSample | None:
+    def _decode(
+        self, backend: Backend, raw: bytes, at: list[int], exited: bool = False
+    ) -> BackendSample | None:
         layout = self.layout
-        changecount = _INT.unpack_from(entry, layout.st_changecount)[0]
-        procpid = _INT.unpack_from(entry, layout.st_procpid)[0]
-        if changecount & 1 or procpid not in (0, pid):
+        entry = at[1]
+        before = _INT.unpack_from(raw, at[0])[0]
+        after = _INT.unpack_from(raw, at[3])[0]
+        if before & 1 or before != after or _INT.unpack_from(raw, entry)[0] != before:
+            return None  # written while copied
+        procpid = _INT.unpack_from(raw, entry + layout.st_procpid)[0]
+        started = _INT64.unpack_from(raw, entry + layout.st_proc_start_timestamp)[0]
+        # An exited backend's slot keeps its last state until a new backend takes it
+        # (st_procpid is 0 in between; the start of the process tells owners apart).
+        if procpid != backend.pid and not (exited and procpid == 0):
             return None
-        info = _UINT32.unpack(wait)[0]
+        if started != backend.proc_start_us:
+            return None
+        info = _UINT32.unpack_from(raw, at[2])[0]
         query_id = None
         if layout.st_query_id is not None:
             # Signed, as pg_stat_activity and pg_stat_statements show it (0: not computed).
-            query_id = _INT64.unpack_from(entry, layout.st_query_id)[0] or None
-        state = _INT.unpack_from(entry, layout.st_state)[0]
+            query_id = _INT64.unpack_from(raw, entry + layout.st_query_id)[0] or None
+        state = _INT.unpack_from(raw, entry + layout.st_state)[0]
+        activity_at = entry + layout.st_activity_start_timestamp
         return BackendSample(
-            pid=pid,
+            pid=backend.pid,
             running=state in self._running,
-            activity_start_us=_INT64.unpack_from(entry, layout.st_activity_start_timestamp)[0],
-            state_start_us=_INT64.unpack_from(entry, layout.st_state_start_timestamp)[0],
+            activity_start_us=_INT64.unpack_from(raw, activity_at)[0],
+            state_start_us=_INT64.unpack_from(raw, entry + layout.st_state_start_timestamp)[0],
             wait="CPU" if not info else self.waits.get(info & 0xFF000000, "???"),
             query_id=query_id,
             aborted=state == layout.state_idleintransaction_aborted,
+            client=_INT.unpack_from(raw, entry + layout.st_backendType)[0] == layout.b_backend,
         )
 
     def statement_text(self, backend: Backend, limit: int) -> tuple[bytes, bool] | None:
@@ -186,17 +241,28 @@ class Cluster:
             return None
         return text[:limit], len(text) > limit
 
-    def shared_text(self, backend: Backend) -> tuple[bytes, bool] | None:
-        """PostgreSQL's own copy in shared memory, cut at track_activity_query_size."""
+    def shared_text(self, backend: Backend, start_us: int) -> tuple[bytes, bool] | None:
+        """PostgreSQL's own copy in shared memory, cut at track_activity_query_size, if
+        it is still that of the statement that began at `start_us`."""
+        layout = self.layout
         try:
-            entry = read(self.pid, backend.entry, self.layout.backend_status_size)
-            address = _UINT64.unpack_from(entry, self.layout.st_activity_raw)[0]
+            entry = read(self.pid, backend.entry, layout.backend_status_size)
+            if _INT64.unpack_from(entry, layout.st_activity_start_timestamp)[0] != start_us:
+                return None
+            address = _UINT64.unpack_from(entry, layout.st_activity_raw)[0]
             if not address:
                 return None
             text = read_c_string(self.pid, address, self.query_size)
         except MemoryReadError:
             return None
         return text, len(text) >= self.query_size - 1
+
+    def activity_start(self, backend: Backend) -> int | None:
+        try:
+            entry = read(self.pid, backend.entry, self.layout.backend_status_size)
+        except MemoryReadError:
+            return None
+        return _INT64.unpack_from(entry, self.layout.st_activity_start_timestamp)[0]
 
     def application_name(self, backend: Backend) -> str:
         try:

@@ -71,7 +71,9 @@ class StatementSource(Protocol):
         """Called every few seconds from the main loop (keeps clocks in step)."""
 
     def counters(self) -> dict[str, int]:
-        """Every name in COUNTERS, summed since the source was opened."""
+        """Every name in COUNTERS, summed since the source was opened. A source whose
+        losses mean something else than a BPF program's may also have an attribute
+        `loss_causes` like health.LOSS_COUNTERS: counter -> (log event, cause, fix)."""
 
     def detach(self) -> None:
         """Stop seeing statements; what was already recorded stays readable."""

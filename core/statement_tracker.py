@@ -26,6 +26,7 @@ class BackendSample:
     wait: str  # what it waits on now, "CPU" for nothing (pg_stat_activity's names)
     query_id: int | None = None
     aborted: bool = False  # idle in an aborted transaction: the last statement failed
+    client: bool = True  # a client backend (st_backendType B_BACKEND), not a worker
 
 
 @dataclass(slots=True)
@@ -62,12 +63,17 @@ class Finished:
 class StatementTracker:
     def __init__(self) -> None:
         self.in_flight: dict[int, InFlight] = {}
+        # pid -> start of the statement last finished: a look that shows it again (a
+        # copy torn by a concurrent write) must not reopen it.
+        self._finished_start: dict[int, int] = {}
 
     def observe(self, sample: BackendSample, now_us: int) -> Finished | None:
         """Account for one look at a backend; the statement that ended, if one did."""
         finished = None
         current = self.in_flight.get(sample.pid)
         if current is not None:
+            if sample.activity_start_us < current.start_us:
+                return None  # time does not run backwards: an inconsistent look
             if sample.activity_start_us != current.start_us:
                 # Another statement began: this one ended at or before its start.
                 finished = self._finish(current, sample.activity_start_us, exact=False)
@@ -78,25 +84,33 @@ class StatementTracker:
                 current = None
         if sample.running:
             if current is None:
+                if self._finished_start.get(sample.pid, -1) >= sample.activity_start_us:
+                    return finished  # the statement just finished, seen again: not new
                 current = InFlight(sample.pid, sample.activity_start_us, now_us, sample.query_id)
                 self.in_flight[sample.pid] = current
             current.last_seen_us = now_us
             current.waits[sample.wait] += 1
+            if current.query_id is None:
+                # Parse analysis sets it after the statement reported RUNNING.
+                current.query_id = sample.query_id
         return finished
 
     def backend_gone(self, pid: int, last: BackendSample | None, now_us: int) -> Finished | None:
         """The backend exited. `last` is its entry read once more, if that was possible
-        and the slot was not taken by another backend yet."""
+        and the slot still was its own (the caller checks)."""
+        self._finished_start.pop(pid, None)
         current = self.in_flight.get(pid)
         if current is None:
             return None
         if last is not None and last.activity_start_us == current.start_us and not last.running:
             outcome = "error" if last.aborted else "unknown"
             return self._finish(current, last.state_start_us, exact=True, outcome=outcome)
-        if last is not None and last.activity_start_us != current.start_us:
+        if last is not None and last.activity_start_us > current.start_us:
             return self._finish(current, last.activity_start_us, exact=False)
-        # Still "running" when it went: cut short (terminated, FATAL, crash).
-        return self._finish(current, current.last_seen_us, False, exited=True, outcome="error")
+        # Still running when it went (terminated, FATAL, crash), or its slot could not be
+        # read again: it ended between the last look that saw it and now.
+        outcome = "error" if last is not None else "unknown"
+        return self._finish(current, now_us, False, exited=True, outcome=outcome)
 
     def _finish(
         self,
@@ -107,10 +121,15 @@ class StatementTracker:
         outcome: str = "unknown",
     ) -> Finished:
         del self.in_flight[statement.pid]
+        self._finished_start[statement.pid] = statement.start_us
+        if end_us < statement.start_us:
+            # An end before the start (a slot zeroed, track_activities turned off):
+            # not to be trusted; it ran at least until it was last seen.
+            end_us, exact = statement.last_seen_us, False
         return Finished(
             pid=statement.pid,
             start_us=statement.start_us,
-            end_us=max(end_us, statement.start_us),
+            end_us=end_us,
             exact=exact,
             backend_exited=exited,
             outcome=outcome,

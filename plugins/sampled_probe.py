@@ -13,7 +13,7 @@ the protocol is not told.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from pgslowlog.config import DaemonConfig
 from pgslowlog.decoder import BackendNotice, RawStatement, Record, RecordKind
@@ -26,7 +26,7 @@ from pgslowlog.probes import ProbeDefinition
 from pgslowlog.process_memory import MemoryReadError
 from pgslowlog.sampler import GLOBALS, PG_EPOCH_UNIX_US, Backend, Cluster, pg_now_us, postmasters
 from pgslowlog.sources import COUNTERS, ProbeLoadError
-from pgslowlog.statement_tracker import Finished, StatementTracker
+from pgslowlog.statement_tracker import Finished, InFlight, StatementTracker
 from pgslowlog.targets import Target
 
 log = get_logger(__name__)
@@ -38,6 +38,14 @@ TEXT_MARGIN_INTERVALS = 3
 
 class SampledSource:
     """The StatementSource of `sampled`, and its own RecordReader."""
+
+    loss_causes: ClassVar[dict[str, tuple[str, str, str]]] = {  # see health.LOSS_COUNTERS
+        "unrecorded": (
+            "slow_statements_unrecorded",
+            "the looks fell behind: a slow statement ended before its text was read",
+            "raise daemon.sample_interval_ms, or use the activity probe",
+        ),
+    }
 
     def __init__(self, definition: ProbeDefinition, target: Target, daemon: DaemonConfig) -> None:
         self.definition = definition
@@ -51,6 +59,8 @@ class SampledSource:
         self._clusters: dict[int, Cluster] = {}
         self._owner: dict[int, tuple[Cluster, Backend]] = {}  # backend pid -> where
         self._app_names: dict[int, str] = {}
+        self._unreadable: set[int] = set()
+        self._include_background = daemon.include_background
         self._counts = dict.fromkeys(COUNTERS, 0)
         self._attached = False
         self._next_look = 0.0
@@ -98,6 +108,7 @@ class SampledSource:
             time.sleep(min(delay, timeout_ms / 1000))
 
     def read(self, limit: int) -> list[Record]:
+        """One look's records (a look yields few; `limit` is never reached)."""
         now = time.monotonic()
         if not self._attached or now < self._next_look:
             return []
@@ -120,55 +131,73 @@ class SampledSource:
                     pid, self.target.binary, self._identity.inode, self._layout
                 )
             except MemoryReadError as error:
-                log.warning("cluster_unreadable", postmaster=pid, error=str(error))
+                if pid not in self._unreadable:  # said once per postmaster, not each second
+                    self._unreadable.add(pid)
+                    log.warning("cluster_unreadable", postmaster=pid, error=str(error))
 
     def _look(self) -> list[Record]:
         now_us = pg_now_us()
         records: list[Record] = []
         children: dict[int, set[int]] = {pid: c.children() for pid, c in self._clusters.items()}
         for pid, (cluster, backend) in list(self._owner.items()):
-            if pid not in children.get(cluster.pid, set()):
-                del self._owner[pid]
-                cluster.backends.pop(pid, None)
-                self._emit(
-                    self._tracker.backend_gone(pid, cluster.read_entry(backend), now_us), records
-                )
-                records.append(BackendNotice(RecordKind.BACKEND_EXITED, pid))
-                self._app_names.pop(pid, None)
+            listed = pid in children.get(cluster.pid, set())
+            if listed or (cluster.pid in self._clusters and cluster.still_child(pid)):
+                continue
+            del self._owner[pid]
+            cluster.backends.pop(pid, None)
+            last = cluster.read_entry(backend)
+            self._emit(self._tracker.backend_gone(pid, last, now_us), records, cluster, backend)
+            records.append(BackendNotice(RecordKind.BACKEND_EXITED, pid))
+            self._app_names.pop(pid, None)
+        text_age_us = self._threshold_us - TEXT_MARGIN_INTERVALS * self._interval_s * 1e6
         for cluster_pid, pids in children.items():
             cluster = self._clusters[cluster_pid]
             for pid in pids - set(cluster.backends):
                 if (backend := cluster.adopt(pid)) is not None:
                     self._owner[pid] = (cluster, backend)
                     records.append(BackendNotice(RecordKind.BACKEND_STARTED, pid))
-            try:
-                samples = list(cluster.sample(list(cluster.backends.values())))
-            except MemoryReadError:
-                continue  # a server stopping: its backends are reported gone next time
-            text_age_us = self._threshold_us - TEXT_MARGIN_INTERVALS * self._interval_s * 1e6
-            for backend, sample in samples:
+            for backend, sample in cluster.sample(list(cluster.backends.values())):
                 if sample is None:
-                    continue
-                self._emit(self._tracker.observe(sample, now_us), records)
+                    continue  # caught mid-write: look again next time
+                if not sample.client and not self._include_background:
+                    continue  # autovacuum, walsenders, parallel workers: not asked for
+                finished = self._tracker.observe(sample, now_us)
+                self._emit(finished, records, cluster, backend)
                 running = self._tracker.in_flight.get(backend.pid)
                 if running is not None and running.text is None:
                     if now_us - running.start_us >= text_age_us:
                         self._read_text(cluster, backend, running)
         return records
 
-    def _read_text(self, cluster: Cluster, backend: Backend, running: Any) -> None:
+    def _read_text(self, cluster: Cluster, backend: Backend, running: InFlight) -> None:
+        """The full text from the backend, kept only if its statement is still the one
+        that is running (debug_query_string moves on with the next)."""
         found = cluster.statement_text(backend, self._query_max_bytes)
-        if found is None:
-            found = cluster.shared_text(backend)
-        running.text, running.text_truncated = found if found is not None else (b"", False)
-        self._app_names[backend.pid] = cluster.application_name(backend)
+        if found is not None and cluster.activity_start(backend) == running.start_us:
+            running.text, running.text_truncated = found
+            self._app_names[backend.pid] = cluster.application_name(backend)
 
-    def _emit(self, finished: Finished | None, records: list[Record]) -> None:
+    def _emit(
+        self,
+        finished: Finished | None,
+        records: list[Record],
+        cluster: Cluster,
+        backend: Backend,
+    ) -> None:
         if finished is None:
             return
         self._counts["statements"] += 1
-        if finished.duration_us < self._threshold_us or finished.text is None:
-            return  # under the threshold (never read: it was not old enough to matter)
+        if finished.duration_us < self._threshold_us:
+            return
+        text, truncated = finished.text, finished.text_truncated
+        if text is None:
+            # Never read while it ran (the looks fell behind): PostgreSQL's own copy,
+            # if it still is this statement's; otherwise counted as not recorded.
+            found = cluster.shared_text(backend, finished.start_us)
+            if found is None:
+                self._counts["unrecorded"] += 1
+                return
+            text, truncated = found
         self._counts["emitted"] += 1
         wall_ns = (finished.start_us + PG_EPOCH_UNIX_US) * 1000
         records.append(
@@ -176,8 +205,8 @@ class SampledSource:
                 start_ns=wall_ns - (time.time_ns() - time.monotonic_ns()),
                 duration_ns=finished.duration_us * 1000,
                 pid=finished.pid,
-                query=finished.text.decode(errors="replace"),
-                query_truncated=finished.text_truncated,
+                query=text.decode(errors="replace"),
+                query_truncated=truncated,
                 backend_exited=finished.backend_exited,
                 outcome=finished.outcome,
                 protocol=None,

@@ -62,15 +62,51 @@ def test_a_backend_that_went_mid_statement_is_cut_short():
     tracker = StatementTracker()
     tracker.observe(look(), now_us=1_100)
     tracker.observe(look(), now_us=1_600)
-    done = tracker.backend_gone(7, None, now_us=2_000)  # its slot unreadable or reused
+    # Read once more, still running: terminated mid-statement. It ended by now.
+    done = tracker.backend_gone(7, look(), now_us=2_000)
     assert done is not None
     assert (done.end_us, done.exact, done.backend_exited, done.outcome) == (
-        1_600,
+        2_000,
         False,
         True,
         "error",
     )
     assert tracker.backend_gone(7, None, now_us=2_100) is None  # reported once
+
+
+def test_a_slot_that_could_not_be_read_again_says_unknown():
+    tracker = StatementTracker()
+    tracker.observe(look(), now_us=1_100)
+    done = tracker.backend_gone(7, None, now_us=2_000)  # unreadable, or a new owner
+    assert done is not None and (done.outcome, done.exact, done.end_us) == ("unknown", False, 2_000)
+
+
+def test_a_look_torn_by_a_write_does_not_reopen_or_rewind():
+    tracker = StatementTracker()
+    tracker.observe(look(start=1_000), now_us=1_100)
+    done = tracker.observe(look(start=1_000, running=False, state_start=1_500), now_us=1_600)
+    assert done is not None
+    # Old start with the RUNNING state of the next statement: not a statement again.
+    assert tracker.observe(look(start=1_000), now_us=1_700) is None
+    assert tracker.in_flight == {}
+    tracker.observe(look(start=2_000), now_us=2_100)
+    assert tracker.observe(look(start=1_000), now_us=2_200) is None  # backwards: ignored
+    assert tracker.in_flight[7].start_us == 2_000
+
+
+def test_query_id_from_the_first_look_that_has_one():
+    tracker = StatementTracker()
+    tracker.observe(BackendSample(7, True, 1_000, 1_000, "CPU", query_id=None), now_us=1_100)
+    tracker.observe(BackendSample(7, True, 1_000, 1_000, "CPU", query_id=99), now_us=1_200)
+    done = tracker.observe(BackendSample(7, False, 1_000, 1_300, "CPU"), now_us=1_400)
+    assert done is not None and done.query_id == 99
+
+
+def test_an_end_before_the_start_is_not_trusted():
+    tracker = StatementTracker()
+    tracker.observe(look(start=1_000), now_us=1_400)
+    done = tracker.observe(look(start=1_000, running=False, state_start=0), now_us=1_500)
+    assert done is not None and (done.end_us, done.exact) == (1_400, False)
 
 
 def test_backends_are_tracked_apart():
