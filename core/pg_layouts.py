@@ -6,8 +6,9 @@ the offsets the server was compiled with. Every number here came from the C comp
 (gcc 12.2, x86_64, offsetof/sizeof/enum values) run on that major's real installed server
 headers by `.ci/pg-layouts headers`, and the exported globals and wait event type names
 from its real server binaries by `.ci/pg-layouts binary`; tests/test_pg_layouts.py derives
-them again. A major missing here was not verified and is refused, never guessed. Layouts
-are fixed within a major (PostgreSQL keeps its ABI across minor releases).
+15's and 18's again on every test machine (the others, by hand, from the sources below).
+A major missing here was not verified and is refused, never guessed. Layouts are fixed
+within a major (PostgreSQL keeps its ABI across minor releases).
 
 Sources, all checked 2026-12-03; each major's layout came out identical from every set of
 headers listed for it:
