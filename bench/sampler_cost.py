@@ -1,0 +1,84 @@
+"""What the `sampled` definition costs the daemon: CPU per look, at 100 and 1,000 backends.
+
+Starts a throwaway Debian PostgreSQL 15 cluster, opens idle connections (psycopg),
+then runs the sampled source's looks in this process for a while at the default
+interval and prints the CPU the looking thread used, as a share of one core, and
+how many looks a second it managed (at 10 ms it should be near 100).
+
+    .venv/bin/python bench/sampler_cost.py [--backends 100 1000] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+
+from pgslowlog.config import DaemonConfig, TargetConfig
+from pgslowlog.planner import resolve_with_probes
+from pgslowlog.plugin_manager import Plugins
+from pgslowlog.testing.cluster import Cluster
+
+BINDIR = Path("/usr/lib/postgresql/15/bin")
+
+
+def measure(cluster: Cluster, seconds: float, interval_ms: float) -> tuple[float, float, int]:
+    """(share of one core, looks per second, backends seen) for `seconds` of looking."""
+    config = TargetConfig(binary=str(cluster.postgres), probes=["sampled"])
+    target, (definition,) = resolve_with_probes(config, 0, Plugins.load())
+    daemon = DaemonConfig(sample_interval_ms=interval_ms)
+    assert definition.open_source is not None
+    source = definition.open_source(definition, target, daemon)
+    target.file.close()
+    source.attach()
+    reader = source.reader()
+    looks = 0
+    for _ in range(3):  # adopt every backend first: the steady state is what runs for months
+        reader.wait(1000)
+        reader.read(4096)
+    cpu_before, started = time.thread_time(), time.monotonic()
+    while time.monotonic() - started < seconds:
+        reader.wait(20)
+        before = source._next_look  # a look happened when the schedule moved on
+        reader.read(4096)
+        looks += source._next_look != before
+    cpu = time.thread_time() - cpu_before
+    elapsed = time.monotonic() - started
+    seen = sum(len(c.backends) for c in source._clusters.values())
+    source.close()
+    return cpu / elapsed, looks / elapsed, seen
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", type=int, nargs="*", default=[100, 1000])
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--interval-ms", type=float, default=10)
+    arguments = parser.parse_args()
+    if os.geteuid() != 0:
+        print("sampler_cost: needs root (it reads the servers' memory)", file=sys.stderr)
+        return 2
+    cluster = Cluster(BINDIR, max_connections=max(arguments.backends) + 20).start()
+    connections: list[psycopg.Connection] = []
+    interval = f"{arguments.interval_ms:g} ms"
+    print(f"| backends (idle clients) | looked at | CPU of one core | looks/s at {interval} |")
+    print("|---|---|---|---|")
+    try:
+        for wanted in sorted(arguments.backends):
+            while len(connections) < wanted:
+                connections.append(psycopg.connect(cluster.dsn(), autocommit=True))
+            share, rate, seen = measure(cluster, arguments.seconds, arguments.interval_ms)
+            print(f"| {wanted} | {seen} | {share:.1%} | {rate:.0f} |")
+    finally:
+        for connection in connections:
+            connection.close()
+        cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
