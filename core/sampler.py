@@ -64,12 +64,18 @@ def postmasters(identity: FileIdentity) -> list[int]:
     return sorted(pid for pid in running if _parent(pid) not in running)
 
 
-def _parent(pid: int) -> int:
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (which may hold spaces): state, ppid, ..."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return 0
-    return int(stat[stat.rindex(")") + 2 :].split()[1])
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def _parent(pid: int) -> int:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields else 0
 
 
 @dataclass
@@ -120,12 +126,8 @@ class Cluster:
         """The children file may miss a running child (the kernel documents it as
         unreliable): ask the process itself before calling it gone. An exited child
         the postmaster has not reaped yet (a zombie) is gone: its slot is free to reuse."""
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return False
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return fields[0] != "Z" and int(fields[1]) == self.pid
+        fields = _stat_fields(pid)
+        return fields is not None and fields[0] != "Z" and int(fields[1]) == self.pid
 
     def adopt(self, pid: int) -> Backend | None:
         """A child's entry and PGPROC; None while it is starting (MyBEEntry still NULL,
@@ -266,33 +268,41 @@ class Cluster:
             return None
         return text[:limit], len(text) > limit
 
+    def _entry(self, backend: Backend) -> bytes | None:
+        """The backend's whole entry, read now (no change count check: one field's use)."""
+        try:
+            return read(self.pid, backend.entry, self.layout.backend_status_size)
+        except MemoryReadError:
+            return None
+
     def shared_text(self, backend: Backend, start_us: int) -> tuple[bytes, bool] | None:
         """PostgreSQL's own copy in shared memory, cut at track_activity_query_size, if
         it is still that of the statement that began at `start_us`."""
         layout = self.layout
+        entry = self._entry(backend)
+        if entry is None:
+            return None
+        if _INT64.unpack_from(entry, layout.st_activity_start_timestamp)[0] != start_us:
+            return None
+        address = _UINT64.unpack_from(entry, layout.st_activity_raw)[0]
+        if not address:
+            return None
         try:
-            entry = read(self.pid, backend.entry, layout.backend_status_size)
-            if _INT64.unpack_from(entry, layout.st_activity_start_timestamp)[0] != start_us:
-                return None
-            address = _UINT64.unpack_from(entry, layout.st_activity_raw)[0]
-            if not address:
-                return None
             text = read_c_string(self.pid, address, self.query_size)
         except MemoryReadError:
             return None
         return text, len(text) >= self.query_size - 1
 
     def activity_start(self, backend: Backend) -> int | None:
-        try:
-            entry = read(self.pid, backend.entry, self.layout.backend_status_size)
-        except MemoryReadError:
+        entry = self._entry(backend)
+        if entry is None:
             return None
         return _INT64.unpack_from(entry, self.layout.st_activity_start_timestamp)[0]
 
     def application_name(self, backend: Backend) -> str:
+        entry = self._entry(backend)
+        address = _UINT64.unpack_from(entry, self.layout.st_appname)[0] if entry else 0
         try:
-            entry = read(self.pid, backend.entry, self.layout.backend_status_size)
-            address = _UINT64.unpack_from(entry, self.layout.st_appname)[0]
             name = read_c_string(self.pid, address, NAMEDATALEN) if address else b""
         except MemoryReadError:
             return ""
