@@ -62,21 +62,26 @@ def main() -> int:
     if os.geteuid() != 0:
         print("sampler_cost: needs root (it reads the servers' memory)", file=sys.stderr)
         return 2
-    cluster = Cluster(BINDIR, max_connections=max(arguments.backends) + 20).start()
-    connections: list[psycopg.Connection] = []
     interval = f"{arguments.interval_ms:g} ms"
-    print(f"| backends (idle clients) | looked at | CPU of one core | looks/s at {interval} |")
-    print("|---|---|---|---|")
-    try:
-        for wanted in sorted(arguments.backends):
+    print(
+        f"| backends (idle clients) | max_connections | looked at | CPU of one core "
+        f"| looks/s at {interval} |"
+    )
+    print("|---|---|---|---|---|")
+    for wanted in sorted(arguments.backends):
+        # Sized as an operator would size it: the look copies every slot, used or not.
+        slots = wanted + 20
+        cluster = Cluster(BINDIR, max_connections=slots).start()
+        connections: list[psycopg.Connection] = []
+        try:
             while len(connections) < wanted:
                 connections.append(psycopg.connect(cluster.dsn(), autocommit=True))
             share, rate, seen = measure(cluster, arguments.seconds, arguments.interval_ms)
-            print(f"| {wanted} | {seen} | {share:.1%} | {rate:.0f} |")
-    finally:
-        for connection in connections:
-            connection.close()
-        cluster.stop()
+            print(f"| {wanted} | {slots} | {seen} | {share:.1%} | {rate:.0f} |")
+        finally:
+            for connection in connections:
+                connection.close()
+            cluster.stop()
     return 0
 
 

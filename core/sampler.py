@@ -19,7 +19,9 @@ import os
 import struct
 import time
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import compress
+from operator import ne
 from pathlib import Path
 
 from pgslowlog.elf import FileIdentity, PostgresBinary
@@ -36,7 +38,13 @@ from pgslowlog.statement_tracker import BackendSample
 
 PG_EPOCH_UNIX_US = 946_684_800 * 1_000_000  # 2000-01-01, PostgreSQL's timestamp zero
 NAMEDATALEN = 64
-GLOBALS = ("MyBEEntry", "MyProc", "debug_query_string", "pgstat_track_activity_query_size")
+GLOBALS = (
+    "MyBEEntry",
+    "MyProc",
+    "debug_query_string",
+    "pgstat_track_activity_query_size",
+    "MaxBackends",
+)
 _INT = struct.Struct("<i")
 _INT64 = struct.Struct("<q")
 _UINT32 = struct.Struct("<I")
@@ -48,12 +56,14 @@ def pg_now_us() -> int:
     return time.time_ns() // 1000 - PG_EPOCH_UNIX_US
 
 
-def postmasters(identity: FileIdentity) -> list[int]:
+def postmasters(identity: FileIdentity, backends: AbstractSet[int] = frozenset()) -> list[int]:
     """Pids of the postmasters running this binary file: processes running it whose
-    parent does not (a backend's parent is its postmaster)."""
+    parent does not (a backend's parent is its postmaster). `backends`, known not to
+    be postmasters, are passed over: at a thousand backends, asking each for its
+    executable and parent every second would cost more than all the looks."""
     running = set()
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or int(entry) in backends:
             continue
         try:
             status = os.stat(f"/proc/{entry}/exe")
@@ -84,14 +94,29 @@ class Backend:
     entry: int  # its PgBackendStatus, in shared memory
     proc: int  # its PGPROC, in shared memory
     proc_start_us: int  # st_proc_start_timestamp: tells its slot from a later owner's
+    slot: int | None = None  # its index in BackendStatusArray; None: an auxiliary process
 
 
-# One system call per look copies three blocks: every backend's entry (the entries
-# are one array in shared memory, so one range covers them), every PGPROC's wait word
-# (also one array), then the entries again. An entry whose change count is even and
-# the same in both copies was not written while the first copy was taken (PostgreSQL's
-# own readers check the count the same way). Few large ranges: the kernel's cost is
-# per range, not per byte.
+@dataclass
+class Look:
+    """What one look at a cluster found."""
+
+    samples: list[tuple[Backend, BackendSample | None]] = field(default_factory=list)
+    appeared: list[Backend] = field(default_factory=list)
+    # Backends whose slot was given up or taken over, with the slot's last state if it
+    # still was theirs (PostgreSQL clears only st_procpid when a backend exits).
+    gone: list[tuple[Backend, BackendSample | None]] = field(default_factory=list)
+
+
+# A look is one system call that copies the whole status array (every backend's
+# entry, MaxBackends slots: PostgreSQL keeps them contiguous), the array again, then
+# the span of PGPROCs that holds every known backend's wait word. A slot whose change
+# count is even and the same in both copies was not written while the first copy was
+# taken (PostgreSQL's own readers check the count the same way). The change counts of
+# all slots are compared with the last look's in C (a strided memoryview), so an idle
+# backend costs no Python at all: the cost of a look is that of a few large copies.
+# A slot that changed is decoded; that is how new backends (a pid in a slot nobody
+# owned) and exits (st_procpid cleared) are found, within one look, with no /proc scan.
 class Cluster:
     """One postmaster and its children, read through the postmaster's address space."""
 
@@ -110,10 +135,15 @@ class Cluster:
         self.query_size = _INT.unpack(
             read(postmaster, self._addresses["pgstat_track_activity_query_size"], 4)
         )[0]
+        # Slots of backends that have a BackendId / ProcNumber: client backends, workers,
+        # walsenders (auxiliary processes come after them and run no statements).
+        self.slot_count = _INT.unpack(read(postmaster, self._addresses["MaxBackends"], 4))[0]
+        self.base: int | None = None  # BackendStatusArray: known once a backend tells it
+        self.slots: dict[int, Backend] = {}
         self._running = (layout.state_running, layout.state_fastpath)
-        self._plan: tuple[RangeReader, list[int], list[int], list[int]] | None = None
-        self._reading: list[Backend] = []
-        self._last_count: dict[int, bytes] = {}  # pid -> st_changecount at its last look
+        self._reader: RangeReader | None = None
+        self._wait_at: dict[int, int] = {}  # slot -> offset of its wait word in a look
+        self._last_count: list[int] = [-1] * self.slot_count  # per slot, at its last look
 
     def children(self) -> set[int]:
         try:
@@ -132,82 +162,125 @@ class Cluster:
     def adopt(self, pid: int) -> Backend | None:
         """A child's entry and PGPROC; None while it is starting (MyBEEntry still NULL,
         or the entry not yet filled in: it may still hold a former owner's data)."""
+        layout = self.layout
         try:
             entry = read_pointer(pid, self._addresses["MyBEEntry"])
             proc = read_pointer(pid, self._addresses["MyProc"])
             if not entry or not proc:
                 return None
-            data = read(self.pid, entry, self.layout.backend_status_size)
+            data = read(self.pid, entry, layout.backend_status_size)
+            number = _INT.unpack(read(self.pid, proc + self._proc_number_offset, 4))[0]
         except MemoryReadError:
             return None
-        if _INT.unpack_from(data, self.layout.st_procpid)[0] != pid:
+        if _INT.unpack_from(data, layout.st_procpid)[0] != pid:
             return None
-        started = _INT64.unpack_from(data, self.layout.st_proc_start_timestamp)[0]
-        backend = Backend(pid, entry, proc, started)
+        started = _INT64.unpack_from(data, layout.st_proc_start_timestamp)[0]
+        # MyBEEntry is BackendStatusArray[MyBackendId - 1] (13-16), [MyProcNumber] (17+).
+        slot = number - 1 if layout.proc_backendId is not None else number
+        if not 0 <= slot < self.slot_count:
+            slot = None  # an auxiliary process (no BackendId before 17)
+        elif self.base is None:
+            self.base = entry - slot * layout.backend_status_size
+        elif entry != self.base + slot * layout.backend_status_size:
+            return None  # not where its number says: torn, or not what we think it is
+        backend = Backend(pid, entry, proc, started, slot)
         self.backends[pid] = backend
+        if slot is not None:
+            self._own(slot, backend)
         return backend
 
-    def sample(
-        self, backends: list[Backend], watch: AbstractSet[int]
-    ) -> list[tuple[Backend, BackendSample | None]]:
-        """The backends whose entry changed since the last look, and those in `watch`
-        (running statements, whose wait word matters at every look), read in one
-        system call.
+    @property
+    def _proc_number_offset(self) -> int:
+        offset = self.layout.proc_backendId
+        if offset is None:
+            offset = self.layout.proc_procNumber
+        assert offset is not None  # every layout has one of the two
+        return offset
 
-        An entry that did not change is skipped before any decoding: most backends are
-        idle most of the time, and PostgreSQL bumps st_changecount at every write.
-        None for an entry caught mid-write or no longer its backend's: look again next
-        time. A range that cannot be read (a backend gone this instant) spoils the one
-        call; then each is read on its own.
+    def _own(self, slot: int, backend: Backend) -> None:
+        if (former := self.slots.get(slot)) is not None and former is not backend:
+            self.backends.pop(former.pid, None)
+        self.slots[slot] = backend
+        self._reader = None  # the span of PGPROCs to read changed
+
+    def look(self, watch: AbstractSet[int]) -> Look:
+        """Every slot whose entry changed since the last look, and the backends in
+        `watch` (running statements, whose wait word matters at every look).
+
+        A sample is None for an entry caught mid-write: look again next time (its old
+        change count is kept, so it counts as changed). Nothing is found while the
+        status array's place is unknown (no backend with a slot adopted yet), or when
+        the postmaster's memory cannot be read (it is gone: discovery drops it).
         """
-        if self._reading != backends:
-            self._plan = self._blocks(backends) if backends else None
-            self._reading = list(backends)
-        if self._plan is None:
-            return []
-        reader, entry_at, wait_at, second_at = self._plan
+        found = Look()
+        if self.base is None:
+            return found
+        layout = self.layout
+        size = layout.backend_status_size
+        reader = self._reader or self._plan()
         try:
             raw = reader.read()
         except MemoryReadError:
-            self._reading = []  # plan again next time
-            return [(backend, self.read_entry(backend, live=True)) for backend in backends]
-        looks: list[tuple[Backend, BackendSample | None]] = []
-        last = self._last_count
-        for backend, entry, wait, second in zip(
-            backends, entry_at, wait_at, second_at, strict=True
-        ):
-            count = bytes(raw[entry : entry + 4])
-            if last.get(backend.pid) == count and backend.pid not in watch:
-                continue
-            before = entry + self.layout.st_changecount
-            sample = self._decode(backend, raw, [before, entry, wait, second])
-            if sample is not None:
-                last[backend.pid] = count
-            looks.append((backend, sample))
-        return looks
+            return found
+        ints = raw.cast("i")
+        span = self.slot_count * size
+        step = size // 4
+        first = ints[layout.st_changecount // 4 : span // 4 : step].tolist()
+        second = ints[(span + layout.st_changecount) // 4 : 2 * span // 4 : step].tolist()
+        changed = set(compress(range(self.slot_count), map(ne, first, self._last_count)))
+        changed.update(self.backends[pid].slot for pid in watch if pid in self.backends)
+        changed.discard(None)  # type: ignore[arg-type]
+        for slot in sorted(changed):
+            count = first[slot]
+            if count & 1 or count != second[slot]:
+                continue  # written while copied
+            at = slot * size
+            owner = self.slots.get(slot)
+            procpid = _INT.unpack_from(raw, at + layout.st_procpid)[0]
+            started = _INT64.unpack_from(raw, at + layout.st_proc_start_timestamp)[0]
+            if owner is not None and (procpid != owner.pid or started != owner.proc_start_us):
+                last = None
+                if procpid == 0 and started == owner.proc_start_us:
+                    last = self._decode(owner, raw, self._where(slot, at), exited=True)
+                found.gone.append((owner, last))
+                self.forget(owner.pid)
+                owner = None
+            if owner is None and procpid:
+                if not self.still_child(procpid) or (owner := self.adopt(procpid)) is None:
+                    continue  # still starting: next look
+                found.appeared.append(owner)
+                found.samples.append((owner, self.read_entry(owner, live=True)))
+            elif owner is not None:
+                found.samples.append((owner, self._decode(owner, raw, self._where(slot, at))))
+            self._last_count[slot] = count
+        return found
 
-    def _blocks(
-        self, backends: list[Backend]
-    ) -> tuple[RangeReader, list[int], list[int], list[int]]:
-        """The reader of the three blocks, and where each backend's entry, wait word and
-        second change count sit in what it reads."""
-        layout = self.layout
-        low = min(b.entry for b in backends)
-        high = max(b.entry for b in backends) + layout.backend_status_size
-        waits = [b.proc + layout.proc_wait_event_info for b in backends]
-        wait_low, wait_high = min(waits), max(waits) + 4
-        reader = RangeReader(
-            self.pid, [(low, high - low), (wait_low, wait_high - wait_low), (low, high - low)]
-        )
-        first, wait_block, second = reader.offsets
-        entry_at = [first + b.entry - low for b in backends]
-        wait_at = [wait_block + address - wait_low for address in waits]
-        second_at = [second + b.entry - low + layout.st_changecount for b in backends]
-        return reader, entry_at, wait_at, second_at
+    def _where(self, slot: int, at: int) -> list[int]:
+        """Where _decode finds a slot's change count, entry, wait word, second count."""
+        cc = self.layout.st_changecount
+        span = self.slot_count * self.layout.backend_status_size
+        return [at + cc, at, self._wait_at[slot], span + at + cc]
+
+    def _plan(self) -> RangeReader:
+        """The reader of the array, the array again and the span of the owners' PGPROCs."""
+        assert self.base is not None
+        span = self.slot_count * self.layout.backend_status_size
+        ranges = [(self.base, span), (self.base, span)]
+        self._wait_at = {}
+        if self.slots:
+            waits = {s: b.proc + self.layout.proc_wait_event_info for s, b in self.slots.items()}
+            low, high = min(waits.values()), max(waits.values()) + 4
+            ranges.append((low, high - low))
+            self._wait_at = {slot: 2 * span + address - low for slot, address in waits.items()}
+        self._reader = RangeReader(self.pid, ranges)
+        return self._reader
 
     def forget(self, pid: int) -> None:
-        self.backends.pop(pid, None)
-        self._last_count.pop(pid, None)
+        backend = self.backends.pop(pid, None)
+        if backend is not None and backend.slot is not None:
+            if self.slots.get(backend.slot) is backend:
+                del self.slots[backend.slot]
+                self._reader = None
 
     def read_entry(self, backend: Backend, live: bool = False) -> BackendSample | None:
         """One backend's entry on its own: its last state after it exited (None if its

@@ -26,7 +26,7 @@ from pgslowlog.probes import ProbeDefinition
 from pgslowlog.process_memory import MemoryReadError
 from pgslowlog.sampler import GLOBALS, PG_EPOCH_UNIX_US, Backend, Cluster, pg_now_us, postmasters
 from pgslowlog.sources import COUNTERS, ProbeLoadError
-from pgslowlog.statement_tracker import Finished, InFlight, StatementTracker
+from pgslowlog.statement_tracker import BackendSample, Finished, InFlight, StatementTracker
 from pgslowlog.targets import Target
 
 log = get_logger(__name__)
@@ -65,6 +65,7 @@ class SampledSource:
         self._attached = False
         self._next_look = 0.0
         self._next_discovery = 0.0
+        self._next_scan = 0.0
 
     @property
     def attached_count(self) -> int:
@@ -122,7 +123,7 @@ class SampledSource:
 
     def _discover(self) -> None:
         self._next_discovery = time.monotonic() + DISCOVER_EVERY_S
-        found = set(postmasters(self._identity))
+        found = set(postmasters(self._identity, self._owner.keys()))
         for pid in set(self._clusters) - found:
             del self._clusters[pid]  # its backends are reported gone at the next look
         for pid in found - set(self._clusters):
@@ -138,26 +139,25 @@ class SampledSource:
     def _look(self) -> list[Record]:
         now_us = pg_now_us()
         records: list[Record] = []
-        children: dict[int, set[int]] = {pid: c.children() for pid, c in self._clusters.items()}
-        for pid, (cluster, backend) in list(self._owner.items()):
-            listed = pid in children.get(cluster.pid, set())
-            if listed or (cluster.pid in self._clusters and cluster.still_child(pid)):
-                continue
-            del self._owner[pid]
-            cluster.forget(pid)
-            last = cluster.read_entry(backend)
-            self._emit(self._tracker.backend_gone(pid, last, now_us), records, cluster, backend)
-            records.append(BackendNotice(RecordKind.BACKEND_EXITED, pid))
-            self._app_names.pop(pid, None)
+        scan = time.monotonic() >= self._next_scan
+        if scan:
+            self._next_scan = time.monotonic() + DISCOVER_EVERY_S
+            self._reap(records, now_us)
         text_age_us = self._threshold_us - TEXT_MARGIN_INTERVALS * self._interval_s * 1e6
-        for cluster_pid, pids in children.items():
-            cluster = self._clusters[cluster_pid]
-            for pid in pids - set(cluster.backends):
-                if (backend := cluster.adopt(pid)) is not None:
-                    self._owner[pid] = (cluster, backend)
-                    records.append(BackendNotice(RecordKind.BACKEND_STARTED, pid))
-            backends = list(cluster.backends.values())
-            for backend, sample in cluster.sample(backends, self._tracker.in_flight.keys()):
+        for cluster in self._clusters.values():
+            if scan or cluster.base is None:
+                # The status array shows new backends and exits by itself; the children
+                # of the postmaster are asked only until the array is found, and once a
+                # second for processes without a slot.
+                for pid in cluster.children() - set(cluster.backends):
+                    if (backend := cluster.adopt(pid)) is not None:
+                        self._started(cluster, backend, records)
+            look = cluster.look(self._tracker.in_flight.keys())
+            for backend, last in look.gone:
+                self._gone(cluster, backend, last, records, now_us)
+            for backend in look.appeared:
+                self._started(cluster, backend, records)
+            for backend, sample in look.samples:
                 if sample is None:
                     continue  # caught mid-write: look again next time
                 if not sample.client and not self._include_background:
@@ -169,6 +169,36 @@ class SampledSource:
                     if now_us - running.start_us >= text_age_us:
                         self._read_text(cluster, backend, running)
         return records
+
+    def _started(self, cluster: Cluster, backend: Backend, records: list[Record]) -> None:
+        self._owner[backend.pid] = (cluster, backend)
+        records.append(BackendNotice(RecordKind.BACKEND_STARTED, backend.pid))
+
+    def _gone(
+        self,
+        cluster: Cluster,
+        backend: Backend,
+        last: BackendSample | None,
+        records: list[Record],
+        now_us: int,
+    ) -> None:
+        if self._owner.pop(backend.pid, None) is None:
+            return  # already reported
+        cluster.forget(backend.pid)
+        self._emit(self._tracker.backend_gone(backend.pid, last, now_us), records, cluster, backend)
+        records.append(BackendNotice(RecordKind.BACKEND_EXITED, backend.pid))
+        self._app_names.pop(backend.pid, None)
+
+    def _reap(self, records: list[Record], now_us: int) -> None:
+        """Backends the looks did not see go (no slot, its postmaster gone, its slot
+        taken over between two looks): those no longer children of their postmaster."""
+        children = {pid: cluster.children() for pid, cluster in self._clusters.items()}
+        for pid, (cluster, backend) in list(self._owner.items()):
+            if pid in children.get(cluster.pid, ()):
+                continue
+            if cluster.pid in self._clusters and cluster.still_child(pid):
+                continue
+            self._gone(cluster, backend, cluster.read_entry(backend), records, now_us)
 
     def _read_text(self, cluster: Cluster, backend: Backend, running: InFlight) -> None:
         """The full text from the backend, kept only if its statement is still the one
