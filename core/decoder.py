@@ -41,6 +41,7 @@ class RecordKind(enum.IntEnum):
     BACKEND_STARTED = 1
     BACKEND_EXITED = 2
     BIND = 3
+    FAILURE = 4  # an error or cancel on its own (REPORT_FAILURES, for `sampled`)
 
 
 def _offsets(layout: tuple[tuple[str, str], ...], start: int = 0) -> dict[str, int]:
@@ -91,6 +92,24 @@ class RawStatement(msgspec.Struct, frozen=True, gc=False):
 class BackendNotice(msgspec.Struct, frozen=True, gc=False):
     kind: RecordKind  # BACKEND_STARTED or BACKEND_EXITED
     pid: int
+
+
+class Failure(msgspec.Struct, frozen=True, gc=False):
+    """A statement failed in backend `pid` at `at_ns` (CLOCK_MONOTONIC): matched by the
+    sampled definition with the statement it saw running then."""
+
+    pid: int
+    at_ns: int
+    outcome: str  # "error" or "cancelled"
+
+
+def decode_failure(record: bytes) -> Failure:
+    if len(record) < HEADER.size:
+        raise DecodeError(f"record of {len(record)} bytes is shorter than the header")
+    at_ns, _, pid, _, _, _, kind, outcome, *_ = HEADER.unpack_from(record)
+    if kind != RecordKind.FAILURE or outcome >= len(OUTCOMES):
+        raise DecodeError(f"record kind {kind} (outcome {outcome}) is not a failure")
+    return Failure(pid, at_ns, OUTCOMES[outcome])
 
 
 class BoundParameter(msgspec.Struct, frozen=True, gc=False):

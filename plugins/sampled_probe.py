@@ -3,22 +3,24 @@
 Opt-in for now (`probes = ["sampled"]`). Every `[daemon] sample_interval_ms` it
 reads each backend's pg_stat_activity entry and wait word (sampler.py) and turns
 the looks into statements (statement_tracker.py): an ordinary statement costs
-PostgreSQL nothing. What it gives up, said in each event: a statement that ends
-between two looks is timed to the next one's start (`duration_exact: false`), a
-statement shorter than threshold + 2 intervals may go unseen, the outcome is
-known only for an error inside a transaction block (otherwise "unknown"), and
-the protocol is not told.
+PostgreSQL nothing. The outcome comes from a small BPF program (sampled_probe.c)
+on the error and cancel paths, which run only when a statement fails. What it
+gives up, said in each event: a statement that ends between two looks is timed to
+the next one's start (`duration_exact: false`), a statement shorter than
+threshold + 2 intervals may go unseen, and the protocol is not told.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pgslowlog.config import DaemonConfig
-from pgslowlog.decoder import BackendNotice, RawStatement, Record, RecordKind
+from pgslowlog.decoder import BackendNotice, RawStatement, Record, RecordKind, decode_failure
 from pgslowlog.elf import PostgresBinary
 from pgslowlog.hookspecs import hookimpl
+from pgslowlog.loader import LoadedProbe, RingBufferReader, outcome_uprobes
 from pgslowlog.log import get_logger
 from pgslowlog.pg_layouts import EXPORTED_GLOBALS, LAYOUTS, layout_for
 from pgslowlog.plugin_manager import RegisterProbe
@@ -34,6 +36,10 @@ DISCOVER_EVERY_S = 1.0  # how often new (or restarted) postmasters are looked fo
 # A statement's text is read once it is this many intervals short of the threshold:
 # one that reaches the threshold is still running at some look after that.
 TEXT_MARGIN_INTERVALS = 3
+# A failure is matched with the statement that ran in its backend when it happened;
+# PostgreSQL marks the end (the idle state) after the abort, so only clock
+# conversion separates them.
+FAILURE_SLACK_US = 1000
 
 
 class SampledSource:
@@ -66,18 +72,30 @@ class SampledSource:
         self._next_look = 0.0
         self._next_discovery = 0.0
         self._next_scan = 0.0
+        # pid -> (PostgreSQL microseconds, "error" or "cancelled") since its statement began
+        self._failures: dict[int, list[tuple[int, str]]] = {}
+        self._failure_reader: RingBufferReader | None = None
+        self._outcomes: LoadedProbe | None = None
+        if outcome_uprobes(target):  # the binary exports the failure paths
+            self._outcomes = LoadedProbe(SAMPLED_OUTCOMES, target, daemon)
 
     @property
     def attached_count(self) -> int:
-        return 1 if self._attached else 0
+        """The sampler, and the failure uprobes."""
+        outcomes = self._outcomes.attached_count if self._outcomes else 0
+        return outcomes + (1 if self._attached else 0)
 
     def describe(self) -> dict[str, object]:
         return {
             "sample_interval_ms": self._interval_s * 1000,
             "clusters": sorted(self._clusters),
+            "failure_uprobes": self._outcomes.attached_count if self._outcomes else 0,
         }
 
     def attach(self) -> None:
+        if self._outcomes is not None:
+            self._outcomes.attach()
+            self._failure_reader = self._outcomes.reader()
         try:
             self._discover()
         except OSError as error:
@@ -94,13 +112,23 @@ class SampledSource:
         pass  # clocks: PostgreSQL's timestamps are wall-clock time already
 
     def counters(self) -> dict[str, int]:
-        return dict(self._counts)
+        counts = dict(self._counts)
+        if self._outcomes is not None:
+            counts["ringbuf_full"] = self._outcomes.counters()["ringbuf_full"]
+        return counts
 
     def detach(self) -> None:
         self._attached = False
+        if self._outcomes is not None:
+            self._outcomes.detach()
 
     def close(self) -> None:
         self.detach()
+        if self._failure_reader is not None:
+            self._failure_reader.close()
+            self._failure_reader = None
+        if self._outcomes is not None:
+            self._outcomes.close()
 
     # RecordReader: the collector's thread does the looking.
     def wait(self, timeout_ms: int) -> None:
@@ -153,6 +181,8 @@ class SampledSource:
                     if (backend := cluster.adopt(pid)) is not None:
                         self._started(cluster, backend, records)
             look = cluster.look(self._tracker.in_flight.keys())
+            # After the copy: a failure before an end the copy shows is in the ring now.
+            self._take_failures()
             for backend, last in look.gone:
                 self._gone(cluster, backend, last, records, now_us)
             for backend in look.appeared:
@@ -168,7 +198,33 @@ class SampledSource:
                 if running is not None and running.text is None:
                     if now_us - running.start_us >= text_age_us:
                         self._read_text(cluster, backend, running)
+        for pid in self._failures.keys() - self._tracker.in_flight.keys():
+            del self._failures[pid]  # no statement of its own left to explain
         return records
+
+    def _take_failures(self) -> None:
+        if self._failure_reader is None:
+            return
+        offset_ns = time.time_ns() - time.monotonic_ns()
+        for raw in self._failure_reader.read(4096):
+            failure = decode_failure(raw)
+            at_us = (failure.at_ns + offset_ns) // 1000 - PG_EPOCH_UNIX_US
+            self._failures.setdefault(failure.pid, []).append((at_us, failure.outcome))
+
+    def _outcome(self, finished: Finished) -> str:
+        """ok, error or cancelled from the failure uprobes; without them, what the
+        tracker read (an aborted transaction block: error; otherwise unknown)."""
+        if self._outcomes is None:
+            return finished.outcome
+        if finished.backend_exited:
+            return "error"  # terminated or crashed mid-statement, as the uprobe definitions say
+        failures = self._failures.get(finished.pid, ())
+        start, end = finished.start_us, finished.end_us + FAILURE_SLACK_US
+        aborts = [at for at, outcome in failures if outcome == "error" and start <= at <= end]
+        if not aborts:
+            return "ok"
+        cancels = [at for at, outcome in failures if outcome == "cancelled" and at >= start]
+        return "cancelled" if any(at <= aborts[0] for at in cancels) else "error"
 
     def _started(self, cluster: Cluster, backend: Backend, records: list[Record]) -> None:
         self._owner[backend.pid] = (cluster, backend)
@@ -192,6 +248,7 @@ class SampledSource:
     def _reap(self, records: list[Record], now_us: int) -> None:
         """Backends the looks did not see go (no slot, its postmaster gone, its slot
         taken over between two looks): those no longer children of their postmaster."""
+        self._take_failures()
         children = {pid: cluster.children() for pid, cluster in self._clusters.items()}
         for pid, (cluster, backend) in list(self._owner.items()):
             if pid in children.get(cluster.pid, ()):
@@ -239,7 +296,7 @@ class SampledSource:
                 query=text.decode(errors="replace"),
                 query_truncated=truncated,
                 backend_exited=finished.backend_exited,
-                outcome=finished.outcome,
+                outcome=self._outcome(finished),
                 protocol=None,
                 application_name=self._app_names.get(finished.pid, ""),
                 duration_exact=finished.exact,
@@ -260,12 +317,23 @@ def sampled_unsupported(binary: PostgresBinary) -> str | None:
     return None
 
 
+# Not registered: the BPF half of `sampled`, loaded by SampledSource where the binary
+# exports the failure paths (the shared outcome uprobes, built to report failures).
+SAMPLED_OUTCOMES = ProbeDefinition(
+    name="sampled",
+    description="the failure uprobes of sampled",
+    source=Path(__file__).with_name("sampled_probe.c"),
+    cflags=lambda _binary: ["-DREPORT_FAILURES=1"],
+    report_backend_exit=False,
+    automatic=False,
+)
+
 SAMPLED = ProbeDefinition(
     name="sampled",
     description=(
         "no trap per statement: every backend's pg_stat_activity entry read every "
-        "sample_interval_ms (PostgreSQL 14-18; opt-in preview: outcome only for errors in "
-        "a transaction block, protocol not told, statements under threshold + 2 intervals "
+        "sample_interval_ms, and uprobes only on the error and cancel paths (PostgreSQL "
+        "14-18; the protocol is not told, and statements under threshold + 2 intervals "
         "may go unseen)"
     ),
     open_source=SampledSource,

@@ -51,14 +51,48 @@ def test_extended_protocol_in_a_transaction_and_an_error_in_it(cluster, start_da
                 "do $$ begin perform pg_sleep(0.3); raise exception 'boom'; end $$"
                 " /* sampled failing */"
             )
-        # Left idle in the aborted transaction for a few looks, PostgreSQL's mark of
-        # the failure is seen (a rollback at once would leave the outcome "unknown").
         time.sleep(0.1)
     (bound,) = daemon.wait_for_events("sampled bound", 1)
     (failed,) = daemon.wait_for_events("sampled failing", 1)
     assert bound["query"] == "select pg_sleep($1) /* sampled bound */"
     assert abs(bound["duration_ms"] - 250) < 15 and bound["duration_exact"] is True
     assert failed["outcome"] == "error" and 290 < failed["duration_ms"] < 330
+
+
+def test_outcomes_come_from_the_failure_uprobes(cluster, start_daemon):
+    """Outside a transaction block PostgreSQL leaves no mark to read: the uprobes on
+    the error and cancel paths tell ok, error and cancelled apart."""
+    daemon = start_daemon(cluster, **SAMPLED)
+    assert daemon.process.wait_for_log("probe_attached")["failure_uprobes"] == 2
+    cluster.psql("select pg_sleep(0.3) /* sampled fine */", check=True)
+    failing = "do $$ begin perform pg_sleep(0.3); raise exception 'boom'; end $$ /* sampled err */"
+    assert cluster.psql(failing).returncode != 0
+    timed_out = cluster.psql(
+        "set statement_timeout = 300", "select pg_sleep(1) /* sampled timeout */"
+    )
+    assert "statement timeout" in timed_out.stderr
+    with psycopg.connect(cluster.dsn(), autocommit=True) as connection:
+        pid = connection.info.backend_pid
+        cancel = threading.Timer(
+            0.3, lambda: cluster.psql(f"select pg_cancel_backend({pid})", check=True)
+        )
+        cancel.start()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            connection.execute("select pg_sleep(2) /* sampled cancel */")
+        cancel.join()
+        connection.execute("select pg_sleep(0.25) /* sampled after cancel */")
+    outcomes = {
+        marker: daemon.wait_for_events(marker, 1)[0]["outcome"]
+        for marker in ("fine", "err", "timeout", "cancel", "after cancel")
+        for marker in [f"sampled {marker}"]
+    }
+    assert outcomes == {
+        "sampled fine": "ok",
+        "sampled err": "error",
+        "sampled timeout": "cancelled",
+        "sampled cancel": "cancelled",
+        "sampled after cancel": "ok",
+    }, outcomes
 
 
 def test_each_statement_of_a_pipeline_on_its_own(cluster, start_daemon):

@@ -29,6 +29,9 @@
  *   APPLICATION_NAME_VADDR  file address of the global `char *application_name`, or 0
  *   VADDR_<symbol>          file address of each probed function or USDT probe
  *   CAPTURE_PARAMS          1 to copy bound parameter values out of Bind messages
+ *   REPORT_FAILURES         1 (sampled only): the outcome handlers send each error and
+ *                           cancel as a RECORD_FAILURE, for a definition that times
+ *                           statements without this program (optional, default 0)
  *   PY_*                    user space's view of the layout (loader.shared_layout_cflags)
  */
 #include <uapi/linux/ptrace.h>
@@ -37,6 +40,9 @@
     !defined(REPORT_BACKEND_EXIT) || !defined(PROTOCOL) || !defined(APPLICATION_NAME_VADDR) || \
     !defined(CAPTURE_PARAMS) || !defined(PY_RECORD_HEADER_SIZE)
 #error "the loader passes QUERY_MAX_BYTES, RINGBUF_PAGES, ... as cflags"
+#endif
+#ifndef REPORT_FAILURES
+#define REPORT_FAILURES 0
 #endif
 
 #define APPLICATION_NAME_BYTES 64  /* NAMEDATALEN */
@@ -48,6 +54,7 @@ enum record_kind {
     RECORD_BACKEND_STARTED = 1,  /* first statement of a pid: read its process title now */
     RECORD_BACKEND_EXITED = 2,   /* that pid is gone: forget its title */
     RECORD_BIND = 3,             /* the Bind message of the statement that follows */
+    RECORD_FAILURE = 4,          /* REPORT_FAILURES: an error or cancel, start_ns = when */
 };
 
 enum outcome { OUTCOME_OK = 0, OUTCOME_ERROR = 1, OUTCOME_CANCELLED = 2 };
@@ -460,8 +467,24 @@ static __always_inline int statement_end(int backend_exited)
  * AbortCurrentTransaction runs when a client backend recovers from an ERROR: the
  * statement ends there, as an error, or cancelled if a cancel had arrived.
  */
+/* REPORT_FAILURES: the failure itself, for user space to match with the statement it
+ * times by other means (its pid, and a time between the statement's start and end). */
+static __always_inline int report_failure(u8 outcome)
+{
+    struct record_header failure = {};
+    failure.start_ns = bpf_ktime_get_ns();
+    failure.pid = current_pid();
+    failure.kind = RECORD_FAILURE;
+    failure.outcome = outcome;
+    if (ring_output(&failure, sizeof(failure), BPF_RB_NO_WAKEUP) != 0)
+        count(COUNTER_RINGBUF_FULL);
+    return 0;
+}
+
 int on_cancel_request(struct pt_regs *ctx)
 {
+    if (REPORT_FAILURES)
+        return report_failure(OUTCOME_CANCELLED);
     /* Not only in flight: a definition that times statements at their end asks later. */
     struct slow_query *record = backend_state(0);
     if (record) {
@@ -473,6 +496,8 @@ int on_cancel_request(struct pt_regs *ctx)
 
 int on_transaction_abort(struct pt_regs *ctx)
 {
+    if (REPORT_FAILURES)
+        return report_failure(OUTCOME_ERROR);
     struct slow_query *state = backend_state(0);
     if (state)
         state->abort_seen = 1;  /* for a definition that learns of the statement at its end */
