@@ -216,13 +216,13 @@ class SampledSource:
         tracker read (an aborted transaction block: error; otherwise unknown)."""
         if self._outcomes is None:
             return finished.outcome
-        if finished.backend_exited:
-            return "error"  # terminated or crashed mid-statement, as the uprobe definitions say
         failures = self._failures.get(finished.pid, ())
         start, end = finished.start_us, finished.end_us + FAILURE_SLACK_US
         aborts = [at for at, outcome in failures if outcome == "error" and start <= at <= end]
         if not aborts:
-            return "ok"
+            # Its backend went: "error" if it was still running then (terminated, FATAL:
+            # no abort path runs), "unknown" if its slot was taken before the end was read.
+            return finished.outcome if finished.backend_exited else "ok"
         cancels = [at for at, outcome in failures if outcome == "cancelled" and at >= start]
         return "cancelled" if any(at <= aborts[0] for at in cancels) else "error"
 
