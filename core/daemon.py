@@ -17,10 +17,9 @@ import socket
 import threading
 import time
 from dataclasses import asdict
-from functools import partial
 from types import FrameType
 
-from pgslowlog.config import load_config
+from pgslowlog.config import TargetConfig, load_config
 from pgslowlog.dispatcher import Dispatcher
 from pgslowlog.errors import UserError
 from pgslowlog.health import HealthReporter
@@ -30,9 +29,10 @@ from pgslowlog.machine import require_machine
 from pgslowlog.planner import Plan, plan, resolve_with_probes
 from pgslowlog.plugin_manager import Plugins
 from pgslowlog.probe_set import ProbeSet
+from pgslowlog.probes import AUTO, ProbeDefinition
 from pgslowlog.sources import ProbeLoadError
 from pgslowlog.target_watch import WATCH_INTERVAL_S, TargetWatcher
-from pgslowlog.targets import target_name
+from pgslowlog.targets import Target, target_name
 
 log = get_logger(__name__)
 LOSS_CHECK_INTERVAL_S = 10.0  # loss counters are checked at least this often
@@ -93,9 +93,8 @@ class Daemon:
         self.dispatcher.start()
         self.probes = ProbeSet(self.dispatcher, config.daemon, self._fail)
         self.health = HealthReporter(self.probes, self.dispatcher)
-        self.watcher = TargetWatcher(
-            partial(resolve_with_probes, plugins=plugins), self.probes, self.health.retire
-        )
+        self.plugins = plugins
+        self.watcher = TargetWatcher(self._resolve, self.probes, self.health.retire)
         self._install_signal_handlers()
         try:
             if not self._attach(the_plan):
@@ -146,6 +145,10 @@ class Daemon:
             )
         return True
 
+    def _resolve(self, target: TargetConfig, index: int) -> tuple[Target, list[ProbeDefinition]]:
+        """A target resolved as now configured: what "auto" picks follows the live threshold."""
+        return resolve_with_probes(target, index, self.plugins, self.config.daemon)
+
     def _loop(self) -> None:
         stats_interval = self.config.daemon.stats_interval_s
         next_health = time.monotonic() + stats_interval
@@ -156,7 +159,7 @@ class Daemon:
                 self._reload_requested = False
                 self.reload()
             self.watcher.poll()
-            self.probes.tick()
+            self.probes.tick(self.health.retire)
             self.health.report_losses()
             if time.monotonic() >= next_health:
                 log.info("health", **self.health.health())
@@ -196,8 +199,41 @@ class Daemon:
             log.warning("reload_needs_restart", changed=waiting)
         # Remember what is really in effect, so the next reload compares honestly.
         self.config = merge_live(self.config, new)
-        log.info("reloaded", threshold_ms=new.daemon.threshold_ms, probes_reattached=0)
+        switched = self._switch_automatic()
+        log.info("reloaded", threshold_ms=new.daemon.threshold_ms, probes_switched=switched)
         sd_notify("READY=1")
+
+    def _switch_automatic(self) -> list[str]:
+        """Where "auto" now picks other definitions (the threshold crossed a floor, such
+        as sampled's), switch them live: ProbeSet.switch loses nothing in between."""
+        switched = []
+        running = {r.target.index: r.target for r in self.probes if not r.handing_over}
+        for index, target_config in enumerate(self.config.target):
+            if AUTO not in target_config.probes or index not in running:
+                continue
+            name = target_name(target_config, index)
+            try:
+                target, definitions = self._resolve(target_config, index)
+            except UserError as error:
+                log.error("probe_switch_failed", target=name, error=str(error))
+                continue
+            with target.file:
+                if target.file.identity != running[index].file.identity:
+                    continue  # the binary was replaced: the watcher attaches to the new one
+                active = {
+                    r.definition
+                    for r in self.probes
+                    if r.target.index == index and not r.handing_over
+                }
+                if set(definitions) == active:
+                    continue
+                try:
+                    started = self.probes.switch(target, definitions, self.health.retire)
+                except Exception as error:  # ProbeLoadError, or a third-party source's
+                    log.error("probe_switch_failed", target=name, error=str(error))
+                    continue
+            switched += [f"{definition}@{name}" for definition in started]
+        return switched
 
     def _shutdown(self) -> None:
         final = self.probes.stop_all(self.health.retire)

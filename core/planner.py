@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pgslowlog.config import Config, TargetConfig
+from pgslowlog.config import Config, DaemonConfig, TargetConfig
 from pgslowlog.elf import file_identity
 from pgslowlog.errors import UserError
 from pgslowlog.plugin_manager import Plugins
@@ -39,14 +39,15 @@ class Plan:
 
 
 def resolve_with_probes(
-    target_config: TargetConfig, index: int, plugins: Plugins
+    target_config: TargetConfig, index: int, plugins: Plugins, daemon: DaemonConfig | None = None
 ) -> tuple[Target, list[ProbeDefinition]]:
-    """One [[target]]: its binary opened and read, and the definitions that attach to it."""
+    """One [[target]]: its binary opened and read, and the definitions that attach to it
+    (what "auto" picks depends on `daemon`'s threshold)."""
     wanted = wanted_symbols(plugins.probe_definitions.values())
     target = resolve_target(target_config, index, wanted)
     try:
         definitions = select_probes(
-            target_config.probes, plugins.probe_definitions, target.binary, target.label
+            target_config.probes, plugins.probe_definitions, target.binary, target.label, daemon
         )
     except BaseException:
         target.file.close()
@@ -62,7 +63,7 @@ def plan(config: Config, plugins: Plugins, source: str) -> Plan:
             if target_config.binary is not None and file_identity(target_config.binary) is None:
                 the_plan.pending.append(index)
                 continue
-            target, definitions = resolve_with_probes(target_config, index, plugins)
+            target, definitions = resolve_with_probes(target_config, index, plugins, config.daemon)
             the_plan.targets.append(PlannedTarget(target, definitions))
         the_plan.sink_options = parse_sinks(config, plugins, source)
     except BaseException:

@@ -6,13 +6,15 @@ any check failed, so an installer can use it as a validate step.
 
 from __future__ import annotations
 
-from pgslowlog.config import Config, load_config
-from pgslowlog.elf import file_identity, inspect_binary
+from collections.abc import Iterable
+
+from pgslowlog.config import Config, DaemonConfig, load_config
+from pgslowlog.elf import PostgresBinary, file_identity, inspect_binary
 from pgslowlog.errors import UserError
 from pgslowlog.machine import Finding, machine_findings
 from pgslowlog.planner import PlannedTarget, plan
 from pgslowlog.plugin_manager import Plugins
-from pgslowlog.probes import wanted_symbols
+from pgslowlog.probes import ProbeDefinition, auto_order, wanted_symbols
 from pgslowlog.sources import ProbeLoadError, open_source
 from pgslowlog.targets import resolve_target
 
@@ -108,17 +110,30 @@ def describe_probes(binary_path: str) -> list[str]:
     lines = [
         f"{binary.path}: PostgreSQL {binary.version}, {binary.symbols_kind}, {binary.usdt_kind}"
     ]
-    best = None
     for definition in sorted(definitions.values(), key=lambda d: -d.priority):
         reason = definition.unsupported_reason(binary)
-        if reason is None and best is None and definition.automatic:
-            best = definition.name
         status = "can attach" if reason is None else f"cannot attach: {reason}"
         lines.append(f"  {definition.name:<14} {status}")
         lines.append(f"  {'':<14} {definition.description}")
-    lines.append(f'probes = ["auto"] picks: {best or "nothing (no definition can attach)"}')
+    lines.append(f'probes = ["auto"] picks: {auto_choice(definitions.values(), binary)}')
     lines += [f"warning: {failure}" for failure in plugins.failures]
     return lines
+
+
+def auto_choice(definitions: Iterable[ProbeDefinition], binary: PostgresBinary) -> str:
+    """What "auto" picks on `binary`, by threshold where a definition has a floor
+    (at the default settings: the floor may depend on them)."""
+    defaults = DaemonConfig()
+    picks = []
+    for definition in auto_order(definitions):
+        if definition.unsupported_reason(binary) is not None:
+            continue
+        if definition.auto_floor_ms is None:
+            picks.append(definition.name if not picks else f"otherwise {definition.name}")
+            break
+        floor = definition.auto_floor_ms(defaults)
+        picks.append(f"{definition.name} when threshold_ms >= {floor:g} (default settings)")
+    return ", ".join(picks) or "nothing (no definition can attach)"
 
 
 def main(config_path: str) -> int:

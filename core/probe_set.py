@@ -7,6 +7,7 @@ once both have started, and stopping one stops, drains and frees both together.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -22,6 +23,7 @@ from pgslowlog.targets import Target
 
 log = get_logger(__name__)
 T = TypeVar("T")
+NEVER_NS = 2**63 - 1  # a threshold nothing reaches
 
 
 @dataclass(eq=False)
@@ -29,6 +31,7 @@ class RunningProbe:
     source: StatementSource
     collector: Collector
     attachments: int  # places it watched once attached (attached_count is 0 after detach)
+    handing_over: bool = False  # replaced on its target; stopped once `handed_over`
 
     @property
     def definition(self) -> ProbeDefinition:
@@ -124,9 +127,54 @@ class ProbeSet:
         for running in self._running:
             running.source.set_threshold_ns(threshold_ns)
 
-    def tick(self) -> None:
+    def tick(self, retire: Callable[[RunningProbe], object]) -> None:
         for running in self._running:
             running.source.tick()
+        done = [
+            r
+            for r in self._running
+            if r.handing_over and r.source.handed_over  # type: ignore[attr-defined]
+        ]
+        if done:
+            self._stop(done, retire)
+            for running in done:
+                log.info(
+                    "probe_handed_over", probe=running.definition.name, target=running.target.name
+                )
+
+    def switch(
+        self,
+        target: Target,
+        definitions: list[ProbeDefinition],
+        retire: Callable[[RunningProbe], object],
+    ) -> list[str]:
+        """Run `definitions` on `target` instead of what runs there now, with nothing lost
+        in between: the new sources attach first (if one fails, the old ones keep
+        running), then each old one either hands its running statements over (a source
+        that can, see sources.HandsOver: it keeps running until they end) or, the new
+        ones told to report only what ends from now on, stops. Returns the names started."""
+        running = [
+            r for r in self._running if r.target.index == target.index and not r.handing_over
+        ]
+        current = {r.definition for r in running}
+        leaving = [r for r in running if r.definition not in definitions]
+        started = self.start(target, [d for d in definitions if d not in current])
+        at_ns = time.time_ns()
+        stopping = []
+        for old in leaving:
+            if hasattr(old.source, "hand_over"):
+                old.source.hand_over(at_ns)
+                old.handing_over = True
+            else:
+                stopping.append(old)
+        if stopping:
+            for new in started:
+                if hasattr(new.source, "take_over"):
+                    new.source.take_over(at_ns)
+            for old in stopping:
+                old.source.set_threshold_ns(NEVER_NS)  # what ends from now is the new one's
+            self._stop(stopping, retire)
+        return [r.definition.name for r in started]
 
     def stop_target(self, index: int, before_close: Callable[[RunningProbe], T]) -> list[T]:
         """Stop one target's probes. `before_close` sees each one detached and drained,

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pgslowlog.config import DaemonConfig
 from pgslowlog.elf import PostgresBinary
 from pgslowlog.errors import UserError
 
 if TYPE_CHECKING:
-    from pgslowlog.config import DaemonConfig
     from pgslowlog.sources import StatementSource
     from pgslowlog.targets import Target
 
@@ -110,6 +110,9 @@ class ProbeDefinition:
         (for example an unknown struct layout), or None.
     automatic: whether "auto" may pick it; off for a definition with trade-offs a
         user should choose knowingly.
+    auto_floor_ms: the lowest threshold (ms, given the daemon's settings) at which
+        "auto" may pick it; None: any. A sampler sees every statement over the
+        threshold only if the threshold is several sampling intervals long.
     open_source: makes the definition's StatementSource for one target, when it is
         not a BPF program with attachments (None: loader.LoadedProbe compiles `source`).
     """
@@ -129,6 +132,7 @@ class ProbeDefinition:
     )
     automatic: bool = True
     open_source: OpenSource | None = field(default=None, compare=False)
+    auto_floor_ms: Callable[[DaemonConfig], float] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if (self.source is None) == (self.open_source is None):
@@ -174,12 +178,14 @@ def select_probes(
     available: dict[str, ProbeDefinition],
     binary: PostgresBinary,
     label: str,
+    daemon: DaemonConfig | None = None,
 ) -> list[ProbeDefinition]:
-    """The definitions to attach for one target, or a UserError saying why none can."""
+    """The definitions to attach for one target, or a UserError saying why none can.
+    `daemon`: the settings "auto" weighs (the threshold); the defaults if None."""
     chosen: list[ProbeDefinition] = []
     for name in requested:
         if name == AUTO:
-            best = _best_supported(available, binary, label)
+            best = _best_supported(available, binary, label, daemon)
             if best not in chosen:
                 chosen.append(best)
             continue
@@ -198,13 +204,31 @@ def select_probes(
     return chosen
 
 
+def auto_order(available: Iterable[ProbeDefinition]) -> list[ProbeDefinition]:
+    """The definitions "auto" may pick, the one it tries first first."""
+    return sorted((d for d in available if d.automatic), key=lambda d: -d.priority)
+
+
+def below_floor(definition: ProbeDefinition, daemon: DaemonConfig) -> str | None:
+    """Why "auto" does not pick `definition` at this threshold, or None."""
+    if definition.auto_floor_ms is None:
+        return None
+    floor = definition.auto_floor_ms(daemon)
+    if daemon.threshold_ms >= floor:
+        return None
+    return f"threshold_ms {daemon.threshold_ms:g} is under its floor of {floor:g} ms"
+
+
 def _best_supported(
-    available: dict[str, ProbeDefinition], binary: PostgresBinary, label: str
+    available: dict[str, ProbeDefinition],
+    binary: PostgresBinary,
+    label: str,
+    daemon: DaemonConfig | None,
 ) -> ProbeDefinition:
+    settings = daemon or DaemonConfig()
     reasons = []
-    automatic = [d for d in available.values() if d.automatic]
-    for definition in sorted(automatic, key=lambda d: -d.priority):
-        reason = definition.unsupported_reason(binary)
+    for definition in auto_order(available.values()):
+        reason = definition.unsupported_reason(binary) or below_floor(definition, settings)
         if reason is None:
             return definition
         reasons.append(f"{definition.name}: {reason}")

@@ -82,6 +82,24 @@ class StatementSource(Protocol):
         """Detach and free everything; the reader must be closed already."""
 
 
+# When a SIGHUP moves the threshold across a definition's floor, "auto" switches the
+# target's definition live (probe_set.ProbeSet.switch): the new source attaches
+# before the old one lets go. A source that reads PostgreSQL's own timestamps may
+# share out the statements around that moment exactly, so nothing is lost or twice:
+class HandsOver(Protocol):
+    def take_over(self, at_ns: int) -> None:
+        """From now on report only statements that end at or after `at_ns` (Unix ns):
+        the source it replaces reported the others. Called just after attach()."""
+
+    def hand_over(self, at_ns: int) -> None:
+        """Report only statements that began before `at_ns` (Unix ns): its successor
+        reports the others. It keeps running until `handed_over`."""
+
+    @property
+    def handed_over(self) -> bool:
+        """No statement that began before the hand-over is left running."""
+
+
 def open_source(
     definition: ProbeDefinition, target: Target, daemon: DaemonConfig
 ) -> StatementSource:

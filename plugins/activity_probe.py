@@ -29,7 +29,10 @@ ACTIVITY = ProbeDefinition(
     description=(
         "uprobe on the exported pgstat_report_activity: every build, stripped ones too; "
         "simple and extended protocol (told apart by how often a statement reports it is "
-        "running), failed and cancelled statements"
+        "running), failed and cancelled statements. A pipeline or batch (psycopg pipeline, "
+        "JDBC executeBatch, asyncpg executemany) is one event, timed to its Sync, under its "
+        "first statement's text: a statement ends when the backend reports idle, which a "
+        "pipeline does only at its Sync"
     ),
     source=Path(__file__).with_name("activity_probe.c"),
     attachments=(Uprobe(symbol="pgstat_report_activity", function="on_report_activity"),),

@@ -14,7 +14,8 @@ EXTENDED = ProbeDefinition(
     description=(
         "activity plus exec_parse_message, exec_bind_message and exec_execute_message "
         "(builds that keep them, such as -O0): extended-protocol statements with their "
-        "prepared statement name and, with capture_params, their parameter values"
+        "prepared statement name and, with capture_params, their parameter values; a "
+        "pipeline or batch is one event, as with activity"
     ),
     source=Path(__file__).with_name("extended_probe.c"),
     attachments=(

@@ -1,10 +1,11 @@
 """`sampled`: slow statements found by looking, with no trap per statement.
 
-Opt-in for now (`probes = ["sampled"]`). Every `[daemon] sample_interval_ms` it
-reads each backend's pg_stat_activity entry and wait word (sampler.py) and turns
-the looks into statements (statement_tracker.py): an ordinary statement costs
-PostgreSQL nothing. The outcome comes from a small BPF program (sampled_probe.c)
-on the error and cancel paths, which run only when a statement fails. What it
+`probes = ["auto"]` picks it when threshold_ms >= 5 x sample_interval_ms. Every
+`[daemon] sample_interval_ms` it reads each backend's pg_stat_activity entry and
+wait word (sampler.py) and turns the looks into statements (statement_tracker.py):
+an ordinary statement costs PostgreSQL nothing. The outcome comes from a small BPF
+program (sampled_probe.c) on the error and cancel paths, which run only when a
+statement fails. What it
 gives up, said in each event: a statement that ends between two looks is timed to
 the next one's start (`duration_exact: false`), a statement shorter than
 threshold + 2 intervals may go unseen, and the protocol is not told.
@@ -40,6 +41,11 @@ TEXT_MARGIN_INTERVALS = 3
 # PostgreSQL marks the end (the idle state) after the abort, so only clock
 # conversion separates them.
 FAILURE_SLACK_US = 1000
+# "auto" picks sampled when the threshold is at least this many intervals: a statement
+# of threshold + 2 intervals is then seen running at 5 or more looks, so it is never
+# missed, and the end of one that ends between looks is off by at most 1/5 of the
+# threshold (and flagged an upper bound). Below it, a uprobe definition times exactly.
+AUTO_FLOOR_INTERVALS = 5
 
 
 class SampledSource:
@@ -76,6 +82,12 @@ class SampledSource:
         self._failures: dict[int, list[tuple[int, str]]] = {}
         self._failure_reader: RingBufferReader | None = None
         self._outcomes: LoadedProbe | None = None
+        self._primed: list[Record] = []
+        # A definition switch (sources.HandsOver): which statements are this source's.
+        self._ends_from_us: int | None = None
+        self._starts_before_us: int | None = None
+        self._looks_begun = self._looks_done = 0
+        self._hand_over_look = 0  # the first look to begin after hand_over()
         if outcome_uprobes(target):  # the binary exports the failure paths
             self._outcomes = LoadedProbe(SAMPLED_OUTCOMES, target, daemon)
 
@@ -101,9 +113,29 @@ class SampledSource:
         except OSError as error:
             raise ProbeLoadError(f"sampling {self.target.binary.path} failed: {error}") from None
         self._attached = True
+        # A first look now: what runs at this moment is known before attach() returns,
+        # which a definition switch relies on (take_over).
+        self._primed = self.read(0)
+        self._next_look = 0.0
 
-    def reader(self) -> SampledSource:
-        return self
+    def take_over(self, at_ns: int) -> None:
+        self._ends_from_us = at_ns // 1000 - PG_EPOCH_UNIX_US
+
+    def hand_over(self, at_ns: int) -> None:
+        self._starts_before_us = at_ns // 1000 - PG_EPOCH_UNIX_US
+        # A look under way may have missed a statement that had just begun: wait for
+        # one that began after this (the collector's thread is looking meanwhile).
+        self._hand_over_look = self._looks_begun + 1
+
+    @property
+    def handed_over(self) -> bool:
+        if self._starts_before_us is None or self._looks_done < self._hand_over_look:
+            return False
+        running = list(self._tracker.in_flight.values())  # one copy: the collector changes it
+        return all(s.start_us >= self._starts_before_us for s in running)
+
+    def reader(self) -> _Looking:
+        return _Looking(self)
 
     def set_threshold_ns(self, threshold_ns: int) -> None:
         self._threshold_us = threshold_ns // 1000
@@ -123,14 +155,18 @@ class SampledSource:
             self._outcomes.detach()
 
     def close(self) -> None:
+        """After the collector closed its reader, and after the counters' last read."""
         self.detach()
-        if self._failure_reader is not None:
-            self._failure_reader.close()
-            self._failure_reader = None
+        self.close_reading()
         if self._outcomes is not None:
             self._outcomes.close()
 
-    # RecordReader: the collector's thread does the looking.
+    def close_reading(self) -> None:
+        if self._failure_reader is not None:
+            self._failure_reader.close()
+            self._failure_reader = None
+
+    # What _Looking runs, in the collector's thread.
     def wait(self, timeout_ms: int) -> None:
         delay = self._next_look - time.monotonic()
         if delay > 0:
@@ -138,16 +174,19 @@ class SampledSource:
 
     def read(self, limit: int) -> list[Record]:
         """One look's records (a look yields few; `limit` is never reached)."""
+        if self._primed:
+            primed, self._primed = self._primed, []
+            return primed
         now = time.monotonic()
         if not self._attached or now < self._next_look:
             return []
         self._next_look = now + self._interval_s
         if now >= self._next_discovery:
             self._discover()
-        return self._look()
-
-    def decode(self, record: Any) -> Record:
-        return record  # made as records already
+        self._looks_begun += 1
+        records = self._look()
+        self._looks_done = self._looks_begun
+        return records
 
     def _discover(self) -> None:
         self._next_discovery = time.monotonic() + DISCOVER_EVERY_S
@@ -277,6 +316,10 @@ class SampledSource:
         self._counts["statements"] += 1
         if finished.duration_us < self._threshold_us:
             return
+        if self._ends_from_us is not None and finished.end_us < self._ends_from_us:
+            return  # ended before a switch to this definition: the old one reported it
+        if self._starts_before_us is not None and finished.start_us >= self._starts_before_us:
+            return  # began after a switch away from it: its successor reports it
         text, truncated = finished.text, finished.text_truncated
         if text is None:
             # Never read while it ran (the looks fell behind): PostgreSQL's own copy,
@@ -306,6 +349,25 @@ class SampledSource:
         )
 
 
+class _Looking:
+    """The RecordReader of a SampledSource: its collector's thread does the looking."""
+
+    def __init__(self, source: SampledSource) -> None:
+        self._source = source
+
+    def wait(self, timeout_ms: int) -> None:
+        self._source.wait(timeout_ms)
+
+    def read(self, limit: int) -> list[Record]:
+        return self._source.read(limit)
+
+    def decode(self, record: Any) -> Record:
+        return record  # made as records already
+
+    def close(self) -> None:
+        self._source.close_reading()  # the source itself (its counters) lives on
+
+
 def sampled_unsupported(binary: PostgresBinary) -> str | None:
     if binary.major not in LAYOUTS:
         return (
@@ -333,11 +395,12 @@ SAMPLED = ProbeDefinition(
     description=(
         "no trap per statement: every backend's pg_stat_activity entry read every "
         "sample_interval_ms, and uprobes only on the error and cancel paths (PostgreSQL "
-        "14-18; the protocol is not told, and statements under threshold + 2 intervals "
-        "may go unseen)"
+        "14-18): each statement of a pipeline or batch on its own; the protocol is not "
+        "told, statements under threshold + 2 intervals may go unseen"
     ),
     open_source=SampledSource,
-    automatic=False,
+    priority=200,  # "auto" picks it first, where the threshold allows
+    auto_floor_ms=lambda daemon: AUTO_FLOOR_INTERVALS * daemon.sample_interval_ms,
     globals=GLOBALS,
     requirement=sampled_unsupported,
 )

@@ -222,7 +222,10 @@ def test_probes_command_explains_each_binary(tmp_path):
         "simple_query   cannot attach: no function exec_simple_query" in line and "stripped" in line
         for line in lines
     )
-    assert lines[-1] == 'probes = ["auto"] picks: activity'
+    assert lines[-1] == (
+        'probes = ["auto"] picks: sampled when threshold_ms >= 50 (default settings), '
+        "otherwise activity"
+    )
     full = pgslowlog("probes", "--binary", str(BINDIRS["pg18"] / "postgres")).stdout
     assert "full symbol table, no USDT probes" in full
     assert "simple_query   can attach" in full

@@ -17,6 +17,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from pgslowlog import enrichment
+from pgslowlog.config import DaemonConfig
 from pgslowlog.decoder import BackendNotice, BindMessage, BoundParameter, RawStatement, RecordKind
 from pgslowlog.dispatcher import Dispatcher
 from pgslowlog.elf import Function, PostgresBinary, UsdtProbe
@@ -567,6 +568,25 @@ def test_auto_picks_the_highest_priority_supported_automatic_definition():
     # Where the higher one can attach, it wins.
     both = binary(functions=("f_common", "f_missing"))
     assert names(select_probes(["auto"], AVAILABLE, both, "target[0]")) == ["missing"]
+
+
+def test_auto_picks_a_definition_with_a_floor_only_at_or_over_it():
+    """As `sampled`: first choice where the threshold is at least 5 sampling intervals."""
+    looking = definition("looking", priority=200, auto_floor_ms=lambda d: 5 * d.sample_interval_ms)
+    available = {**AVAILABLE, "looking": looking}
+
+    def auto(**settings) -> list[str]:
+        daemon = DaemonConfig(**settings)
+        return names(select_probes(["auto"], available, binary(), "t", daemon))
+
+    assert auto(threshold_ms=200) == ["looking"]
+    assert auto(threshold_ms=50) == ["looking"]
+    assert auto(threshold_ms=49.9) == ["high"]
+    assert auto(threshold_ms=200, sample_interval_ms=50) == ["high"]
+    assert auto(threshold_ms=250, sample_interval_ms=50) == ["looking"]
+    with pytest.raises(UserError) as refused:
+        select_probes(["auto"], {"looking": looking}, binary(), "t", DaemonConfig(threshold_ms=1))
+    assert "looking: threshold_ms 1 is under its floor of 50 ms" in refused.value.cause
 
 
 def test_auto_never_picks_a_definition_that_is_not_automatic():

@@ -150,3 +150,48 @@ def test_query_id_is_postgresql_s_own(cluster, start_daemon):
         asking.join()
     (event,) = daemon.wait_for_events("sampled query id", 1)
     assert seen[0] is not None and event["query_id"] == seen[0]
+
+
+def test_auto_switches_live_with_the_threshold_and_loses_nothing(cluster, start_daemon):
+    """auto picks sampled at 200 ms (>= 5 x 10 ms) and activity under 50 ms; a SIGHUP that
+    crosses the line switches while statements run across it: each reported once."""
+    daemon = start_daemon(cluster, threshold_ms=200)  # probes = ["auto"]
+    assert daemon.process.wait_for_log("ready")["probes"] == [f"sampled@{cluster.postgres}"]
+
+    def across(marker: str) -> threading.Thread:
+        # Under way when the switch begins, still running when it ends (loading the new
+        # definition's BPF program takes a second or two).
+        thread = threading.Thread(target=cluster.psql, args=(f"select pg_sleep(5) /* {marker} */",))
+        thread.start()
+        time.sleep(0.3)
+        return thread
+
+    long_one = across("switch down across")
+    daemon.write_config(threshold_ms=30)
+    daemon.process.reload()
+    down = daemon.process.wait_for_log("reloaded")
+    assert down["probes_switched"] == ["activity@target0"], down
+    cluster.psql("select pg_sleep(0.1) /* switch down after */", check=True)
+    long_one.join()
+    handed = daemon.process.wait_for_log("probe_handed_over")
+    assert (handed["probe"], handed["target"]) == ("sampled", "target0")
+    second = across("switch up across")
+    daemon.write_config(threshold_ms=200)
+    daemon.process.reload()
+    up = daemon.process.wait_for_log("reloaded", count=2)
+    assert up["probes_switched"] == ["sampled@target0"], up
+    cluster.psql("select pg_sleep(0.3) /* switch up after */", check=True)
+    second.join()
+    expected = {
+        "switch down across": "sampled",  # began before the switch: the old one's
+        "switch down after": "activity",
+        "switch up across": "sampled",  # ends after the switch: the new one's
+        "switch up after": "sampled",
+    }
+    for marker, probe in expected.items():
+        (event,) = daemon.wait_for_events(marker, 1)
+        assert event["probe"] == probe, event
+    time.sleep(0.5)
+    for marker in expected:
+        assert len(daemon.events(marker)) == 1, daemon.events(marker)
+    assert daemon.stop() == 0

@@ -197,7 +197,7 @@ def test_probe_set_runs_each_source_with_its_collector(harness, tmp_path):
     events = h.wait_for_events(1)
     assert (events[0].query, events[0].probe, events[0].target) == ("select from b", "b", "main")
     h.probes.set_threshold_ns(5)
-    h.probes.tick()
+    h.probes.tick(h.health.retire)
     assert [(s.threshold_ns, s.ticks) for s in h.opened] == [(5, 1), (5, 1)]
 
 
@@ -385,14 +385,17 @@ def test_reload_applies_live_keys_and_names_the_rest():
 def test_daemon_reload_moves_the_threshold_and_reopens_sinks(harness, tmp_path, monkeypatch):
     config_path = tmp_path / "pgslowlog.toml"
     config_path.write_text(
-        '[daemon]\nthreshold_ms = 200\n[[target]]\nbinary = "/x/postgres"\n'
+        '[daemon]\nthreshold_ms = 200\n[[target]]\nbinary = "/x/postgres"\nprobes = ["a"]\n'
         '[sinks.file]\npath = "/tmp/x"\n'
     )
     h = harness()
     h.probes.start(target(tmp_path), [definition("a")])
     daemon = Daemon(str(config_path))
     daemon.config = parse_config(
-        {"target": [{"binary": "/x/postgres"}], "sinks": {"file": {"path": "/tmp/x"}}}
+        {
+            "target": [{"binary": "/x/postgres", "probes": ["a"]}],
+            "sinks": {"file": {"path": "/tmp/x"}},
+        }
     )
     daemon.probes, daemon.dispatcher = h.probes, h.dispatcher
     config_path.write_text(config_path.read_text().replace("200", "1500"))
@@ -456,3 +459,66 @@ def test_a_source_that_raises_anything_is_one_failed_start_and_a_clean_stop(harn
     assert "OSError: a third-party source failed" in failed["error"]
     assert len(h.probes) == 0 and h.opened[0].closed  # the one that had started is stopped
     assert the_plan.targets[0].target.file._fd is None  # the binary is closed
+
+
+class HandingOverSource(FakeSource):
+    """Like `sampled`: shares out the statements around a definition switch."""
+
+    def __init__(self, *args: Any, **options: Any) -> None:
+        super().__init__(*args, **options)
+        self.took_over_at: int | None = None
+        self.handed_over_at: int | None = None
+        self.still_running = True
+
+    def take_over(self, at_ns: int) -> None:
+        self.took_over_at = at_ns
+
+    def hand_over(self, at_ns: int) -> None:
+        self.handed_over_at = at_ns
+
+    @property
+    def handed_over(self) -> bool:
+        return not self.still_running
+
+
+def looking(name: str) -> ProbeDefinition:
+    return ProbeDefinition(name=name, description="hands over", open_source=HandingOverSource)
+
+
+def test_switching_to_a_source_that_takes_over_stops_the_old_one_at_once(harness, tmp_path):
+    h = harness()
+    where = target(tmp_path)
+    h.probes.start(where, [definition("trapping")])
+    before = time.time_ns()
+    assert h.probes.switch(where, [looking("sampling")], h.health.retire) == ["sampling"]
+    new = h.opened[1]
+    assert before <= new.took_over_at <= time.time_ns()
+    # The old one was told nothing ends its way any more, then stopped and freed.
+    assert h.opened[0].threshold_ns == 2**63 - 1 and h.opened[0].closed
+    assert [r.name for r in h.probes] == ["sampling@main"]
+
+
+def test_switching_away_from_a_source_that_hands_over_keeps_it_until_done(harness, tmp_path):
+    h = harness()
+    where = target(tmp_path)
+    h.probes.start(where, [looking("sampling")])
+    assert h.probes.switch(where, [definition("trapping")], h.health.retire) == ["trapping"]
+    old = h.opened[0]
+    assert old.handed_over_at is not None and not old.closed
+    h.opened[0].emit("select from before the switch")  # its own statements still arrive
+    assert h.wait_for_events(1)[0].query == "select from before the switch"
+    h.probes.tick(h.health.retire)
+    assert {r.name for r in h.probes} == {"sampling@main", "trapping@main"}
+    old.still_running = False  # its last statement ended
+    h.probes.tick(h.health.retire)
+    assert [r.name for r in h.probes] == ["trapping@main"] and old.closed
+
+
+def test_a_switch_whose_new_source_fails_keeps_the_old_one(harness, tmp_path):
+    h = harness(fail={"trapping"})
+    where = target(tmp_path)
+    h.probes.start(where, [looking("sampling")])
+    with pytest.raises(ProbeLoadError):
+        h.probes.switch(where, [definition("trapping")], h.health.retire)
+    assert [r.name for r in h.probes] == ["sampling@main"]
+    assert h.opened[0].handed_over_at is None and not h.opened[0].closed
