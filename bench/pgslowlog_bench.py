@@ -3,9 +3,12 @@
     sudo .venv/bin/python bench/pgslowlog_bench.py [--seconds 10] [--rounds 3]
 
 Runs pgbench against a throwaway Debian PostgreSQL 15 cluster under each condition,
-interleaved (A B C ... A B C ...) in one run, and prints the median TPS of each and
-its ratio to no tracing; then the figures of pgslowlog itself (events at threshold 0,
-statement-end-to-file latency, start-up, peak RSS, CPU). No assertion: figures.
+interleaved (A B C ... A B C ...) in one run, and prints per condition the median TPS
+and its ratio to no tracing, and two figures noise moves less: PostgreSQL's CPU time
+per transaction (its backends' utime + stime over the transactions pgbench completed)
+and the daemon's own CPU. Then the figures of pgslowlog itself (events at threshold 0,
+statement-end-to-file latency, start-up, peak RSS) and, from one extra run each with
+kernel.bpf_stats_enabled, each BPF program's run time per call. No assertion: figures.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -59,6 +62,16 @@ PROGRESS = re.compile(r"^progress: ([\d.]+) s, ([\d.]+) tps")
 class Measured:
     tps: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    cpu_per_transaction_us: list[float] = field(default_factory=list)  # PostgreSQL's
+    daemon_cpu_share: list[float] = field(default_factory=list)  # of one core, while pgbench ran
+
+
+@dataclass
+class RunResult:
+    tps: float
+    note: str = ""
+    cpu_per_transaction_us: float | None = None
+    daemon_cpu_share: float | None = None
 
 
 @dataclass
@@ -77,6 +90,7 @@ class DaemonRun:
     log: Path
     workload: str = ""
     issued: int = 0  # statements pgbench completed
+    daemon_pid: int = 0
 
 
 def socket_dsn(cluster: Cluster) -> str:
@@ -121,6 +135,47 @@ def transactions(output: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+def reaped_children_cpu_s(pid: int) -> float:
+    """CPU seconds of the children `pid` has reaped (cutime + cstime): a postmaster's
+    exited backends."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> set[int]:
+    return set(map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split()))
+
+
+def cpu_of_backends(cluster: Cluster, run: Callable[[], int]) -> tuple[int, float]:
+    """(transactions, PostgreSQL CPU µs per transaction) of `run`, which returns the
+    transactions completed: the CPU its backends used, counted once they exited and
+    the postmaster reaped them."""
+    postmaster = cluster.postmaster_pid
+    before_children = children(postmaster)
+    before = reaped_children_cpu_s(postmaster)
+    completed = run()
+    deadline = time.monotonic() + 10
+    while children(postmaster) - before_children and time.monotonic() < deadline:
+        time.sleep(0.05)  # pgbench's backends still exiting
+    cpu_s = reaped_children_cpu_s(postmaster) - before
+    return completed, cpu_s * 1e6 / completed if completed else 0.0
+
+
+def bpf_program_stats(pid: int) -> list[tuple[int, int, int]]:
+    """(prog_id, run_cnt, run_time_ns) of each BPF program `pid` holds open, from
+    /proc/PID/fdinfo (the counts move only while kernel.bpf_stats_enabled = 1)."""
+    found = []
+    for fdinfo in Path(f"/proc/{pid}/fdinfo").iterdir():
+        try:
+            text = fdinfo.read_text()
+        except OSError:
+            continue
+        info = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+        if "prog_id" in info and "run_cnt" in info:
+            found.append((int(info["prog_id"]), int(info["run_cnt"]), int(info["run_time_ns"])))
+    return sorted(found, key=lambda stats: -stats[1])
+
+
 def process_figures(pid: int) -> tuple[float, float]:
     """Peak RSS in MB and CPU seconds of a live process."""
     status = Path(f"/proc/{pid}/status").read_text()
@@ -146,6 +201,7 @@ def pgslowlog(
     daemon = RunningDaemon(config)
     daemon.wait_for_log("ready")
     figures.startup_s.append(time.monotonic() - started)
+    run.daemon_pid = daemon.process.pid
     try:
         yield run
     finally:
@@ -232,25 +288,76 @@ def plain_tracer(cluster: Cluster, name: str) -> AbstractContextManager[object]:
     raise ValueError(f"unknown condition {name!r}")
 
 
+def pgslowlog_condition(name: str) -> tuple[str, float]:
+    """ "pgslowlog 200ms" (the default config: auto) or "pgslowlog backend_status 200ms"."""
+    words = name.split()
+    return (words[1] if len(words) == 3 else "auto"), float(words[-1].removesuffix("ms"))
+
+
 def run_condition(
     cluster: Cluster, name: str, workload: str, seconds: int, figures: DaemonFigures
-) -> tuple[float, str]:
-    """TPS of one pgbench run under condition `name`, and a note."""
+) -> RunResult:
+    """One pgbench run under condition `name`."""
     options = WORKLOADS[workload]
+    output = ""
+
+    def bench() -> int:
+        nonlocal output
+        output = pgbench(cluster, options, seconds).communicate()[0]
+        return transactions(output)
+
     if name.startswith("pgslowlog"):
-        # "pgslowlog 200ms" (the default probe) or "pgslowlog backend_status 200ms"
-        words = name.split()
-        threshold = float(words[-1].removesuffix("ms"))
-        probe = words[1] if len(words) == 3 else "auto"
+        probe, threshold = pgslowlog_condition(name)
         with pgslowlog(cluster, threshold, probe, figures, workload) as run:
-            output = pgbench(cluster, options, seconds).communicate()[0]
-            completed = transactions(output)
+            daemon_before = process_figures(run.daemon_pid)[1]
+            started = time.monotonic()
+            completed, cpu_us = cpu_of_backends(cluster, bench)
+            daemon_share = (process_figures(run.daemon_pid)[1] - daemon_before) / (
+                time.monotonic() - started
+            )
             run.issued = completed * STATEMENTS_PER_TRANSACTION[workload]
-        return window_tps(output, WARMUP_S), f"{completed} transactions"
+        return RunResult(
+            window_tps(output, WARMUP_S), f"{completed} transactions", cpu_us, daemon_share
+        )
     if name.startswith("dbslower"):
-        return run_dbslower(cluster, options, seconds)
+        tps, note = run_dbslower(cluster, options, seconds)
+        return RunResult(tps, note)
     with plain_tracer(cluster, name):
-        return window_tps(pgbench(cluster, options, seconds).communicate()[0], WARMUP_S), ""
+        _completed, cpu_us = cpu_of_backends(cluster, bench)
+        return RunResult(window_tps(output, WARMUP_S), "", cpu_us)
+
+
+def bpf_run_times(
+    cluster: Cluster, conditions: list[str], workloads: list[str], seconds: int
+) -> list[str]:
+    """Each uprobe definition's BPF programs, run time per call, over one extra pgbench
+    run per workload with kernel.bpf_stats_enabled (which itself costs a little: these
+    runs are not among the TPS rounds)."""
+    lines = []
+    stats_file = Path("/proc/sys/kernel/bpf_stats_enabled")
+    previous = stats_file.read_text().strip()
+    stats_file.write_text("1")
+    try:
+        for name in conditions:
+            probe, threshold = pgslowlog_condition(name)
+            for workload in workloads:
+                options = WORKLOADS[workload]
+                with pgslowlog(cluster, threshold, probe, DaemonFigures(), workload) as run:
+                    before = {p: (n, t) for p, n, t in bpf_program_stats(run.daemon_pid)}
+                    completed = transactions(pgbench(cluster, options, seconds).communicate()[0])
+                    programs = []
+                    for prog, calls, ns in bpf_program_stats(run.daemon_pid):
+                        calls0, ns0 = before.get(prog, (0, 0))
+                        if calls > calls0:
+                            per_call = (ns - ns0) / (calls - calls0)
+                            programs.append(f"{calls - calls0:,} calls at {per_call:,.0f} ns")
+                lines.append(
+                    f"- BPF run time, {name}, {workload} ({completed:,} transactions): "
+                    + ("; ".join(programs) or "no program ran")
+                )
+    finally:
+        stats_file.write_text(previous)
+    return lines
 
 
 def run_dbslower(cluster: Cluster, options: list[str], seconds: int) -> tuple[float, str]:
@@ -317,11 +424,11 @@ CONDITIONS: list[str] = [
     "bare uprobe",
     "bare uprobe ReadyForQuery",
     "bare sched_switch",
-    "pgslowlog 200ms",
-    "pgslowlog 0ms",
+    "pgslowlog 200ms",  # the default config: auto, which picks sampled at 200 ms
+    "pgslowlog activity 200ms",  # what auto picks under 50 ms, and picked before sampled
+    "pgslowlog 0ms",  # auto: activity
     "pgslowlog backend_status 200ms",
     "pgslowlog backend_status 0ms",
-    "pgslowlog sampled 200ms",  # no trap per statement; 0 ms is not its use
     "log_min_duration_statement 200",
     "log_min_duration_statement 0",
     "dbslower 200ms",
@@ -365,19 +472,24 @@ def main() -> int:
             order = conditions[shift:] + conditions[:shift]
             for workload in arguments.workloads:
                 for condition in order:
-                    tps, note = run_condition(
-                        cluster, condition, workload, arguments.seconds, figures
-                    )
+                    result = run_condition(cluster, condition, workload, arguments.seconds, figures)
                     measured = results.setdefault((workload, condition), Measured())
-                    measured.tps.append(tps)
-                    if note:
-                        measured.notes.append(note)
+                    measured.tps.append(result.tps)
+                    if result.note:
+                        measured.notes.append(result.note)
+                    if result.cpu_per_transaction_us is not None:
+                        measured.cpu_per_transaction_us.append(result.cpu_per_transaction_us)
+                    if result.daemon_cpu_share is not None:
+                        measured.daemon_cpu_share.append(result.daemon_cpu_share)
                     print(
-                        f"round {round_number + 1} {workload:22} {condition:32} {tps:10.0f} TPS",
+                        f"round {round_number + 1} {workload:22} {condition:32} "
+                        f"{result.tps:10.0f} TPS",
                         file=sys.stderr,
                         flush=True,
                     )
         latencies = latency(cluster, figures)
+        traced = [c for c in conditions if c.startswith("pgslowlog") and " 0ms" not in c]
+        bpf_lines = bpf_run_times(cluster, traced, arguments.workloads, arguments.seconds)
     finally:
         cluster.stop()
 
@@ -386,18 +498,32 @@ def main() -> int:
         f"PostgreSQL 15 (Debian), pgbench -c {CLIENTS} -T {arguments.seconds}, "
         f"{arguments.rounds} interleaved rounds, median TPS\n"
     )
-    print("| workload | condition | median TPS | ratio to no tracing | range of rounds |")
-    print("|---|---|---|---|---|")
+    print(
+        "| workload | condition | median TPS | ratio to no tracing | range of rounds "
+        "| PostgreSQL CPU µs/transaction | ratio | daemon CPU, % of a core |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for workload in arguments.workloads:
-        base = statistics.median(results[(workload, "no tracing")].tps)
+        untraced = results[(workload, "no tracing")]
+        base = statistics.median(untraced.tps)
+        base_cpu = statistics.median(untraced.cpu_per_transaction_us)
         for condition in conditions:
-            runs = results[(workload, condition)].tps
+            measured = results[(workload, condition)]
+            runs = measured.tps
             tps = statistics.median(runs)
+            cpu = cpu_ratio = daemon = "-"
+            if measured.cpu_per_transaction_us:
+                per_transaction = statistics.median(measured.cpu_per_transaction_us)
+                cpu, cpu_ratio = f"{per_transaction:.1f}", f"{per_transaction / base_cpu:.3f}"
+            if measured.daemon_cpu_share:
+                daemon = f"{statistics.median(measured.daemon_cpu_share):.1%}"
             print(
                 f"| {workload} | {condition} | {tps:,.0f} | {tps / base:.2f} | "
-                f"{min(runs) / base:.2f}-{max(runs) / base:.2f} |"
+                f"{min(runs) / base:.2f}-{max(runs) / base:.2f} | {cpu} | {cpu_ratio} | {daemon} |"
             )
     print()
+    for line in bpf_lines:
+        print(line)
     for (probe, workload), t in figures.threshold0.items():
         print(
             f"- threshold 0 ({probe}, {workload}), runs {t['runs']}: pgbench issued {t['issued']}, "

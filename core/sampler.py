@@ -88,6 +88,10 @@ def _parent(pid: int) -> int:
     return int(fields[1]) if fields else 0
 
 
+class ClusterStarting(MemoryReadError):
+    """The postmaster has not sized its shared memory yet: ask again soon."""
+
+
 @dataclass
 class Backend:
     pid: int
@@ -138,7 +142,10 @@ class Cluster:
         # Slots of backends that have a BackendId / ProcNumber: client backends, workers,
         # walsenders (auxiliary processes come after them and run no statements).
         self.slot_count = _INT.unpack(read(postmaster, self._addresses["MaxBackends"], 4))[0]
+        if self.slot_count <= 0:
+            raise ClusterStarting(0, f"postmaster {postmaster} is starting")
         self.base: int | None = None  # BackendStatusArray: known once a backend tells it
+        self.lost = False  # its memory could not be read at the last look
         self.slots: dict[int, Backend] = {}
         self._running = (layout.state_running, layout.state_fastpath)
         self._reader: RangeReader | None = None
@@ -221,6 +228,7 @@ class Cluster:
         try:
             raw = reader.read()
         except MemoryReadError:
+            self.lost = True  # the postmaster is gone (a restart?): look for its successor
             return found
         ints = raw.cast("i")
         span = self.slot_count * size

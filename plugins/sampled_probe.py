@@ -27,13 +27,25 @@ from pgslowlog.pg_layouts import EXPORTED_GLOBALS, LAYOUTS, layout_for
 from pgslowlog.plugin_manager import RegisterProbe
 from pgslowlog.probes import ProbeDefinition
 from pgslowlog.process_memory import MemoryReadError
-from pgslowlog.sampler import GLOBALS, PG_EPOCH_UNIX_US, Backend, Cluster, pg_now_us, postmasters
+from pgslowlog.sampler import (
+    GLOBALS,
+    PG_EPOCH_UNIX_US,
+    Backend,
+    Cluster,
+    ClusterStarting,
+    pg_now_us,
+    postmasters,
+)
 from pgslowlog.sources import COUNTERS, ProbeLoadError
 from pgslowlog.statement_tracker import BackendSample, Finished, InFlight, StatementTracker
 from pgslowlog.targets import Target
 
 log = get_logger(__name__)
 DISCOVER_EVERY_S = 1.0  # how often new (or restarted) postmasters are looked for
+# ... and while none is known, or for a while after one went (a restart): a statement
+# in a new server's first moments is then seen. A look at /proc costs about 0.5 ms.
+DISCOVER_SOON_S = 0.1
+SOON_AFTER_LOSS_S = 10.0
 # A statement's text is read once it is this many intervals short of the threshold:
 # one that reaches the threshold is still running at some look after that.
 TEXT_MARGIN_INTERVALS = 3
@@ -67,6 +79,9 @@ class SampledSource:
         self._interval_s = daemon.sample_interval_ms / 1000
         self._query_max_bytes = daemon.query_max_bytes
         self._threshold_us = round(daemon.threshold_ms * 1000)
+        # (from, threshold) in PostgreSQL microseconds: a statement is judged by the
+        # threshold in effect when it ended, which may be a look before a reload.
+        self._earlier_thresholds: list[tuple[int, int]] = []
         self._tracker = StatementTracker()
         self._clusters: dict[int, Cluster] = {}
         self._owner: dict[int, tuple[Cluster, Backend]] = {}  # backend pid -> where
@@ -77,6 +92,7 @@ class SampledSource:
         self._attached = False
         self._next_look = 0.0
         self._next_discovery = 0.0
+        self._soon_until = 0.0  # discovery every DISCOVER_SOON_S until then
         self._next_scan = 0.0
         # pid -> (PostgreSQL microseconds, "error" or "cancelled") since its statement began
         self._failures: dict[int, list[tuple[int, str]]] = {}
@@ -138,7 +154,19 @@ class SampledSource:
         return _Looking(self)
 
     def set_threshold_ns(self, threshold_ns: int) -> None:
+        now_us = pg_now_us()
+        self._earlier_thresholds = [
+            (since, threshold) for since, threshold in self._earlier_thresholds[-7:]
+        ] + [(now_us, self._threshold_us)]
         self._threshold_us = threshold_ns // 1000
+
+    def _threshold_at(self, end_us: int) -> int:
+        """The threshold in effect at `end_us`: the one set before the first change
+        that came after it, or the current one."""
+        for changed_us, before in self._earlier_thresholds:
+            if end_us < changed_us:
+                return before
+        return self._threshold_us
 
     def tick(self) -> None:
         pass  # clocks: PostgreSQL's timestamps are wall-clock time already
@@ -189,19 +217,24 @@ class SampledSource:
         return records
 
     def _discover(self) -> None:
-        self._next_discovery = time.monotonic() + DISCOVER_EVERY_S
+        now = time.monotonic()
         found = set(postmasters(self._identity, self._owner.keys()))
         for pid in set(self._clusters) - found:
             del self._clusters[pid]  # its backends are reported gone at the next look
+            self._soon_until = now + SOON_AFTER_LOSS_S
         for pid in found - set(self._clusters):
             try:
                 self._clusters[pid] = Cluster(
                     pid, self.target.binary, self._identity.inode, self._layout
                 )
+            except ClusterStarting:
+                continue  # asked again at the next discovery
             except MemoryReadError as error:
                 if pid not in self._unreadable:  # said once per postmaster, not each second
                     self._unreadable.add(pid)
                     log.warning("cluster_unreadable", postmaster=pid, error=str(error))
+        soon = not self._clusters or now < self._soon_until or len(found) > len(self._clusters)
+        self._next_discovery = now + (DISCOVER_SOON_S if soon else DISCOVER_EVERY_S)
 
     def _look(self) -> list[Record]:
         now_us = pg_now_us()
@@ -220,6 +253,10 @@ class SampledSource:
                     if (backend := cluster.adopt(pid)) is not None:
                         self._started(cluster, backend, records)
             look = cluster.look(self._tracker.in_flight.keys())
+            if cluster.lost and time.monotonic() >= self._soon_until:
+                # Gone (a restart?): find its successor now, and soon after.
+                self._soon_until = time.monotonic() + SOON_AFTER_LOSS_S
+                self._next_discovery = time.monotonic()
             # After the copy: a failure before an end the copy shows is in the ring now.
             self._take_failures()
             for backend, last in look.gone:
@@ -314,7 +351,7 @@ class SampledSource:
         if finished is None:
             return
         self._counts["statements"] += 1
-        if finished.duration_us < self._threshold_us:
+        if finished.duration_us < self._threshold_at(finished.end_us):
             return
         if self._ends_from_us is not None and finished.end_us < self._ends_from_us:
             return  # ended before a switch to this definition: the old one reported it

@@ -70,3 +70,14 @@ def test_benchmark_runs_and_accounts_for_every_event():
         # every event the kernel sent is written or counted
         assert written + drops + background == emitted
     assert re.search(r"statement end to file sink: p50 [\d.]+ ms, p99 [\d.]+ ms", result.stdout)
+    # PostgreSQL's CPU per transaction for every condition but dbslower; the daemon's for
+    # pgslowlog's; and the BPF run time of the uprobe definitions, which trap per statement.
+    for row in rows:
+        condition, cpu, daemon = row[2].strip(), row[6].strip(), row[8].strip()
+        assert (cpu == "-") == condition.startswith("dbslower"), row
+        assert (daemon == "-") != condition.startswith("pgslowlog"), row
+    assert re.search(
+        r"BPF run time, pgslowlog activity 200ms, select-only simple \([\d,]+ transactions\): "
+        r"[\d,]+ calls at [\d,]+ ns",
+        result.stdout,
+    ), result.stdout

@@ -192,7 +192,7 @@ def test_check_passes_and_describes_the_binary(tmp_path):
     assert result.returncode == 0, result.stdout
     assert "PostgreSQL 15." in result.stdout
     assert "dynamic symbols only (stripped)" in result.stdout
-    assert "probe activity compiled and verified" in result.stdout
+    assert "probe sampled compiled and verified" in result.stdout  # auto at 200 ms
     assert "kernel headers at /lib/modules/" in result.stdout
     assert result.stdout.strip().endswith("all checks passed")
 

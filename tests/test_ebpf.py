@@ -25,8 +25,15 @@ pytestmark = pytest.mark.ebpf
 FAILING = "do $$ begin perform pg_sleep(0.3); raise exception 'boom'; end $$ /* {marker} */"
 
 
-def test_slow_statement_logged_with_text_duration_and_backend(cluster, start_daemon):
-    daemon = start_daemon(cluster)
+# The default config (auto at 200 ms) samples; activity is what auto picks under 50 ms.
+@pytest.mark.parametrize(
+    ("probes", "probe", "protocol"),
+    [(["auto"], "sampled", None), (["activity"], "activity", "simple")],
+)
+def test_slow_statement_logged_with_text_duration_and_backend(
+    cluster, start_daemon, probes, probe, protocol
+):
+    daemon = start_daemon(cluster, probes=probes)
     before = datetime.now(UTC)
     cluster.psql("select 1 /* fast */", "select pg_sleep(0.3) /* slow */", check=True)
     (event,) = daemon.wait_for_events("/* slow */", 1)
@@ -36,12 +43,12 @@ def test_slow_statement_logged_with_text_duration_and_backend(cluster, start_dae
     assert event["backend_exited"] is False
     assert (event["user"], event["database"]) == ("postgres", "postgres")
     assert event["client"].startswith("127.0.0.1(")
-    assert event["probe"] == "activity"
+    assert event["probe"] == probe
     assert event["binary"] == str(cluster.postgres)
     assert event["target"] == "target0"
     assert (event["outcome"], event["protocol"], event["application_name"]) == (
         "ok",
-        "simple",
+        protocol,
         "psql",
     )
     started = datetime.fromisoformat(event["ts"])
@@ -51,7 +58,7 @@ def test_slow_statement_logged_with_text_duration_and_backend(cluster, start_dae
 
 
 def test_extended_protocol_with_bound_parameter(cluster, start_daemon):
-    daemon = start_daemon(cluster)
+    daemon = start_daemon(cluster, probes=["activity"])  # sampled does not tell the protocol
     dsn = cluster.dsn() + " application_name=shop-api"
     with psycopg.connect(dsn, autocommit=True) as connection:
         pid = connection.info.backend_pid
@@ -215,7 +222,7 @@ def test_target_given_by_postmaster_pid(cluster, start_daemon):
     binary = os.path.realpath(cluster.postgres)
     attached = daemon.process.wait_for_log("probe_attached")
     assert (attached["target"], attached["binary"]) == ("target0", binary)
-    assert daemon.process.wait_for_log("ready")["probes"] == [f"activity@{binary}"]
+    assert daemon.process.wait_for_log("ready")["probes"] == [f"sampled@{binary}"]
     cluster.psql("select pg_sleep(0.25) /* by pid */", check=True)
     (event,) = daemon.wait_for_events("/* by pid */", 1)
     assert (event["binary"], event["target"]) == (binary, "target0")
