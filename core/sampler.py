@@ -25,7 +25,8 @@ from operator import ne
 from pathlib import Path
 
 from pgslowlog.elf import FileIdentity, PostgresBinary
-from pgslowlog.pg_layouts import WAIT_EVENT_TYPES, BackendStatusLayout
+from pgslowlog.pg_layouts import BackendStatusLayout
+from pgslowlog.pg_wait_events import wait_event_name
 from pgslowlog.process_memory import (
     MemoryReadError,
     RangeReader,
@@ -133,7 +134,6 @@ class Cluster:
         bias = mapped - binary.base_vaddr  # 0 for a build that is not position-independent
         self.pid = postmaster
         self.layout = layout
-        self.waits = WAIT_EVENT_TYPES[layout.major]
         self._addresses = {name: bias + binary.objects[name] for name in GLOBALS}
         self.backends: dict[int, Backend] = {}
         self.query_size = _INT.unpack(
@@ -151,6 +151,7 @@ class Cluster:
         self._reader: RangeReader | None = None
         self._wait_at: dict[int, int] = {}  # slot -> offset of its wait word in a look
         self._last_count: list[int] = [-1] * self.slot_count  # per slot, at its last look
+        self._strangers: dict[int, int] = {}  # slot -> start of a process that is not ours
 
     def children(self) -> set[int]:
         try:
@@ -254,7 +255,16 @@ class Cluster:
                 self.forget(owner.pid)
                 owner = None
             if owner is None and procpid:
-                if not self.still_child(procpid) or (owner := self.adopt(procpid)) is None:
+                if self._strangers.get(slot) == started:
+                    self._last_count[slot] = count
+                    continue
+                if not self.still_child(procpid):
+                    # Not a child we can see by that pid (another pid namespace): asked
+                    # again only when another process takes the slot.
+                    self._strangers[slot] = started
+                    self._last_count[slot] = count
+                    continue
+                if (owner := self.adopt(procpid)) is None:
                     continue  # still starting: next look
                 found.appeared.append(owner)
                 found.samples.append((owner, self.read_entry(owner, live=True)))
@@ -332,7 +342,7 @@ class Cluster:
             running=state in self._running,
             activity_start_us=_INT64.unpack_from(raw, activity_at)[0],
             state_start_us=_INT64.unpack_from(raw, entry + layout.st_state_start_timestamp)[0],
-            wait="CPU" if not info else self.waits.get(info & 0xFF000000, "???"),
+            wait=wait_event_name(layout.major, info),
             query_id=query_id,
             aborted=state == layout.state_idleintransaction_aborted,
             client=_INT.unpack_from(raw, entry + layout.st_backendType)[0] == layout.b_backend,

@@ -33,7 +33,7 @@ def test_short_lived_connections_are_each_reported(cluster, start_daemon):
             # next look: the end is then when the exit was seen, an upper bound.
             assert event["backend_exited"] and 299 < event["duration_ms"] < 340, event
         assert (event["user"], event["database"]) == ("postgres", "postgres")
-        assert event["waits"] and max(event["waits"], key=event["waits"].get) == "Timeout"
+        assert max(event["waits"], key=event["waits"].get) == "Timeout:PgSleep", event
     assert sorted(e["query"] for e in events) == [
         f"select pg_sleep(0.3) /* sampled short {n} */" for n in range(3)
     ]
@@ -125,7 +125,7 @@ def test_a_lock_wait_shows_as_lock(cluster, start_daemon):
         holder.close()
     (event,) = daemon.wait_for_events("sampled blocked", 1)
     waits = event["waits"]
-    assert waits.get("Lock", 0) > 0.8 * sum(waits.values()), waits
+    assert waits.get("Lock:transactionid", 0) > 0.8 * sum(waits.values()), waits
     assert 950 < event["duration_ms"] < 1200
 
 
@@ -195,3 +195,27 @@ def test_auto_switches_live_with_the_threshold_and_loses_nothing(cluster, start_
     for marker in expected:
         assert len(daemon.events(marker)) == 1, daemon.events(marker)
     assert daemon.stop() == 0
+
+
+def test_statements_at_1_2_times_the_threshold_are_all_caught(cluster, start_daemon):
+    """Recall at threshold + 2 intervals (220 ms here) is 100%: 240 ms statements, one
+    after the other on one connection and each on a connection of its own."""
+    daemon = start_daemon(cluster, **SAMPLED)
+    with psycopg.connect(cluster.dsn(), autocommit=True) as connection:
+        for n in range(8):
+            connection.execute(f"select pg_sleep(0.24) /* recall extended {n} */")
+    for n in range(4):
+        cluster.psql(f"select pg_sleep(0.24) /* recall simple {n} */", check=True)
+    assert len(daemon.wait_for_events("/* recall extended", 8)) == 8
+    assert len(daemon.wait_for_events("/* recall simple", 4)) == 4
+    for event in daemon.events("/* recall "):
+        assert 239 < event["duration_ms"] < 260, event
+
+
+def test_a_busy_scan_reports_cpu_or_io(cluster, start_daemon):
+    daemon = start_daemon(cluster, **SAMPLED)
+    cluster.psql("select count(*) from generate_series(1, 4000000) /* sampled busy */", check=True)
+    (event,) = daemon.wait_for_events("sampled busy", 1)
+    waits = event["waits"]
+    assert waits.get("CPU", 0) > 0.5 * sum(waits.values()), waits
+    assert all(name == "CPU" or name.startswith("IO:") for name in waits), waits
