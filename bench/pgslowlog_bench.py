@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -146,19 +146,36 @@ def children(pid: int) -> set[int]:
     return set(map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split()))
 
 
-def cpu_of_backends(cluster: Cluster, run: Callable[[], int]) -> tuple[int, float]:
-    """(transactions, PostgreSQL CPU µs per transaction) of `run`, which returns the
-    transactions completed: the CPU its backends used, counted once they exited and
-    the postmaster reaped them."""
+def client_backends(pid: int) -> set[int]:
+    """The postmaster's children that serve a client over the Unix socket (pgbench's):
+    their process title says "[local]". Autovacuum workers come and go on their own."""
+    found = set()
+    for child in children(pid):
+        try:
+            title = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"[local]" in title:
+            found.add(int(child))
+    return found
+
+
+def pgbench_with_cpu(cluster: Cluster, options: list[str], seconds: int) -> tuple[str, float]:
+    """pgbench's output, and PostgreSQL's CPU µs per transaction it completed: the CPU
+    its backends used, counted once they exited and the postmaster reaped them."""
     postmaster = cluster.postmaster_pid
-    before_children = children(postmaster)
     before = reaped_children_cpu_s(postmaster)
-    completed = run()
+    bench = pgbench(cluster, options, seconds)
+    time.sleep(1)  # connected by now
+    clients = client_backends(postmaster)
+    output = bench.communicate()[0]
     deadline = time.monotonic() + 10
-    while children(postmaster) - before_children and time.monotonic() < deadline:
-        time.sleep(0.05)  # pgbench's backends still exiting
+    # An exited backend is still a child (a zombie) until the postmaster reaps it.
+    while clients & children(postmaster) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    completed = transactions(output)
     cpu_s = reaped_children_cpu_s(postmaster) - before
-    return completed, cpu_s * 1e6 / completed if completed else 0.0
+    return output, cpu_s * 1e6 / completed if completed else 0.0
 
 
 def bpf_program_stats(pid: int) -> list[tuple[int, int, int]]:
@@ -299,22 +316,16 @@ def run_condition(
 ) -> RunResult:
     """One pgbench run under condition `name`."""
     options = WORKLOADS[workload]
-    output = ""
-
-    def bench() -> int:
-        nonlocal output
-        output = pgbench(cluster, options, seconds).communicate()[0]
-        return transactions(output)
-
     if name.startswith("pgslowlog"):
         probe, threshold = pgslowlog_condition(name)
         with pgslowlog(cluster, threshold, probe, figures, workload) as run:
             daemon_before = process_figures(run.daemon_pid)[1]
             started = time.monotonic()
-            completed, cpu_us = cpu_of_backends(cluster, bench)
+            output, cpu_us = pgbench_with_cpu(cluster, options, seconds)
             daemon_share = (process_figures(run.daemon_pid)[1] - daemon_before) / (
                 time.monotonic() - started
             )
+            completed = transactions(output)
             run.issued = completed * STATEMENTS_PER_TRANSACTION[workload]
         return RunResult(
             window_tps(output, WARMUP_S), f"{completed} transactions", cpu_us, daemon_share
@@ -323,7 +334,7 @@ def run_condition(
         tps, note = run_dbslower(cluster, options, seconds)
         return RunResult(tps, note)
     with plain_tracer(cluster, name):
-        _completed, cpu_us = cpu_of_backends(cluster, bench)
+        output, cpu_us = pgbench_with_cpu(cluster, options, seconds)
         return RunResult(window_tps(output, WARMUP_S), "", cpu_us)
 
 
