@@ -77,6 +77,7 @@ class Daemon:
         self._reload_requested = False
         self._stop_signal: str | None = None
         self._failure: str | None = None
+        self._switch_waiting = False  # a reload's switch waits for a hand-over to finish
 
     def run(self) -> int:
         config = load_config(self.config_path)
@@ -160,6 +161,9 @@ class Daemon:
                 self.reload()
             self.watcher.poll()
             self.probes.tick(self.health.retire)
+            if self._switch_waiting and not any(r.handing_over for r in self.probes):
+                if switched := self._switch_automatic():
+                    log.info("probes_switched", probes=switched)
             self.health.report_losses()
             if time.monotonic() >= next_health:
                 log.info("health", **self.health.health())
@@ -207,9 +211,15 @@ class Daemon:
         """Where "auto" now picks other definitions (the threshold crossed a floor, such
         as sampled's), switch them live: ProbeSet.switch loses nothing in between."""
         switched = []
+        self._switch_waiting = False
         running = {r.target.index: r.target for r in self.probes if not r.handing_over}
+        handing_over = {r.target.index for r in self.probes if r.handing_over}
         for index, target_config in enumerate(self.config.target):
             if AUTO not in target_config.probes or index not in running:
+                continue
+            if index in handing_over:
+                # A switch is still under way there: decided again once it is done.
+                self._switch_waiting = True
                 continue
             name = target_name(target_config, index)
             try:

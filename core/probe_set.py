@@ -46,6 +46,11 @@ class RunningProbe:
         return f"{self.definition.name}@{self.target.name}"
 
 
+def can_hand_over(source: StatementSource) -> bool:
+    """Whether a source shares out its statements at a switch (sources.HandsOver)."""
+    return hasattr(source, "hand_over") and hasattr(source, "handed_over")
+
+
 class ProbeSet:
     def __init__(
         self,
@@ -69,25 +74,38 @@ class ProbeSet:
     def __len__(self) -> int:
         return len(self._running)
 
-    def start(self, target: Target, definitions: list[ProbeDefinition]) -> list[RunningProbe]:
+    def start(
+        self,
+        target: Target,
+        definitions: list[ProbeDefinition],
+        attached: Callable[[StatementSource], None] | None = None,
+    ) -> list[RunningProbe]:
         """Start every definition on `target`, or none: a failure stops those begun.
+        `attached` sees each source once attached, before its collector reads anything.
 
         Raises sources.ProbeLoadError (or whatever a source raised) after cleaning up.
         """
         started: list[RunningProbe] = []
         try:
             for definition in definitions:
-                started.append(self._start_one(target, definition))
+                started.append(self._start_one(target, definition, attached))
         except BaseException:
             self._stop(started, lambda _running: None)
             raise
         return started
 
-    def _start_one(self, target: Target, definition: ProbeDefinition) -> RunningProbe:
+    def _start_one(
+        self,
+        target: Target,
+        definition: ProbeDefinition,
+        attached: Callable[[StatementSource], None] | None,
+    ) -> RunningProbe:
         source = self._open(definition, target, self._daemon)
         try:
             source.set_threshold_ns(self._threshold_ns)
             source.attach()
+            if attached is not None:
+                attached(source)
             attachments = source.attached_count
             daemon = self._daemon
             enricher = Enricher(
@@ -151,28 +169,41 @@ class ProbeSet:
         """Run `definitions` on `target` instead of what runs there now, with nothing lost
         in between: the new sources attach first (if one fails, the old ones keep
         running), then each old one either hands its running statements over (a source
-        that can, see sources.HandsOver: it keeps running until they end) or, the new
-        ones told to report only what ends from now on, stops. Returns the names started."""
+        that can, see sources.HandsOver: it keeps running until they end) or stops.
+        Returns the names started.
+
+        Where an old one stops, a new source that can take over is told, once attached
+        and before its collector reads, to report only what ends from now on, and the
+        old one's threshold is raised at once: only a statement ending between those
+        two steps (microseconds) can be reported by both. Where the old one hands over,
+        the mark is taken once the new uprobes are live: a statement that begins
+        between the two is reported by both, never by neither.
+        """
         running = [
             r for r in self._running if r.target.index == target.index and not r.handing_over
         ]
         current = {r.definition for r in running}
         leaving = [r for r in running if r.definition not in definitions]
-        started = self.start(target, [d for d in definitions if d not in current])
+        handing = [r for r in leaving if can_hand_over(r.source)]
+        stopping = [r for r in leaving if r not in handing]
+
+        def take_over(source: StatementSource) -> None:
+            if stopping and hasattr(source, "take_over"):
+                source.take_over(time.time_ns())
+                for old in stopping:
+                    old.source.set_threshold_ns(NEVER_NS)  # what ends from now is the new one's
+
+        try:
+            started = self.start(target, [d for d in definitions if d not in current], take_over)
+        except BaseException:
+            for old in stopping:  # they keep running: as they were
+                old.source.set_threshold_ns(self._threshold_ns)
+            raise
         at_ns = time.time_ns()
-        stopping = []
-        for old in leaving:
-            if hasattr(old.source, "hand_over"):
-                old.source.hand_over(at_ns)
-                old.handing_over = True
-            else:
-                stopping.append(old)
+        for old in handing:
+            old.source.hand_over(at_ns)  # type: ignore[attr-defined]
+            old.handing_over = True
         if stopping:
-            for new in started:
-                if hasattr(new.source, "take_over"):
-                    new.source.take_over(at_ns)
-            for old in stopping:
-                old.source.set_threshold_ns(NEVER_NS)  # what ends from now is the new one's
             self._stop(stopping, retire)
         return [r.definition.name for r in started]
 

@@ -89,7 +89,8 @@ class StatementSource(Protocol):
 class HandsOver(Protocol):
     def take_over(self, at_ns: int) -> None:
         """From now on report only statements that end at or after `at_ns` (Unix ns):
-        the source it replaces reported the others. Called just after attach()."""
+        the source it replaces reported the others. Called once attached, before its
+        collector reads anything."""
 
     def hand_over(self, at_ns: int) -> None:
         """Report only statements that began before `at_ns` (Unix ns): its successor
@@ -97,7 +98,7 @@ class HandsOver(Protocol):
 
     @property
     def handed_over(self) -> bool:
-        """No statement that began before the hand-over is left running."""
+        """No client statement that began before the hand-over is left running."""
 
 
 def open_source(

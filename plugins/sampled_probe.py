@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pgslowlog.config import DaemonConfig
-from pgslowlog.decoder import BackendNotice, RawStatement, Record, RecordKind, decode_failure
+from pgslowlog.decoder import (
+    BackendNotice,
+    DecodeError,
+    RawStatement,
+    Record,
+    RecordKind,
+    decode_failure,
+)
 from pgslowlog.elf import PostgresBinary
 from pgslowlog.hookspecs import hookimpl
 from pgslowlog.loader import LoadedProbe, RingBufferReader, outcome_uprobes
@@ -103,6 +110,7 @@ class SampledSource:
         self._ends_from_us: int | None = None
         self._starts_before_us: int | None = None
         self._looks_begun = self._looks_done = 0
+        self._background: set[int] = set()  # followed backends that are not clients
         self._hand_over_look = 0  # the first look to begin after hand_over()
         if outcome_uprobes(target):  # the binary exports the failure paths
             self._outcomes = LoadedProbe(SAMPLED_OUTCOMES, target, daemon)
@@ -148,7 +156,9 @@ class SampledSource:
         if self._starts_before_us is None or self._looks_done < self._hand_over_look:
             return False
         running = list(self._tracker.in_flight.values())  # one copy: the collector changes it
-        return all(s.start_us >= self._starts_before_us for s in running)
+        # A walsender's or worker's "statement" may run for ever: only clients are waited for.
+        background = self._background
+        return all(s.start_us >= self._starts_before_us or s.pid in background for s in running)
 
     def reader(self) -> _Looking:
         return _Looking(self)
@@ -219,8 +229,11 @@ class SampledSource:
     def _discover(self) -> None:
         now = time.monotonic()
         found = set(postmasters(self._identity, self._owner.keys()))
-        for pid in set(self._clusters) - found:
-            del self._clusters[pid]  # its backends are reported gone at the next look
+        # A postmaster that stays but whose memory cannot be read (its shared memory made
+        # anew after a backend crashed, maybe elsewhere) is taken up again from scratch.
+        lost = {pid for pid, cluster in self._clusters.items() if cluster.lost}
+        for pid in (set(self._clusters) - found) | lost:
+            del self._clusters[pid]  # _reap reports its backends gone (within a second)
             self._soon_until = now + SOON_AFTER_LOSS_S
         for pid in found - set(self._clusters):
             try:
@@ -266,8 +279,10 @@ class SampledSource:
             for backend, sample in look.samples:
                 if sample is None:
                     continue  # caught mid-write: look again next time
-                if not sample.client and not self._include_background:
-                    continue  # autovacuum, walsenders, parallel workers: not asked for
+                if not sample.client:
+                    if not self._include_background:
+                        continue  # autovacuum, walsenders, parallel workers: not asked for
+                    self._background.add(backend.pid)
                 finished = self._tracker.observe(sample, now_us)
                 self._emit(finished, records, cluster, backend)
                 running = self._tracker.in_flight.get(backend.pid)
@@ -283,7 +298,11 @@ class SampledSource:
             return
         offset_ns = time.time_ns() - time.monotonic_ns()
         for raw in self._failure_reader.read(4096):
-            failure = decode_failure(raw)
+            try:
+                failure = decode_failure(raw)
+            except DecodeError:
+                self._counts["untracked"] += 1  # not knowable: its outcome would be a guess
+                continue
             at_us = (failure.at_ns + offset_ns) // 1000 - PG_EPOCH_UNIX_US
             self._failures.setdefault(failure.pid, []).append((at_us, failure.outcome))
 
@@ -317,6 +336,7 @@ class SampledSource:
         if self._owner.pop(backend.pid, None) is None:
             return  # already reported
         cluster.forget(backend.pid)
+        self._background.discard(backend.pid)
         self._emit(self._tracker.backend_gone(backend.pid, last, now_us), records, cluster, backend)
         records.append(BackendNotice(RecordKind.BACKEND_EXITED, backend.pid))
         self._app_names.pop(backend.pid, None)

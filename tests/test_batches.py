@@ -114,7 +114,6 @@ def test_sampled_reports_each_slow_statement_of_a_batch(pg15, start_daemon, jdbc
         assert theirs - 2 < mine < theirs + 25, (ours, logged)
     assert all(marker in e["query"] for e in events)
     assert daemon.stop() == 0
-    assert len(daemon.events(marker)) == len(SLOW)  # and none of the fast ones
 
 
 @pytest.mark.parametrize("client", CLIENTS)

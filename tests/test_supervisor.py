@@ -522,3 +522,35 @@ def test_a_switch_whose_new_source_fails_keeps_the_old_one(harness, tmp_path):
         h.probes.switch(where, [definition("trapping")], h.health.retire)
     assert [r.name for r in h.probes] == ["sampling@main"]
     assert h.opened[0].handed_over_at is None and not h.opened[0].closed
+
+
+def test_a_failed_switch_leaves_the_old_threshold_as_it_was(harness, tmp_path):
+    """The new source took over, then a second new one failed: the old one keeps
+    running with its own threshold, not the one raised for the switch."""
+    h = harness(fail={"second"})
+    where = target(tmp_path)
+    h.probes.start(where, [definition("trapping")])
+    h.probes.set_threshold_ns(200_000_000)
+    with pytest.raises(ProbeLoadError):
+        h.probes.switch(where, [looking("sampling"), looking("second")], h.health.retire)
+    assert h.opened[1].took_over_at is not None  # it was told, then stopped again
+    assert h.opened[0].threshold_ns == 200_000_000 and not h.opened[0].closed
+    assert [r.name for r in h.probes] == ["trapping@main"]
+
+
+def test_the_new_source_takes_over_before_its_collector_reads(harness, tmp_path):
+    h = harness()
+    where = target(tmp_path)
+    h.probes.start(where, [definition("trapping")])
+
+    class Early(HandingOverSource):
+        def reader(self) -> FakeReader:
+            assert self.took_over_at is not None, "read before the take-over mark"
+            return super().reader()
+
+    h.probes.switch(
+        where,
+        [ProbeDefinition(name="early", description="x", open_source=Early)],
+        h.health.retire,
+    )
+    assert h.opened[1].took_over_at is not None
