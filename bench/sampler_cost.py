@@ -36,8 +36,8 @@ def measure(cluster: Cluster, seconds: float, interval_ms: float) -> tuple[float
     daemon = DaemonConfig(sample_interval_ms=interval_ms)
     assert definition.open_source is not None
     source = definition.open_source(definition, target, daemon)
+    source.attach()  # through the open binary: its failure uprobes
     target.file.close()
-    source.attach()
     reader = source.reader()
     looks = 0
     for _ in range(3):  # adopt every backend first: the steady state is what runs for months

@@ -269,7 +269,10 @@ class Cluster:
                 found.appeared.append(owner)
                 found.samples.append((owner, self.read_entry(owner, live=True)))
             elif owner is not None:
-                found.samples.append((owner, self._decode(owner, raw, self._where(slot, at))))
+                state = _INT.unpack_from(raw, at + layout.st_state)[0]
+                if state in self._running or owner.pid in watch:
+                    found.samples.append((owner, self._decode(owner, raw, self._where(slot, at))))
+                # else: idle with nothing in flight, the most common change: nothing to follow
             self._last_count[slot] = count
         return found
 
