@@ -97,6 +97,7 @@ class SampledSource:
         self._include_background = daemon.include_background
         self._counts = dict.fromkeys(COUNTERS, 0)
         self._attached = False
+        self._final_look = False
         self._next_look = 0.0
         self._next_discovery = 0.0
         self._soon_until = 0.0  # discovery every DISCOVER_SOON_S until then
@@ -188,6 +189,8 @@ class SampledSource:
         return counts
 
     def detach(self) -> None:
+        if self._attached:
+            self._final_look = True
         self._attached = False
         if self._outcomes is not None:
             self._outcomes.detach()
@@ -216,7 +219,14 @@ class SampledSource:
             primed, self._primed = self._primed, []
             return primed
         now = time.monotonic()
-        if not self._attached or now < self._next_look:
+        if not self._attached:
+            if not self._final_look:
+                return []
+            # Detached (a stop, a switch): one last look, so that a statement that
+            # ended in the last interval is still reported (the collector drains once
+            # more after the stop).
+            self._final_look = False
+        elif now < self._next_look:
             return []
         self._next_look = now + self._interval_s
         if now >= self._next_discovery:
