@@ -29,7 +29,7 @@ from pgslowlog.machine import require_machine
 from pgslowlog.planner import Plan, plan, resolve_with_probes
 from pgslowlog.plugin_manager import Plugins
 from pgslowlog.probe_set import ProbeSet
-from pgslowlog.probes import AUTO, ProbeDefinition
+from pgslowlog.probes import AUTO, ProbeDefinition, select_probes
 from pgslowlog.sources import ProbeLoadError
 from pgslowlog.target_watch import WATCH_INTERVAL_S, TargetWatcher
 from pgslowlog.targets import Target, target_name
@@ -222,7 +222,21 @@ class Daemon:
                 self._switch_waiting = True
                 continue
             name = target_name(target_config, index)
+            active = {
+                r.definition for r in self.probes if r.target.index == index and not r.handing_over
+            }
             try:
+                # Decided on the binary already read: a reload (logrotate sends one a
+                # day) re-reads the file only when the choice changes.
+                wanted = select_probes(
+                    target_config.probes,
+                    self.plugins.probe_definitions,
+                    running[index].binary,
+                    running[index].label,
+                    self.config.daemon,
+                )
+                if set(wanted) == active:
+                    continue
                 target, definitions = self._resolve(target_config, index)
             except UserError as error:
                 log.error("probe_switch_failed", target=name, error=str(error))
@@ -230,13 +244,6 @@ class Daemon:
             with target.file:
                 if target.file.identity != running[index].file.identity:
                     continue  # the binary was replaced: the watcher attaches to the new one
-                active = {
-                    r.definition
-                    for r in self.probes
-                    if r.target.index == index and not r.handing_over
-                }
-                if set(definitions) == active:
-                    continue
                 try:
                     started = self.probes.switch(target, definitions, self.health.retire)
                 except Exception as error:  # ProbeLoadError, or a third-party source's
