@@ -144,6 +144,7 @@ class Cluster:
         self.slot_count = _INT.unpack(read(postmaster, self._addresses["MaxBackends"], 4))[0]
         if self.slot_count <= 0:
             raise ClusterStarting(0, f"postmaster {postmaster} is starting")
+        self._span = self.slot_count * layout.backend_status_size  # bytes of the array
         self.base: int | None = None  # BackendStatusArray: known once a backend tells it
         self.lost = False  # its memory could not be read at the last look
         self.slots: dict[int, Backend] = {}
@@ -232,7 +233,7 @@ class Cluster:
             self.lost = True  # the postmaster is gone (a restart?): look for its successor
             return found
         ints = raw.cast("i")
-        span = self.slot_count * size
+        span = self._span
         step = size // 4
         first = ints[layout.st_changecount // 4 : span // 4 : step].tolist()
         second = ints[(span + layout.st_changecount) // 4 : 2 * span // 4 : step].tolist()
@@ -279,13 +280,12 @@ class Cluster:
     def _where(self, slot: int, at: int) -> list[int]:
         """Where _decode finds a slot's change count, entry, wait word, second count."""
         cc = self.layout.st_changecount
-        span = self.slot_count * self.layout.backend_status_size
-        return [at + cc, at, self._wait_at[slot], span + at + cc]
+        return [at + cc, at, self._wait_at[slot], self._span + at + cc]
 
     def _plan(self) -> RangeReader:
         """The reader of the array, the array again and the span of the owners' PGPROCs."""
         assert self.base is not None
-        span = self.slot_count * self.layout.backend_status_size
+        span = self._span
         ranges = [(self.base, span), (self.base, span)]
         self._wait_at = {}
         if self.slots:

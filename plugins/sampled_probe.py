@@ -5,10 +5,10 @@
 wait word (sampler.py) and turns the looks into statements (statement_tracker.py):
 an ordinary statement costs PostgreSQL nothing. The outcome comes from a small BPF
 program (sampled_probe.c) on the error and cancel paths, which run only when a
-statement fails. What it
-gives up, said in each event: a statement that ends between two looks is timed to
-the next one's start (`duration_exact: false`), a statement shorter than
-threshold + 2 intervals may go unseen, and the protocol is not told.
+statement fails. What it gives up, said in each event: a statement that ends
+between two looks is timed to the next one's start (`duration_exact: false`), a
+statement shorter than threshold + 2 intervals may go unseen, and the protocol is
+not told.
 """
 
 from __future__ import annotations
@@ -166,9 +166,8 @@ class SampledSource:
 
     def set_threshold_ns(self, threshold_ns: int) -> None:
         now_us = pg_now_us()
-        self._earlier_thresholds = [
-            (since, threshold) for since, threshold in self._earlier_thresholds[-7:]
-        ] + [(now_us, self._threshold_us)]
+        # A new list, not appended to: the collector's thread may be reading the old one.
+        self._earlier_thresholds = [*self._earlier_thresholds[-7:], (now_us, self._threshold_us)]
         self._threshold_us = threshold_ns // 1000
 
     def _threshold_at(self, end_us: int) -> int:
