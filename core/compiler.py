@@ -99,7 +99,7 @@ def compile_program(
         for fd in fds:
             os.close(fd)
         raise CompileError(f"the compiler sent {len(fds)} descriptors for {len(names)} objects")
-    handed = dict(zip(names, fds, strict=True))
+    handed = dict(zip(names, fds))  # same length, checked above (no strict= on 3.9)
     return Compiled(
         functions={name: handed[name] for name in reply["functions"]},
         maps={name: handed[name] for name in reply["maps"]},

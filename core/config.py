@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 import re
 import stat
-import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import msgspec
 
+from pgslowlog.compat import tomllib
 from pgslowlog.errors import UserError
 
 EXAMPLE = "see etc/pgslowlog.toml for every key"
@@ -53,9 +53,9 @@ class DaemonConfig(_Strict):
 
 
 class TargetConfig(_Strict):
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
-    binary: str | None = None
-    pid: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    name: Optional[Annotated[str, msgspec.Meta(min_length=1, max_length=64)]] = None
+    binary: Optional[str] = None
+    pid: Optional[Annotated[int, msgspec.Meta(ge=1)]] = None
     probes: list[str] = msgspec.field(default_factory=lambda: ["auto"])
 
 

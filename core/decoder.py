@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from typing import Optional, Union
 
 import msgspec
 
@@ -81,12 +82,12 @@ class RawStatement(msgspec.Struct, frozen=True, gc=False):
     query_truncated: bool
     backend_exited: bool
     outcome: str
-    protocol: str | None
+    protocol: Optional[str]
     application_name: str
     # Known to a definition that samples PostgreSQL's bookkeeping (sampled):
     duration_exact: bool = True  # False: the end is an upper bound
-    query_id: int | None = None
-    waits: dict[str, int] | None = None  # samples per wait event type, "CPU" for none
+    query_id: Optional[int] = None
+    waits: Optional[dict[str, int]] = None  # samples per wait event type, "CPU" for none
 
 
 class BackendNotice(msgspec.Struct, frozen=True, gc=False):
@@ -113,7 +114,7 @@ def decode_failure(record: bytes) -> Failure:
 
 
 class BoundParameter(msgspec.Struct, frozen=True, gc=False):
-    value: bytes | None  # None: SQL NULL
+    value: Optional[bytes]  # None: SQL NULL
     binary: bool  # sent in binary format
     cut: bool  # the copy ended inside this value
 
@@ -125,12 +126,13 @@ class BindMessage(msgspec.Struct, frozen=True):
     start_ns: int
     portal: str
     statement: str
-    params: list[BoundParameter] | None  # None: values were not captured
+    params: Optional[list[BoundParameter]]  # None: values were not captured
     complete: bool  # every value is in `params`
 
 
 # What a record decodes to, whatever its source.
-Record = RawStatement | BackendNotice | BindMessage
+# Union, not `|`: an alias is evaluated at import, and 3.9 has no `type | type`.
+Record = Union[RawStatement, BackendNotice, BindMessage]
 
 _STATEMENT = RecordKind.STATEMENT.value  # plain ints: compared once per record
 _BIND = RecordKind.BIND.value

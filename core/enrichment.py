@@ -14,8 +14,9 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 
+from pgslowlog.compat import SLOTS
 from pgslowlog.decoder import BackendNotice, BindMessage, BoundParameter, RawStatement, RecordKind
 from pgslowlog.event import SlowQuery
 from pgslowlog.redaction import redact_literals, redact_parameters
@@ -23,7 +24,7 @@ from pgslowlog.redaction import redact_literals, redact_parameters
 _CLIENT = re.compile(r"^(\[local\]|\S+\(\d+\))$")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Backend:
     kind: str  # "client", "walsender" or "background"
     user: str | None = None
@@ -145,7 +146,7 @@ class Enricher:
         if backend is not None and backend.kind != "client" and not self.include_background:
             self.filtered += 1
             return None
-        start = datetime.fromtimestamp((raw.start_ns + self._clock_offset_ns) / 1e9, UTC)
+        start = datetime.fromtimestamp((raw.start_ns + self._clock_offset_ns) / 1e9, timezone.utc)
         return SlowQuery(
             ts=start,
             duration_ms=raw.duration_ns / 1e6,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Optional
 
 import msgspec
 
@@ -18,14 +19,14 @@ class SlowQuery(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     query: str
     query_truncated: bool
     pid: int
-    user: str | None  # from the backend's process title; None if it had exited
-    database: str | None
-    client: str | None  # "10.1.2.3(50312)" or "[local]"
-    application_name: str | None = None
+    user: Optional[str]  # from the backend's process title; None if it had exited
+    database: Optional[str]
+    client: Optional[str]  # "10.1.2.3(50312)" or "[local]"
+    application_name: Optional[str] = None
     outcome: str = "ok"  # "ok", "error" or "cancelled"
-    protocol: str | None = None  # "simple" or "extended"
-    statement_name: str | None = None  # prepared statement, where the probe sees Bind
-    params: list[str | None] | None = None  # bound values, with capture_params
+    protocol: Optional[str] = None  # "simple" or "extended"
+    statement_name: Optional[str] = None  # prepared statement, where the probe sees Bind
+    params: Optional[list[Optional[str]]] = None  # bound values, with capture_params
     probe: str
     binary: str
     target: str = ""  # the [[target]]'s name
@@ -33,10 +34,10 @@ class SlowQuery(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     # False when the end is an upper bound (a sampled statement followed at once by
     # the next one, as in a pipeline); every trapped duration is exact.
     duration_exact: bool = True
-    query_id: int | None = None  # pg_stat_statements.queryid, where the definition reads it
+    query_id: Optional[int] = None  # pg_stat_statements.queryid, where the definition reads it
     # What a sampled statement was doing at each look: wait event type ("Lock", "IO",
     # "Timeout", ...) or "CPU" -> number of looks. None for trapped statements.
-    waits: dict[str, int] | None = None
+    waits: Optional[dict[str, int]] = None
 
     def to_json(self) -> bytes:
         return _terminal_safe(_encoder.encode(self))

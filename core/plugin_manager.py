@@ -16,6 +16,7 @@ from typing import Any
 import pluggy
 
 from pgslowlog import hookspecs
+from pgslowlog.compat import entry_points
 from pgslowlog.log import get_logger
 from pgslowlog.probes import ProbeDefinition
 from pgslowlog.sinks import SinkType
@@ -35,7 +36,7 @@ class Plugins:
     @classmethod
     def load(cls) -> Plugins:
         plugins = cls()
-        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        for entry_point in entry_points(ENTRY_POINT_GROUP):
             plugins._load_entry_point(entry_point)
         plugins._collect()
         return plugins

@@ -11,7 +11,7 @@ import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
 from pgslowlog.config import DaemonConfig
 from pgslowlog.elf import PostgresBinary
@@ -55,7 +55,8 @@ class Usdt:
         return f"{self.provider}_{self.name}"
 
 
-Attachment = Uprobe | Usdt
+# Union, not `|`: an alias is evaluated at import, and 3.9 has no `type | type`.
+Attachment = Union[Uprobe, Usdt]
 
 # Shared by every definition, attached where the binary exports them: they set the
 # statement's outcome (bpf/slow_query.h, on_cancel_request and on_transaction_abort).

@@ -51,7 +51,7 @@ def read_ranges(pid: int, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         local = (_Iovec * len(chunk))(
             *(
                 _Iovec(ctypes.addressof(buffer), size)
-                for buffer, (_, size) in zip(buffers, chunk, strict=True)
+                for buffer, (_, size) in zip(buffers, chunk)  # one buffer per range
             )
         )
         remote = (_Iovec * len(chunk))(*(_Iovec(address, size) for address, size in chunk))
@@ -84,7 +84,7 @@ class RangeReader:
         self._buffer = ctypes.create_string_buffer(total)
         base = ctypes.addressof(self._buffer)
         self._local = (_Iovec * len(ranges))(
-            *(_Iovec(base + at, size) for at, (_, size) in zip(self.offsets, ranges, strict=True))
+            *(_Iovec(base + at, size) for at, (_, size) in zip(self.offsets, ranges))
         )
         self._remote = (_Iovec * len(ranges))(*(_Iovec(address, size) for address, size in ranges))
         self._count = len(ranges)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Protocol
+from typing import Annotated, Any, ClassVar, Optional, Protocol
 
 import msgspec
 
@@ -62,7 +62,7 @@ class CommonSinkOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     """Keys every [sinks.NAME] table accepts, whatever the sink."""
 
     # Events waiting for this sink; when full, its oldest event is dropped and counted.
-    queue_size: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] | None = None
+    queue_size: Optional[Annotated[int, msgspec.Meta(ge=1, le=10_000_000)]] = None
     # On SIGTERM, how long this sink may take to deliver what is queued.
     shutdown_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 5.0
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pgslowlog.compat import SLOTS
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, **SLOTS)
 class BackendSample:
     pid: int
     running: bool  # st_state is RUNNING (or FASTPATH): a statement is in flight
@@ -29,7 +31,7 @@ class BackendSample:
     client: bool = True  # a client backend (st_backendType B_BACKEND), not a worker
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class InFlight:
     pid: int
     start_us: int
@@ -40,7 +42,7 @@ class InFlight:
     text_truncated: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Finished:
     pid: int
     start_us: int

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from typing import Annotated
+from datetime import datetime, timezone
+from typing import Annotated, Optional
 from urllib.parse import urlsplit
 
 import msgspec
@@ -44,7 +44,7 @@ class SyslogOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     facility: str = "local0"
     severity: str = "notice"
     app_name: str = "pgslowlog"
-    hostname: str | None = None  # default: this machine's name
+    hostname: Optional[str] = None  # default: this machine's name
     max_message_bytes: Annotated[int, msgspec.Meta(ge=MIN_MESSAGE_BYTES, le=MAX_MESSAGE_BYTES)] = (
         8192  # rsyslog's default maxMessageSize
     )
@@ -100,7 +100,7 @@ class SyslogSink(BaseSink):
         self._socket: socket.socket | None = None
 
     def format(self, event: SlowQuery, now: datetime | None = None) -> bytes:
-        timestamp = (now or datetime.now(UTC)).isoformat(timespec="microseconds")
+        timestamp = (now or datetime.now(timezone.utc)).isoformat(timespec="microseconds")
         header = self._priority + timestamp.replace("+00:00", "Z").encode() + self._fields
         return header + fit_event(event, self.options.max_message_bytes - len(header))
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -43,7 +43,7 @@ class WebhookOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     backoff_initial_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 0.5
     backoff_max_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
     verify_tls: bool = True
-    ca_file: str | None = None
+    ca_file: Optional[str] = None
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     # header name -> environment variable / file holding its value (for secrets)
     headers_from_env: dict[str, str] = msgspec.field(default_factory=dict)

@@ -7,7 +7,7 @@ read is the backend's own pg_stat_activity row (PgBackendStatus).
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import psycopg
 import pytest
@@ -27,7 +27,7 @@ FAILING = "do $$ begin perform pg_sleep(0.3); raise exception 'boom'; end $$ /* 
 @pytest.mark.ebpf
 def test_simple_statement_timed_from_postgresql_own_timestamps(cluster, start_daemon):
     daemon = start_daemon(cluster, probes=PROBE)
-    before = datetime.now(UTC)
+    before = datetime.now(timezone.utc)
     cluster.psql("select 1 /* bs fast */", "select pg_sleep(0.3) /* bs slow */", check=True)
     (event,) = daemon.wait_for_events("/* bs slow */", 1)
     assert event["query"] == "select pg_sleep(0.3) /* bs slow */"
@@ -40,7 +40,7 @@ def test_simple_statement_timed_from_postgresql_own_timestamps(cluster, start_da
     )
     assert event["query_truncated"] is False and event["backend_exited"] is False
     started = datetime.fromisoformat(event["ts"])
-    assert before - timedelta(seconds=1) < started < datetime.now(UTC)
+    assert before - timedelta(seconds=1) < started < datetime.now(timezone.utc)
     assert daemon.stop() == 0
     assert daemon.events("/* bs fast */") == []
 

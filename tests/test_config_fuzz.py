@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pgslowlog.compat import tomllib
 from pgslowlog.config import Config, load_config, parse_config
 from pgslowlog.errors import UserError
 from pgslowlog.planner import plan

@@ -7,7 +7,7 @@ import socket
 import stat
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import psycopg
 import pytest
@@ -34,7 +34,7 @@ def test_slow_statement_logged_with_text_duration_and_backend(
     cluster, start_daemon, probes, probe, protocol
 ):
     daemon = start_daemon(cluster, probes=probes)
-    before = datetime.now(UTC)
+    before = datetime.now(timezone.utc)
     cluster.psql("select 1 /* fast */", "select pg_sleep(0.3) /* slow */", check=True)
     (event,) = daemon.wait_for_events("/* slow */", 1)
     assert event["query"] == "select pg_sleep(0.3) /* slow */"
@@ -52,7 +52,7 @@ def test_slow_statement_logged_with_text_duration_and_backend(
         "psql",
     )
     started = datetime.fromisoformat(event["ts"])
-    assert before - timedelta(seconds=1) < started < datetime.now(UTC)
+    assert before - timedelta(seconds=1) < started < datetime.now(timezone.utc)
     assert daemon.stop() == 0
     assert daemon.events("/* fast */") == []
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -49,7 +49,7 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -
 
 def event(n: int) -> SlowQuery:
     return SlowQuery(
-        ts=datetime(2026, 1, 1, tzinfo=UTC),
+        ts=datetime(2026, 1, 1, tzinfo=timezone.utc),
         duration_ms=250.0,
         query=f"q{n}",
         query_truncated=False,
@@ -509,11 +509,11 @@ def test_redaction_replaces_literals_and_bound_values(titles):
 def test_wall_clock_time_comes_from_the_monotonic_start(titles):
     enrich = enricher()
     enrich.sync_clock()
-    wall, monotonic = datetime.now(UTC), time.monotonic_ns()
+    wall, monotonic = datetime.now(timezone.utc), time.monotonic_ns()
     event = enrich.enrich(statement(101, start_ns=monotonic - 2_000_000_000))
     assert event is not None
     assert abs(event.ts - (wall - timedelta(seconds=2))) < timedelta(milliseconds=50)
-    assert event.ts.tzinfo is UTC
+    assert event.ts.tzinfo is timezone.utc
     assert event.duration_ms == 300.0
 
 

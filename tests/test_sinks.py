@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 
 import psycopg
 import pytest
@@ -73,7 +73,7 @@ def test_syslog_message_over_the_limit_arrives_whole(pg18, start_daemon, rsyslog
 
 def event(query: str) -> SlowQuery:
     return SlowQuery(
-        ts=datetime(2026, 11, 25, tzinfo=UTC),
+        ts=datetime(2026, 11, 25, tzinfo=timezone.utc),
         duration_ms=1.5,
         query=query,
         query_truncated=False,
@@ -100,7 +100,9 @@ def test_fit_event_stays_valid_json_under_the_limit(text):
 
 def test_syslog_header_is_rfc5424():
     sink = SyslogSink(SyslogOptions(address="udp://127.0.0.1:9", hostname="db1"))
-    message = sink.format(event("select 1"), now=datetime(2026, 11, 25, 1, 2, 3, 4, tzinfo=UTC))
+    message = sink.format(
+        event("select 1"), now=datetime(2026, 11, 25, 1, 2, 3, 4, tzinfo=timezone.utc)
+    )
     header, _, body = message.partition(b" - ")
     # local0 (16) * 8 + notice (5) = 133
     assert header.decode().startswith("<133>1 2026-11-25T01:02:03.000004Z db1 pgslowlog ")
