@@ -142,6 +142,8 @@ def cflags_for(definition: ProbeDefinition, target: Target, daemon: DaemonConfig
     return [
         f"-DQUERY_MAX_BYTES={daemon.query_max_bytes}",
         f"-DRINGBUF_PAGES={ring_pages}",
+        # Sizes the per-pid hash maps used where bcc has no task storage (slow_query.h).
+        f"-DMAX_BACKENDS={daemon.max_backends}",
         f"-DREPORT_BACKEND_EXIT={int(definition.report_backend_exit)}",
         f"-DPROTOCOL={int(definition.protocol)}",
         f"-DAPPLICATION_NAME_VADDR={binary.objects.get('application_name', 0):#x}ULL",

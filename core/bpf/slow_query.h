@@ -157,6 +157,7 @@ SAME_AS_USER_SPACE(COUNTER_RINGBUF_FULL, PY_COUNTER_RINGBUF_FULL, "COUNTER_RINGB
 SAME_AS_USER_SPACE(COUNTER_UNRECORDED, PY_COUNTER_UNRECORDED, "COUNTER_UNRECORDED");
 SAME_AS_USER_SPACE(COUNTER_COUNT, PY_COUNTER_COUNT, "COUNTER_COUNT");
 
+#ifdef BPF_TASK_STORAGE
 /*
  * Each backend's statement state lives in task-local storage: created on the
  * backend's first statement and freed by the kernel with the process. A statement
@@ -166,6 +167,25 @@ SAME_AS_USER_SPACE(COUNTER_COUNT, PY_COUNTER_COUNT, "COUNTER_COUNT");
 BPF_TASK_STORAGE(backend_statements, struct slow_query);
 /* The last Bind message of each backend, until its statement ends. */
 BPF_TASK_STORAGE(backend_binds, struct bind_record);
+#else
+/*
+ * This bcc cannot declare task storage (bcc before 0.21, such as Debian 11's 0.18,
+ * nor can a kernel before 5.11 hold it): the same state in hash maps keyed by pid.
+ * Costs: a hash look-up per probe hit; an allocation on a backend's first statement
+ * (not preallocated: MAX_BACKENDS slots of QUERY_MAX_BYTES each would pin tens of
+ * MiB), which kernels before 6.1 warn about once in their log; at most MAX_BACKENDS
+ * backends tracked at once (beyond, COUNTER_UNTRACKED); and the entries are
+ * removed by the exit tracepoint below instead of by the kernel.
+ */
+#ifndef MAX_BACKENDS
+#error "the loader passes MAX_BACKENDS as a cflag"
+#endif
+BPF_F_TABLE("hash", u32, struct slow_query, backend_statements, MAX_BACKENDS, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", u32, struct bind_record, backend_binds, MAX_BACKENDS, BPF_F_NO_PREALLOC);
+/* Never written: the zeroes a new entry starts from (too big for the BPF stack). */
+BPF_ARRAY(empty_statement, struct slow_query, 1);
+BPF_ARRAY(empty_bind, struct bind_record, 1);
+#endif
 /*
  * [0] = threshold in ns. A map, not a cflag, so SIGHUP changes it without re-attaching.
  * [1] = CLOCK_REALTIME - CLOCK_MONOTONIC in ns, kept current by user space: for
@@ -203,9 +223,18 @@ static __always_inline u32 current_pid(void)
  */
 static __always_inline struct slow_query *backend_state(int create)
 {
+#ifdef BPF_TASK_STORAGE
     struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
     return backend_statements.task_storage_get(task, 0,
                                                create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+#else
+    u32 pid = current_pid();
+    if (!create)
+        return backend_statements.lookup(&pid);
+    int zero = 0;
+    struct slow_query *empty = empty_statement.lookup(&zero);
+    return empty ? backend_statements.lookup_or_try_init(&pid, empty) : 0;
+#endif
 }
 
 /* The statement the current backend is running, or NULL. */
@@ -217,8 +246,26 @@ static __always_inline struct slow_query *statement_in_flight(void)
 
 static __always_inline struct bind_record *backend_bind(int create)
 {
+#ifdef BPF_TASK_STORAGE
     struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
     return backend_binds.task_storage_get(task, 0, create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+#else
+    u32 pid = current_pid();
+    if (!create)
+        return backend_binds.lookup(&pid);
+    int zero = 0;
+    struct bind_record *empty = empty_bind.lookup(&zero);
+    return empty ? backend_binds.lookup_or_try_init(&pid, empty) : 0;
+#endif
+}
+
+/* At the backend's exit: what task storage would have freed with the task. */
+static __always_inline void forget_backend(u32 pid)
+{
+#ifndef BPF_TASK_STORAGE
+    backend_statements.delete(&pid);
+    backend_binds.delete(&pid);
+#endif
 }
 
 static __always_inline void forget_bind(void)
@@ -524,8 +571,10 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
     if ((u32)id != (u32)(id >> 32))
         return 0;  /* a thread, not a whole process */
     struct slow_query *record = backend_state(0);
-    if (!record)
+    if (!record) {
+        forget_backend(id >> 32);  /* a Bind may have come without a statement */
         return 0;  /* not a backend that ever ran a statement */
+    }
     if (record->in_flight) {
         if (REPORT_BACKEND_EXIT) {
             record->header.outcome = OUTCOME_ERROR;
@@ -536,5 +585,6 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
     }
     if (record->announced)
         notify_backend(id >> 32, RECORD_BACKEND_EXITED);
+    forget_backend(id >> 32);
     return 0;
 }
