@@ -34,38 +34,48 @@ def resolve_binary_path(config: TargetConfig, index: int) -> str:
 
 
 def binary_of_pid(pid: int, index: int) -> str:
-    """The server binary of a running process, seen from this mount namespace.
+    """The server binary of a running process, as a path that works from here.
 
-    /proc/PID/exe names the path inside the process's own mount namespace; for a
-    server in a container, /proc/PID/root/<that path> reaches the same file from here.
+    The kernel writes /proc/PID/exe relative to the reader's root where it can: a
+    server in a chroot reads as the host's full path already. A server in its own
+    mount namespace (a pivot_root container) reads as its inner path, reachable from
+    here as /proc/PID/root/<path>. The right one is whichever names the very file the
+    process runs (same device and inode as /proc/PID/exe).
     """
     label = f"target[{index}]"
     try:
         exe = os.readlink(f"/proc/{pid}/exe")
+        running = os.stat(f"/proc/{pid}/exe")
     except FileNotFoundError:
         raise UserError(
             f"{label}: no process with pid {pid}",
             "start PostgreSQL or set the postmaster's pid (head -1 $PGDATA/postmaster.pid)",
         ) from None
     except PermissionError:
-        raise UserError(f"{label}: cannot read /proc/{pid}/exe", "run as root") from None
+        raise UserError(
+            f"{label}: cannot read /proc/{pid}/exe",
+            "run as root or with CAP_SYS_PTRACE",
+        ) from None
     if exe.endswith(" (deleted)"):
         raise UserError(
             f"{label}: the binary of pid {pid} was replaced on disk ({exe})",
             "restart that PostgreSQL after the upgrade, or set binary = to the new one",
         )
-    root = f"/proc/{pid}/root"
-    if _same_file(root, "/"):
-        return exe  # same mount namespace root: the path means the same here
-    return f"{root}{exe}"
+    for candidate in (exe, f"/proc/{pid}/root{exe}"):
+        if _is_file(candidate, running):
+            return candidate
+    raise UserError(
+        f"{label}: the binary of pid {pid} ({exe}) cannot be reached from here",
+        "set binary = to its path as seen from this host",
+    )
 
 
-def _same_file(a: str, b: str) -> bool:
+def _is_file(path: str, running: os.stat_result) -> bool:
     try:
-        first, second = os.stat(a), os.stat(b)
+        found = os.stat(path)
     except OSError:
         return False
-    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+    return (found.st_dev, found.st_ino) == (running.st_dev, running.st_ino)
 
 
 def resolve_target(config: TargetConfig, index: int, wanted_symbols: frozenset[str]) -> Target:

@@ -55,6 +55,7 @@ class Cluster:
         os_user: str | None = None,
         port: int | None = None,
         max_connections: int = 120,
+        workdir: Path | None = None,
     ) -> None:
         self.bindir = Path(bindir)
         self.postgres = self.bindir / "postgres"
@@ -62,7 +63,8 @@ class Cluster:
             raise UserError(f"no postgres binary in {self.bindir}", "install PostgreSQL there")
         self.os_user = os_user or (ensure_os_user() if os.geteuid() == 0 else None)
         self.port = port or free_port()
-        self.base = Path(tempfile.mkdtemp(prefix="pgslowlog-cluster-"))
+        self.base = Path(tempfile.mkdtemp(prefix="pgslowlog-cluster-", dir=workdir))
+        self.client_bindir = self.bindir  # where psql comes from
         self.data = self.base / "data"
         self.logfile = self.base / "server.log"
         self.max_connections = max_connections
@@ -151,7 +153,7 @@ class Cluster:
         self, *sql: str, check: bool = False, dsn: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         """Run statements with psql (simple protocol), each its own -c."""
-        command = [str(self.bindir / "psql"), "-X", "-qAt", "-d", dsn or self.dsn()]
+        command = [str(self.client_bindir / "psql"), "-X", "-qAt", "-d", dsn or self.dsn()]
         for statement in sql:
             command += ["-c", statement]
         return subprocess.run(command, capture_output=True, text=True, check=check)
@@ -159,3 +161,61 @@ class Cluster:
     def psql_replication(self, sql: str) -> subprocess.CompletedProcess[str]:
         """Run SQL on a logical-replication walsender connection: a non-client backend."""
         return self.psql(sql, dsn=self.dsn() + " replication=database")
+
+
+class ChrootCluster(Cluster):
+    """A Debian tree's own PostgreSQL, started in a chroot of that tree.
+
+    That is how a release's packaged server runs on a host of another release: with
+    the tree's libraries. The server gets a mount namespace of its own (so the /dev and
+    /proc it needs are mounted for it alone, never on the shared tree) and the tree as
+    its root. Seen from the host, `postgres` is the binary's path in the tree, which is
+    what a `binary =` target names; its data lives in the tree's /tmp.
+    """
+
+    def __init__(self, tree: Path, major: int, port: int | None = None) -> None:
+        self.tree = Path(tree)
+        super().__init__(
+            self.tree / "usr" / "lib" / "postgresql" / str(major) / "bin",
+            port=port,
+            workdir=self.tree / "tmp",
+        )
+        self.os_user = None  # not the host's user: the tree's own postgres runs it (_run)
+        # psql over TCP from the host's own client: any major talks to any server.
+        self.client_bindir = Path(shutil.which("psql") or "/usr/bin/psql").parent
+        entry = next(
+            line.split(":")
+            for line in (self.tree / "etc" / "passwd").read_text().splitlines()
+            if line.startswith("postgres:")
+        )
+        self.uid, self.gid = int(entry[2]), int(entry[3])
+
+    def _run(self, *command: str) -> None:
+        inside = [part.replace(f"{self.tree}/", "/") for part in command]
+        tree = str(self.tree)
+        script = (
+            f'mount --rbind /dev "{tree}/dev" && mount -t proc proc "{tree}/proc" && '
+            f'exec chroot --userspec={self.uid}:{self.gid} "{tree}" "$@"'
+        )
+        result = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *inside],
+            capture_output=True,
+            text=True,
+            cwd="/",
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+            check=False,
+        )
+        if result.returncode != 0:
+            log = self.logfile.read_text() if self.logfile.exists() else ""
+            raise RuntimeError(
+                f"{' '.join(command)} failed ({result.returncode}): {result.stderr}{log[-2000:]}"
+            )
+
+    def start(self) -> ChrootCluster:
+        os.chown(self.base, self.uid, self.gid)
+        try:
+            super().start()
+        except BaseException:
+            shutil.rmtree(self.base, ignore_errors=True)
+            raise
+        return self
