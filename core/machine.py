@@ -19,6 +19,7 @@ BCC_MISSING = (
     "bcc's Python module is not importable",
     "apt-get install python3-bpfcc libbpfcc, and create the venv with --system-site-packages",
 )
+CAP_SYS_PTRACE = 19
 CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38
 CAP_BPF = 39
@@ -50,16 +51,51 @@ def _effective_capabilities() -> int:
     return 0
 
 
-def check_privileges() -> Finding:
-    caps = _effective_capabilities()
-    has_bpf = caps & (1 << CAP_BPF) or caps & (1 << CAP_SYS_ADMIN)
-    has_perfmon = caps & (1 << CAP_PERFMON) or caps & (1 << CAP_SYS_ADMIN)
-    if has_bpf and has_perfmon:
-        return Finding(True, "privileges: CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) held")
+# Since Linux 6.16 (commit ba677dbe77af, also backported to stable kernels) the perf
+# uprobe PMU wants CAP_SYS_ADMIN again: CAP_PERFMON alone gets EACCES.
+UPROBES_NEED_SYS_ADMIN = (6, 16)
+UNIT_PRIVILEGES = (
+    "run as root, or as etc/pgslowlog.service does: a user with CAP_SYS_ADMIN and "
+    "CAP_SYS_PTRACE as ambient capabilities"
+)
+
+
+def _kernel_version(release: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", release)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def check_privileges(caps: int | None = None, release: str | None = None) -> Finding:
+    """The first capability missing, named; the capabilities, not the user id, decide."""
+    caps = _effective_capabilities() if caps is None else caps
+    release = release or platform.release()
+    has_admin = caps & (1 << CAP_SYS_ADMIN)
+    has_bpf = caps & (1 << CAP_BPF) or has_admin
+    has_perfmon = caps & (1 << CAP_PERFMON) or has_admin
+    if not (has_bpf and has_perfmon):
+        return Finding(False, f"privileges: CAP_BPF and CAP_PERFMON are missing; {UNIT_PRIVILEGES}")
+    if not has_admin:
+        if _kernel_version(release) >= UPROBES_NEED_SYS_ADMIN:
+            return Finding(
+                False,
+                f"privileges: CAP_SYS_ADMIN is missing: on kernel {release} (6.16 or newer) "
+                f"attaching a uprobe needs it, CAP_PERFMON is not enough; {UNIT_PRIVILEGES}",
+            )
+        return Finding(
+            True,
+            "privileges: CAP_SYS_ADMIN is missing: kernels since 6.16 and some stable ones "
+            "refuse uprobes without it (EACCES)",
+            warning=True,
+        )
+    if not caps & (1 << CAP_SYS_PTRACE):
+        return Finding(
+            True,
+            "privileges: CAP_SYS_PTRACE is missing: the sampled probe cannot read the backends' "
+            "memory (process_vm_readv) and sees no statement",
+            warning=True,
+        )
     return Finding(
-        False,
-        "privileges: CAP_BPF and CAP_PERFMON are missing; run as root (the shipped unit "
-        "etc/pgslowlog.service bounds root to the capabilities the daemon needs)",
+        True, "privileges: CAP_SYS_ADMIN (so CAP_BPF, CAP_PERFMON) and CAP_SYS_PTRACE held"
     )
 
 
