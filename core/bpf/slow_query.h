@@ -169,11 +169,11 @@ BPF_TASK_STORAGE(backend_statements, struct slow_query);
 BPF_TASK_STORAGE(backend_binds, struct bind_record);
 #else
 /*
- * This bcc cannot declare task storage (bcc before 0.21, such as Debian 11's 0.18,
- * nor can a kernel before 5.11 hold it): the same state in hash maps keyed by pid.
- * Costs: a hash look-up per probe hit; an allocation on a backend's first statement
- * (not preallocated: MAX_BACKENDS slots of QUERY_MAX_BYTES each would pin tens of
- * MiB), which kernels before 6.1 warn about once in their log; at most MAX_BACKENDS
+ * This bcc cannot declare task storage (bcc before 0.24, such as Debian 11's 0.18):
+ * the same state in hash maps keyed by pid. Costs: a hash look-up per probe hit; an
+ * allocation on a backend's first statement (not preallocated: MAX_BACKENDS slots of
+ * QUERY_MAX_BYTES each would pin tens of MiB), which kernels before 6.1 (no BPF
+ * allocator of their own) warn about once in their log; at most MAX_BACKENDS
  * backends tracked at once (beyond, COUNTER_UNTRACKED); and the entries are
  * removed by the exit tracepoint below instead of by the kernel.
  */
