@@ -43,6 +43,7 @@ class RecordKind(enum.IntEnum):
     BACKEND_EXITED = 2
     BIND = 3
     FAILURE = 4  # an error or cancel on its own (REPORT_FAILURES, for `sampled`)
+    # `sampled` also reads BACKEND_EXITED from its program: a proc_exit, and its code.
 
 
 def _offsets(layout: tuple[tuple[str, str], ...], start: int = 0) -> dict[str, int]:
@@ -96,21 +97,24 @@ class BackendNotice(msgspec.Struct, frozen=True, gc=False):
 
 
 class Failure(msgspec.Struct, frozen=True, gc=False):
-    """A statement failed in backend `pid` at `at_ns` (CLOCK_MONOTONIC): matched by the
-    sampled definition with the statement it saw running then."""
+    """A statement failed in backend `pid` at `at_ns` (CLOCK_MONOTONIC), or the backend
+    exited then (`exited`: "ok" for exit code 0, else "error"): matched by the sampled
+    definition with the statement it saw running then."""
 
     pid: int
     at_ns: int
-    outcome: str  # "error" or "cancelled"
+    outcome: str  # "error" or "cancelled"; of an exit, "ok" or "error"
+    exited: bool = False
 
 
 def decode_failure(record: bytes) -> Failure:
     if len(record) < HEADER.size:
         raise DecodeError(f"record of {len(record)} bytes is shorter than the header")
     at_ns, _, pid, _, _, _, kind, outcome, *_ = HEADER.unpack_from(record)
-    if kind != RecordKind.FAILURE or outcome >= len(OUTCOMES):
+    exited = kind == RecordKind.BACKEND_EXITED
+    if not (exited or kind == RecordKind.FAILURE) or outcome >= len(OUTCOMES):
         raise DecodeError(f"record kind {kind} (outcome {outcome}) is not a failure")
-    return Failure(pid, at_ns, OUTCOMES[outcome])
+    return Failure(pid, at_ns, OUTCOMES[outcome], exited)
 
 
 class BoundParameter(msgspec.Struct, frozen=True, gc=False):

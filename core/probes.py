@@ -64,6 +64,9 @@ OUTCOME_UPROBES = (
     Uprobe(symbol="StatementCancelHandler", function="on_cancel_request"),
     Uprobe(symbol="AbortCurrentTransaction", function="on_transaction_abort"),
 )
+# `sampled` also learns how each backend left: proc_exit(code), exported by every build
+# (plugins/sampled_probe.c, on_backend_exit).
+EXIT_UPROBE = Uprobe(symbol="proc_exit", function="on_backend_exit")
 # Exported globals the shared code reads (plain C types, no struct layouts).
 GLOBALS = ("application_name",)
 
@@ -171,7 +174,8 @@ class ProbeDefinition:
 def wanted_symbols(definitions: Iterable[ProbeDefinition]) -> frozenset[str]:
     """Every symbol worth looking up in a binary for these definitions."""
     symbols = {symbol for definition in definitions for symbol in definition.symbols}
-    return frozenset(symbols | {u.symbol for u in OUTCOME_UPROBES} | set(GLOBALS))
+    shared = {u.symbol for u in (*OUTCOME_UPROBES, EXIT_UPROBE)}
+    return frozenset(symbols | shared | set(GLOBALS))
 
 
 def select_probes(

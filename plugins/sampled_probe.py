@@ -5,15 +5,16 @@
 wait word (sampler.py) and turns the looks into statements (statement_tracker.py):
 an ordinary statement costs PostgreSQL nothing. The outcome comes from a small BPF
 program (sampled_probe.c) on the error and cancel paths, which run only when a
-statement fails. What it gives up, said in each event: a statement that ends
-between two looks is timed to the next one's start (`duration_exact: false`), a
-statement shorter than threshold + 2 intervals may go unseen, and the protocol is
-not told.
+statement fails, and on proc_exit, once per backend. What it gives up, said in each
+event: a statement that ends between two looks is timed to the next one's start
+(`duration_exact: false`), a statement shorter than threshold + 2 intervals may go
+unseen, and the protocol is not told.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,7 +33,7 @@ from pgslowlog.loader import LoadedProbe, RingBufferReader, outcome_uprobes
 from pgslowlog.log import get_logger
 from pgslowlog.pg_layouts import EXPORTED_GLOBALS, LAYOUTS, layout_for
 from pgslowlog.plugin_manager import RegisterProbe
-from pgslowlog.probes import ProbeDefinition
+from pgslowlog.probes import EXIT_UPROBE, ProbeDefinition
 from pgslowlog.process_memory import MemoryReadError
 from pgslowlog.sampler import (
     GLOBALS,
@@ -103,7 +104,8 @@ class SampledSource:
         self._soon_until = 0.0  # discovery every DISCOVER_SOON_S until then
         self._next_scan = 0.0
         # pid -> (PostgreSQL microseconds, "error" or "cancelled") since its statement began
-        self._failures: dict[int, list[tuple[int, str]]] = {}
+        # and (when, "ok" or "error", True) for its exit (proc_exit's code 0 or not)
+        self._failures: dict[int, list[tuple[int, str, bool]]] = {}
         self._failure_reader: RingBufferReader | None = None
         self._outcomes: LoadedProbe | None = None
         self._primed: list[Record] = []
@@ -113,7 +115,8 @@ class SampledSource:
         self._looks_begun = self._looks_done = 0
         self._background: set[int] = set()  # followed backends that are not clients
         self._hand_over_look = 0  # the first look to begin after hand_over()
-        if outcome_uprobes(target):  # the binary exports the failure paths
+        # The binary exports the failure paths and proc_exit (every build does).
+        if outcome_uprobes(target) and target.binary.function_offset(EXIT_UPROBE.symbol):
             self._outcomes = LoadedProbe(SAMPLED_OUTCOMES, target, daemon)
 
     @property
@@ -313,7 +316,8 @@ class SampledSource:
                 self._counts["untracked"] += 1  # not knowable: its outcome would be a guess
                 continue
             at_us = (failure.at_ns + offset_ns) // 1000 - PG_EPOCH_UNIX_US
-            self._failures.setdefault(failure.pid, []).append((at_us, failure.outcome))
+            failures = self._failures.setdefault(failure.pid, [])
+            failures.append((at_us, failure.outcome, failure.exited))
 
     def _outcome(self, finished: Finished) -> str:
         """ok, error or cancelled from the failure uprobes; without them, what the
@@ -322,13 +326,37 @@ class SampledSource:
             return finished.outcome
         failures = self._failures.get(finished.pid, ())
         start, end = finished.start_us, finished.end_us + FAILURE_SLACK_US
-        aborts = [at for at, outcome in failures if outcome == "error" and start <= at <= end]
+        aborts = [
+            at
+            for at, outcome, exited in failures
+            if outcome == "error" and not exited and start <= at <= end
+        ]
         if not aborts:
-            # Its backend went: "error" if it was still running then (terminated, FATAL:
-            # no abort path runs), "unknown" if its slot was taken before the end was read.
+            # Its backend went while it ran (terminated, FATAL: no abort path runs), or
+            # its slot was taken before the end was read and no exit was reported.
             return finished.outcome if finished.backend_exited else "ok"
-        cancels = [at for at, outcome in failures if outcome == "cancelled" and at >= start]
+        cancels = [at for at, outcome, exited in failures if outcome == "cancelled" and at >= start]
         return "cancelled" if any(at <= aborts[0] for at in cancels) else "error"
+
+    def _settle_exit(self, finished: Finished) -> Finished:
+        """A statement still running at the last look that saw its backend: the
+        backend's own exit (proc_exit) tells whether it had ended first (code 0: the
+        client left after it) or was cut short, and bounds the end more closely than
+        the look that found the backend gone (the end stays an upper bound)."""
+        exits = [
+            (at, outcome)
+            for at, outcome, exited in self._failures.get(finished.pid, ())
+            if exited and at >= finished.start_us
+        ]
+        if not exits:
+            return finished
+        at, outcome = exits[0]
+        return replace(
+            finished,
+            end_us=max(min(at, finished.end_us), finished.start_us),
+            backend_exited=outcome != "ok",
+            outcome=outcome,
+        )
 
     def _started(self, cluster: Cluster, backend: Backend, records: list[Record]) -> None:
         self._owner[backend.pid] = (cluster, backend)
@@ -379,6 +407,8 @@ class SampledSource:
     ) -> None:
         if finished is None:
             return
+        if finished.backend_exited:
+            finished = self._settle_exit(finished)
         self._counts["statements"] += 1
         if finished.duration_us < self._threshold_at(finished.end_us):
             return
@@ -452,6 +482,7 @@ SAMPLED_OUTCOMES = ProbeDefinition(
     description="the failure uprobes of sampled",
     source=Path(__file__).with_name("sampled_probe.c"),
     cflags=lambda _binary: ["-DREPORT_FAILURES=1"],
+    attachments=(EXIT_UPROBE,),
     report_backend_exit=False,
     automatic=False,
 )
@@ -460,7 +491,7 @@ SAMPLED = ProbeDefinition(
     name="sampled",
     description=(
         "no trap per statement: every backend's pg_stat_activity entry read every "
-        "sample_interval_ms, and uprobes only on the error and cancel paths (PostgreSQL "
+        "sample_interval_ms, and uprobes only on the error, cancel and exit paths (PostgreSQL "
         "14-18): each statement of a pipeline or batch on its own; the protocol is not "
         "told, statements under threshold + 2 intervals may go unseen"
     ),

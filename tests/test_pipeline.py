@@ -696,5 +696,5 @@ def test_wanted_symbols_are_the_definitions_and_the_shared_ones():
             definition("b", globals=("MyBEEntry",)),
         ]
     )
-    shared = {uprobe.symbol for uprobe in OUTCOME_UPROBES} | set(GLOBALS)
+    shared = {uprobe.symbol for uprobe in OUTCOME_UPROBES} | {"proc_exit"} | set(GLOBALS)
     assert wanted == {"f_a", "f_common", "MyBEEntry"} | shared
