@@ -11,6 +11,8 @@ PostgreSQL runs as user postgres, and the daemon, started once per probe
 definition the binary supports, must log a slow statement and a cancelled one with
 the right outcome, user and database, then stop on SIGTERM with no traceback.
 Nothing is written to the cached trees: the overlay's upper layer is removed after.
+The dependencies come from PyPI (pip runs in the chroot, with the host's CAs), so
+the network is needed, as for .ci/bootstrap. About 90 s.
 """
 
 from __future__ import annotations
