@@ -426,6 +426,18 @@ def test_playbook_rolls_out_a_working_service_to_three_releases(fleet: Fleet):
         assert score and float(score.group(1)) <= EXPOSURE_AT_MOST, (host.name, security[-2000:])
         print(f"{host.name}: exposure {score.group(1)}")
 
+    # The unit refuses a call outside its filter with EPERM, which could fail quietly.
+    # Here such a call kills the daemon instead (SIGSYS): everything below, capture,
+    # reload and stop on each release's Python and bcc, proves the filter is enough.
+    for host in hosts:
+        eperm = host.show("SystemCallErrorNumber")
+        dropin = host.tree / "etc" / "systemd" / "system" / "pgslowlog.service.d"
+        dropin.mkdir(parents=True)
+        (dropin / "sigsys.conf").write_text("[Service]\nSystemCallErrorNumber=\n")
+        host.run("systemctl", "daemon-reload")
+        assert host.show("SystemCallErrorNumber") != eperm
+        host.run("systemctl", "restart", "pgslowlog")
+
     for host in hosts:
         host.psql(f"select pg_sleep(0.3) /* rolled out to {host.release} */")
     for host in hosts:
