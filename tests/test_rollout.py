@@ -464,12 +464,36 @@ def test_playbook_rolls_out_a_working_service_to_three_releases(fleet: Fleet):
     for host in hosts:
         _wait_for(lambda h=host: any("over the new" in e["query"] for e in h.events()))
         assert not any("under the new" in e["query"] for e in host.events())
+        assert "reload_needs_restart" not in host.journal()  # the reload applied it all
+
+    # Any other key needs a restart: the role asks for one, and the new value is in effect.
+    restart = fleet.playbook(
+        **{**variables, "pgslowlog_threshold_ms": 1000, "pgslowlog_stats_interval_s": 1}
+    )
+    assert restart.returncode == 0, restart.stdout[-3000:]
+    assert "RUNNING HANDLER [pgslowlog : Restart pgslowlog]" in restart.stdout
+    for host in hosts:
+        assert host.show("MainPID") != pids_before[host.name]
+        assert host.run("systemctl", "is-active", "pgslowlog").stdout.strip() == "active"
+    for host in hosts:  # the new daemon writes a health line a second, not a minute
+
+        def health_lines(h: Host = host, pid: str = host.show("MainPID")) -> int:
+            lines = h.journal().splitlines()
+            return sum(f"pgslowlog[{pid}]" in line and '"health"' in line for line in lines)
+
+        _wait_for(lambda h=host: health_lines(h) >= 2)
+    pids_before = {host.name: host.show("MainPID") for host in hosts}
 
     # A value the argument spec lets through (an int) but the daemon refuses (over 16384):
     # `pgslowlog check` fails the template task and the old file stays, service untouched.
     configs_before = {host.name: host.config() for host in hosts}
     refused = fleet.playbook(
-        **{**variables, "pgslowlog_threshold_ms": 1000, "pgslowlog_query_max_bytes": 100000}
+        **{
+            **variables,
+            "pgslowlog_threshold_ms": 1000,
+            "pgslowlog_stats_interval_s": 1,
+            "pgslowlog_query_max_bytes": 100000,
+        }
     )
     assert refused.returncode != 0, refused.stdout[-3000:]
     for host in hosts:
