@@ -77,7 +77,7 @@ def refuse_writable_by_others(path: Path, mode: int) -> None:
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise UserError(
             f"config file {path} is writable by group or others (mode {stat.S_IMODE(mode):04o}); "
-            "it decides what runs as root and may name secrets",
+            "it decides what is probed with root's capabilities and may name secrets",
             f"run `chmod go-w {path}`",
         )
 

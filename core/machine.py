@@ -51,8 +51,10 @@ def _effective_capabilities() -> int:
     return 0
 
 
-# Since Linux 6.16 (commit ba677dbe77af, also backported to stable kernels) the perf
-# uprobe PMU wants CAP_SYS_ADMIN again: CAP_PERFMON alone gets EACCES.
+# The fix of CVE-2025-38466 (Linux 6.16, commit ba677dbe77af, backported to the stable
+# series from 5.10.240, 5.15.189, 6.1.146, 6.6.99, 6.12.39 and 6.15.7) makes the perf
+# uprobe PMU want CAP_SYS_ADMIN again: CAP_PERFMON alone gets EACCES. A distribution's
+# release string does not tell whether a pre-6.16 kernel carries it: warn there.
 UPROBES_NEED_SYS_ADMIN = (6, 16)
 UNIT_PRIVILEGES = (
     "run as root, or as etc/pgslowlog.service does: a user with CAP_SYS_ADMIN and "
@@ -83,8 +85,8 @@ def check_privileges(caps: int | None = None, release: str | None = None) -> Fin
             )
         return Finding(
             True,
-            "privileges: CAP_SYS_ADMIN is missing: kernels since 6.16 and some stable ones "
-            "refuse uprobes without it (EACCES)",
+            "privileges: CAP_SYS_ADMIN is missing: kernels since 6.16 and stable ones with "
+            "the CVE-2025-38466 fix refuse uprobes without it (EACCES)",
             warning=True,
         )
     if not caps & (1 << CAP_SYS_PTRACE):
@@ -114,14 +116,22 @@ def check_bcc() -> Finding:
 def check_kernel_headers() -> Finding:
     release = platform.release()
     build = Path(f"/lib/modules/{release}/build")
-    if not build.exists():
+    try:
+        present = build.exists()
+        header_release = _headers_release(build) if present else None
+    except OSError as error:  # EACCES: /lib/modules hidden (ProtectKernelModules=) or locked
+        return Finding(
+            False,
+            f"cannot read the kernel headers at {build} ({error.strerror}); let the daemon "
+            "read /lib/modules and /usr/src (no ProtectKernelModules= in its unit)",
+        )
+    if not present:
         return Finding(
             False,
             f"no kernel headers at {build}; apt-get install linux-headers-{release}, or where "
             "the running kernel has no package, install linux-headers-amd64 and link "
             f"{build} to /usr/src/linux-headers-<version>-amd64 (and source to ...-common)",
         )
-    header_release = _headers_release(build)
     if header_release == release:
         return Finding(True, f"kernel headers at {build} match the running kernel {release}")
     return Finding(

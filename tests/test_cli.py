@@ -258,6 +258,20 @@ MISSING_PIECES = {
         "privileges: CAP_BPF and CAP_PERFMON are missing; run as root",
     ),
     "kernel headers": (hide("/lib/modules"), "no kernel headers at /lib/modules/"),
+    # As a unit with ProtectKernelModules= sees it: there, but not to be read (mode 0
+    # and no CAP_DAC_OVERRIDE or CAP_DAC_READ_SEARCH, so root is refused too).
+    "kernel headers unreadable": (
+        [
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            "mount -t tmpfs -o mode=0 none /lib/modules && exec setpriv "
+            '--bounding-set -dac_override,-dac_read_search "$@"',
+            "sh",
+        ],
+        "cannot read the kernel headers at /lib/modules/",
+    ),
     "uprobe PMU and tracefs": (
         hide("/sys/bus/event_source/devices", "/sys/kernel/tracing", "/sys/kernel/debug"),
         "no perf uprobe PMU and tracefs is not mounted; mount -t tracefs nodev",
