@@ -93,7 +93,8 @@ def load_config(path: str | Path) -> Config:
         raise UserError(f"config file {path} not found", "pass the right path with -c") from None
     except PermissionError:
         raise UserError(
-            f"config file {path} is not readable", "run as root or fix its permissions"
+            f"config file {path} is not readable",
+            "make it readable by the daemon's user (root:pgslowlog 0640)",
         ) from None
     except IsADirectoryError:
         raise UserError(f"config path {path} is a directory", "pass the TOML file") from None

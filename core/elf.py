@@ -156,7 +156,10 @@ def open_binary(
             f"point it at the postgres server binary, for example {_EXAMPLE_BINARY}",
         ) from None
     except PermissionError:
-        raise UserError(f"{label} {path} is not readable", "run as root") from None
+        raise UserError(
+            f"{label} {path} is not readable",
+            "make it readable by the daemon's user, or add CAP_DAC_READ_SEARCH to its unit",
+        ) from None
     except OSError as error:
         raise UserError(
             f"{label} {path} cannot be opened ({error.strerror})",

@@ -25,7 +25,8 @@ CAP_PERFMON = 38
 CAP_BPF = 39
 
 
-# BPF ring buffer (5.8) and task-local storage for tracing programs (5.11).
+# BPF ring buffer (5.8), task-local storage for tracing programs and BPF memory charged
+# to the cgroup instead of RLIMIT_MEMLOCK, so no CAP_SYS_RESOURCE is needed (5.11).
 MINIMUM_KERNEL = (5, 11)
 UPROBE_PMU = Path("/sys/bus/event_source/devices/uprobe/type")
 TRACEFS = (
@@ -173,7 +174,8 @@ def check_kernel() -> Finding:
     if version < MINIMUM_KERNEL:
         return Finding(
             False,
-            f"kernel {release} is older than 5.11 (BPF ring buffer and task-local storage); "
+            f"kernel {release} is older than 5.11 (BPF ring buffer, task-local storage, BPF "
+            "memory charged to the cgroup); "
             "boot a newer kernel",
         )
     if not Path("/proc/sys/kernel/unprivileged_bpf_disabled").exists():

@@ -4,6 +4,7 @@
  * ended: the shared outcome handlers (slow_query.h), built with REPORT_FAILURES, send
  * each error (AbortCurrentTransaction) and cancel (StatementCancelHandler) as a
  * record. Both run only when a statement fails: an ordinary statement traps nothing.
+ * One more uprobe, on proc_exit, runs once per backend (below).
  */
 
 /*

@@ -116,7 +116,8 @@ class SampledSource:
         self._background: set[int] = set()  # followed backends that are not clients
         self._hand_over_look = 0  # the first look to begin after hand_over()
         # The binary exports the failure paths and proc_exit (every build does).
-        if outcome_uprobes(target) and target.binary.function_offset(EXIT_UPROBE.symbol):
+        exit_offset = target.binary.function_offset(EXIT_UPROBE.symbol)
+        if outcome_uprobes(target) and exit_offset is not None:
             self._outcomes = LoadedProbe(SAMPLED_OUTCOMES, target, daemon)
 
     @property

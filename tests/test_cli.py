@@ -162,7 +162,7 @@ def test_config_writable_by_others_is_refused(tmp_path, command, mode):
     output = result.stderr if command == "run" else result.stdout
     assert (
         f"config file {path} is writable by group or others (mode {mode:04o}); it decides what "
-        f"runs as root and may name secrets; run `chmod go-w {path}`"
+        f"is probed with root's capabilities and may name secrets; run `chmod go-w {path}`"
     ) in output
     assert "Traceback" not in result.stderr + result.stdout
 

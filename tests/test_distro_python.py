@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from pgslowlog.testing.cluster import free_port
 
 pytestmark = pytest.mark.ebpf
 
@@ -71,12 +72,6 @@ def _run(command: list[str], timeout: float = 120, **kwargs: Any) -> str:
             f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
         )
     return result.stdout
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _chroot_env(**extra: str) -> dict[str, str]:
@@ -237,7 +232,7 @@ def _distro(release: str, wheel: Path) -> Iterator[Distro]:
         distro.as_postgres(
             f"{distro.bindir}/initdb", "-D", f"{IN_CHROOT}/pg/data", "-A", "trust", "-U", "postgres"
         )
-        distro.port = _free_port()
+        distro.port = free_port()
         server_started = True  # from here a stop is tried, whatever pg_ctl says
         distro.as_postgres(
             f"{distro.bindir}/pg_ctl",

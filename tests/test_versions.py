@@ -13,6 +13,7 @@ statements right, with user and database. A chrooted server is also a target by 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -87,9 +88,12 @@ def servers() -> Iterator[Callable[[int], Cluster]]:
             )
         return started[major]
 
-    yield server
-    for cluster in started.values():
-        cluster.stop()
+    try:
+        yield server
+    finally:
+        with contextlib.ExitStack() as stops:  # every one stopped, even if one fails
+            for cluster in started.values():
+                stops.callback(cluster.stop)
 
 
 def _app(cluster: Cluster) -> str:

@@ -6,6 +6,7 @@ OS user. Data, socket and log live in one temporary directory, removed on stop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -175,6 +176,12 @@ class ChrootCluster(Cluster):
 
     def __init__(self, tree: Path, major: int, port: int | None = None) -> None:
         self.tree = Path(tree)
+        # The tree's postgres user (its package made it), read before anything is made.
+        entries = (self.tree / "etc" / "passwd").read_text().splitlines()
+        entry = next((line.split(":") for line in entries if line.startswith("postgres:")), None)
+        if entry is None:
+            raise RuntimeError(f"{self.tree} has no postgres user: is PostgreSQL installed?")
+        self.uid, self.gid = int(entry[2]), int(entry[3])
         super().__init__(
             self.tree / "usr" / "lib" / "postgresql" / str(major) / "bin",
             port=port,
@@ -183,12 +190,6 @@ class ChrootCluster(Cluster):
         self.os_user = None  # not the host's user: the tree's own postgres runs it (_run)
         # psql over TCP from the host's own client: any major talks to any server.
         self.client_bindir = Path(shutil.which("psql") or "/usr/bin/psql").parent
-        entry = next(
-            line.split(":")
-            for line in (self.tree / "etc" / "passwd").read_text().splitlines()
-            if line.startswith("postgres:")
-        )
-        self.uid, self.gid = int(entry[2]), int(entry[3])
 
     def _run(self, *command: str) -> None:
         inside = [part.replace(f"{self.tree}/", "/") for part in command]
@@ -202,7 +203,12 @@ class ChrootCluster(Cluster):
             capture_output=True,
             text=True,
             cwd="/",
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+            env={
+                "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                "LANG": "C.UTF-8",
+                # The test session's mark (tests/leaks.py): a server left running is found.
+                **{k: v for k, v in os.environ.items() if k == "PGSLOWLOG_TEST_SESSION"},
+            },
             check=False,
         )
         if result.returncode != 0:
@@ -216,6 +222,9 @@ class ChrootCluster(Cluster):
         try:
             super().start()
         except BaseException:
+            # pg_ctl -w may give up on a server that then runs on: stop it, then clean.
+            with contextlib.suppress(RuntimeError):
+                self.stop()
             shutil.rmtree(self.base, ignore_errors=True)
             raise
         return self
