@@ -25,6 +25,21 @@ def run(*command: str, **kwargs) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=300, **kwargs)
 
 
+def play_locally(tmp_path, play):
+    """ansible-playbook on this machine (connection local) with `play` as its playbook."""
+    (tmp_path / "play.yml").write_text(yaml.safe_dump(play))
+    return run(
+        str(BIN / "ansible-playbook"),
+        "-i",
+        "localhost,",
+        "-c",
+        "local",
+        "play.yml",
+        cwd=tmp_path,
+        env={**os.environ, "ANSIBLE_NOCOLOR": "1"},
+    )
+
+
 def test_ansible_lint_production_profile():
     result = run(str(BIN / "ansible-lint"), "--profile", "production", "ansible/", cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -74,17 +89,7 @@ def test_preflight_refuses_other_architectures_than_x86_64(tmp_path, architectur
             ],
         }
     ]
-    (tmp_path / "play.yml").write_text(yaml.safe_dump(play))
-    result = run(
-        str(BIN / "ansible-playbook"),
-        "-i",
-        "localhost,",
-        "-c",
-        "local",
-        "play.yml",
-        cwd=tmp_path,
-        env={**os.environ, "ANSIBLE_NOCOLOR": "1"},
-    )
+    result = play_locally(tmp_path, play)
     if architecture == "x86_64":
         assert result.returncode == 0, result.stdout + result.stderr
     else:
@@ -195,17 +200,7 @@ def test_argument_specs_refuse_a_bad_value_before_any_task(tmp_path, variable, v
             "roles": [{"role": str(ROLE), variable: value}],
         }
     ]
-    (tmp_path / "play.yml").write_text(yaml.safe_dump(play))
-    result = run(
-        str(BIN / "ansible-playbook"),
-        "-i",
-        "localhost,",
-        "-c",
-        "local",
-        "play.yml",
-        cwd=tmp_path,
-        env={**os.environ, "ANSIBLE_NOCOLOR": "1"},
-    )
+    result = play_locally(tmp_path, play)
     assert result.returncode != 0, result.stdout
     assert "Validating arguments against arg spec" in result.stdout, result.stdout
     assert says in result.stdout, result.stdout
