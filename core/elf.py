@@ -92,10 +92,10 @@ def file_identity(path: str) -> FileIdentity | None:
         status = os.stat(path)
     except OSError:
         return None
-    return _identity(status)
+    return identity_of(status)
 
 
-def _identity(status: os.stat_result) -> FileIdentity:
+def identity_of(status: os.stat_result) -> FileIdentity:
     return FileIdentity(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
 
 
@@ -112,7 +112,7 @@ class BinaryFile:
     def __init__(self, path: str, fd: int) -> None:
         self.path = path
         self._fd: int | None = fd
-        self.identity = _identity(os.fstat(fd))
+        self.identity = identity_of(os.fstat(fd))
 
     @property
     def attach_path(self) -> str:

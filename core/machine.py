@@ -169,9 +169,7 @@ def check_architecture(machine: str | None = None) -> Finding:
 
 def check_kernel() -> Finding:
     release = platform.release()
-    match = re.match(r"(\d+)\.(\d+)", release)
-    version = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-    if version < MINIMUM_KERNEL:
+    if _kernel_version(release) < MINIMUM_KERNEL:
         return Finding(
             False,
             f"kernel {release} is older than 5.11 (BPF ring buffer, task-local storage, BPF "

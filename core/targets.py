@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 
 from pgslowlog.config import TargetConfig
-from pgslowlog.elf import BinaryFile, PostgresBinary, open_binary
+from pgslowlog.elf import BinaryFile, PostgresBinary, file_identity, identity_of, open_binary
 from pgslowlog.errors import UserError
 
 
@@ -45,7 +45,7 @@ def binary_of_pid(pid: int, index: int) -> str:
     label = f"target[{index}]"
     try:
         exe = os.readlink(f"/proc/{pid}/exe")
-        running = os.stat(f"/proc/{pid}/exe")
+        running = identity_of(os.stat(f"/proc/{pid}/exe"))
     except FileNotFoundError:
         raise UserError(
             f"{label}: no process with pid {pid}",
@@ -62,20 +62,12 @@ def binary_of_pid(pid: int, index: int) -> str:
             "restart that PostgreSQL after the upgrade, or set binary = to the new one",
         )
     for candidate in (exe, f"/proc/{pid}/root{exe}"):
-        if _is_file(candidate, running):
+        if file_identity(candidate) == running:
             return candidate
     raise UserError(
         f"{label}: the binary of pid {pid} ({exe}) cannot be reached from here",
         "set binary = to its path as seen from this host",
     )
-
-
-def _is_file(path: str, running: os.stat_result) -> bool:
-    try:
-        found = os.stat(path)
-    except OSError:
-        return False
-    return (found.st_dev, found.st_ino) == (running.st_dev, running.st_ino)
 
 
 def resolve_target(config: TargetConfig, index: int, wanted_symbols: frozenset[str]) -> Target:
