@@ -104,8 +104,9 @@ class SampledSource:
         self._soon_until = 0.0  # discovery every DISCOVER_SOON_S until then
         self._next_scan = 0.0
         # pid -> (PostgreSQL microseconds, "error" or "cancelled") since its statement began
-        # and (when, "ok" or "error", True) for its exit (proc_exit's code 0 or not)
-        self._failures: dict[int, list[tuple[int, str, bool]]] = {}
+        self._failures: dict[int, list[tuple[int, str]]] = {}
+        # pid -> (when, "ok" or "error") of its exit: proc_exit's code 0 or another
+        self._exits: dict[int, tuple[int, str]] = {}
         self._failure_reader: RingBufferReader | None = None
         self._outcomes: LoadedProbe | None = None
         self._primed: list[Record] = []
@@ -304,6 +305,8 @@ class SampledSource:
                         self._read_text(cluster, backend, running)
         for pid in self._failures.keys() - self._tracker.in_flight.keys():
             del self._failures[pid]  # no statement of its own left to explain
+        for pid in self._exits.keys() - self._tracker.in_flight.keys():
+            del self._exits[pid]
         return records
 
     def _take_failures(self) -> None:
@@ -317,8 +320,10 @@ class SampledSource:
                 self._counts["untracked"] += 1  # not knowable: its outcome would be a guess
                 continue
             at_us = (failure.at_ns + offset_ns) // 1000 - PG_EPOCH_UNIX_US
-            failures = self._failures.setdefault(failure.pid, [])
-            failures.append((at_us, failure.outcome, failure.exited))
+            if failure.exited:
+                self._exits.setdefault(failure.pid, (at_us, failure.outcome))
+            else:
+                self._failures.setdefault(failure.pid, []).append((at_us, failure.outcome))
 
     def _outcome(self, finished: Finished) -> str:
         """ok, error or cancelled from the failure uprobes; without them, what the
@@ -327,16 +332,12 @@ class SampledSource:
             return finished.outcome
         failures = self._failures.get(finished.pid, ())
         start, end = finished.start_us, finished.end_us + FAILURE_SLACK_US
-        aborts = [
-            at
-            for at, outcome, exited in failures
-            if outcome == "error" and not exited and start <= at <= end
-        ]
+        aborts = [at for at, outcome in failures if outcome == "error" and start <= at <= end]
         if not aborts:
             # Its backend went while it ran (terminated, FATAL: no abort path runs), or
             # its slot was taken before the end was read and no exit was reported.
             return finished.outcome if finished.backend_exited else "ok"
-        cancels = [at for at, outcome, exited in failures if outcome == "cancelled" and at >= start]
+        cancels = [at for at, outcome in failures if outcome == "cancelled" and at >= start]
         return "cancelled" if any(at <= aborts[0] for at in cancels) else "error"
 
     def _settle_exit(self, finished: Finished) -> Finished:
@@ -344,14 +345,10 @@ class SampledSource:
         backend's own exit (proc_exit) tells whether it had ended first (code 0: the
         client left after it) or was cut short, and bounds the end more closely than
         the look that found the backend gone (the end stays an upper bound)."""
-        exits = [
-            (at, outcome)
-            for at, outcome, exited in self._failures.get(finished.pid, ())
-            if exited and at >= finished.start_us
-        ]
-        if not exits:
+        exit_seen = self._exits.get(finished.pid)
+        if exit_seen is None or exit_seen[0] < finished.start_us:
             return finished
-        at, outcome = exits[0]
+        at, outcome = exit_seen
         return replace(
             finished,
             end_us=max(min(at, finished.end_us), finished.start_us),
