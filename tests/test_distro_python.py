@@ -32,20 +32,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fleet import DEBIAN_MAJORS, FITTING, TREES
 
 from pgslowlog.testing.cluster import free_port
 
 pytestmark = pytest.mark.ebpf
 
-TREES = Path(os.environ.get("PGSLOWLOG_TREES", "/var/cache/pgslowlog/trees"))
 REPO = Path(__file__).resolve().parents[1]
 # The release, its PostgreSQL major, and the definitions its stripped Debian binary
 # supports (`pgslowlog probes --binary` must agree: test_probes_agree). PostgreSQL 13
 # exports no MyBEEntry, so neither sampled nor backend_status; no Debian binary keeps
 # the static exec_* functions, so neither simple_query nor extended.
 RELEASES: dict[str, tuple[int, tuple[str, ...]]] = {
-    "bullseye": (13, ("activity", "usdt")),
-    "trixie": (17, ("activity", "usdt", "backend_status", "sampled")),
+    release: (DEBIAN_MAJORS[release], tuple(sorted(FITTING[DEBIAN_MAJORS[release]])))
+    for release in ("bullseye", "trixie")
 }
 CASES = [
     (release, definition)

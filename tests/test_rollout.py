@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from fleet import DEBIAN_MAJORS, TREES
 
 from pgslowlog.testing.cluster import free_port
 
@@ -31,9 +32,7 @@ pytestmark = pytest.mark.ebpf
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent
 UNIT = ROOT / "etc" / "pgslowlog.service"
-TREES = Path(os.environ.get("PGSLOWLOG_TREES", "/var/cache/pgslowlog/trees"))
-# Each release with the PostgreSQL major it packages.
-RELEASES = {"bullseye": 13, "bookworm": 15, "trixie": 17}
+RELEASES = DEBIAN_MAJORS
 # `systemd-analyze security pgslowlog` inside each host (systemd 247, 252, 257); the
 # unit scored 4.5 there (4.7 offline) when it ran as root without a system-call filter.
 EXPOSURE_AT_MOST = 2.6

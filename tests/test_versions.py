@@ -25,6 +25,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from fleet import DEBIAN_MAJORS, FITTING, TREES
 
 from pgslowlog.demo import embedded_bindir
 from pgslowlog.testing.cluster import ChrootCluster, Cluster
@@ -32,23 +33,10 @@ from pgslowlog.testing.cluster import ChrootCluster, Cluster
 pytestmark = pytest.mark.ebpf
 
 BIN = Path(sys.executable).parent
-TREES = Path(os.environ.get("PGSLOWLOG_TREES", "/var/cache/pgslowlog/trees"))
 WHEELS = Path(os.environ.get("PGSLOWLOG_WHEELS", "/var/cache/pgslowlog/wheels"))
-CHROOTED = {13: "bullseye", 17: "trixie"}
+# Run in a chroot of their release; 15 is this host's own.
+CHROOTED = {DEBIAN_MAJORS[release]: release for release in ("bullseye", "trixie")}
 MAJORS = (13, 14, 15, 16, 17, 18)
-# The definitions pgslowlog ships that `probes --binary` must call fitting, per build.
-# Debian's builds are stripped and have USDT probes; the wheels keep their symbol table
-# but inline exec_parse_message and friends (so `extended` fits none of them).
-# `sampled` and `backend_status` find the status array through MyBEEntry, which 13
-# keeps static: on 13 neither fits, and auto takes `activity`.
-FITTING = {
-    13: {"activity", "usdt"},
-    14: {"activity", "sampled", "simple_query"},
-    15: {"activity", "sampled", "usdt", "backend_status"},
-    16: {"activity", "sampled", "simple_query", "backend_status"},
-    17: {"activity", "sampled", "usdt", "backend_status"},
-    18: {"activity", "sampled", "simple_query", "backend_status"},
-}
 SHIPPED = {"activity", "sampled", "usdt", "simple_query", "extended", "backend_status"}
 # Definitions that see extended-protocol statements (usdt and simple_query hook
 # exec_simple_query, which the extended protocol never reaches).
