@@ -239,20 +239,20 @@ def test_unit_runs_as_a_user_with_exactly_its_bounding_capabilities():
 
 
 def test_the_units_capabilities_pass_the_privilege_check():
+    from pgslowlog import machine
     from pgslowlog.machine import check_privileges
 
-    bits = {"CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
-    unit = sum(1 << bits[name] for name in _unit_setting("AmbientCapabilities"))
+    unit = sum(1 << getattr(machine, name) for name in _unit_setting("AmbientCapabilities"))
     finding = check_privileges(unit, "6.18.44")
     assert finding.ok and not finding.warning, finding
     # CAP_BPF and CAP_PERFMON without CAP_SYS_ADMIN: refused by name on 6.16 and newer,
     # where perf_event_open() of a uprobe returns EACCES to them.
-    perfmon = (1 << 38) | (1 << 39) | (1 << 19)
+    perfmon = (1 << machine.CAP_PERFMON) | (1 << machine.CAP_BPF) | (1 << machine.CAP_SYS_PTRACE)
     refused = check_privileges(perfmon, "6.18.44")
     assert not refused.ok
     assert str(refused).startswith("error: privileges: CAP_SYS_ADMIN is missing"), refused
     assert check_privileges(perfmon, "6.1.0").warning
-    no_ptrace = check_privileges(1 << 21, "6.18.44")
+    no_ptrace = check_privileges(1 << machine.CAP_SYS_ADMIN, "6.18.44")
     assert no_ptrace.ok and no_ptrace.warning and "CAP_SYS_PTRACE" in str(no_ptrace)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from fleet import DEBIAN_MAJORS, TREES
 
+from pgslowlog import machine as checks
 from pgslowlog.testing.cluster import free_port
 
 pytestmark = pytest.mark.ebpf
@@ -364,8 +365,7 @@ def _unit_capabilities() -> int:
     line = next(
         entry for entry in UNIT.read_text().splitlines() if entry.startswith("AmbientCapabilities=")
     )
-    numbers = {"CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
-    return sum(1 << numbers[name] for name in line.split("=", 1)[1].split())
+    return sum(1 << getattr(checks, name) for name in line.split("=", 1)[1].split())
 
 
 def test_a_set_up_that_fails_after_boot_leaves_nothing_running(tmp_path):
