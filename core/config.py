@@ -59,10 +59,25 @@ class TargetConfig(_Strict):
     probes: list[str] = msgspec.field(default_factory=lambda: ["auto"])
 
 
+# Prometheus's list of exporter ports gives 9187 to postgres_exporter, and fleets
+# often run a second one on 9188: pgslowlog's default keeps clear of both.
+METRICS_DEFAULT_PORT = 9863
+
+
+class MetricsConfig(_Strict):
+    # "HOST:PORT", "[IPV6]:PORT", ":PORT" (every address) or "HOST" (default port).
+    listen: str
+    # Label values kept apart per target before the rest are folded into "other":
+    # a fleet's Prometheus must not grow a series per database or user ever seen.
+    max_databases: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 20
+    max_users: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 20
+
+
 class Config(_Strict):
     daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
     target: list[TargetConfig] = msgspec.field(default_factory=list)
     sinks: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    metrics: Optional[MetricsConfig] = None
 
     @property
     def threshold_ns(self) -> int:
@@ -186,8 +201,36 @@ def _check_semantics(config: Config, source: str) -> None:
             f"config {source}: no sink configured",
             'add one, for example [sinks.file] path = "/var/log/pgslowlog/slow.jsonl"',
         )
+    if config.metrics is not None:
+        try:
+            listen_address(config.metrics.listen)
+        except ValueError as error:
+            raise UserError(
+                f"config {source}: metrics.listen = {config.metrics.listen!r} {error}",
+                f'use "127.0.0.1:{METRICS_DEFAULT_PORT}", "[::1]:{METRICS_DEFAULT_PORT}" or '
+                f'":{METRICS_DEFAULT_PORT}" (every address)',
+            ) from None
     for name, options in config.sinks.items():
         if not isinstance(options, dict):
             raise UserError(
                 f"config {source}: sinks.{name} must be a table", f"write it as [sinks.{name}]"
             )
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """(host, port) of a `listen` value; ValueError saying what is wrong with it."""
+    host, port = text, str(METRICS_DEFAULT_PORT)
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError("is not an address: an IPv6 address goes in [brackets]")
+        port = rest[1:] if rest else port
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    elif ":" in text:
+        raise ValueError("is not an address: put an IPv6 address in [brackets]")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"has no valid port ({port!r} is not 1 to 65535)")
+    if any(char.isspace() or char in "/?#@" for char in host):
+        raise ValueError("is not an address: the host has characters no address has")
+    return host or "0.0.0.0", int(port)

@@ -26,6 +26,7 @@ from pgslowlog.health import HealthReporter
 from pgslowlog.live_config import merge_live, needs_restart
 from pgslowlog.log import configure_logging, get_logger
 from pgslowlog.machine import require_machine
+from pgslowlog.metrics import DaemonState, MetricsServer, SlowStatementCounts
 from pgslowlog.planner import Plan, plan, resolve_with_probes
 from pgslowlog.plugin_manager import Plugins
 from pgslowlog.probe_set import ProbeSet
@@ -78,6 +79,8 @@ class Daemon:
         self._stop_signal: str | None = None
         self._failure: str | None = None
         self._switch_waiting = False  # a reload's switch waits for a hand-over to finish
+        self.metrics: MetricsServer | None = None
+        self._metrics_state: DaemonState | None = None  # what /metrics reads
 
     def run(self) -> int:
         config = load_config(self.config_path)
@@ -85,15 +88,27 @@ class Daemon:
         configure_logging(config.daemon.log_level)
         plugins = Plugins.load()
         the_plan = plan(config, plugins, self.config_path)
+        counts = None
         try:
+            # Listening first: a taken port is refused before anything starts.
+            if config.metrics is not None:
+                counts = SlowStatementCounts(config.metrics.max_databases, config.metrics.max_users)
+                self._metrics_state = DaemonState(config)
+                self.metrics = MetricsServer(config, counts, self._metrics_state)
             self.dispatcher = start_sinks(the_plan, plugins)
         except BaseException:
             the_plan.close()
+            if self.metrics is not None:
+                self.metrics.close()
             raise
         self.config = config
         self.dispatcher.start()
         self.probes = ProbeSet(self.dispatcher, config.daemon, self._fail)
         self.health = HealthReporter(self.probes, self.dispatcher)
+        if counts is not None and self._metrics_state is not None:
+            self.dispatcher.observers.append(counts.observe)
+            self._metrics_state.health = self.health
+            self._metrics_state.dispatcher = self.dispatcher
         self.plugins = plugins
         self.watcher = TargetWatcher(self._resolve, self.probes, self.health.retire)
         self._install_signal_handlers()
@@ -203,6 +218,8 @@ class Daemon:
             log.warning("reload_needs_restart", changed=waiting)
         # Remember what is really in effect, so the next reload compares honestly.
         self.config = merge_live(self.config, new)
+        if self._metrics_state is not None:
+            self._metrics_state.config = self.config  # the live threshold
         switched = self._switch_automatic()
         log.info("reloaded", threshold_ms=new.daemon.threshold_ms, probes_switched=switched)
         sd_notify("READY=1")
@@ -256,6 +273,8 @@ class Daemon:
         final = self.probes.stop_all(self.health.retire)
         stopped = self.health.stopped(final)
         sink_stats = self.dispatcher.close()
+        if self.metrics is not None:
+            self.metrics.close()
         log.info(
             "stopped",
             **stopped,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from pgslowlog.event import SlowQuery
@@ -150,6 +151,8 @@ class _Lane:
 class Dispatcher:
     def __init__(self) -> None:
         self._lanes: list[_Lane] = []
+        # Called with every batch before the sinks' queues (metrics.py counts there).
+        self.observers: list[Callable[[list[SlowQuery]], None]] = []
 
     def add_sink(self, name: str, sink: Sink, queue_size: int, shutdown_timeout_s: float) -> None:
         self._lanes.append(_Lane(name, sink, queue_size, shutdown_timeout_s))
@@ -162,6 +165,8 @@ class Dispatcher:
             lane.thread.start()
 
     def dispatch_many(self, events: list[SlowQuery]) -> None:
+        for observe in self.observers:
+            observe(events)
         for lane in self._lanes:
             lane.put_many(events)
 

@@ -1,12 +1,17 @@
 """What an operator checks first: is every target probed, is anything lost.
 
 The health line every `stats_interval_s`, a warning whenever a loss counter moved,
-and the totals of the `stopped` line, all from the sources' own counters and the
-dispatcher's per-sink figures.
+the totals of the `stopped` line, and the figures /metrics serves (metrics.py),
+all from the sources' own counters and the dispatcher's per-sink figures. The main
+loop reads the sources (every couple of seconds, in `report_losses`); the metrics
+server's thread reads only what that left, so it never touches a source being closed.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from pgslowlog.dispatcher import Dispatcher
@@ -65,7 +70,18 @@ class ProbeFigures:
         )
 
 
-def sum_per_target(figures: list[ProbeFigures]) -> dict[str, dict[str, int]]:
+@dataclass(frozen=True)
+class ProbeTotals:
+    """A definition on a target since the daemon started, probes already retired
+    (replaced by a switch or an upgrade) included, so a counter never goes back."""
+
+    target: str
+    definition: str
+    attached_count: int  # places watched now
+    counters: dict[str, int]  # the source's counters, and `undecodable` records
+
+
+def sum_per_target(figures: Sequence[ProbeFigures | ProbeTotals]) -> dict[str, dict[str, int]]:
     """Per target: probes attached and the counters, summed over its probes."""
     targets: dict[str, dict[str, int]] = {}
     for probe in figures:
@@ -90,6 +106,11 @@ class HealthReporter:
         # Records filtered or failed by probes already closed, kept for the totals.
         self._filtered_retired = 0
         self._failed_retired = 0
+        # For /metrics: each running probe's figures at the last look, and the
+        # counters of retired ones per (target, definition). Read by another thread.
+        self._lock = threading.Lock()
+        self._latest: dict[RunningProbe, tuple[ProbeFigures, int]] = {}
+        self._retired_totals: dict[tuple[str, str], Counter[str]] = {}
 
     def report_losses(self) -> None:
         for running in self._probes:
@@ -102,6 +123,8 @@ class HealthReporter:
         now = figures.counters
         before = self._reported.get(running, {})
         self._reported[running] = now
+        with self._lock:
+            self._latest[running] = (figures, _failed(running))
         # A source may say its own losses (what a count means for it, and the fix).
         causes = getattr(running.source, "loss_causes", LOSS_COUNTERS)
         for counter, (event, cause, fix) in causes.items():
@@ -124,7 +147,27 @@ class HealthReporter:
         self._reported.pop(running, None)
         self._filtered_retired += running.collector.enricher.filtered
         self._failed_retired += _failed(running)
+        with self._lock:
+            self._latest.pop(running, None)
+            totals = self._retired_totals.setdefault(_key(running), Counter())
+            totals.update(figures.counters)
+            totals["undecodable"] += _failed(running)
         return figures
+
+    def probe_totals(self) -> list[ProbeTotals]:
+        """Every definition that ran on a target, as of the last `report_losses`."""
+        with self._lock:
+            totals = {key: Counter(counters) for key, counters in self._retired_totals.items()}
+            attached: Counter[tuple[str, str]] = Counter(dict.fromkeys(totals, 0))
+            for running, (figures, failed) in self._latest.items():
+                key = _key(running)
+                totals.setdefault(key, Counter()).update(figures.counters)
+                totals[key]["undecodable"] += failed
+                attached[key] += figures.attached_count
+        return [
+            ProbeTotals(target, definition, attached[target, definition], dict(counters))
+            for (target, definition), counters in sorted(totals.items())
+        ]
 
     def failed_records(self) -> int:
         return self._failed_retired + sum(_failed(running) for running in self._probes)
@@ -133,8 +176,10 @@ class HealthReporter:
         return self._filtered_retired + sum(r.collector.enricher.filtered for r in self._probes)
 
     def health(self) -> dict[str, object]:
+        """The health line: the counters since the daemon started (as /metrics has them)."""
+        self.report_losses()  # the figures as of now
         return {
-            "targets": sum_per_target([ProbeFigures.of(running) for running in self._probes]),
+            "targets": sum_per_target(self.probe_totals()),
             "sinks": {name: asdict(stats) for name, stats in self._dispatcher.stats().items()},
             "undecodable_records": self.failed_records(),
         }
@@ -147,6 +192,10 @@ class HealthReporter:
             "filtered_background": self.filtered_background(),
             "failed_records": self.failed_records(),
         }
+
+
+def _key(running: RunningProbe) -> tuple[str, str]:
+    return running.target.name, running.definition.name
 
 
 def _failed(running: RunningProbe) -> int:

@@ -1,7 +1,7 @@
 """What a SIGHUP can change in a running daemon, and what needs a restart.
 
 The threshold lives in a map and the log level in the logger: both change at
-once. Everything else shapes maps, programs, attachments or sinks, so a reload
+once. Everything else shapes maps, programs, attachments, sinks or the metrics server, so a reload
 reports it as waiting for a restart and keeps the running value, and the next
 reload compares against what really is in effect.
 """
@@ -27,6 +27,8 @@ def needs_restart(running: Config, new: Config) -> list[str]:
         changed.append("target")
     if new.sinks != running.sinks:
         changed.append("sinks")
+    if new.metrics != running.metrics:
+        changed.append("metrics")
     return changed
 
 

@@ -12,6 +12,7 @@ from pgslowlog.config import Config, DaemonConfig, load_config
 from pgslowlog.elf import PostgresBinary, file_identity, inspect_binary
 from pgslowlog.errors import UserError
 from pgslowlog.machine import Finding, machine_findings
+from pgslowlog.metrics import check_listen
 from pgslowlog.planner import PlannedTarget, plan
 from pgslowlog.plugin_manager import Plugins
 from pgslowlog.probes import ProbeDefinition, auto_order, wanted_symbols
@@ -26,6 +27,11 @@ def run_checks(config_path: str) -> list[Finding]:
     except UserError as error:
         return [Finding(False, str(error))]
     findings.append(Finding(True, f"config {config_path} is valid"))
+    if config.metrics is not None:
+        try:
+            findings.append(Finding(True, check_listen(config.metrics)))
+        except UserError as error:
+            findings.append(Finding(False, str(error)))
 
     machine = machine_findings()
     findings += machine

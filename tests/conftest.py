@@ -109,6 +109,9 @@ class DaemonUnderTest:
         env = daemon_options.pop("env", None)
         wrapper = daemon_options.pop("wrapper", None)
         self.sinks = daemon_options.pop("sinks", {})
+        # more keys of [sinks.file] than its path, e.g. {"format": "jsonlog"}
+        self.file_options = daemon_options.pop("file_options", {})
+        self.metrics = daemon_options.pop("metrics", None)  # the [metrics] table
         self.write_config(**daemon_options)
         self.process = RunningDaemon(self.config, env=env, wrapper=wrapper)
 
@@ -122,10 +125,15 @@ class DaemonUnderTest:
         for target in self.extra_targets:
             lines += ["", "[[target]]"]
             lines += [f"{key} = {toml_value(value)}" for key, value in target.items()]
-        lines += ["", "[sinks.file]", f'path = "{self.log}"', ""]
+        lines += ["", "[sinks.file]", f'path = "{self.log}"']
+        lines += [f"{key} = {toml_value(value)}" for key, value in self.file_options.items()]
+        lines += [""]
         for name, options in self.sinks.items():
             lines += [f"[sinks.{name}]"]
             lines += [f"{key} = {toml_value(value)}" for key, value in options.items()]
+        if self.metrics is not None:
+            lines += ["", "[metrics]"]
+            lines += [f"{key} = {toml_value(value)}" for key, value in self.metrics.items()]
         self.config.write_text("\n".join(lines))
 
     def events(self, marker: str | None = None) -> list[dict[str, Any]]:

@@ -1,0 +1,350 @@
+"""Prometheus metrics: `[metrics] listen` serves /metrics through prometheus-client.
+
+Slow statements are counted here as the collectors hand them to the dispatcher
+(`SlowStatementCounts.observe`, before any sink queue, so a sink's drops are its own
+figure). Everything else (statements seen, records lost, probes attached, the sinks'
+figures) is read at scrape time from the same place as the `health` line:
+HealthReporter's figures and the dispatcher's per-sink stats. prometheus-client
+writes the exposition format; `PgslowlogCollector` only says what the values are.
+"""
+
+from __future__ import annotations
+
+import bisect
+import platform
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
+
+import httpx
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from pgslowlog import __version__
+from pgslowlog.config import Config, MetricsConfig, listen_address
+from pgslowlog.dispatcher import Dispatcher
+from pgslowlog.errors import UserError
+from pgslowlog.event import SlowQuery
+from pgslowlog.health import LOSS_COUNTERS, HealthReporter
+from pgslowlog.log import get_logger
+from pgslowlog.targets import target_name
+
+log = get_logger(__name__)
+
+# Slow statements last from the threshold (10 ms and up are common) to minutes.
+DURATION_BUCKETS_S = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    1800.0, 3600.0,
+)  # fmt: skip
+OTHER = "other"  # the label value of everything beyond max_databases / max_users
+UNKNOWN = "unknown"  # the backend exited before its user and database were read
+# Records lost, by cause: the sources' loss counters, and records the daemon could
+# not decode or handle.
+LOST_CAUSES = (*LOSS_COUNTERS, "undecodable")
+
+
+class LabelFolder:
+    """Keeps the first `limit` values it is given; every later one becomes "other"."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._kept: set[str] = set()
+
+    def __call__(self, value: str | None) -> str:
+        if value is None:
+            return UNKNOWN
+        if value in self._kept:
+            return value
+        if len(self._kept) < self.limit:
+            self._kept.add(value)
+            return value
+        return OTHER
+
+
+@dataclass
+class _Histogram:
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS_S) + 1))
+    sum_s: float = 0.0
+
+
+class SlowStatementCounts:
+    """Slow statements by target, database, user and outcome; their durations; and for
+    sampled ones the time spent per wait event type. Called from every collector thread."""
+
+    def __init__(self, max_databases: int, max_users: int) -> None:
+        self._lock = threading.Lock()
+        # Per target: a database or user is folded by how many that target has seen.
+        self._databases: dict[str, LabelFolder] = {}
+        self._users: dict[str, LabelFolder] = {}
+        self._max_databases = max_databases
+        self._max_users = max_users
+        self.statements: dict[tuple[str, str, str, str], int] = {}
+        self.durations: dict[tuple[str, str], _Histogram] = {}
+        self.wait_s: dict[tuple[str, str], float] = {}
+
+    def observe(self, events: Sequence[SlowQuery]) -> None:
+        with self._lock:
+            for event in events:
+                target = event.target
+                database = self._fold(self._databases, self._max_databases, target)(event.database)
+                user = self._fold(self._users, self._max_users, target)(event.user)
+                key = (target, database, user, event.outcome)
+                self.statements[key] = self.statements.get(key, 0) + 1
+                seconds = event.duration_ms / 1000
+                histogram = self.durations.get((target, database))
+                if histogram is None:
+                    histogram = self.durations[target, database] = _Histogram()
+                histogram.buckets[bisect.bisect_left(DURATION_BUCKETS_S, seconds)] += 1
+                histogram.sum_s += seconds
+                if event.waits:
+                    self._share_out_waits(target, seconds, event.waits)
+
+    def _share_out_waits(self, target: str, seconds: float, waits: dict[str, int]) -> None:
+        # Each look saw the statement doing one thing: its duration is shared out by looks.
+        looks = sum(waits.values())
+        for wait, count in waits.items():
+            key = (target, wait.partition(":")[0])
+            self.wait_s[key] = self.wait_s.get(key, 0.0) + seconds * count / looks
+
+    @staticmethod
+    def _fold(folders: dict[str, LabelFolder], limit: int, target: str) -> LabelFolder:
+        folder = folders.get(target)
+        if folder is None:
+            folder = folders[target] = LabelFolder(limit)
+        return folder
+
+    def snapshot(
+        self,
+    ) -> tuple[
+        dict[tuple[str, str, str, str], int],
+        dict[tuple[str, str], _Histogram],
+        dict[tuple[str, str], float],
+    ]:
+        with self._lock:
+            durations = {
+                key: _Histogram(list(value.buckets), value.sum_s)
+                for key, value in self.durations.items()
+            }
+            return dict(self.statements), durations, dict(self.wait_s)
+
+
+@dataclass
+class DaemonState:
+    """What the collector reads, set once the daemon has it (a scrape may come first)."""
+
+    config: Config
+    health: HealthReporter | None = None
+    dispatcher: Dispatcher | None = None
+
+
+class PgslowlogCollector(Collector):
+    def __init__(self, counts: SlowStatementCounts, state: DaemonState) -> None:
+        self.counts = counts
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._build_info()
+        yield from self._slow_statements()
+        state = self.state
+        threshold = GaugeMetricFamily(
+            "pgslowlog_threshold_seconds", "Statements at least this long are slow (live)."
+        )
+        threshold.add_metric([], state.config.daemon.threshold_ms / 1000)
+        yield threshold
+        if state.health is not None:
+            yield from self._probes(state.health)
+        if state.dispatcher is not None:
+            yield from self._sinks(state.dispatcher)
+
+    @staticmethod
+    def _build_info() -> Iterator[Metric]:
+        info = InfoMetricFamily("pgslowlog_build", "pgslowlog's version and what it runs on.")
+        try:
+            import bcc
+
+            bcc_version = str(getattr(bcc, "__version__", UNKNOWN))
+        except ImportError:  # a machine without bcc can still serve the other figures
+            bcc_version = "none"
+        info.add_metric(
+            [],
+            {
+                "version": __version__,
+                "python": platform.python_version(),
+                "bcc": bcc_version,
+                "kernel": platform.release(),
+            },
+        )
+        yield info
+
+    def _slow_statements(self) -> Iterator[Metric]:
+        statements, durations, waits = self.counts.snapshot()
+        total = CounterMetricFamily(
+            "pgslowlog_slow_statements",
+            "Slow statements handed to the sinks.",
+            labels=["target", "database", "user", "outcome"],
+        )
+        for labels, count in sorted(statements.items()):
+            total.add_metric(list(labels), count)
+        yield total
+        histogram = HistogramMetricFamily(
+            "pgslowlog_slow_statement_duration_seconds",
+            "Durations of slow statements.",
+            labels=["target", "database"],
+        )
+        for labels, value in sorted(durations.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*DURATION_BUCKETS_S, float("inf")), value.buckets):
+                cumulative += count
+                buckets.append((_bound(bound), cumulative))
+            histogram.add_metric(list(labels), buckets, value.sum_s)
+        yield histogram
+        wait = CounterMetricFamily(
+            "pgslowlog_slow_statement_wait_seconds",
+            "Time slow statements spent per wait event type (CPU: none), as the sampled "
+            "definition saw it: each statement's duration shared out by its looks.",
+            labels=["target", "wait_event_type"],
+        )
+        for labels, seconds in sorted(waits.items()):
+            wait.add_metric(list(labels), seconds)
+        yield wait
+
+    def _probes(self, health: HealthReporter) -> Iterator[Metric]:
+        seen = CounterMetricFamily(
+            "pgslowlog_statements_seen",
+            "Statements the definition saw end, slow or not (sampled: those seen at a look).",
+            labels=["target", "probe"],
+        )
+        lost = CounterMetricFamily(
+            "pgslowlog_records_lost",
+            "Slow statements or records lost, by cause (see the README's metrics list).",
+            labels=["target", "probe", "cause"],
+        )
+        attachments = GaugeMetricFamily(
+            "pgslowlog_probe_attachments",
+            "Places a definition watches on a target now (uprobes, USDT probes, clusters).",
+            labels=["target", "probe"],
+        )
+        attached_per_target = dict.fromkeys(
+            (target_name(t, i) for i, t in enumerate(self.state.config.target)), 0
+        )
+        for probe in health.probe_totals():
+            labels = [probe.target, probe.definition]
+            seen.add_metric(labels, probe.counters.get("statements", 0))
+            for cause in LOST_CAUSES:
+                lost.add_metric([*labels, cause], probe.counters.get(cause, 0))
+            attachments.add_metric(labels, probe.attached_count)
+            attached_per_target[probe.target] = attached_per_target.get(probe.target, 0) + (
+                probe.attached_count > 0
+            )
+        yield from (seen, lost, attachments)
+        per_target = GaugeMetricFamily(
+            "pgslowlog_target_probes_attached",
+            "Definitions attached per configured target (0: it is not being watched).",
+            labels=["target"],
+        )
+        for target, count in sorted(attached_per_target.items()):
+            per_target.add_metric([target], count)
+        yield per_target
+
+    @staticmethod
+    def _sinks(dispatcher: Dispatcher) -> Iterator[Metric]:
+        stats = dispatcher.stats()
+        for field_name, metric, text in (
+            ("delivered", "pgslowlog_sink_delivered_events", "Events the sink took."),
+            ("retried", "pgslowlog_sink_retries", "Deliveries the sink had to retry."),
+            ("failed", "pgslowlog_sink_failed_events", "Events in batches the sink failed."),
+            (
+                "dropped",
+                "pgslowlog_sink_dropped_events",
+                "Events dropped: the sink's queue was full, or shutdown time ran out.",
+            ),
+        ):
+            family = CounterMetricFamily(metric, text, labels=["sink"])
+            for sink, figures in stats.items():
+                family.add_metric([sink], getattr(figures, field_name))
+            yield family
+
+
+def _bound(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+class MetricsServer:
+    """/metrics on `listen`, in a thread of its own, from the moment it is made."""
+
+    def __init__(self, config: Config, counts: SlowStatementCounts, state: DaemonState) -> None:
+        assert config.metrics is not None
+        self.listen = config.metrics.listen
+        host, port = listen_address(self.listen)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(PgslowlogCollector(counts, state))
+        try:
+            self._server, self._thread = start_http_server(port, host, registry)
+        except OSError as error:
+            raise UserError(
+                f"metrics.listen = {self.listen!r} cannot be served: {_why(error)}",
+                "choose a free port and an address of this machine in [metrics] listen",
+            ) from None
+        log.info("metrics_serving", listen=self.listen, path="/metrics")
+
+    def close(self) -> None:
+        server: WSGIServer = self._server
+        server.shutdown()
+        server.server_close()
+        self._thread.join(5)
+
+
+def _why(error: OSError) -> str:
+    if isinstance(error, socket.gaierror):
+        return f"the host is not known ({error.strerror})"
+    return error.strerror or str(error)
+
+
+def check_listen(metrics: MetricsConfig) -> str:
+    """For `check`: can `listen` be served? A port held by a pgslowlog that answers
+    /metrics is taken to be this config's running daemon (the role validates a new
+    file while the old daemon runs). Raises UserError; returns a line saying what it found."""
+    host, port = listen_address(metrics.listen)
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as error:
+        raise UserError(
+            f"metrics.listen = {metrics.listen!r} cannot be served: {_why(error)}",
+            "use an address of this machine in [metrics] listen",
+        ) from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+        try:
+            probe.bind(address)
+            return f"metrics.listen {metrics.listen} is free"
+        except OSError as error:
+            if not _pgslowlog_serves(address[0], port):
+                raise UserError(
+                    f"metrics.listen = {metrics.listen!r} cannot be served: {_why(error)}",
+                    "choose a free port and an address of this machine in [metrics] listen",
+                ) from None
+    return (
+        f"metrics.listen {metrics.listen} is served by a running pgslowlog "
+        "(a restart hands it over)"
+    )
+
+
+def _pgslowlog_serves(host: str, port: int) -> bool:
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    url = f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"
+    try:
+        return "pgslowlog_build_info" in httpx.get(url, timeout=2).text
+    except httpx.HTTPError:
+        return False

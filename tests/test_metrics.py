@@ -1,0 +1,296 @@
+"""/metrics as an operator's Prometheus sees it: a real Prometheus scrapes the daemon,
+promtool checks the exposition and the alerting rules, bad `listen` values are one line."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from conftest import BINDIRS
+from prometheus_server import PROMTOOL, prometheus
+from test_cli import GOOD, pgslowlog, write
+
+from pgslowlog.config import METRICS_DEFAULT_PORT, listen_address
+from pgslowlog.event import SlowQuery
+from pgslowlog.metrics import DURATION_BUCKETS_S, OTHER, UNKNOWN, LabelFolder, SlowStatementCounts
+from pgslowlog.testing.cluster import Cluster, free_port
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("127.0.0.1:9999", ("127.0.0.1", 9999)),
+        ("127.0.0.1", ("127.0.0.1", METRICS_DEFAULT_PORT)),
+        (":9999", ("0.0.0.0", 9999)),
+        ("[::1]:9999", ("::1", 9999)),
+        ("[::]", ("::", METRICS_DEFAULT_PORT)),
+        ("localhost:1", ("localhost", 1)),
+    ],
+)
+def test_listen_values(text, address):
+    assert listen_address(text) == address
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("127.0.0.1:http", "has no valid port ('http' is not 1 to 65535)"),
+        ("127.0.0.1:70000", "has no valid port ('70000' is not 1 to 65535)"),
+        ("127.0.0.1:0", "has no valid port ('0' is not 1 to 65535)"),
+        ("::1:9999", "is not an address: put an IPv6 address in [brackets]"),
+        ("[::1", "is not an address: an IPv6 address goes in [brackets]"),
+        ("[::1]9999", "is not an address: an IPv6 address goes in [brackets]"),
+        ("http://host:9999", "is not an address"),
+    ],
+)
+def test_bad_listen_values(text, why):
+    with pytest.raises(ValueError, match="^" + re.escape(why)):
+        listen_address(text)
+
+
+def test_label_folder_keeps_the_first_values_and_folds_the_rest():
+    fold = LabelFolder(2)
+    assert [fold(v) for v in ["a", "b", "c", "a", None, "d", "b"]] == [
+        "a",
+        "b",
+        OTHER,
+        "a",
+        UNKNOWN,
+        OTHER,
+        "b",
+    ]
+
+
+def event(**fields) -> SlowQuery:
+    base = {
+        "ts": datetime.now(timezone.utc),
+        "duration_ms": 150.0,
+        "query": "select 1",
+        "query_truncated": False,
+        "pid": 1,
+        "user": "app",
+        "database": "shop",
+        "client": "[local]",
+        "probe": "usdt",
+        "binary": "/x",
+        "target": "main",
+    }
+    return SlowQuery(**{**base, **fields})
+
+
+def test_counts_fold_per_target_bucket_and_share_out_waits():
+    counts = SlowStatementCounts(max_databases=1, max_users=5)
+    counts.observe(
+        [
+            event(),
+            event(database="ledger", outcome="error", duration_ms=20_000),
+            event(target="other-cluster", database="ledger"),  # its own first database
+            event(user=None, database=None, duration_ms=10),  # exactly on a bucket bound
+            event(duration_ms=1000, waits={"Lock:transactionid": 3, "CPU": 1}),
+        ]
+    )
+    statements, durations, waits = counts.snapshot()
+    assert statements == {
+        ("main", "shop", "app", "ok"): 2,
+        ("main", OTHER, "app", "error"): 1,
+        ("other-cluster", "ledger", "app", "ok"): 1,
+        ("main", UNKNOWN, UNKNOWN, "ok"): 1,
+    }
+    shop = durations["main", "shop"]
+    assert shop.buckets[DURATION_BUCKETS_S.index(0.25)] == 1  # 150 ms: in (0.1, 0.25]
+    assert shop.buckets[DURATION_BUCKETS_S.index(1.0)] == 1  # 1 s: le="1.0" includes it
+    assert shop.sum_s == pytest.approx(1.15)
+    assert durations["main", UNKNOWN].buckets[0] == 1  # 10 ms: le="0.01"
+    assert durations["main", OTHER].buckets[DURATION_BUCKETS_S.index(30.0)] == 1
+    assert waits == {("main", "Lock"): pytest.approx(0.75), ("main", "CPU"): pytest.approx(0.25)}
+
+
+def test_alerting_rules_are_valid_and_fire_as_intended():
+    rules = REPOSITORY / "etc" / "pgslowlog-alerts.yml"
+    checked = subprocess.run(
+        [PROMTOOL, "check", "rules", str(rules)], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 4 rules found" in checked.stdout
+    # Each alert fires on the series that should fire it, and only then.
+    tested = subprocess.run(
+        [PROMTOOL, "test", "rules", str(REPOSITORY / "tests" / "prometheus" / "alerts-test.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+@pytest.fixture
+def taken_port():
+    """A port another program listens on."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        yield other.getsockname()[1]
+
+
+def with_metrics(listen: str) -> str:
+    return GOOD + f'\n[metrics]\nlisten = "{listen}"\n'
+
+
+def test_check_refuses_a_taken_port(tmp_path, taken_port):
+    result = pgslowlog("check", "-c", write(tmp_path, with_metrics(f"127.0.0.1:{taken_port}")))
+    assert result.returncode == 2
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
+    assert (
+        f"error: metrics.listen = '127.0.0.1:{taken_port}' cannot be served: Address already "
+        "in use; choose a free port and an address of this machine in [metrics] listen" in errors
+    ), result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.ebpf  # run binds only after the machine check
+def test_run_refuses_a_taken_port_in_one_line(tmp_path, taken_port):
+    result = pgslowlog("run", "-c", write(tmp_path, with_metrics(f"127.0.0.1:{taken_port}")))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"pgslowlog: metrics.listen = '127.0.0.1:{taken_port}' cannot be served: Address "
+        "already in use; choose a free port and an address of this machine in [metrics] listen"
+    ]
+
+
+@pytest.mark.ebpf
+def test_run_refuses_an_unknown_host_in_one_line(tmp_path):
+    result = pgslowlog("run", "-c", write(tmp_path, with_metrics("no-such-host.invalid:9999")))
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "pgslowlog: metrics.listen = 'no-such-host.invalid:9999' cannot be served: the host is "
+        "not known"
+    ), result.stderr
+
+
+# The mix the Prometheus test runs: (database, user, statement, outcome), in order.
+# `app` runs first, so with max_users = 1 `report` is folded into "other".
+MIX = [
+    ("shop", "app", "select pg_sleep(0.15) /* m1 */", "ok"),
+    ("shop", "app", "select pg_sleep(0.15) /* m2 */", "ok"),
+    ("shop", "app", "select pg_sleep(0.15) /* m3 */", "ok"),
+    ("ledger", "app", "select pg_sleep(%s) /* m4 */", "ok"),  # extended protocol
+    ("ledger", "app", "select pg_sleep(%s) /* m5 */", "ok"),
+    ("ledger", "report", "select 1/(pg_sleep(0.15) is null)::int /* m6 */", "error"),
+    ("ledger", "report", "select pg_sleep(1) /* m7 */", "cancelled"),
+]
+
+
+@pytest.fixture
+def shop_cluster():
+    """A cluster of its own (a pid target sees only it), its databases and users made
+    before the daemon starts: CREATE DATABASE itself can take over the threshold."""
+    cluster = Cluster(BINDIRS["pg15"])
+    try:
+        cluster.start()
+        cluster.psql(
+            "create database shop",
+            "create database ledger",
+            "create role app login",
+            "create role report login",
+            "grant all on database shop, ledger to app, report",
+            check=True,
+        )
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def run_mix(cluster: Cluster) -> None:
+    for database, user, sql, outcome in MIX:
+        with psycopg.connect(cluster.dsn(database), user=user, autocommit=True) as connection:
+            if outcome == "cancelled":
+                connection.execute("set statement_timeout = 150")
+            try:
+                if "%s" in sql:
+                    connection.execute(sql, (0.15,), prepare=True)
+                else:
+                    connection.execute(sql)
+            except psycopg.Error:
+                assert outcome != "ok", sql
+
+
+@pytest.mark.ebpf
+def test_prometheus_scrapes_the_slow_statements(shop_cluster, start_daemon, tmp_path):
+    port = free_port()
+    daemon = start_daemon(
+        shop_cluster,
+        target_pid=shop_cluster.postmaster_pid,
+        target_name="main",
+        threshold_ms=100,
+        stats_interval_s=1,
+        metrics={"listen": f"127.0.0.1:{port}", "max_users": 1},
+    )
+    with prometheus(tmp_path / "prometheus", {"pgslowlog": [f"127.0.0.1:{port}"]}) as server:
+        run_mix(shop_cluster)
+        daemon.wait_for_events("/* m", len(MIX))
+        expected: dict[tuple[str, str], float] = {}
+        for database, _, _, outcome in MIX:
+            expected[database, outcome] = expected.get((database, outcome), 0) + 1
+        by_database = server.wait_for(
+            'sum by (database, outcome) (pgslowlog_slow_statements_total{job="pgslowlog"})',
+            ("database", "outcome"),
+            lambda found: found == expected,
+        )
+        assert by_database == expected
+        # One user kept (app ran first), the other folded.
+        assert server.values("sum by (user) (pgslowlog_slow_statements_total)", "user") == {
+            ("app",): 5,
+            (OTHER,): 2,
+        }
+        assert server.values(
+            "sum by (database) (pgslowlog_slow_statement_duration_seconds_count)", "database"
+        ) == {("shop",): 3, ("ledger",): 4}
+        # The 1 s sleep was cancelled at 150 ms: every statement is under 0.5 s.
+        assert server.values('sum(pgslowlog_slow_statement_duration_seconds_bucket{le="0.1"})') == {
+            (): 0
+        }
+        assert server.values('sum(pgslowlog_slow_statement_duration_seconds_bucket{le="0.5"})') == {
+            (): len(MIX)
+        }
+        assert server.values("pgslowlog_target_probes_attached", "target") == {("main",): 1}
+        info = server.query("pgslowlog_build_info")
+        assert len(info) == 1 and info[0]["metric"]["version"]
+        assert server.values('up{job="pgslowlog"}') == {(): 1}
+
+    exposition = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    linted = subprocess.run(
+        [PROMTOOL, "check", "metrics"], input=exposition, capture_output=True, text=True
+    )
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+
+    # The same counters as the health line: read one after the other, with no
+    # statement in between, they agree.
+    time.sleep(2.5)  # the main loop has read the sources again
+    scraped = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    count = len([e for e in daemon.process.logs if e.get("event") == "health"])
+    health = daemon.process.wait_for_log("health", count=count + 1)["targets"]["main"]
+    assert health["statements"] == _sample(scraped, "pgslowlog_statements_seen_total")
+    assert health["lost"] == _sample(scraped, 'pgslowlog_records_lost_total{cause="ringbuf_full"')
+    delivered = _sample(scraped, 'pgslowlog_sink_delivered_events_total{sink="file"}')
+    assert delivered == len(MIX)
+
+    # `check` while this daemon holds the port: not an error (the role validates a
+    # new file while the old daemon runs).
+    checked = pgslowlog("check", "-c", str(daemon.config))
+    assert checked.returncode == 0, checked.stdout
+    assert f"ok: metrics.listen 127.0.0.1:{port} is served by a running pgslowlog" in checked.stdout
+
+
+def _sample(exposition: str, prefix: str) -> float:
+    """The sum of the samples whose line starts with `prefix`."""
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in exposition.splitlines() if line.startswith(prefix)
+    )
