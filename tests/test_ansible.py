@@ -182,6 +182,25 @@ def test_every_daemon_key_is_a_role_variable_with_the_daemons_default(tmp_path):
     assert msgspec.structs.asdict(load_config(changed).daemon) == others
 
 
+def test_metrics_variables_reach_the_file_and_default_to_off(tmp_path):
+    from pgslowlog.config import MetricsConfig, load_config
+
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    defaults["_pgslowlog_found_targets"] = [{"name": "main", "pid": 1}]
+    assert load_config(_render(tmp_path, defaults)).metrics is None
+    assert defaults["pgslowlog_metrics_max_databases"] == MetricsConfig(listen="").max_databases
+    assert defaults["pgslowlog_metrics_max_users"] == MetricsConfig(listen="").max_users
+    serving = {
+        **defaults,
+        "pgslowlog_metrics_listen": "[::1]:9900",
+        "pgslowlog_metrics_max_databases": 5,
+        "pgslowlog_metrics_max_users": 7,
+    }
+    assert load_config(_render(tmp_path, serving)).metrics == MetricsConfig(
+        listen="[::1]:9900", max_databases=5, max_users=7
+    )
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "says"),
     [
