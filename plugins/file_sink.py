@@ -1,16 +1,22 @@
-"""The file sink: one JSON object per line, appended; SIGHUP reopens (logrotate)."""
+"""The file sink: one JSON object per line, appended; SIGHUP reopens (logrotate).
+
+format = "json" (the default) writes pgslowlog's own object (event.py); "jsonlog"
+writes PostgreSQL's jsonlog line (jsonlog.py), for ``pgbadger -f jsonlog``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
 from pgslowlog.event import SlowQuery, json_lines
 from pgslowlog.hookspecs import hookimpl
+from pgslowlog.jsonlog import jsonlog_lines
 from pgslowlog.log import get_logger
 from pgslowlog.plugin_manager import RegisterSink
 from pgslowlog.sinks import BaseSink, SinkType
@@ -22,6 +28,13 @@ DIRECTORY_MODE = 0o750
 
 class FileSinkOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     path: str
+    format: Literal["json", "jsonlog"] = "json"
+
+
+ENCODERS: dict[str, Callable[[Sequence[SlowQuery]], bytes]] = {
+    "json": json_lines,
+    "jsonlog": jsonlog_lines,
+}
 
 
 TORN_TAIL_SEARCH_BYTES = 1 << 20  # far more than one event's line
@@ -50,6 +63,7 @@ def remove_torn_line(path: Path) -> None:
 class FileSink(BaseSink):
     def __init__(self, options: FileSinkOptions) -> None:
         self.path = Path(options.path)
+        self._encode = ENCODERS[options.format]
         self._fd = self._open()
 
     def _open(self) -> int:
@@ -65,7 +79,7 @@ class FileSink(BaseSink):
 
     def write(self, events: Sequence[SlowQuery]) -> None:
         # One write() per batch with O_APPEND: readers never see half a line.
-        data = json_lines(events)
+        data = self._encode(events)
         size_before = os.fstat(self._fd).st_size
         try:
             while data:
@@ -92,7 +106,7 @@ def pgslowlog_register_sinks(register: RegisterSink) -> None:
     register(
         SinkType(
             name="file",
-            description="append one JSON object per slow statement to a file",
+            description="append one JSON line per slow statement to a file (ours, or jsonlog)",
             options=FileSinkOptions,
             create=FileSink,
         )

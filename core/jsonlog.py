@@ -1,0 +1,161 @@
+"""A slow statement as the line PostgreSQL's own jsonlog would hold (15+), for pgBadger.
+
+With ``log_min_duration_statement`` PostgreSQL logs a finished statement as a LOG
+line ``duration: N ms  statement: TEXT`` (simple protocol) or ``duration: N ms
+execute NAME: TEXT`` (extended), its bound values in ``detail``. ``pgbadger -f
+jsonlog`` reads such lines; this module writes them, so pgBadger reads pgslowlog's
+file as if the server had logged it. What was decided, and why:
+
+- ``timestamp`` is the statement's end (start + duration), when PostgreSQL would
+  have written the line, in its format (``2026-12-03 15:34:51.177 UTC``), always UTC.
+- Keys appear in PostgreSQL's order and, as there, only when known: no ``user`` or
+  ``dbname`` when the backend had exited before it could be named, no
+  ``remote_port`` for ``[local]``, no ``query_id`` when the definition does not
+  read it. Keys pgslowlog cannot know (session_id, line_num, ps, vxid, txid,
+  backend_type) are left out; pgBadger does not need them.
+- The protocol unknown (the sampled definition does not tell) gives ``statement:``.
+  An extended statement whose name the definition did not see gives ``execute
+  <unnamed>``, as PostgreSQL writes the unnamed statement.
+- ``detail`` is ``parameters: $1 = '...', $2 = NULL``, quotes doubled: the spelling
+  of PostgreSQL 15 and 16 (17 writes "Parameters:"), the only one pgBadger 12 reads.
+  Without captured values (capture_params, the extended definition) a text with
+  placeholders $1..$n gets ``parameters: $1 = $1, ...``: pgBadger would otherwise
+  show every placeholder as an empty string (see parameters_detail).
+- A "}" right after an escaped quote in a text ('{"a":"b"}', a jsonb literal) is
+  written as its JSON escape, backslash-u007d: every JSON reader decodes the same
+  text, and pgBadger's regex, which ends a value at quote-brace, no longer cuts the
+  query there (it shows that brace as the escape instead).
+- A failed or cancelled statement still gets its duration line, so pgBadger counts
+  it among the slow queries (PostgreSQL itself would log only the ERROR, without
+  the duration). Its outcome goes into an extra key, ``"outcome": "error"`` or
+  ``"cancelled"``, which pgBadger ignores; a text cut at track_activity_query_size
+  adds ``"query_truncated": true``. No ERROR line is made up: the error's message
+  and SQLSTATE are unknown, and one fed to pgBadger beside the server's own log
+  would count the error twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from collections.abc import Sequence
+from typing import Optional
+
+import msgspec
+
+from pgslowlog.event import SlowQuery, _terminal_safe
+
+UNNAMED = "<unnamed>"  # PostgreSQL's name for the unnamed prepared statement
+
+
+# Field order is the line's key order: PostgreSQL's (jsonlog.c), then pgslowlog's own.
+class JsonLogLine(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    timestamp: str
+    user: Optional[str] = None
+    dbname: Optional[str] = None
+    pid: int
+    remote_host: Optional[str] = None
+    remote_port: Optional[int] = None
+    error_severity: str  # no default: omit_defaults would leave it out
+    message: str
+    detail: Optional[str] = None
+    application_name: Optional[str] = None
+    query_id: Optional[int] = None
+    outcome: Optional[str] = None  # only when not "ok"
+    query_truncated: bool = False
+
+
+def log_time(event: SlowQuery) -> str:
+    """The statement's end in PostgreSQL's log_time format: milliseconds, truncated.
+
+    In whole microseconds (a float holds today's epoch in microseconds exactly
+    enough to round), the seconds formatted once per second: strftime costs more
+    than all the rest of a line.
+    """
+    end_us = round(event.ts.timestamp() * 1e6 + event.duration_ms * 1e3)  # ts is aware UTC
+    seconds, us = divmod(end_us, 1_000_000)
+    return f"{_utc_seconds(seconds)}.{us // 1000:03d} UTC"
+
+
+@functools.lru_cache(maxsize=64)
+def _utc_seconds(seconds: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+
+
+def message(event: SlowQuery) -> str:
+    if event.protocol == "extended":
+        action = f"execute {event.statement_name or UNNAMED}"
+    else:
+        action = "statement"
+    return f"duration: {event.duration_ms:.3f} ms  {action}: {event.query}"
+
+
+def parameters_detail(params: Optional[list[Optional[str]]], query: str) -> Optional[str]:
+    if params:
+        parts = []
+        for n, value in enumerate(params, start=1):
+            if value is None:
+                parts.append(f"${n} = NULL")
+            else:
+                parts.append(f"${n} = '" + value.replace("'", "''") + "'")
+        return "parameters: " + ", ".join(parts)
+    # pgBadger puts the values of detail in place of $1, $2, ... and, given none,
+    # empty strings: "where id = $1" would show as "where id = ". So a text whose
+    # placeholders are $1..$n gets "$1 = $1, ..., $n = $n": unquoted, no value
+    # PostgreSQL would write (it quotes them or says NULL), so it is not one.
+    if "$" not in query:
+        return None
+    numbers = {int(n) for n in _PLACEHOLDER.findall(query)}
+    if not numbers or numbers != set(range(1, len(numbers) + 1)):
+        return None  # none, or not a driver's $1..$n: no detail bigger than the text
+    return "parameters: " + ", ".join([f"${n} = ${n}" for n in range(1, len(numbers) + 1)])
+
+
+_PLACEHOLDER = re.compile(r"\$(\d+)")
+_CLIENT = re.compile(r"(.*)\((\d+)\)\Z", re.DOTALL)
+
+
+@functools.lru_cache(maxsize=1024)  # a connection's statements share their client
+def remote(client: Optional[str]) -> tuple[Optional[str], Optional[int]]:
+    """Host and port of the event's client: 10.1.2.3(50312) -> 10.1.2.3 and 50312."""
+    if client is None:
+        return None, None
+    if match := _CLIENT.match(client):
+        return match[1], int(match[2])
+    return client, None
+
+
+def jsonlog_line(event: SlowQuery) -> JsonLogLine:
+    host, port = remote(event.client)
+    return JsonLogLine(
+        timestamp=log_time(event),
+        user=event.user,
+        dbname=event.database,
+        pid=event.pid,
+        remote_host=host,
+        remote_port=port,
+        error_severity="LOG",
+        message=message(event),
+        detail=parameters_detail(event.params, event.query),
+        application_name=event.application_name,
+        query_id=event.query_id,
+        outcome=None if event.outcome == "ok" else event.outcome,
+        query_truncated=event.query_truncated,
+    )
+
+
+def jsonlog_lines(events: Sequence[SlowQuery]) -> bytes:
+    """One jsonlog line per event, newline-terminated, encoded in one call (file sink)."""
+    encoded = _terminal_safe(_encoder.encode_lines([jsonlog_line(e) for e in events]))
+    # pgBadger finds a value's end by the regex '"(.*?)"(,"|})', so an escaped quote
+    # followed by "}" in a text ('{"a":"b"}', a jsonb literal) cuts the query there.
+    # "}" may be written \u007d in JSON: every JSON reader gets the same text back.
+    if b'\\"}' in encoded:
+        encoded = _QUOTE_BRACE.sub(rb"\1\\u007d", encoded)
+    return encoded
+
+
+_encoder = msgspec.json.Encoder()
+# an escaped quote (an odd run of backslashes before it) followed by "}"
+_QUOTE_BRACE = re.compile(rb'(?<!\\)((?:\\\\)*\\")}')
