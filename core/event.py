@@ -40,15 +40,15 @@ class SlowQuery(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     waits: Optional[dict[str, int]] = None
 
     def to_json(self) -> bytes:
-        return _terminal_safe(_encoder.encode(self))
+        return terminal_safe(_encoder.encode(self))
 
 
 def json_lines(events: Sequence[SlowQuery]) -> bytes:
     """Each event's to_json() followed by a newline, encoded in one call (file sink)."""
-    return _terminal_safe(_encoder.encode_lines(events))
+    return terminal_safe(_encoder.encode_lines(events))
 
 
-def _terminal_safe(encoded: bytes) -> bytes:
+def terminal_safe(encoded: bytes) -> bytes:
     # JSON escapes only C0 controls; DEL and C1 controls (UTF-8 \xc2\x80-\x9f) can
     # still steer a terminal that shows the line (`tail -f`). Both are rare: look first.
     if b"\x7f" in encoded or b"\xc2" in encoded:

@@ -44,7 +44,7 @@ from typing import Optional
 
 import msgspec
 
-from pgslowlog.event import SlowQuery, _terminal_safe
+from pgslowlog.event import SlowQuery, terminal_safe
 
 UNNAMED = "<unnamed>"  # PostgreSQL's name for the unnamed prepared statement
 
@@ -147,7 +147,7 @@ def jsonlog_line(event: SlowQuery) -> JsonLogLine:
 
 def jsonlog_lines(events: Sequence[SlowQuery]) -> bytes:
     """One jsonlog line per event, newline-terminated, encoded in one call (file sink)."""
-    encoded = _terminal_safe(_encoder.encode_lines([jsonlog_line(e) for e in events]))
+    encoded = terminal_safe(_encoder.encode_lines([jsonlog_line(e) for e in events]))
     # pgBadger finds a value's end by the regex '"(.*?)"(,"|})', so an escaped quote
     # followed by "}" in a text ('{"a":"b"}', a jsonb literal) cuts the query there.
     # "}" may be written \u007d in JSON: every JSON reader gets the same text back.
