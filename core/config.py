@@ -65,7 +65,7 @@ METRICS_DEFAULT_PORT = 9863
 
 
 class MetricsConfig(_Strict):
-    # "HOST:PORT", "[IPV6]:PORT", ":PORT" (every address) or "HOST" (default port).
+    # "HOST:PORT", "[IPV6]:PORT", ":PORT" (every IPv4 address) or "HOST" (default port).
     listen: str
     # Label values kept apart per target before the rest are folded into "other":
     # a fleet's Prometheus must not grow a series per database or user ever seen.
@@ -208,7 +208,7 @@ def _check_semantics(config: Config, source: str) -> None:
             raise UserError(
                 f"config {source}: metrics.listen = {config.metrics.listen!r} {error}",
                 f'use "127.0.0.1:{METRICS_DEFAULT_PORT}", "[::1]:{METRICS_DEFAULT_PORT}" or '
-                f'":{METRICS_DEFAULT_PORT}" (every address)',
+                f'":{METRICS_DEFAULT_PORT}" (every IPv4 address)',
             ) from None
     for name, options in config.sinks.items():
         if not isinstance(options, dict):
@@ -219,18 +219,27 @@ def _check_semantics(config: Config, source: str) -> None:
 
 def listen_address(text: str) -> tuple[str, int]:
     """(host, port) of a `listen` value; ValueError saying what is wrong with it."""
+    if not text:
+        raise ValueError("is empty: remove the [metrics] table to serve no metrics")
+    if "://" in text:
+        raise ValueError("is not an address: write HOST:PORT, not a URL (/metrics is the path)")
     host, port = text, str(METRICS_DEFAULT_PORT)
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
+        if not bracket or not host or (rest and not rest.startswith(":")):
             raise ValueError("is not an address: an IPv6 address goes in [brackets]")
         port = rest[1:] if rest else port
     elif text.count(":") == 1:
         host, port = text.split(":")
     elif ":" in text:
         raise ValueError("is not an address: put an IPv6 address in [brackets]")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    # isdecimal alone takes other scripts' digits ("٣"), which int() reads as 3.
+    if not (port.isascii() and port.isdecimal()) or not 1 <= int(port) <= 65535:
         raise ValueError(f"has no valid port ({port!r} is not 1 to 65535)")
     if any(char.isspace() or char in "/?#@" for char in host):
         raise ValueError("is not an address: the host has characters no address has")
+    try:
+        host.encode("idna")  # what getaddrinfo does first: empty or overlong labels fail
+    except UnicodeError:
+        raise ValueError("is not an address: the host is not a valid name") from None
     return host or "0.0.0.0", int(port)

@@ -11,11 +11,14 @@ writes the exposition format; `PgslowlogCollector` only says what the values are
 from __future__ import annotations
 
 import bisect
+import errno
 import platform
 import socket
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
 from wsgiref.simple_server import WSGIServer
 
 import httpx
@@ -36,6 +39,7 @@ from pgslowlog.errors import UserError
 from pgslowlog.event import SlowQuery
 from pgslowlog.health import LOSS_COUNTERS, HealthReporter
 from pgslowlog.log import get_logger
+from pgslowlog.machine import Finding
 from pgslowlog.targets import target_name
 
 log = get_logger(__name__)
@@ -87,9 +91,10 @@ class SlowStatementCounts:
         self._users: dict[str, LabelFolder] = {}
         self._max_databases = max_databases
         self._max_users = max_users
-        self.statements: dict[tuple[str, str, str, str], int] = {}
-        self.durations: dict[tuple[str, str], _Histogram] = {}
-        self.wait_s: dict[tuple[str, str], float] = {}
+        # Read and written under the lock only: snapshot() hands out copies.
+        self._statements: dict[tuple[str, str, str, str], int] = {}
+        self._durations: dict[tuple[str, str], _Histogram] = {}
+        self._wait_s: dict[tuple[str, str], float] = {}
 
     def observe(self, events: Sequence[SlowQuery]) -> None:
         with self._lock:
@@ -98,11 +103,11 @@ class SlowStatementCounts:
                 database = self._fold(self._databases, self._max_databases, target)(event.database)
                 user = self._fold(self._users, self._max_users, target)(event.user)
                 key = (target, database, user, event.outcome)
-                self.statements[key] = self.statements.get(key, 0) + 1
+                self._statements[key] = self._statements.get(key, 0) + 1
                 seconds = event.duration_ms / 1000
-                histogram = self.durations.get((target, database))
+                histogram = self._durations.get((target, database))
                 if histogram is None:
-                    histogram = self.durations[target, database] = _Histogram()
+                    histogram = self._durations[target, database] = _Histogram()
                 histogram.buckets[bisect.bisect_left(DURATION_BUCKETS_S, seconds)] += 1
                 histogram.sum_s += seconds
                 if event.waits:
@@ -111,9 +116,11 @@ class SlowStatementCounts:
     def _share_out_waits(self, target: str, seconds: float, waits: dict[str, int]) -> None:
         # Each look saw the statement doing one thing: its duration is shared out by looks.
         looks = sum(waits.values())
+        if looks <= 0:
+            return  # a third-party source's empty counts: nothing to share out
         for wait, count in waits.items():
             key = (target, wait.partition(":")[0])
-            self.wait_s[key] = self.wait_s.get(key, 0.0) + seconds * count / looks
+            self._wait_s[key] = self._wait_s.get(key, 0.0) + seconds * count / looks
 
     @staticmethod
     def _fold(folders: dict[str, LabelFolder], limit: int, target: str) -> LabelFolder:
@@ -122,37 +129,40 @@ class SlowStatementCounts:
             folder = folders[target] = LabelFolder(limit)
         return folder
 
-    def snapshot(
-        self,
-    ) -> tuple[
-        dict[tuple[str, str, str, str], int],
-        dict[tuple[str, str], _Histogram],
-        dict[tuple[str, str], float],
-    ]:
+    def snapshot(self) -> CountsSnapshot:
         with self._lock:
             durations = {
                 key: _Histogram(list(value.buckets), value.sum_s)
-                for key, value in self.durations.items()
+                for key, value in self._durations.items()
             }
-            return dict(self.statements), durations, dict(self.wait_s)
+            return CountsSnapshot(dict(self._statements), durations, dict(self._wait_s))
+
+
+class CountsSnapshot(NamedTuple):
+    statements: dict[tuple[str, str, str, str], int]  # target, database, user, outcome
+    durations: dict[tuple[str, str], _Histogram]  # target, database
+    wait_s: dict[tuple[str, str], float]  # target, wait event type
 
 
 @dataclass
-class DaemonState:
-    """What the collector reads, set once the daemon has it (a scrape may come first)."""
+class MetricsSources:
+    """What a scrape reads, each set once the daemon has it (a scrape may come first)."""
 
     config: Config
     health: HealthReporter | None = None
     dispatcher: Dispatcher | None = None
 
 
-class PgslowlogCollector(Collector):
-    def __init__(self, counts: SlowStatementCounts, state: DaemonState) -> None:
+class ScrapeCollector(Collector):
+    """prometheus-client's collector interface: what one scrape of /metrics returns."""
+
+    def __init__(self, counts: SlowStatementCounts, state: MetricsSources) -> None:
         self.counts = counts
         self.state = state
+        self._build_info = _build_info()
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._build_info()
+        yield self._build_info
         yield from self._slow_statements()
         state = self.state
         threshold = GaugeMetricFamily(
@@ -164,26 +174,6 @@ class PgslowlogCollector(Collector):
             yield from self._probes(state.health)
         if state.dispatcher is not None:
             yield from self._sinks(state.dispatcher)
-
-    @staticmethod
-    def _build_info() -> Iterator[Metric]:
-        info = InfoMetricFamily("pgslowlog_build", "pgslowlog's version and what it runs on.")
-        try:
-            import bcc
-
-            bcc_version = str(getattr(bcc, "__version__", UNKNOWN))
-        except ImportError:  # a machine without bcc can still serve the other figures
-            bcc_version = "none"
-        info.add_metric(
-            [],
-            {
-                "version": __version__,
-                "python": platform.python_version(),
-                "bcc": bcc_version,
-                "kernel": platform.release(),
-            },
-        )
-        yield info
 
     def _slow_statements(self) -> Iterator[Metric]:
         statements, durations, waits = self.counts.snapshot()
@@ -238,7 +228,8 @@ class PgslowlogCollector(Collector):
         )
         for probe in health.probe_totals():
             labels = [probe.target, probe.definition]
-            seen.add_metric(labels, probe.counters.get("statements", 0))
+            if "statements" in probe.counters:  # where the definition knows it
+                seen.add_metric(labels, probe.counters["statements"])
             for cause in LOST_CAUSES:
                 lost.add_metric([*labels, cause], probe.counters.get(cause, 0))
             attachments.add_metric(labels, probe.attached_count)
@@ -274,6 +265,26 @@ class PgslowlogCollector(Collector):
             yield family
 
 
+def _build_info() -> Metric:
+    info = InfoMetricFamily("pgslowlog_build", "pgslowlog's version and what it runs on.")
+    try:
+        import bcc
+
+        bcc_version = str(getattr(bcc, "__version__", UNKNOWN))
+    except ImportError:  # a machine without bcc can still serve the other figures
+        bcc_version = "none"
+    info.add_metric(
+        [],
+        {
+            "version": __version__,
+            "python": platform.python_version(),
+            "bcc": bcc_version,
+            "kernel": platform.release(),
+        },
+    )
+    return info
+
+
 def _bound(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
 
@@ -281,63 +292,82 @@ def _bound(bound: float) -> str:
 class MetricsServer:
     """/metrics on `listen`, in a thread of its own, from the moment it is made."""
 
-    def __init__(self, config: Config, counts: SlowStatementCounts, state: DaemonState) -> None:
-        assert config.metrics is not None
-        self.listen = config.metrics.listen
-        host, port = listen_address(self.listen)
+    def __init__(self, listen: str, counts: SlowStatementCounts, state: MetricsSources) -> None:
+        self.listen = listen
+        host, port = listen_address(listen)
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(PgslowlogCollector(counts, state))
+        registry.register(ScrapeCollector(counts, state))
+        self._server: WSGIServer
+        self._thread: threading.Thread
         try:
             self._server, self._thread = start_http_server(port, host, registry)
-        except OSError as error:
-            raise UserError(
-                f"metrics.listen = {self.listen!r} cannot be served: {_why(error)}",
-                "choose a free port and an address of this machine in [metrics] listen",
-            ) from None
-        log.info("metrics_serving", listen=self.listen, path="/metrics")
+        except (OSError, UnicodeError) as error:
+            raise cannot_serve(listen, error) from None
+        log.info("metrics_serving", listen=listen, path="/metrics")
 
     def close(self) -> None:
-        server: WSGIServer = self._server
-        server.shutdown()
-        server.server_close()
+        self._server.shutdown()
+        self._server.server_close()
         self._thread.join(5)
 
 
-def _why(error: OSError) -> str:
+def cannot_serve(listen: str, error: OSError | UnicodeError) -> UserError:
     if isinstance(error, socket.gaierror):
-        return f"the host is not known ({error.strerror})"
-    return error.strerror or str(error)
+        why = f"the host is not known ({error.strerror})"
+    elif isinstance(error, OSError):
+        why = error.strerror or str(error)
+    else:
+        why = "the host is not a valid name"
+    return UserError(
+        f"metrics.listen = {listen!r} cannot be served: {why}",
+        "choose a free port and an address of this machine in [metrics] listen",
+    )
 
 
-def check_listen(metrics: MetricsConfig) -> str:
-    """For `check`: can `listen` be served? A port held by a pgslowlog that answers
-    /metrics is taken to be this config's running daemon (the role validates a new
-    file while the old daemon runs). Raises UserError; returns a line saying what it found."""
-    host, port = listen_address(metrics.listen)
+def check_listen(metrics: MetricsConfig) -> Finding:
+    """For `check`: can `listen` be served? A port in use is accepted when a pgslowlog
+    answers /metrics there: the daemon this file is for, still running (the role
+    validates a new file while the old daemon runs). Raises UserError otherwise."""
+    listen = metrics.listen
+    host, port = listen_address(listen)
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
-    except socket.gaierror as error:
-        raise UserError(
-            f"metrics.listen = {metrics.listen!r} cannot be served: {_why(error)}",
-            "use an address of this machine in [metrics] listen",
-        ) from None
+    except (OSError, UnicodeError) as error:
+        raise cannot_serve(listen, error) from None
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
         try:
             probe.bind(address)
-            return f"metrics.listen {metrics.listen} is free"
         except OSError as error:
-            if not _pgslowlog_serves(address[0], port):
-                raise UserError(
-                    f"metrics.listen = {metrics.listen!r} cannot be served: {_why(error)}",
-                    "choose a free port and an address of this machine in [metrics] listen",
-                ) from None
-    return (
-        f"metrics.listen {metrics.listen} is served by a running pgslowlog "
-        "(a restart hands it over)"
-    )
+            # Only "in use" can be our own daemon: another machine's address, or a
+            # privileged port, is refused whoever answers there.
+            if error.errno != errno.EADDRINUSE or not _pgslowlog_serves(address[0], port):
+                raise cannot_serve(listen, error) from None
+            return Finding(
+                True,
+                f"metrics.listen {listen} is served by a running pgslowlog "
+                "(a restart hands it over)",
+            )
+    if port < _unprivileged_port_start():
+        # check runs as root (the role's validate); the unit's user has no
+        # CAP_NET_BIND_SERVICE, so the service itself would be refused at start.
+        return Finding(
+            True,
+            f"metrics.listen {listen}: port {port} is privileged; the service's user "
+            "(pgslowlog, without CAP_NET_BIND_SERVICE) cannot bind it: choose a port "
+            f"of {_unprivileged_port_start()} or above",
+            warning=True,
+        )
+    return Finding(True, f"metrics.listen {listen} is free")
+
+
+def _unprivileged_port_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 1024
 
 
 def _pgslowlog_serves(host: str, port: int) -> bool:
@@ -345,6 +375,7 @@ def _pgslowlog_serves(host: str, port: int) -> bool:
         host = "127.0.0.1" if host == "0.0.0.0" else "::1"
     url = f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"
     try:
-        return "pgslowlog_build_info" in httpx.get(url, timeout=2).text
+        # trust_env=False: a proxy from the environment must not answer for localhost.
+        return "pgslowlog_build_info" in httpx.get(url, timeout=2, trust_env=False).text
     except httpx.HTTPError:
         return False

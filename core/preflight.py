@@ -29,7 +29,7 @@ def run_checks(config_path: str) -> list[Finding]:
     findings.append(Finding(True, f"config {config_path} is valid"))
     if config.metrics is not None:
         try:
-            findings.append(Finding(True, check_listen(config.metrics)))
+            findings.append(check_listen(config.metrics))
         except UserError as error:
             findings.append(Finding(False, str(error)))
 

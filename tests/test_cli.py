@@ -76,6 +76,19 @@ BAD_CONFIGS = {
         "unknown probe 'nosuch'; use one of auto, activity, backend_status, extended, "
         "sampled, simple_query, usdt",
     ),
+    "metrics listen not an address": (
+        GOOD + '\n[metrics]\nlisten = "http://127.0.0.1:9863/metrics"\n',
+        "metrics.listen = 'http://127.0.0.1:9863/metrics' is not an address: write HOST:PORT, "
+        'not a URL (/metrics is the path); use "127.0.0.1:9863"',
+    ),
+    "metrics listen without a port": (
+        GOOD + '\n[metrics]\nlisten = "127.0.0.1:"\n',
+        "metrics.listen = '127.0.0.1:' has no valid port ('' is not 1 to 65535)",
+    ),
+    "metrics listen empty": (
+        GOOD + '\n[metrics]\nlisten = ""\n',
+        "metrics.listen = '' is empty: remove the [metrics] table to serve no metrics",
+    ),
     "negative threshold": (
         GOOD.replace("threshold_ms = 200", "threshold_ms = -5"),
         "daemon.threshold_ms: expected `float` >= 0",

@@ -17,9 +17,17 @@ from conftest import BINDIRS
 from prometheus_server import PROMTOOL, prometheus
 from test_cli import GOOD, pgslowlog, write
 
-from pgslowlog.config import METRICS_DEFAULT_PORT, listen_address
+from pgslowlog.config import METRICS_DEFAULT_PORT, MetricsConfig, listen_address
+from pgslowlog.errors import UserError
 from pgslowlog.event import SlowQuery
-from pgslowlog.metrics import DURATION_BUCKETS_S, OTHER, UNKNOWN, LabelFolder, SlowStatementCounts
+from pgslowlog.metrics import (
+    DURATION_BUCKETS_S,
+    OTHER,
+    UNKNOWN,
+    LabelFolder,
+    SlowStatementCounts,
+    check_listen,
+)
 from pgslowlog.testing.cluster import Cluster, free_port
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -50,6 +58,11 @@ def test_listen_values(text, address):
         ("[::1", "is not an address: an IPv6 address goes in [brackets]"),
         ("[::1]9999", "is not an address: an IPv6 address goes in [brackets]"),
         ("http://host:9999", "is not an address"),
+        ("", "is empty: remove the [metrics] table to serve no metrics"),
+        ("[]:9999", "is not an address: an IPv6 address goes in [brackets]"),
+        ("a..b:9999", "is not an address: the host is not a valid name"),
+        ("h:\u00b2", "has no valid port ('\u00b2' is not 1 to 65535)"),  # superscript two
+        ("h:\u0663", "has no valid port ('\u0663' is not 1 to 65535)"),  # Arabic-Indic three
     ],
 )
 def test_bad_listen_values(text, why):
@@ -114,13 +127,20 @@ def test_counts_fold_per_target_bucket_and_share_out_waits():
     assert waits == {("main", "Lock"): pytest.approx(0.75), ("main", "CPU"): pytest.approx(0.25)}
 
 
+def test_waits_with_no_looks_are_not_shared_out():
+    counts = SlowStatementCounts(max_databases=5, max_users=5)
+    counts.observe([event(waits={"CPU": 0})])  # a third-party source's empty counts
+    assert counts.snapshot().wait_s == {}
+    assert sum(counts.snapshot().statements.values()) == 1
+
+
 def test_alerting_rules_are_valid_and_fire_as_intended():
     rules = REPOSITORY / "etc" / "pgslowlog-alerts.yml"
     checked = subprocess.run(
         [PROMTOOL, "check", "rules", str(rules)], capture_output=True, text=True
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 4 rules found" in checked.stdout
+    assert "SUCCESS: 5 rules found" in checked.stdout
     # Each alert fires on the series that should fire it, and only then.
     tested = subprocess.run(
         [PROMTOOL, "test", "rules", str(REPOSITORY / "tests" / "prometheus" / "alerts-test.yml")],
@@ -141,6 +161,31 @@ def taken_port():
 
 def with_metrics(listen: str) -> str:
     return GOOD + f'\n[metrics]\nlisten = "{listen}"\n'
+
+
+def test_check_refuses_an_address_of_another_machine():
+    # TEST-NET-1: no machine has it, so no pgslowlog may be asked whether it serves there.
+    with pytest.raises(UserError, match="Cannot assign requested address"):
+        check_listen(MetricsConfig(listen="192.0.2.1:9863"))
+
+
+def test_check_warns_of_a_port_the_service_user_cannot_bind():
+    finding = check_listen(MetricsConfig(listen=f"127.0.0.1:{privileged_free_port()}"))
+    assert finding.ok and finding.warning
+    assert "is privileged; the service's user (pgslowlog, without CAP_NET_BIND_SERVICE)" in str(
+        finding
+    )
+
+
+def privileged_free_port() -> int:
+    for port in range(900, 1000):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise AssertionError("no free port from 900 to 999")
 
 
 def test_check_refuses_a_taken_port(tmp_path, taken_port):
