@@ -19,14 +19,14 @@ import time
 from dataclasses import asdict
 from types import FrameType
 
-from pgslowlog.config import TargetConfig, load_config
+from pgslowlog.config import Config, TargetConfig, load_config
 from pgslowlog.dispatcher import Dispatcher
 from pgslowlog.errors import UserError
 from pgslowlog.health import HealthReporter
 from pgslowlog.live_config import merge_live, needs_restart
 from pgslowlog.log import configure_logging, get_logger
 from pgslowlog.machine import require_machine
-from pgslowlog.metrics import DaemonState, MetricsServer, SlowStatementCounts
+from pgslowlog.metrics import MetricsServer, MetricsSources, SlowStatementCounts
 from pgslowlog.planner import Plan, plan, resolve_with_probes
 from pgslowlog.plugin_manager import Plugins
 from pgslowlog.probe_set import ProbeSet
@@ -80,7 +80,7 @@ class Daemon:
         self._failure: str | None = None
         self._switch_waiting = False  # a reload's switch waits for a hand-over to finish
         self.metrics: MetricsServer | None = None
-        self._metrics_state: DaemonState | None = None  # what /metrics reads
+        self._metrics_sources: MetricsSources | None = None  # what /metrics reads
 
     def run(self) -> int:
         config = load_config(self.config_path)
@@ -88,33 +88,46 @@ class Daemon:
         configure_logging(config.daemon.log_level)
         plugins = Plugins.load()
         the_plan = plan(config, plugins, self.config_path)
-        counts = None
+        counts: SlowStatementCounts | None = None
         try:
             # Listening first: a taken port is refused before anything starts.
             if config.metrics is not None:
                 counts = SlowStatementCounts(config.metrics.max_databases, config.metrics.max_users)
-                self._metrics_state = DaemonState(config)
-                self.metrics = MetricsServer(config, counts, self._metrics_state)
+                self._metrics_sources = MetricsSources(config)
+                self.metrics = MetricsServer(config.metrics.listen, counts, self._metrics_sources)
             self.dispatcher = start_sinks(the_plan, plugins)
         except BaseException:
             the_plan.close()
-            if self.metrics is not None:
-                self.metrics.close()
+            self._close_metrics()
             raise
+        try:
+            if not self._run(config, plugins, the_plan, counts):
+                return 1
+        finally:
+            self._close_metrics()
+        if self._failure is not None:
+            log.error("exiting_after_failure", reason=self._failure)
+            return 1
+        return 0
+
+    def _run(
+        self, config: Config, plugins: Plugins, the_plan: Plan, counts: SlowStatementCounts | None
+    ) -> bool:
+        """Attach, serve until a signal, stop. False when nothing could attach."""
         self.config = config
         self.dispatcher.start()
         self.probes = ProbeSet(self.dispatcher, config.daemon, self._fail)
         self.health = HealthReporter(self.probes, self.dispatcher)
-        if counts is not None and self._metrics_state is not None:
+        if counts is not None and self._metrics_sources is not None:
             self.dispatcher.observers.append(counts.observe)
-            self._metrics_state.health = self.health
-            self._metrics_state.dispatcher = self.dispatcher
+            self._metrics_sources.health = self.health
+            self._metrics_sources.dispatcher = self.dispatcher
         self.plugins = plugins
         self.watcher = TargetWatcher(self._resolve, self.probes, self.health.retire)
         self._install_signal_handlers()
         try:
             if not self._attach(the_plan):
-                return 1
+                return False
             log.info(
                 "ready",
                 threshold_ms=config.daemon.threshold_ms,
@@ -128,10 +141,12 @@ class Daemon:
         finally:
             # Whatever ended the loop, even a bug: detach, drain, deliver, close.
             self._shutdown()
-        if self._failure is not None:
-            log.error("exiting_after_failure", reason=self._failure)
-            return 1
-        return 0
+        return True
+
+    def _close_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     def _attach(self, the_plan: Plan) -> bool:
         """Every planned target's probes, attached through the file that was read."""
@@ -218,8 +233,8 @@ class Daemon:
             log.warning("reload_needs_restart", changed=waiting)
         # Remember what is really in effect, so the next reload compares honestly.
         self.config = merge_live(self.config, new)
-        if self._metrics_state is not None:
-            self._metrics_state.config = self.config  # the live threshold
+        if self._metrics_sources is not None:
+            self._metrics_sources.config = self.config  # the live threshold
         switched = self._switch_automatic()
         log.info("reloaded", threshold_ms=new.daemon.threshold_ms, probes_switched=switched)
         sd_notify("READY=1")
@@ -273,8 +288,6 @@ class Daemon:
         final = self.probes.stop_all(self.health.retire)
         stopped = self.health.stopped(final)
         sink_stats = self.dispatcher.close()
-        if self.metrics is not None:
-            self.metrics.close()
         log.info(
             "stopped",
             **stopped,

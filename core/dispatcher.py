@@ -151,8 +151,9 @@ class _Lane:
 class Dispatcher:
     def __init__(self) -> None:
         self._lanes: list[_Lane] = []
-        # Called with every batch before the sinks' queues (metrics.py counts there).
+        # Called with every batch once the sinks have it (metrics.py counts there).
         self.observers: list[Callable[[list[SlowQuery]], None]] = []
+        self.observer_failures = 0
 
     def add_sink(self, name: str, sink: Sink, queue_size: int, shutdown_timeout_s: float) -> None:
         self._lanes.append(_Lane(name, sink, queue_size, shutdown_timeout_s))
@@ -165,10 +166,15 @@ class Dispatcher:
             lane.thread.start()
 
     def dispatch_many(self, events: list[SlowQuery]) -> None:
-        for observe in self.observers:
-            observe(events)
         for lane in self._lanes:
             lane.put_many(events)
+        for observe in self.observers:
+            try:
+                observe(events)
+            except Exception:
+                # Counting must never cost an event, nor stop the collector that calls.
+                self.observer_failures += 1
+                log.exception("observer_failed", events=len(events))
 
     def reopen(self) -> None:
         for lane in self._lanes:

@@ -103,9 +103,8 @@ class HealthReporter:
         self._dispatcher = dispatcher
         # The counters last reported, per running probe: a warning says what is new.
         self._reported: dict[RunningProbe, dict[str, int]] = {}
-        # Records filtered or failed by probes already closed, kept for the totals.
+        # Records filtered by probes already closed, kept for the totals.
         self._filtered_retired = 0
-        self._failed_retired = 0
         # For /metrics: each running probe's figures at the last look, and the
         # counters of retired ones per (target, definition). Read by another thread.
         self._lock = threading.Lock()
@@ -143,16 +142,19 @@ class HealthReporter:
         """A probe is stopped and about to be closed: report its last losses, keep its
         record totals, and return its final figures (with the places it watched while
         attached: it is detached by now)."""
-        figures = self.report_losses_of(running, running.attachments)
-        self._reported.pop(running, None)
-        self._filtered_retired += running.collector.enricher.filtered
-        self._failed_retired += _failed(running)
-        with self._lock:
-            self._latest.pop(running, None)
-            totals = self._retired_totals.setdefault(_key(running), Counter())
-            totals.update(figures.counters)
-            totals["undecodable"] += _failed(running)
-        return figures
+        try:
+            return self.report_losses_of(running, running.attachments)
+        finally:
+            # Even when its counters could not be read: its last figures move to the
+            # retired totals, and it no longer counts as attached.
+            self._reported.pop(running, None)
+            self._filtered_retired += running.collector.enricher.filtered
+            with self._lock:
+                last = self._latest.pop(running, None)
+                if last is not None:
+                    totals = self._retired_totals.setdefault(_key(running), Counter())
+                    totals.update(last[0].counters)
+                    totals["undecodable"] += last[1]
 
     def probe_totals(self) -> list[ProbeTotals]:
         """Every definition that ran on a target, as of the last `report_losses`."""
@@ -170,14 +172,14 @@ class HealthReporter:
         ]
 
     def failed_records(self) -> int:
-        return self._failed_retired + sum(_failed(running) for running in self._probes)
+        return sum(probe.counters.get("undecodable", 0) for probe in self.probe_totals())
 
     def filtered_background(self) -> int:
         return self._filtered_retired + sum(r.collector.enricher.filtered for r in self._probes)
 
     def health(self) -> dict[str, object]:
-        """The health line: the counters since the daemon started (as /metrics has them)."""
-        self.report_losses()  # the figures as of now
+        """The health line: the counters since the daemon started, as of the last
+        `report_losses` (the main loop's), the very figures /metrics serves."""
         return {
             "targets": sum_per_target(self.probe_totals()),
             "sinks": {name: asdict(stats) for name, stats in self._dispatcher.stats().items()},
@@ -185,9 +187,15 @@ class HealthReporter:
         }
 
     def stopped(self, final: list[ProbeFigures]) -> dict[str, object]:
-        """The `stopped` line, from the figures `retire` returned at shutdown."""
+        """The `stopped` line, once every probe is retired: the counters since start
+        (probes replaced earlier included), and the places the last ones watched."""
+        targets = sum_per_target(self.probe_totals())
+        for name, watched in sum_per_target(final).items():
+            targets.setdefault(name, watched).update(
+                probes_attached=watched["probes_attached"], attachments=watched["attachments"]
+            )
         return {
-            "targets": sum_per_target(final),
+            "targets": targets,
             "kernel_counters": {probe.name: probe.counters for probe in final},
             "filtered_background": self.filtered_background(),
             "failed_records": self.failed_records(),

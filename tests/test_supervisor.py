@@ -246,6 +246,7 @@ def test_losses_are_warned_once_each_and_health_sums_per_target(harness, tmp_pat
     a.emit("x")
     b.emit("y")
     b.counts["unrecorded"] = 4
+    h.health.report_losses()  # the main loop reads the sources, then logs the line
     health = h.health.health()
     assert health["targets"] == {
         "main": {
@@ -258,6 +259,53 @@ def test_losses_are_warned_once_each_and_health_sums_per_target(harness, tmp_pat
         }
     }
     assert health["sinks"]["list"]["dropped"] == 0
+
+
+def totals(h: Harness) -> dict[str, tuple[int, int]]:
+    """definition -> (statements, places attached), as /metrics and the health line have them."""
+    return {
+        t.definition: (t.counters["statements"], t.attached_count) for t in h.health.probe_totals()
+    }
+
+
+def test_totals_never_go_back_across_a_switch_and_a_failed_retire(harness, tmp_path):
+    h = harness()
+    main = target(tmp_path)
+    h.probes.start(main, [definition("a")])
+    a = h.opened[0]
+    a.emit("x")
+    a.emit("y")
+    h.health.report_losses()
+    assert totals(h) == {"a": (2, 2)}
+    h.probes.switch(main, [definition("b")], h.health.retire)  # a stops: it cannot hand over
+    h.health.report_losses()
+    assert totals(h) == {"a": (2, 0), "b": (0, 2)}
+    b = h.opened[1]
+    b.emit("z")
+    h.health.report_losses()
+
+    def unreadable() -> dict[str, int]:
+        raise OSError("reading counter statements failed")
+
+    b.counters = unreadable  # its counters cannot be read as it retires
+    h.probes.stop_all(h.health.retire)
+    # Its last figures stay counted, and it no longer counts as attached.
+    assert totals(h) == {"a": (2, 0), "b": (1, 0)}
+    assert h.health.health()["targets"]["main"]["statements"] == 3
+
+
+def test_an_observer_that_fails_costs_no_event(harness, tmp_path):
+    h = harness()
+
+    def broken(events):
+        raise ZeroDivisionError("a bug in counting")
+
+    h.dispatcher.observers.append(broken)
+    h.probes.start(target(tmp_path), [definition("a")])
+    h.opened[0].emit("x")
+    assert [e.query for e in h.wait_for_events(1)] == ["x"]
+    assert h.dispatcher.observer_failures == 1
+    assert not h.failures  # the collector carries on
 
 
 def test_stopped_line_counts_what_each_probe_did(harness, tmp_path):
