@@ -7,13 +7,13 @@ import re
 import socket
 import subprocess
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 from conftest import BINDIRS
+from events import slow
 from prometheus_server import PROMTOOL, prometheus
 from test_cli import GOOD, pgslowlog, write
 
@@ -84,20 +84,7 @@ def test_label_folder_keeps_the_first_values_and_folds_the_rest():
 
 
 def event(**fields) -> SlowQuery:
-    base = {
-        "ts": datetime.now(timezone.utc),
-        "duration_ms": 150.0,
-        "query": "select 1",
-        "query_truncated": False,
-        "pid": 1,
-        "user": "app",
-        "database": "shop",
-        "client": "[local]",
-        "probe": "usdt",
-        "binary": "/x",
-        "target": "main",
-    }
-    return SlowQuery(**{**base, **fields})
+    return slow(**{"target": "main", "user": "app", "duration_ms": 150.0, **fields})
 
 
 def test_counts_fold_per_target_bucket_and_share_out_waits():

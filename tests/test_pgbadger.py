@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import BINDIRS
+from events import slow
 
 from pgslowlog.event import SlowQuery, json_lines
 from pgslowlog.jsonlog import jsonlog_lines
@@ -28,25 +29,6 @@ from pgslowlog.plugins.file_sink import FileSink, FileSinkOptions
 from pgslowlog.testing.cluster import Cluster
 
 PGBADGER = "/usr/bin/pgbadger"  # Debian's package `pgbadger` (12.0)
-START = datetime(2026, 12, 3, 15, 34, 51, 177_900, tzinfo=timezone.utc)
-
-
-def slow(**fields: Any) -> SlowQuery:
-    event: dict[str, Any] = dict(
-        ts=START,
-        duration_ms=300.5,
-        query="select pg_sleep(0.3)",
-        query_truncated=False,
-        pid=4242,
-        user="alice",
-        database="shop",
-        client="10.1.2.3(50312)",
-        application_name="psql",
-        protocol="simple",
-        probe="activity",
-        binary="/usr/lib/postgresql/15/bin/postgres",
-    )
-    return SlowQuery(**{**event, **fields})
 
 
 def line_of(event: SlowQuery) -> dict[str, Any]:
