@@ -21,14 +21,16 @@ file as if the server had logged it. What was decided, and why:
   Without captured values (capture_params, the extended definition) a text with
   placeholders $1..$n gets ``parameters: $1 = $1, ...``: pgBadger would otherwise
   show every placeholder as an empty string (see parameters_detail).
-- A "}" right after an escaped quote in a text ('{"a":"b"}', a jsonb literal) is
-  written as its JSON escape, backslash-u007d: every JSON reader decodes the same
-  text, and pgBadger's regex, which ends a value at quote-brace, no longer cuts the
-  query there (it shows that brace as the escape instead).
+- A "}" right after an escaped quote in a text ('{"a":"b"}', a jsonb literal), and
+  a "," after an escaped quote at a value's end (a text cut after '",'), are written
+  as their JSON escapes, backslash-u007d and backslash-u002c: every JSON reader
+  decodes the same text, and pgBadger's regex, which ends a value at quote-brace or
+  quote-comma-quote, no longer cuts it there (it shows the escape instead).
 - A failed or cancelled statement still gets its duration line, so pgBadger counts
   it among the slow queries (PostgreSQL itself would log only the ERROR, without
   the duration). Its outcome goes into an extra key, ``"outcome": "error"`` or
-  ``"cancelled"``, which pgBadger ignores; a text cut at track_activity_query_size
+  ``"cancelled"``, which pgBadger ignores (an outcome the definition could not
+  tell, "unknown", gets none); a text cut at track_activity_query_size
   adds ``"query_truncated": true``. No ERROR line is made up: the error's message
   and SQLSTATE are unknown, and one fed to pgBadger beside the server's own log
   would count the error twice.
@@ -47,6 +49,7 @@ import msgspec
 from pgslowlog.event import SlowQuery, terminal_safe
 
 UNNAMED = "<unnamed>"  # PostgreSQL's name for the unnamed prepared statement
+FAILED = ("error", "cancelled")  # the outcomes a line names
 
 
 # Field order is the line's key order: PostgreSQL's (jsonlog.c), then pgslowlog's own.
@@ -92,24 +95,25 @@ def message(event: SlowQuery) -> str:
 
 
 def parameters_detail(params: Optional[list[Optional[str]]], query: str) -> Optional[str]:
-    if params:
-        parts = []
-        for n, value in enumerate(params, start=1):
-            if value is None:
-                parts.append(f"${n} = NULL")
-            else:
-                parts.append(f"${n} = '" + value.replace("'", "''") + "'")
-        return "parameters: " + ", ".join(parts)
+    parts = []
+    for n, value in enumerate(params or [], start=1):
+        if value is None:
+            parts.append(f"${n} = NULL")
+        else:
+            parts.append(f"${n} = '" + value.replace("'", "''") + "'")
     # pgBadger puts the values of detail in place of $1, $2, ... and, given none,
-    # empty strings: "where id = $1" would show as "where id = ". So a text whose
-    # placeholders are $1..$n gets "$1 = $1, ..., $n = $n": unquoted, no value
+    # empty strings: "where id = $1" would show as "where id = ". So placeholders
+    # with no value ($1..$n without captured values; with redact_literals, the
+    # constants numbered after the bound values) get "$k = $k": unquoted, no value
     # PostgreSQL would write (it quotes them or says NULL), so it is not one.
-    if "$" not in query:
-        return None
-    numbers = {int(n) for n in _PLACEHOLDER.findall(query)}
-    if not numbers or numbers != set(range(1, len(numbers) + 1)):
-        return None  # none, or not a driver's $1..$n: no detail bigger than the text
-    return "parameters: " + ", ".join([f"${n} = ${n}" for n in range(1, len(numbers) + 1)])
+    if "$" in query:
+        first = len(parts) + 1
+        beyond = sorted({int(n) for n in _PLACEHOLDER.findall(query)} - set(range(1, first)))
+        # Only a driver's or the redaction's numbering, first..k without a gap: no
+        # detail bigger than the text for "$5" in a literal.
+        if beyond and beyond == list(range(first, first + len(beyond))):
+            parts += [f"${n} = ${n}" for n in beyond]
+    return "parameters: " + ", ".join(parts) if parts else None
 
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
@@ -140,7 +144,9 @@ def jsonlog_line(event: SlowQuery) -> JsonLogLine:
         detail=parameters_detail(event.params, event.query),
         application_name=event.application_name,
         query_id=event.query_id,
-        outcome=None if event.outcome == "ok" else event.outcome,
+        # Only what is known to have failed: "unknown" (sampled, when no failure uprobe
+        # could tell) is no news to a reader of a slow-query log.
+        outcome=event.outcome if event.outcome in FAILED else None,
         query_truncated=event.query_truncated,
     )
 
@@ -149,13 +155,19 @@ def jsonlog_lines(events: Sequence[SlowQuery]) -> bytes:
     """One jsonlog line per event, newline-terminated, encoded in one call (file sink)."""
     encoded = terminal_safe(_encoder.encode_lines([jsonlog_line(e) for e in events]))
     # pgBadger finds a value's end by the regex '"(.*?)"(,"|})', so an escaped quote
-    # followed by "}" in a text ('{"a":"b"}', a jsonb literal) cuts the query there.
-    # "}" may be written \u007d in JSON: every JSON reader gets the same text back.
-    if b'\\"}' in encoded:
-        encoded = _QUOTE_BRACE.sub(rb"\1\\u007d", encoded)
+    # followed by "}" in a text ('{"a":"b"}', a jsonb literal), or by "," where the
+    # value ends (a text cut after '",'), cuts the value there. Both may be written
+    # as \u escapes in JSON: every JSON reader gets the same text back.
+    if b'\\"}' in encoded or b'\\",' in encoded:
+        encoded = _QUOTE_THEN_END.sub(_escape_end, encoded)
     return encoded
 
 
+def _escape_end(match: re.Match[bytes]) -> bytes:
+    return match[1] + (b"\\u007d" if match[2] == b"}" else b"\\u002c")
+
+
 _encoder = msgspec.json.Encoder()
-# an escaped quote (an odd run of backslashes before it) followed by "}"
-_QUOTE_BRACE = re.compile(rb'(?<!\\)((?:\\\\)*\\")}')
+# an escaped quote (an odd run of backslashes before it) followed by "}", or by ","
+# and the value's closing quote
+_QUOTE_THEN_END = re.compile(rb'(?<!\\)((?:\\\\)*\\")(}|,(?="))')

@@ -10,7 +10,6 @@ import contextlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
 
 import msgspec
 
@@ -26,15 +25,23 @@ FILE_MODE = 0o640
 DIRECTORY_MODE = 0o750
 
 
-class FileSinkOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    path: str
-    format: Literal["json", "jsonlog"] = "json"
-
-
 ENCODERS: dict[str, Callable[[Sequence[SlowQuery]], bytes]] = {
     "json": json_lines,
     "jsonlog": jsonlog_lines,
 }
+
+
+class FileSinkOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    path: str
+    format: str = "json"
+
+    def __post_init__(self) -> None:
+        # A str checked here, not a Literal: the error then names the choices.
+        if self.format not in ENCODERS:
+            raise ValueError(
+                f"format = {self.format!r} is not a format; use "
+                + " or ".join(f'"{name}"' for name in ENCODERS)
+            )
 
 
 TORN_TAIL_SEARCH_BYTES = 1 << 20  # far more than one event's line

@@ -100,6 +100,20 @@ def test_failed_statement_keeps_its_duration_line_and_outcome(outcome: str) -> N
     assert (line["error_severity"], line["outcome"]) == ("LOG", outcome)
     assert line["message"] == "duration: 300.500 ms  statement: select pg_sleep(0.3)"
     assert "outcome" not in line_of(slow())  # "ok" needs no key, as PostgreSQL's lines have none
+    # Nor an outcome the definition could not tell (sampled without its failure uprobes).
+    assert "outcome" not in line_of(slow(outcome="unknown"))
+
+
+def test_redacted_constants_beyond_the_captured_values_map_to_themselves() -> None:
+    # capture_params with redact_literals: constants are numbered after the bound values.
+    line = line_of(
+        slow(
+            protocol="extended",
+            query="select * from t where id = $1 limit $2",
+            params=["<redacted>"],
+        )
+    )
+    assert line["detail"] == "parameters: $1 = '<redacted>', $2 = $2"
 
 
 def test_exited_backend_has_no_user_database_or_client_keys() -> None:
@@ -122,16 +136,21 @@ AWKWARD = "select '{\"a\":\"b\"}'::jsonb, 'it''s', e'\\\\' /* \"x\" */\n-- two\t
 
 
 def test_awkward_text_stays_one_line_exact_and_terminal_safe() -> None:
-    encoded = jsonlog_lines([slow(query=AWKWARD), slow(query=AWKWARD + '"}')])
-    assert encoded.count(b"\n") == 2
+    encoded = jsonlog_lines(
+        [slow(query=AWKWARD), slow(query=AWKWARD + '"}'), slow(query='select "a","b",', user='x",')]
+    )
+    assert encoded.count(b"\n") == 3
     for raw in encoded.splitlines():
         assert not any(byte < 0x20 or byte == 0x7F for byte in raw)
         assert b"\xc2\x85" not in raw  # C1 control, escaped as in json_lines
-        # pgBadger ends a value at an escaped quote followed by "}": "}" is escaped instead
+        # pgBadger ends a value at an escaped quote followed by "}", or by "," and the
+        # closing quote: that "}" or "," is escaped instead
         assert b'\\"}' not in raw[:-2]
-    first, second = (json.loads(raw) for raw in encoded.splitlines())
+        assert b'\\","' not in raw
+    first, second, third = (json.loads(raw) for raw in encoded.splitlines())
     assert first["message"] == "duration: 300.500 ms  statement: " + AWKWARD
     assert second["message"].endswith(AWKWARD + '"}')
+    assert third["message"].endswith(' select "a","b",') and third["user"] == 'x",'
 
 
 def test_batch_is_one_line_per_event_in_order() -> None:
@@ -175,8 +194,8 @@ def test_bad_format_is_a_one_line_config_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
     assert errors == [
-        f"error: config {config}: sinks.file.format: invalid enum value 'pgbadger'; "
-        "correct the value (see etc/pgslowlog.toml for every key)"
+        f"error: config {config}: sinks.file: format = 'pgbadger' is not a format; use "
+        '"json" or "jsonlog"; correct the value (see etc/pgslowlog.toml for every key)'
     ]
 
 
