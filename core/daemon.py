@@ -88,20 +88,19 @@ class Daemon:
         configure_logging(config.daemon.log_level)
         plugins = Plugins.load()
         the_plan = plan(config, plugins, self.config_path)
-        counts: SlowStatementCounts | None = None
         try:
             # Listening first: a taken port is refused before anything starts.
             if config.metrics is not None:
                 counts = SlowStatementCounts(config.metrics.max_databases, config.metrics.max_users)
-                self._metrics_sources = MetricsSources(config)
-                self.metrics = MetricsServer(config.metrics.listen, counts, self._metrics_sources)
+                self._metrics_sources = MetricsSources(config, counts)
+                self.metrics = MetricsServer(config.metrics.listen, self._metrics_sources)
             self.dispatcher = start_sinks(the_plan, plugins)
         except BaseException:
             the_plan.close()
             self._close_metrics()
             raise
         try:
-            if not self._run(config, plugins, the_plan, counts):
+            if not self._run(config, plugins, the_plan):
                 return 1
         finally:
             self._close_metrics()
@@ -110,16 +109,14 @@ class Daemon:
             return 1
         return 0
 
-    def _run(
-        self, config: Config, plugins: Plugins, the_plan: Plan, counts: SlowStatementCounts | None
-    ) -> bool:
+    def _run(self, config: Config, plugins: Plugins, the_plan: Plan) -> bool:
         """Attach, serve until a signal, stop. False when nothing could attach."""
         self.config = config
         self.dispatcher.start()
         self.probes = ProbeSet(self.dispatcher, config.daemon, self._fail)
         self.health = HealthReporter(self.probes, self.dispatcher)
-        if counts is not None and self._metrics_sources is not None:
-            self.dispatcher.observers.append(counts.observe)
+        if self._metrics_sources is not None:
+            self.dispatcher.observers.append(self._metrics_sources.counts.observe)
             self._metrics_sources.health = self.health
             self._metrics_sources.dispatcher = self.dispatcher
         self.plugins = plugins

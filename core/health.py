@@ -101,11 +101,10 @@ class HealthReporter:
     def __init__(self, probes: ProbeSet, dispatcher: Dispatcher) -> None:
         self._probes = probes
         self._dispatcher = dispatcher
-        # The counters last reported, per running probe: a warning says what is new.
-        self._reported: dict[RunningProbe, dict[str, int]] = {}
         # Records filtered by probes already closed, kept for the totals.
         self._filtered_retired = 0
-        # For /metrics: each running probe's figures at the last look, and the
+        # Each running probe's figures (and undecodable records) at the last look: a
+        # loss warning says what is new since then, and /metrics serves them. With the
         # counters of retired ones per (target, definition). Read by another thread.
         self._lock = threading.Lock()
         self._latest: dict[RunningProbe, tuple[ProbeFigures, int]] = {}
@@ -120,10 +119,10 @@ class HealthReporter:
     ) -> ProbeFigures:
         figures = ProbeFigures.of(running, attached_count)
         now = figures.counters
-        before = self._reported.get(running, {})
-        self._reported[running] = now
         with self._lock:
+            last = self._latest.get(running)
             self._latest[running] = (figures, _failed(running))
+        before = last[0].counters if last is not None else {}
         # A source may say its own losses (what a count means for it, and the fix).
         causes = getattr(running.source, "loss_causes", LOSS_COUNTERS)
         for counter, (event, cause, fix) in causes.items():
@@ -147,7 +146,6 @@ class HealthReporter:
         finally:
             # Even when its counters could not be read: its last figures move to the
             # retired totals, and it no longer counts as attached.
-            self._reported.pop(running, None)
             self._filtered_retired += running.collector.enricher.filtered
             with self._lock:
                 last = self._latest.pop(running, None)
@@ -171,25 +169,24 @@ class HealthReporter:
             for (target, definition), counters in sorted(totals.items())
         ]
 
-    def failed_records(self) -> int:
-        return sum(probe.counters.get("undecodable", 0) for probe in self.probe_totals())
-
     def filtered_background(self) -> int:
         return self._filtered_retired + sum(r.collector.enricher.filtered for r in self._probes)
 
     def health(self) -> dict[str, object]:
         """The health line: the counters since the daemon started, as of the last
         `report_losses` (the main loop's), the very figures /metrics serves."""
+        totals = self.probe_totals()
         return {
-            "targets": sum_per_target(self.probe_totals()),
+            "targets": sum_per_target(totals),
             "sinks": {name: asdict(stats) for name, stats in self._dispatcher.stats().items()},
-            "undecodable_records": self.failed_records(),
+            "undecodable_records": _undecodable(totals),
         }
 
     def stopped(self, final: list[ProbeFigures]) -> dict[str, object]:
         """The `stopped` line, once every probe is retired: the counters since start
         (probes replaced earlier included), and the places the last ones watched."""
-        targets = sum_per_target(self.probe_totals())
+        totals = self.probe_totals()
+        targets = sum_per_target(totals)
         for name, watched in sum_per_target(final).items():
             targets.setdefault(name, watched).update(
                 probes_attached=watched["probes_attached"], attachments=watched["attachments"]
@@ -198,8 +195,12 @@ class HealthReporter:
             "targets": targets,
             "kernel_counters": {probe.name: probe.counters for probe in final},
             "filtered_background": self.filtered_background(),
-            "failed_records": self.failed_records(),
+            "failed_records": _undecodable(totals),
         }
+
+
+def _undecodable(totals: list[ProbeTotals]) -> int:
+    return sum(probe.counters.get("undecodable", 0) for probe in totals)
 
 
 def _key(running: RunningProbe) -> tuple[str, str]:

@@ -1,9 +1,9 @@
 """What a SIGHUP can change in a running daemon, and what needs a restart.
 
 The threshold lives in a map and the log level in the logger: both change at
-once. Everything else shapes maps, programs, attachments, sinks or the metrics server, so a reload
-reports it as waiting for a restart and keeps the running value, and the next
-reload compares against what really is in effect.
+once. Everything else shapes maps, programs, attachments, sinks or the metrics
+server, so a reload reports it as waiting for a restart and keeps the running
+value, and the next reload compares against what really is in effect.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """Prometheus metrics: `[metrics] listen` serves /metrics through prometheus-client.
 
 Slow statements are counted here as the collectors hand them to the dispatcher
-(`SlowStatementCounts.observe`, before any sink queue, so a sink's drops are its own
-figure). Everything else (statements seen, records lost, probes attached, the sinks'
-figures) is read at scrape time from the same place as the `health` line:
-HealthReporter's figures and the dispatcher's per-sink stats. prometheus-client
-writes the exposition format; `PgslowlogCollector` only says what the values are.
+(`SlowStatementCounts.observe`, a dispatcher observer: every event, whatever a sink's
+queue later drops, which is the sink's own figure). Everything else (statements seen,
+records lost, probes attached, the sinks' figures) is read at scrape time from the
+same place as the `health` line: HealthReporter's figures and the dispatcher's
+per-sink stats. prometheus-client writes the exposition format; `ScrapeCollector`
+only says what the values are.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pgslowlog.config import Config, MetricsConfig, listen_address
 from pgslowlog.dispatcher import Dispatcher
 from pgslowlog.errors import UserError
 from pgslowlog.event import SlowQuery
-from pgslowlog.health import LOSS_COUNTERS, HealthReporter
+from pgslowlog.health import LOSS_COUNTERS, HealthReporter, sum_per_target
 from pgslowlog.log import get_logger
 from pgslowlog.machine import Finding
 from pgslowlog.targets import target_name
@@ -146,9 +147,11 @@ class CountsSnapshot(NamedTuple):
 
 @dataclass
 class MetricsSources:
-    """What a scrape reads, each set once the daemon has it (a scrape may come first)."""
+    """What a scrape reads; health and dispatcher are set once the daemon has them (a
+    scrape may come first)."""
 
     config: Config
+    counts: SlowStatementCounts
     health: HealthReporter | None = None
     dispatcher: Dispatcher | None = None
 
@@ -156,8 +159,7 @@ class MetricsSources:
 class ScrapeCollector(Collector):
     """prometheus-client's collector interface: what one scrape of /metrics returns."""
 
-    def __init__(self, counts: SlowStatementCounts, state: MetricsSources) -> None:
-        self.counts = counts
+    def __init__(self, state: MetricsSources) -> None:
         self.state = state
         self._build_info = _build_info()
 
@@ -176,7 +178,7 @@ class ScrapeCollector(Collector):
             yield from self._sinks(state.dispatcher)
 
     def _slow_statements(self) -> Iterator[Metric]:
-        statements, durations, waits = self.counts.snapshot()
+        statements, durations, waits = self.state.counts.snapshot()
         total = CounterMetricFamily(
             "pgslowlog_slow_statements",
             "Slow statements handed to the sinks.",
@@ -223,20 +225,21 @@ class ScrapeCollector(Collector):
             "Places a definition watches on a target now (uprobes, USDT probes, clusters).",
             labels=["target", "probe"],
         )
-        attached_per_target = dict.fromkeys(
-            (target_name(t, i) for i, t in enumerate(self.state.config.target)), 0
-        )
-        for probe in health.probe_totals():
+        totals = health.probe_totals()
+        for probe in totals:
             labels = [probe.target, probe.definition]
             if "statements" in probe.counters:  # where the definition knows it
                 seen.add_metric(labels, probe.counters["statements"])
             for cause in LOST_CAUSES:
                 lost.add_metric([*labels, cause], probe.counters.get(cause, 0))
             attachments.add_metric(labels, probe.attached_count)
-            attached_per_target[probe.target] = attached_per_target.get(probe.target, 0) + (
-                probe.attached_count > 0
-            )
         yield from (seen, lost, attachments)
+        # Every configured target, one still waiting for its binary (no totals) at 0.
+        attached_per_target = dict.fromkeys(
+            (target_name(t, i) for i, t in enumerate(self.state.config.target)), 0
+        )
+        for target, figures in sum_per_target(totals).items():
+            attached_per_target[target] = figures["probes_attached"]
         per_target = GaugeMetricFamily(
             "pgslowlog_target_probes_attached",
             "Definitions attached per configured target (0: it is not being watched).",
@@ -292,11 +295,11 @@ def _bound(bound: float) -> str:
 class MetricsServer:
     """/metrics on `listen`, in a thread of its own, from the moment it is made."""
 
-    def __init__(self, listen: str, counts: SlowStatementCounts, state: MetricsSources) -> None:
+    def __init__(self, listen: str, state: MetricsSources) -> None:
         self.listen = listen
         host, port = listen_address(listen)
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(ScrapeCollector(counts, state))
+        registry.register(ScrapeCollector(state))
         self._server: WSGIServer
         self._thread: threading.Thread
         try:
@@ -350,14 +353,14 @@ def check_listen(metrics: MetricsConfig) -> Finding:
                 f"metrics.listen {listen} is served by a running pgslowlog "
                 "(a restart hands it over)",
             )
-    if port < _unprivileged_port_start():
+    if port < (unprivileged := _unprivileged_port_start()):
         # check runs as root (the role's validate); the unit's user has no
         # CAP_NET_BIND_SERVICE, so the service itself would be refused at start.
         return Finding(
             True,
             f"metrics.listen {listen}: port {port} is privileged; the service's user "
             "(pgslowlog, without CAP_NET_BIND_SERVICE) cannot bind it: choose a port "
-            f"of {_unprivileged_port_start()} or above",
+            f"of {unprivileged} or above",
             warning=True,
         )
     return Finding(True, f"metrics.listen {listen} is free")
