@@ -81,6 +81,28 @@ def pg15_O0() -> Iterator[Cluster]:
     server.stop()
 
 
+@pytest.fixture
+def own_pg15() -> Iterator[Callable[..., Cluster]]:
+    """PostgreSQL 15 servers of a test's own, set up by the statements given (roles,
+    databases: made before a daemon starts, as CREATE DATABASE can itself be slow).
+    A pid target on one sees none of other tests' statements. Stopped on every path."""
+    started: list[Cluster] = []
+
+    def start(*setup_sql: str) -> Cluster:
+        server = Cluster(BINDIRS["pg15"])
+        started.append(server)
+        server.start()
+        if setup_sql:
+            server.psql(*setup_sql, check=True)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
+
+
 @pytest.fixture(scope="session")
 def pg18() -> Iterator[Cluster]:
     server = Cluster(BINDIRS["pg18"]).start()
@@ -94,6 +116,11 @@ def toml_value(value: Any) -> str:
         items = ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items())
         return "{ " + items + " }"
     return json.dumps(value)
+
+
+def assignments(table: dict[str, Any]) -> list[str]:
+    """A TOML table's lines: key = value."""
+    return [f"{key} = {toml_value(value)}" for key, value in table.items()]
 
 
 class DaemonUnderTest:
@@ -116,24 +143,18 @@ class DaemonUnderTest:
         self.process = RunningDaemon(self.config, env=env, wrapper=wrapper)
 
     def write_config(self, threshold_ms: float = 200, **options: Any) -> None:
-        lines = ["[daemon]", f"threshold_ms = {threshold_ms}"]
-        lines += [f"{key} = {toml_value(value)}" for key, value in options.items()]
+        lines = ["[daemon]", f"threshold_ms = {threshold_ms}", *assignments(options)]
         where = f"pid = {self.target_pid}" if self.target_pid else f'binary = "{self.binary}"'
         lines += ["", "[[target]]", where, f"probes = {json.dumps(self.probes)}"]
         if self.target_name:
             lines += [f"name = {json.dumps(self.target_name)}"]
         for target in self.extra_targets:
-            lines += ["", "[[target]]"]
-            lines += [f"{key} = {toml_value(value)}" for key, value in target.items()]
-        lines += ["", "[sinks.file]", f'path = "{self.log}"']
-        lines += [f"{key} = {toml_value(value)}" for key, value in self.file_options.items()]
-        lines += [""]
+            lines += ["", "[[target]]", *assignments(target)]
+        lines += ["", "[sinks.file]", f'path = "{self.log}"', *assignments(self.file_options), ""]
         for name, options in self.sinks.items():
-            lines += [f"[sinks.{name}]"]
-            lines += [f"{key} = {toml_value(value)}" for key, value in options.items()]
+            lines += [f"[sinks.{name}]", *assignments(options)]
         if self.metrics is not None:
-            lines += ["", "[metrics]"]
-            lines += [f"{key} = {toml_value(value)}" for key, value in self.metrics.items()]
+            lines += ["", "[metrics]", *assignments(self.metrics)]
         self.config.write_text("\n".join(lines))
 
     def events(self, marker: str | None = None) -> list[dict[str, Any]]:

@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
-from conftest import BINDIRS
 from events import slow
 from prometheus_server import PROMTOOL, prometheus
 from test_cli import GOOD, pgslowlog, write
@@ -221,28 +220,19 @@ MIX = [
 
 
 @pytest.fixture
-def shop_cluster():
-    """A cluster of its own (a pid target sees only it), its databases and users made
-    before the daemon starts: CREATE DATABASE itself can take over the threshold."""
-    cluster = Cluster(BINDIRS["pg15"])
-    try:
-        cluster.start()
-        cluster.psql(
-            "create database shop",
-            "create database ledger",
-            "create role app login",
-            "create role report login",
-            "grant all on database shop, ledger to app, report",
-            check=True,
-        )
-        yield cluster
-    finally:
-        cluster.stop()
+def shop_cluster(own_pg15):
+    return own_pg15(
+        "create database shop",
+        "create database ledger",
+        "create role app login",
+        "create role report login",
+        "grant all on database shop, ledger to app, report",
+    )
 
 
 def run_mix(cluster: Cluster) -> None:
     for database, user, sql, outcome in MIX:
-        with psycopg.connect(cluster.dsn(database), user=user, autocommit=True) as connection:
+        with psycopg.connect(cluster.dsn(database, user), autocommit=True) as connection:
             if outcome == "cancelled":
                 connection.execute("set statement_timeout = 150")
             try:

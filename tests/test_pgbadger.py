@@ -12,8 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import psycopg
 import pytest
 from conftest import BINDIRS
 from events import slow
+from receivers import wait_for_count
 
 from pgslowlog.event import SlowQuery, json_lines
 from pgslowlog.jsonlog import jsonlog_lines
@@ -266,21 +266,13 @@ MARKER = "pgbadger-e2e"
 
 
 @pytest.fixture
-def own_pg15() -> Iterator[Cluster]:
-    """A server of its own: target_pid keeps out the statements of other tests' servers."""
-    server = Cluster(BINDIRS["pg15"])
-    try:
-        server.start()
-        for role, database in (("alice", "shop"), ("bob", "crm")):
-            server.psql(f"create role {role} login", check=True)
-            server.psql(f"create database {database} owner {role}", check=True)
-        yield server
-    finally:
-        server.stop()
-
-
-def dsn(server: Cluster, user: str, database: str) -> str:
-    return f"host=127.0.0.1 port={server.port} user={user} dbname={database}"
+def pg15_of_alice_and_bob(own_pg15: Callable[..., Cluster]) -> Cluster:
+    return own_pg15(
+        "create role alice login",
+        "create database shop owner alice",
+        "create role bob login",
+        "create database crm owner bob",
+    )
 
 
 def jsonlog_events(log: Path) -> list[dict[str, Any]]:
@@ -290,37 +282,26 @@ def jsonlog_events(log: Path) -> list[dict[str, Any]]:
     return [line for line in lines if MARKER in line["message"]]
 
 
-def wait_for_jsonlog(log: Path, count: int, timeout: float = 15) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(found := jsonlog_events(log)) >= count:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(
-        f"{len(jsonlog_events(log))} jsonlog lines with {MARKER!r}, wanted {count}"
-    )
-
-
 def run_workload(server: Cluster) -> list[tuple[str, str, str, str]]:
     """Slow statements of two users in two databases: (user, database, protocol, text)."""
     ran = []
     for user, database, seconds in (("alice", "shop", 0.25), ("bob", "crm", 0.3)):
         text = f"select pg_sleep({seconds}) /* {MARKER} simple {user} */"
-        server.psql(text, check=True, dsn=dsn(server, user, database))
+        server.psql(text, check=True, dsn=server.dsn(database, user))
         ran.append((user, database, "simple", text))
     top = f"select pg_sleep(0.6) /* {MARKER} top */"
-    server.psql(top, check=True, dsn=dsn(server, "bob", "shop"))
+    server.psql(top, check=True, dsn=server.dsn("shop", "bob"))
     ran.append(("bob", "shop", "simple", top))
-    with psycopg.connect(dsn(server, "alice", "shop"), autocommit=True) as connection:
+    with psycopg.connect(server.dsn("shop", "alice"), autocommit=True) as connection:
         connection.execute(f"select pg_sleep(%s) /* {MARKER} unnamed */", (0.35,))
         ran.append(("alice", "shop", "extended", f"select pg_sleep($1) /* {MARKER} unnamed */"))
-    with psycopg.connect(dsn(server, "bob", "crm"), autocommit=True) as connection:
+    with psycopg.connect(server.dsn("crm", "bob"), autocommit=True) as connection:
         for _ in range(2):
             text = f"select pg_sleep(%s) /* {MARKER} prepared */"
             connection.execute(text, (0.25,), prepare=True)
             ran.append(("bob", "crm", "extended", text.replace("%s", "$1")))
     failing = f"select 1/(pg_sleep(0.3) is null)::int /* {MARKER} failing */"
-    result = server.psql(failing, dsn=dsn(server, "alice", "crm"))
+    result = server.psql(failing, dsn=server.dsn("crm", "alice"))
     assert "division by zero" in result.stderr
     ran.append(("alice", "crm", "simple", failing))
     return ran
@@ -328,19 +309,19 @@ def run_workload(server: Cluster) -> list[tuple[str, str, str, str]]:
 
 @pytest.mark.ebpf
 def test_pgbadger_reports_what_ran(
-    own_pg15: Cluster, start_daemon: Callable[..., Any], tmp_path: Path
+    pg15_of_alice_and_bob: Cluster, start_daemon: Callable[..., Any], tmp_path: Path
 ) -> None:
     log = tmp_path / "log" / "slow.jsonlog"
     daemon = start_daemon(
-        own_pg15,
+        pg15_of_alice_and_bob,
         threshold_ms=THRESHOLD_MS,
         probes=["activity"],  # it tells the protocols apart, so pgBadger gets execute lines
-        target_pid=own_pg15.postmaster_pid,
+        target_pid=pg15_of_alice_and_bob.postmaster_pid,
         file_path=log,
         file_options={"format": "jsonlog"},
     )
-    ran = run_workload(own_pg15)
-    wait_for_jsonlog(log, len(ran))
+    ran = run_workload(pg15_of_alice_and_bob)
+    wait_for_count(lambda: jsonlog_events(log), f"jsonlog lines with {MARKER!r}", len(ran), 15)
     assert daemon.stop() == 0
     lines = jsonlog_events(log)
     assert len(lines) == len(ran)  # each once
