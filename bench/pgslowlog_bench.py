@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from pgslowlog.bpf.libbcc import libbcc
 from pgslowlog.elf import inspect_binary
-from pgslowlog.loader import libbcc
 from pgslowlog.testing.cluster import Cluster
 from pgslowlog.testing.daemon_process import RunningDaemon
 

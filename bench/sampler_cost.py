@@ -22,8 +22,9 @@ from pathlib import Path
 import psycopg
 
 from pgslowlog.config import DaemonConfig, TargetConfig
-from pgslowlog.planner import resolve_with_probes
+from pgslowlog.planner import Planner
 from pgslowlog.plugin_manager import Plugins
+from pgslowlog.sampled.source import SampledSource
 from pgslowlog.testing.cluster import Cluster
 
 BINDIR = Path("/usr/lib/postgresql/15/bin")
@@ -32,10 +33,10 @@ BINDIR = Path("/usr/lib/postgresql/15/bin")
 def measure(cluster: Cluster, seconds: float, interval_ms: float) -> tuple[float, float, int]:
     """(share of one core, looks per second, backends seen) for `seconds` of looking."""
     config = TargetConfig(binary=str(cluster.postgres), probes=["sampled"])
-    target, (definition,) = resolve_with_probes(config, 0, Plugins.load())
+    target, (definition,) = Planner(Plugins.load()).resolve(config, 0)
     daemon = DaemonConfig(sample_interval_ms=interval_ms)
-    assert definition.open_source is not None
-    source = definition.open_source(definition, target, daemon)
+    source = definition.open(definition, target, daemon)
+    assert isinstance(source, SampledSource)
     source.attach()  # through the open binary: its failure uprobes
     target.file.close()
     reader = source.reader()
@@ -51,7 +52,7 @@ def measure(cluster: Cluster, seconds: float, interval_ms: float) -> tuple[float
         looks += source._next_look != before
     cpu = time.thread_time() - cpu_before
     elapsed = time.monotonic() - started
-    seen = sum(len(c.backends) for c in source._clusters.values())
+    seen = sum(len(c.backends) for c in source._discovery.clusters.values())
     source.close()
     return cpu / elapsed, looks / elapsed, seen
 

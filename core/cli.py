@@ -1,4 +1,4 @@
-"""The `pgslowlog` command: run, check, demo."""
+"""The `pgslowlog` command: run, check, probes, demo."""
 
 from __future__ import annotations
 
@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         if arguments.command == "run":
-            from pgslowlog.daemon import Daemon
+            from pgslowlog import daemon
 
-            return Daemon(arguments.config).run()
+            return daemon.run(arguments.config)
         if arguments.command == "probes":
             from pgslowlog import preflight
 
@@ -50,12 +50,12 @@ def main(argv: list[str] | None = None) -> int:
                 print("\n".join(preflight.describe_probes(arguments.binary)))
                 return 0
             from pgslowlog.config import load_config
-            from pgslowlog.targets import resolve_binary_path
+            from pgslowlog.targets import resolve_binary_path, target_name
 
             config = load_config(arguments.config)
             for index, target in enumerate(config.target):
                 path = resolve_binary_path(target, index)
-                print(f"target[{index}] ({target.name or f'target{index}'}):")
+                print(f"target[{index}] ({target_name(target, index)}):")
                 print("\n".join(preflight.describe_probes(path)))
             return 0
         if arguments.command == "check":

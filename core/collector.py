@@ -11,11 +11,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from pgslowlog.decoder import BackendNotice, DecodeError, RawStatement
 from pgslowlog.dispatcher import Dispatcher
 from pgslowlog.enrichment import Enricher
 from pgslowlog.log import get_logger
-from pgslowlog.sources import RecordReader
+from pgslowlog.records import BackendNotice, RawStatement
+from pgslowlog.sources import DecodeError, RecordReader
 
 log = get_logger(__name__)
 # How often the reader looks without being woken: the kernel wakes it only when
@@ -67,7 +67,6 @@ class Collector(threading.Thread):
                 break
 
     def handle_batch(self, records: list[Any]) -> None:
-        self.enricher.sync_clock()
         enrich = self.enricher.enrich
         decode = self.reader.decode
         events = []
@@ -80,8 +79,7 @@ class Collector(threading.Thread):
                         events.append(event)
                 elif isinstance(raw, BackendNotice):
                     self.enricher.note(raw)
-                else:
-                    self.enricher.note_bind(raw)
+                # None: nothing for the pipeline (a Bind, which its statement carries)
             except DecodeError as error:
                 self.undecodable += 1
                 log.error("undecodable_record", source=self.source_name, error=str(error))

@@ -1,12 +1,13 @@
 """`pgslowlog run`: the supervisor. Starts the pipeline, keeps it going, stops it.
 
 source (probe in the kernel, or a sampler) -> collector (decoder, enrichment) ->
-dispatcher -> sinks. The parts live in their own modules: planner (what to
-attach where), probe_set (each source with its collector), target_watch
-(re-attach after an upgrade), health (losses and the health line). This class
-keeps the main loop, the signals and the reload: SIGHUP re-reads the config (the
-threshold changes through the sources, sinks reopen their files, nothing is
-detached); SIGTERM/SIGINT detach, drain the sources and the sink queues, exit 0.
+dispatcher -> sinks. The parts live in their own modules: planner (what to attach
+where), probe_set (each source with its collector; "auto" followed live),
+target_watch (re-attach after an upgrade), health (losses and the health line),
+metrics (/metrics). This module starts them in order and keeps the main loop, the
+signals and the reload: SIGHUP re-reads the config (the threshold changes through
+the sources, sinks reopen their files, nothing is detached); SIGTERM/SIGINT detach,
+drain the sources and the sink queues, exit 0.
 """
 
 from __future__ import annotations
@@ -20,17 +21,17 @@ from dataclasses import asdict
 from types import FrameType
 
 from pgslowlog.config import Config, TargetConfig, load_config
-from pgslowlog.dispatcher import Dispatcher
+from pgslowlog.dispatcher import Dispatcher, start_sinks
 from pgslowlog.errors import UserError
 from pgslowlog.health import HealthReporter
 from pgslowlog.live_config import merge_live, needs_restart
 from pgslowlog.log import configure_logging, get_logger
 from pgslowlog.machine import require_machine
-from pgslowlog.metrics import MetricsServer, MetricsSources, SlowStatementCounts
-from pgslowlog.planner import Plan, plan, resolve_with_probes
+from pgslowlog.metrics import Metrics
+from pgslowlog.planner import Plan, Planner
 from pgslowlog.plugin_manager import Plugins
 from pgslowlog.probe_set import ProbeSet
-from pgslowlog.probes import AUTO, ProbeDefinition, select_probes
+from pgslowlog.probes import ProbeDefinition
 from pgslowlog.sources import ProbeLoadError
 from pgslowlog.target_watch import WATCH_INTERVAL_S, TargetWatcher
 from pgslowlog.targets import Target, target_name
@@ -50,85 +51,69 @@ def sd_notify(state: str) -> None:
         notify.sendto(state.encode(), address)
 
 
-def start_sinks(the_plan: Plan, plugins: Plugins) -> Dispatcher:
-    """A dispatcher with every sink that could start; UserError if none could."""
-    dispatcher = Dispatcher()
-    failed = []
-    for name, (common, options) in the_plan.sink_options.items():
-        try:
-            sink = plugins.sink_types[name].create(options)
-        except Exception as error:  # a third-party sink may raise anything
-            failed.append(f"sink {name} cannot start: {error}")
-            log.error("sink_start_failed", sink=name, error=str(error))
-            continue
-        queue_size = common.queue_size or the_plan.config.daemon.sink_queue_size
-        dispatcher.add_sink(name, sink, queue_size, common.shutdown_timeout_s)
-    if len(failed) == len(the_plan.sink_options):
-        raise UserError(
-            "; ".join(failed),
-            "fix the [sinks.NAME] options, the path's permissions, or the plugin",
+def run(config_path: str) -> int:
+    """The daemon's whole life: check, plan, listen, start, serve, stop. Its exit status."""
+    config = load_config(config_path)
+    require_machine()  # privileges, bcc, headers...: one line naming what is missing
+    configure_logging(config.daemon.log_level)
+    planner = Planner(Plugins.load())
+    the_plan = planner.plan(config, config_path)
+    metrics = None
+    try:
+        # Listening first: a taken port is refused before anything starts.
+        metrics = Metrics(config) if config.metrics is not None else None
+        dispatcher = start_sinks(
+            the_plan.sink_options, planner.plugins.sink_types, config.daemon.sink_queue_size
         )
-    return dispatcher
+    except BaseException:
+        the_plan.close()
+        if metrics is not None:
+            metrics.close()
+        raise
+    try:
+        return Daemon(config_path, config, planner, dispatcher, metrics).run(the_plan)
+    finally:
+        if metrics is not None:
+            metrics.close()
 
 
 class Daemon:
-    def __init__(self, config_path: str) -> None:
+    """The main loop over a started pipeline: signals, reload, watching, health."""
+
+    def __init__(
+        self,
+        config_path: str,
+        config: Config,
+        planner: Planner,
+        dispatcher: Dispatcher,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.config_path = config_path
+        self.config = config  # what is in effect: a reload changes only the live keys
+        self.planner = planner
+        self.dispatcher = dispatcher
+        self.probes = ProbeSet(dispatcher, config.daemon, self._fail)
+        self.health = HealthReporter(self.probes, dispatcher)
+        self.probes.add_listener(self.health)
+        self.watcher = TargetWatcher(self._resolve, self.probes)
+        if metrics is not None:
+            metrics.connect(self.probes, self.health, dispatcher)
         self._wake = threading.Event()
         self._reload_requested = False
         self._stop_signal: str | None = None
         self._failure: str | None = None
-        self._switch_waiting = False  # a reload's switch waits for a hand-over to finish
-        self.metrics: MetricsServer | None = None
-        self._metrics_sources: MetricsSources | None = None  # what /metrics reads
 
-    def run(self) -> int:
-        config = load_config(self.config_path)
-        require_machine()  # privileges, bcc, headers...: one line naming what is missing
-        configure_logging(config.daemon.log_level)
-        plugins = Plugins.load()
-        the_plan = plan(config, plugins, self.config_path)
-        try:
-            # Listening first: a taken port is refused before anything starts.
-            if config.metrics is not None:
-                counts = SlowStatementCounts(config.metrics.max_databases, config.metrics.max_users)
-                self._metrics_sources = MetricsSources(config, counts)
-                self.metrics = MetricsServer(config.metrics.listen, self._metrics_sources)
-            self.dispatcher = start_sinks(the_plan, plugins)
-        except BaseException:
-            the_plan.close()
-            self._close_metrics()
-            raise
-        try:
-            if not self._run(config, plugins, the_plan):
-                return 1
-        finally:
-            self._close_metrics()
-        if self._failure is not None:
-            log.error("exiting_after_failure", reason=self._failure)
-            return 1
-        return 0
-
-    def _run(self, config: Config, plugins: Plugins, the_plan: Plan) -> bool:
-        """Attach, serve until a signal, stop. False when nothing could attach."""
-        self.config = config
+    def run(self, the_plan: Plan) -> int:
+        """Attach what the plan says, serve until a signal, stop; the exit status."""
         self.dispatcher.start()
-        self.probes = ProbeSet(self.dispatcher, config.daemon, self._fail)
-        self.health = HealthReporter(self.probes, self.dispatcher)
-        if self._metrics_sources is not None:
-            self.dispatcher.observers.append(self._metrics_sources.counts.observe)
-            self._metrics_sources.health = self.health
-            self._metrics_sources.dispatcher = self.dispatcher
-        self.plugins = plugins
-        self.watcher = TargetWatcher(self._resolve, self.probes, self.health.retire)
         self._install_signal_handlers()
         try:
             if not self._attach(the_plan):
-                return False
+                return 1
             log.info(
                 "ready",
-                threshold_ms=config.daemon.threshold_ms,
-                probes=[f"{r.definition.name}@{r.target.binary.path}" for r in self.probes],
+                threshold_ms=self.config.daemon.threshold_ms,
+                probes=[running.name for running in self.probes],
                 sinks=self.dispatcher.sink_names(),
             )
             sd_notify("READY=1")
@@ -138,15 +123,14 @@ class Daemon:
         finally:
             # Whatever ended the loop, even a bug: detach, drain, deliver, close.
             self._shutdown()
-        return True
-
-    def _close_metrics(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
-            self.metrics = None
+        if self._failure is not None:
+            log.error("exiting_after_failure", reason=self._failure)
+            return 1
+        return 0
 
     def _attach(self, the_plan: Plan) -> bool:
-        """Every planned target's probes, attached through the file that was read."""
+        """Every planned target's probes, attached through the file that was read.
+        False when one could not attach."""
         try:
             for planned in the_plan.targets:
                 target = planned.target
@@ -175,7 +159,7 @@ class Daemon:
 
     def _resolve(self, target: TargetConfig, index: int) -> tuple[Target, list[ProbeDefinition]]:
         """A target resolved as now configured: what "auto" picks follows the live threshold."""
-        return resolve_with_probes(target, index, self.plugins, self.config.daemon)
+        return self.planner.resolve(target, index, self.config.daemon)
 
     def _loop(self) -> None:
         stats_interval = self.config.daemon.stats_interval_s
@@ -187,9 +171,9 @@ class Daemon:
                 self._reload_requested = False
                 self.reload()
             self.watcher.poll()
-            self.probes.tick(self.health.retire)
-            if self._switch_waiting and not any(r.handing_over for r in self.probes):
-                if switched := self._switch_automatic():
+            self.probes.tick()
+            if self.probes.auto_pending and not self.probes.handing_over:
+                if switched := self.probes.follow_auto(self.config, self.planner):
                     log.info("probes_switched", probes=switched)
             self.health.report_losses()
             if time.monotonic() >= next_health:
@@ -230,60 +214,12 @@ class Daemon:
             log.warning("reload_needs_restart", changed=waiting)
         # Remember what is really in effect, so the next reload compares honestly.
         self.config = merge_live(self.config, new)
-        if self._metrics_sources is not None:
-            self._metrics_sources.config = self.config  # the live threshold
-        switched = self._switch_automatic()
+        switched = self.probes.follow_auto(self.config, self.planner)
         log.info("reloaded", threshold_ms=new.daemon.threshold_ms, probes_switched=switched)
         sd_notify("READY=1")
 
-    def _switch_automatic(self) -> list[str]:
-        """Where "auto" now picks other definitions (the threshold crossed a floor, such
-        as sampled's), switch them live: ProbeSet.switch loses nothing in between."""
-        switched = []
-        self._switch_waiting = False
-        running = {r.target.index: r.target for r in self.probes if not r.handing_over}
-        handing_over = {r.target.index for r in self.probes if r.handing_over}
-        for index, target_config in enumerate(self.config.target):
-            if AUTO not in target_config.probes or index not in running:
-                continue
-            if index in handing_over:
-                # A switch is still under way there: decided again once it is done.
-                self._switch_waiting = True
-                continue
-            name = target_name(target_config, index)
-            active = {
-                r.definition for r in self.probes if r.target.index == index and not r.handing_over
-            }
-            try:
-                # Decided on the binary already read: a reload (logrotate sends one a
-                # day) re-reads the file only when the choice changes.
-                wanted = select_probes(
-                    target_config.probes,
-                    self.plugins.probe_definitions,
-                    running[index].binary,
-                    running[index].label,
-                    self.config.daemon,
-                )
-                if set(wanted) == active:
-                    continue
-                target, definitions = self._resolve(target_config, index)
-            except UserError as error:
-                log.error("probe_switch_failed", target=name, error=str(error))
-                continue
-            with target.file:
-                if target.file.identity != running[index].file.identity:
-                    continue  # the binary was replaced: the watcher attaches to the new one
-                try:
-                    started = self.probes.switch(target, definitions, self.health.retire)
-                except Exception as error:  # ProbeLoadError, or a third-party source's
-                    log.error("probe_switch_failed", target=name, error=str(error))
-                    continue
-            switched += [f"{definition}@{name}" for definition in started]
-        return switched
-
     def _shutdown(self) -> None:
-        final = self.probes.stop_all(self.health.retire)
-        stopped = self.health.stopped(final)
+        stopped = self.health.stopped(self.probes.stop_all())
         sink_stats = self.dispatcher.close()
         log.info(
             "stopped",

@@ -4,7 +4,7 @@ A sink that blocks, slows down or raises only affects its own lane: when its que
 is full its *oldest* event is dropped and counted (the newest say most about what
 is slow now). Exceptions from a sink are caught per batch. On shutdown each sink
 gets its own time budget; what it could not deliver is counted and logged.
-Never called from the ring-buffer callback: collector.py hands events over.
+The collectors (collector.py) hand events over in batches, from their own threads.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from pgslowlog.errors import UserError
 from pgslowlog.event import SlowQuery
 from pgslowlog.log import get_logger
-from pgslowlog.sinks import Sink
+from pgslowlog.sinks import CommonSinkOptions, Sink, SinkType
 
 log = get_logger(__name__)
 
@@ -153,7 +154,6 @@ class Dispatcher:
         self._lanes: list[_Lane] = []
         # Called with every batch once the sinks have it (metrics.py counts there).
         self.observers: list[Callable[[list[SlowQuery]], None]] = []
-        self.observer_failures = 0
 
     def add_sink(self, name: str, sink: Sink, queue_size: int, shutdown_timeout_s: float) -> None:
         self._lanes.append(_Lane(name, sink, queue_size, shutdown_timeout_s))
@@ -173,7 +173,6 @@ class Dispatcher:
                 observe(events)
             except Exception:
                 # Counting must never cost an event, nor stop the collector that calls.
-                self.observer_failures += 1
                 log.exception("observer_failed", events=len(events))
 
     def reopen(self) -> None:
@@ -197,3 +196,29 @@ class Dispatcher:
             if lane.thread.is_alive():
                 lane.abandon()
         return self.stats()
+
+
+def start_sinks(
+    sink_options: dict[str, tuple[CommonSinkOptions, object]],
+    sink_types: dict[str, SinkType],
+    default_queue_size: int,
+) -> Dispatcher:
+    """A dispatcher with every configured sink that could start (not yet running);
+    UserError if none could."""
+    dispatcher = Dispatcher()
+    failed = []
+    for name, (common, options) in sink_options.items():
+        try:
+            sink = sink_types[name].create(options)
+        except Exception as error:  # a third-party sink may raise anything
+            failed.append(f"sink {name} cannot start: {error}")
+            log.error("sink_start_failed", sink=name, error=str(error))
+            continue
+        queue_size = common.queue_size or default_queue_size
+        dispatcher.add_sink(name, sink, queue_size, common.shutdown_timeout_s)
+    if len(failed) == len(sink_options):
+        raise UserError(
+            "; ".join(failed),
+            "fix the [sinks.NAME] options, the path's permissions, or the plugin",
+        )
+    return dispatcher

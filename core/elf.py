@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import NoteSection, SymbolTableSection
 
 from pgslowlog.errors import UserError
 
@@ -234,13 +235,15 @@ def _inspect_binary(
     return binary
 
 
-def _symbols(elf: ELFFile, wanted: set[str]) -> tuple[dict[str, Function], dict[str, int], bool]:
+def _symbols(
+    elf: ELFFile, wanted: frozenset[str]
+) -> tuple[dict[str, Function], dict[str, int], bool]:
     functions: dict[str, Function] = {}
     objects: dict[str, int] = {}
     symtab = elf.get_section_by_name(".symtab")
     for section in (symtab, elf.get_section_by_name(".dynsym")):
-        if section is None:
-            continue
+        if not isinstance(section, SymbolTableSection):
+            continue  # absent (stripped), or not a symbol table after all
         for symbol in section.iter_symbols():
             name = symbol.name
             if name not in wanted or symbol["st_shndx"] == "SHN_UNDEF" or not symbol["st_value"]:
@@ -258,9 +261,9 @@ def _symbols(elf: ELFFile, wanted: set[str]) -> tuple[dict[str, Function], dict[
 def _usdt_probes(elf: ELFFile) -> dict[tuple[str, str], UsdtProbe]:
     notes = elf.get_section_by_name(".note.stapsdt")
     base_section = elf.get_section_by_name(".stapsdt.base")
-    if notes is None or elf.elfclass != 64:
+    if not isinstance(notes, NoteSection) or elf.elfclass != 64:
         return {}
-    probes = {}
+    probes: dict[tuple[str, str], UsdtProbe] = {}
     for note in notes.iter_notes():
         if note["n_name"] != "stapsdt":
             continue

@@ -1,4 +1,4 @@
-"""RawStatement -> SlowQuery: wall-clock time, and who ran it from the process title.
+"""RawStatement -> SlowQuery: who ran it, from the process title, and its bound values.
 
 A client backend's title reads
     postgres: [cluster_name: ]user database client activity
@@ -12,30 +12,31 @@ reported, with user, database and client None.
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from pgslowlog.compat import SLOTS
-from pgslowlog.decoder import BackendNotice, BindMessage, BoundParameter, RawStatement, RecordKind
 from pgslowlog.event import SlowQuery
+from pgslowlog.records import BackendNotice, BoundParameter, NoticeKind, RawStatement
 from pgslowlog.redaction import redact_literals, redact_parameters
 
 _CLIENT = re.compile(r"^(\[local\]|\S+\(\d+\))$")
 
 
 @dataclass(frozen=True, **SLOTS)
-class Backend:
+class BackendIdentity:
+    """Who a backend runs for, as its process title says."""
+
     kind: str  # "client", "walsender" or "background"
     user: str | None = None
     database: str | None = None
     client: str | None = None
 
 
-BACKGROUND = Backend(kind="background")
+BACKGROUND = BackendIdentity(kind="background")
 
 
-def parse_process_title(title: str) -> Backend:
+def parse_process_title(title: str) -> BackendIdentity:
     if not title.startswith("postgres: "):
         return BACKGROUND
     words = title[len("postgres: ") :].split(" ")
@@ -46,11 +47,11 @@ def parse_process_title(title: str) -> Backend:
     if before and before[0].endswith(":") and len(before) > 2:
         before = before[1:]  # cluster_name prefix, for example "15/main:"
     if before and before[0] == "walsender" and len(before) in (2, 3):
-        return Backend(
+        return BackendIdentity(
             "walsender", before[1], before[2] if len(before) == 3 else None, words[index]
         )
     if len(before) == 2:
-        return Backend("client", before[0], before[1], words[index])
+        return BackendIdentity("client", before[0], before[1], words[index])
     return BACKGROUND
 
 
@@ -93,29 +94,19 @@ class Enricher:
         self.target = target
         self.params_max_length = params_max_length
         self.redact = redact
-        # pid -> the Bind message sent just before that pid's statement record
-        self._binds: dict[int, BindMessage] = {}
         self.include_background = include_background
         self.filtered = 0
-        self._clock_offset_ns = 0
-        # pid -> Backend, oldest first. Bounded in case exit notices were lost.
-        self._backends: dict[int, Backend] = {}
+        # pid -> who it runs for, oldest first. Bounded in case exit notices were lost.
+        self._backends: dict[int, BackendIdentity] = {}
         self._max_cached = 2 * max_backends
 
-    def note_bind(self, bind: BindMessage) -> None:
-        self._binds.pop(bind.pid, None)
-        self._binds[bind.pid] = bind
-        if len(self._binds) > self._max_cached:  # exit notices lost too: forget the oldest
-            del self._binds[next(iter(self._binds))]
-
     def note(self, notice: BackendNotice) -> None:
-        if notice.kind == RecordKind.BACKEND_EXITED:
+        if notice.kind == NoticeKind.BACKEND_EXITED:
             self._backends.pop(notice.pid, None)
-            self._binds.pop(notice.pid, None)  # a Bind whose statement never came
         else:
             self._lookup(notice.pid)
 
-    def _lookup(self, pid: int) -> Backend | None:
+    def _lookup(self, pid: int) -> BackendIdentity | None:
         """Read the pid's process title now, and remember what it says."""
         title = read_process_title(pid)
         if title is None:
@@ -127,28 +118,20 @@ class Enricher:
             del self._backends[next(iter(self._backends))]
         return backend
 
-    def _params(self, bind: BindMessage | None) -> list[str | None] | None:
-        if bind is None or bind.params is None or self.params_max_length == 0:
+    def _params(self, params: list[BoundParameter] | None) -> list[str | None] | None:
+        if params is None or self.params_max_length == 0:
             return None  # 0 logs none, as log_parameter_max_length = 0 does
-        params = [format_parameter(p, self.params_max_length) for p in bind.params]
-        return redact_parameters(params) if self.redact else params
-
-    def sync_clock(self) -> None:
-        """Offset from CLOCK_MONOTONIC (bpf_ktime_get_ns) to wall time, once per batch."""
-        self._clock_offset_ns = time.time_ns() - time.monotonic_ns()
+        values = [format_parameter(p, self.params_max_length) for p in params]
+        return redact_parameters(values) if self.redact else values
 
     def enrich(self, raw: RawStatement) -> SlowQuery | None:
         """The event, or None for a non-client process when those are not wanted."""
-        bind = self._binds.pop(raw.pid, None) if self._binds else None
-        if bind is not None and bind.start_ns != raw.start_ns:
-            bind = None  # left over from a statement whose record was lost
         backend = self._backends.get(raw.pid) or self._lookup(raw.pid)
         if backend is not None and backend.kind != "client" and not self.include_background:
             self.filtered += 1
             return None
-        start = datetime.fromtimestamp((raw.start_ns + self._clock_offset_ns) / 1e9, timezone.utc)
         return SlowQuery(
-            ts=start,
+            ts=datetime.fromtimestamp(raw.start_unix_ns / 1e9, timezone.utc),
             duration_ms=raw.duration_ns / 1e6,
             query=redact_literals(raw.query) if self.redact else raw.query,
             query_truncated=raw.query_truncated,
@@ -159,8 +142,8 @@ class Enricher:
             application_name=raw.application_name or None,
             outcome=raw.outcome,
             protocol=raw.protocol,
-            statement_name=(bind.statement or None) if bind else None,
-            params=self._params(bind),
+            statement_name=raw.statement_name or None,
+            params=self._params(raw.params),
             probe=self.probe,
             binary=self.binary,
             target=self.target,

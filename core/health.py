@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pgslowlog.dispatcher import Dispatcher
 from pgslowlog.log import get_logger
 from pgslowlog.probe_set import ProbeSet, RunningProbe
+from pgslowlog.sources import ExplainsLosses, LossCause
 
 log = get_logger(__name__)
 
@@ -31,19 +32,20 @@ TARGET_HEALTH = (
     "lost",
     "untracked",
 )
-# Counters that mean something was lost: log event, cause, fix.
-LOSS_COUNTERS = {
-    "untracked": (
+# Counters that mean something was lost, as a BPF program counts them; a source
+# that is a sources.ExplainsLosses says what its own mean.
+LOSS_CAUSES = {
+    "untracked": LossCause(
         "statements_untracked",
         "no kernel memory for a backend's statement state",
         "look for memory pressure in the kernel log",
     ),
-    "unrecorded": (
+    "unrecorded": LossCause(
         "statements_unrecorded",
         "track_activities is off, so PostgreSQL kept no record for the probe to read",
         "turn track_activities on, or use the activity probe",
     ),
-    "ringbuf_full": (
+    "ringbuf_full": LossCause(
         "slow_statements_dropped",
         "ring buffer full",
         "raise daemon.ring_buffer_mib or the threshold",
@@ -55,7 +57,7 @@ LOSS_COUNTERS = {
 class ProbeFigures:
     """One running probe's figures at one moment."""
 
-    name: str  # definition@target index, as the `stopped` line keys them
+    name: str  # definition@target, as the `stopped` line keys them
     target: str
     attached_count: int
     counters: dict[str, int]
@@ -63,7 +65,7 @@ class ProbeFigures:
     @classmethod
     def of(cls, running: RunningProbe, attached_count: int | None = None) -> ProbeFigures:
         return cls(
-            f"{running.definition.name}@{running.target.index}",
+            running.name,
             running.target.name,
             running.source.attached_count if attached_count is None else attached_count,
             running.source.counters(),
@@ -98,6 +100,9 @@ def sum_per_target(figures: Sequence[ProbeFigures | ProbeTotals]) -> dict[str, d
 
 
 class HealthReporter:
+    """Reads the probe set's sources from the main loop, and hears from the probe set
+    (a probe_set.ProbeSetListener) when a probe retires."""
+
     def __init__(self, probes: ProbeSet, dispatcher: Dispatcher) -> None:
         self._probes = probes
         self._dispatcher = dispatcher
@@ -109,6 +114,9 @@ class HealthReporter:
         self._lock = threading.Lock()
         self._latest: dict[RunningProbe, tuple[ProbeFigures, int]] = {}
         self._retired_totals: dict[tuple[str, str], Counter[str]] = {}
+        # The last figures of the last probe retired per (target, definition), for the
+        # `stopped` line: one per key, so switches and upgrades do not pile them up.
+        self._retired_last: dict[tuple[str, str], ProbeFigures] = {}
 
     def report_losses(self) -> None:
         for running in self._probes:
@@ -124,7 +132,8 @@ class HealthReporter:
             self._latest[running] = (figures, _failed(running))
         before = last[0].counters if last is not None else {}
         # A source may say its own losses (what a count means for it, and the fix).
-        causes = getattr(running.source, "loss_causes", LOSS_COUNTERS)
+        source = running.source
+        causes = source.loss_causes if isinstance(source, ExplainsLosses) else LOSS_CAUSES
         for counter, (event, cause, fix) in causes.items():
             if lost := now.get(counter, 0) - before.get(counter, 0):
                 log.warning(
@@ -137,12 +146,14 @@ class HealthReporter:
                 )
         return figures
 
-    def retire(self, running: RunningProbe) -> ProbeFigures:
+    def retiring(self, running: RunningProbe) -> None:
         """A probe is stopped and about to be closed: report its last losses, keep its
-        record totals, and return its final figures (with the places it watched while
-        attached: it is detached by now)."""
+        record totals, and its final figures (with the places it watched while attached:
+        it is detached by now)."""
+        key = _key(running)
+        self._retired_last.pop(key, None)  # an earlier probe's: not this one's figures
         try:
-            return self.report_losses_of(running, running.attachments)
+            self._retired_last[key] = self.report_losses_of(running, running.attachments)
         finally:
             # Even when its counters could not be read: its last figures move to the
             # retired totals, and it no longer counts as attached.
@@ -150,7 +161,7 @@ class HealthReporter:
             with self._lock:
                 last = self._latest.pop(running, None)
                 if last is not None:
-                    totals = self._retired_totals.setdefault(_key(running), Counter())
+                    totals = self._retired_totals.setdefault(key, Counter())
                     totals.update(last[0].counters)
                     totals["undecodable"] += last[1]
 
@@ -182,9 +193,10 @@ class HealthReporter:
             "undecodable_records": _undecodable(totals),
         }
 
-    def stopped(self, final: list[ProbeFigures]) -> dict[str, object]:
+    def stopped(self, stopped: list[RunningProbe]) -> dict[str, object]:
         """The `stopped` line, once every probe is retired: the counters since start
         (probes replaced earlier included), and the places the last ones watched."""
+        final = [f for r in stopped if (f := self._retired_last.get(_key(r))) is not None]
         totals = self.probe_totals()
         targets = sum_per_target(totals)
         for name, watched in sum_per_target(final).items():

@@ -36,7 +36,10 @@ def pgslowlog_register_sinks(register: Callable[[SinkType], None]) -> None:
 def pgslowlog_register_probes(register: Callable[[ProbeDefinition], None]) -> None:
     """Register probe definitions.
 
-    :param register: call it once per :class:`pgslowlog.probes.ProbeDefinition`. Its
-        ``name`` is what users write in a target's ``probes`` list; its BPF source
-        includes ``slow_query.h`` and calls ``statement_begin`` / ``statement_end``.
+    :param register: call it once per :class:`pgslowlog.ProbeDefinition`. Its
+        ``name`` is what users write in a target's ``probes`` list; its ``open`` makes
+        the :class:`pgslowlog.StatementSource` for one target: a
+        :class:`pgslowlog.BpfProgram` (whose C file is compiled after the shared
+        ``slow_query.h``, so it can call ``statement_begin`` / ``statement_end``), or a
+        factory of the author's own.
     """

@@ -37,4 +37,6 @@ def configure_logging(level: str = "info") -> None:
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger(component=name)
+    # What configure_logging's wrapper_class makes; structlog types the proxy as Any.
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(component=name)
+    return logger

@@ -104,7 +104,7 @@ def check_privileges(caps: int | None = None, release: str | None = None) -> Fin
 
 def check_bcc() -> Finding:
     # Found, not imported: importing bcc loads LLVM (about 60 MB), which only the
-    # compiler child (compiler.py) may carry.
+    # compiler child (bpf/compiler.py) may carry.
     if importlib.util.find_spec("bcc") is None:
         return Finding(False, "; ".join(BCC_MISSING))
     try:
@@ -151,7 +151,7 @@ def _headers_release(build: Path) -> str | None:
     return None
 
 
-# The ring-buffer reader (ringbuf.py) relies on x86's memory ordering, and the USDT
+# The ring-buffer reader (bpf/ringbuf.py) relies on x86's memory ordering, and the USDT
 # argument parser (plugins/usdt_probe.py) knows x86 register names only.
 SUPPORTED_ARCHITECTURES = ("x86_64",)
 

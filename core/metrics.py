@@ -38,9 +38,10 @@ from pgslowlog.config import Config, MetricsConfig, listen_address
 from pgslowlog.dispatcher import Dispatcher
 from pgslowlog.errors import UserError
 from pgslowlog.event import SlowQuery
-from pgslowlog.health import LOSS_COUNTERS, HealthReporter, sum_per_target
+from pgslowlog.health import LOSS_CAUSES, HealthReporter, sum_per_target
 from pgslowlog.log import get_logger
 from pgslowlog.machine import Finding
+from pgslowlog.probe_set import ProbeSet
 from pgslowlog.targets import target_name
 
 log = get_logger(__name__)
@@ -54,7 +55,7 @@ OTHER = "other"  # the label value of everything beyond max_databases / max_user
 UNKNOWN = "unknown"  # the backend exited before its user and database were read
 # Records lost, by cause: the sources' loss counters, and records the daemon could
 # not decode or handle.
-LOST_CAUSES = (*LOSS_COUNTERS, "undecodable")
+LOST_CAUSES = (*LOSS_CAUSES, "undecodable")
 
 
 class LabelFolder:
@@ -146,12 +147,14 @@ class CountsSnapshot(NamedTuple):
 
 
 @dataclass
-class MetricsSources:
-    """What a scrape reads; health and dispatcher are set once the daemon has them (a
-    scrape may come first)."""
+class ScrapeSources:
+    """What a scrape reads. The daemon's parts are there once Metrics.connect has run
+    (a scrape may come first): until then, only the counts and the configured figures."""
 
-    config: Config
+    target_names: list[str]  # every configured target, one waiting for its binary too
+    threshold_s: float  # the configured threshold, until the probe set tells the live one
     counts: SlowStatementCounts
+    probes: ProbeSet | None = None
     health: HealthReporter | None = None
     dispatcher: Dispatcher | None = None
 
@@ -159,7 +162,7 @@ class MetricsSources:
 class ScrapeCollector(Collector):
     """prometheus-client's collector interface: what one scrape of /metrics returns."""
 
-    def __init__(self, state: MetricsSources) -> None:
+    def __init__(self, state: ScrapeSources) -> None:
         self.state = state
         self._build_info = _build_info()
 
@@ -170,7 +173,8 @@ class ScrapeCollector(Collector):
         threshold = GaugeMetricFamily(
             "pgslowlog_threshold_seconds", "Statements at least this long are slow (live)."
         )
-        threshold.add_metric([], state.config.daemon.threshold_ms / 1000)
+        live = state.probes.threshold_ns / 1e9 if state.probes is not None else None
+        threshold.add_metric([], state.threshold_s if live is None else live)
         yield threshold
         if state.health is not None:
             yield from self._probes(state.health)
@@ -192,12 +196,12 @@ class ScrapeCollector(Collector):
             "Durations of slow statements.",
             labels=["target", "database"],
         )
-        for labels, value in sorted(durations.items()):
+        for where, value in sorted(durations.items()):
             cumulative, buckets = 0, []
             for bound, count in zip((*DURATION_BUCKETS_S, float("inf")), value.buckets):
                 cumulative += count
                 buckets.append((_bound(bound), cumulative))
-            histogram.add_metric(list(labels), buckets, value.sum_s)
+            histogram.add_metric(list(where), buckets, value.sum_s)
         yield histogram
         wait = CounterMetricFamily(
             "pgslowlog_slow_statement_wait_seconds",
@@ -205,8 +209,8 @@ class ScrapeCollector(Collector):
             "definition saw it: each statement's duration shared out by its looks.",
             labels=["target", "wait_event_type"],
         )
-        for labels, seconds in sorted(waits.items()):
-            wait.add_metric(list(labels), seconds)
+        for what, seconds in sorted(waits.items()):
+            wait.add_metric(list(what), seconds)
         yield wait
 
     def _probes(self, health: HealthReporter) -> Iterator[Metric]:
@@ -217,7 +221,7 @@ class ScrapeCollector(Collector):
         )
         lost = CounterMetricFamily(
             "pgslowlog_records_lost",
-            "Slow statements or records lost, by cause (see the README's metrics list).",
+            "Slow statements or records lost, by cause (see docs/sinks.md, its metrics list).",
             labels=["target", "probe", "cause"],
         )
         attachments = GaugeMetricFamily(
@@ -235,9 +239,7 @@ class ScrapeCollector(Collector):
             attachments.add_metric(labels, probe.attached_count)
         yield from (seen, lost, attachments)
         # Every configured target, one still waiting for its binary (no totals) at 0.
-        attached_per_target = dict.fromkeys(
-            (target_name(t, i) for i, t in enumerate(self.state.config.target)), 0
-        )
+        attached_per_target = dict.fromkeys(self.state.target_names, 0)
         for target, figures in sum_per_target(totals).items():
             attached_per_target[target] = figures["probes_attached"]
         per_target = GaugeMetricFamily(
@@ -292,14 +294,22 @@ def _bound(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
 
 
-class MetricsServer:
-    """/metrics on `listen`, in a thread of its own, from the moment it is made."""
+class Metrics:
+    """/metrics on `listen`, served by prometheus-client in a thread of its own from the
+    moment it is made: a taken port is refused before anything else starts."""
 
-    def __init__(self, listen: str, state: MetricsSources) -> None:
-        self.listen = listen
-        host, port = listen_address(listen)
+    def __init__(self, config: Config) -> None:
+        assert config.metrics is not None  # made only for a config with [metrics]
+        self.listen = listen = config.metrics.listen
+        self.counts = SlowStatementCounts(config.metrics.max_databases, config.metrics.max_users)
+        self._sources = ScrapeSources(
+            target_names=[target_name(t, i) for i, t in enumerate(config.target)],
+            threshold_s=config.daemon.threshold_ms / 1000,
+            counts=self.counts,
+        )
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(ScrapeCollector(state))
+        registry.register(ScrapeCollector(self._sources))
+        host, port = listen_address(listen)
         self._server: WSGIServer
         self._thread: threading.Thread
         try:
@@ -307,6 +317,14 @@ class MetricsServer:
         except (OSError, UnicodeError) as error:
             raise cannot_serve(listen, error) from None
         log.info("metrics_serving", listen=listen, path="/metrics")
+
+    def connect(self, probes: ProbeSet, health: HealthReporter, dispatcher: Dispatcher) -> None:
+        """The one place the daemon's parts reach /metrics: slow statements counted as
+        the collectors hand them to the dispatcher, the rest read at scrape time."""
+        dispatcher.observers.append(self.counts.observe)
+        self._sources.probes = probes
+        self._sources.health = health
+        self._sources.dispatcher = dispatcher
 
     def close(self) -> None:
         self._server.shutdown()
@@ -346,7 +364,7 @@ def check_listen(metrics: MetricsConfig) -> Finding:
         except OSError as error:
             # Only "in use" can be our own daemon: another machine's address, or a
             # privileged port, is refused whoever answers there.
-            if error.errno != errno.EADDRINUSE or not _pgslowlog_serves(address[0], port):
+            if error.errno != errno.EADDRINUSE or not _pgslowlog_serves(str(address[0]), port):
                 raise cannot_serve(listen, error) from None
             return Finding(
                 True,

@@ -34,6 +34,7 @@ headers listed for it:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pgslowlog.errors import UserError
 
@@ -91,7 +92,9 @@ class BackendStatusLayout:
 
 # One row per field, one column per major; sources in the module docstring.
 _MAJORS = (13, 14, 15, 16, 17, 18)
-_TABLE: dict[str, tuple[int | None, ...]] = {
+# Rows of int or None, each as its field says (None only where the field is Optional):
+# a row is spread into the dataclass by name, so it is typed as loosely as that.
+_TABLE: dict[str, tuple[Any, ...]] = {
     "backend_status_size": (424, 432, 432, 432, 432, 440),
     "st_changecount": (0, 0, 0, 0, 0, 0),
     "st_procpid": (4, 4, 4, 4, 4, 4),
@@ -156,19 +159,21 @@ WAIT_EVENT_TYPES: dict[int, dict[int, str]] = {
     **{major: {**_WAIT_EVENT_TYPES_13, 0x0B000000: "InjectionPoint"} for major in (17, 18)},
 }
 
-# Of the globals a sampler may look for, those in the dynamic symbol table (`nm -D`) of
-# every build listed above: a stripped distribution build has no other. MyBEEntry is
-# static in 13 (pgstat.c); BackendStatusArray is static in every major.
+# The exported globals the sampler reads (sampled/reading.py): where each backend's
+# entry and PGPROC are, its running statement's text, and the sizes of the arrays.
 SAMPLER_GLOBALS = (
     "MyBEEntry",
     "MyProc",
     "debug_query_string",
     "pgstat_track_activity_query_size",
     "MaxBackends",
-    "BackendStatusArray",
-    "ProcGlobal",
 )
-_EXPORTED_FROM_14 = frozenset(SAMPLER_GLOBALS) - {"BackendStatusArray"}
+# Of the globals a sampler may look for (those it reads, the status array itself, and
+# ProcGlobal, the way to every PGPROC), the ones in the dynamic symbol table (`nm -D`)
+# of every build listed above: a stripped distribution build has no other. MyBEEntry
+# is static in 13 (pgstat.c); BackendStatusArray is static in every major.
+SURVEYED_GLOBALS = (*SAMPLER_GLOBALS, "BackendStatusArray", "ProcGlobal")
+_EXPORTED_FROM_14 = frozenset(SURVEYED_GLOBALS) - {"BackendStatusArray"}
 EXPORTED_GLOBALS: dict[int, frozenset[str]] = {
     13: _EXPORTED_FROM_14 - {"MyBEEntry"},
     **{major: _EXPORTED_FROM_14 for major in (14, 15, 16, 17, 18)},

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pgslowlog.config import Config, DaemonConfig, TargetConfig
-from pgslowlog.elf import file_identity
+from pgslowlog.elf import PostgresBinary, file_identity
 from pgslowlog.errors import UserError
 from pgslowlog.plugin_manager import Plugins
 from pgslowlog.probes import ProbeDefinition, select_probes, wanted_symbols
@@ -38,60 +38,77 @@ class Plan:
             planned.target.file.close()
 
 
-def resolve_with_probes(
-    target_config: TargetConfig, index: int, plugins: Plugins, daemon: DaemonConfig | None = None
-) -> tuple[Target, list[ProbeDefinition]]:
-    """One [[target]]: its binary opened and read, and the definitions that attach to it
-    (what "auto" picks depends on `daemon`'s threshold)."""
-    wanted = wanted_symbols(plugins.probe_definitions.values())
-    target = resolve_target(target_config, index, wanted)
-    try:
-        definitions = select_probes(
-            target_config.probes, plugins.probe_definitions, target.binary, target.label, daemon
+class Planner:
+    """Decides with the installed plugins: which definitions attach where."""
+
+    def __init__(self, plugins: Plugins) -> None:
+        self.plugins = plugins
+
+    def choose(
+        self,
+        target_config: TargetConfig,
+        binary: PostgresBinary,
+        label: str,
+        daemon: DaemonConfig | None = None,
+    ) -> list[ProbeDefinition]:
+        """The definitions a target's `probes` list names for `binary`, already read
+        (what "auto" picks depends on `daemon`'s threshold)."""
+        return select_probes(
+            target_config.probes, self.plugins.probe_definitions, binary, label, daemon
         )
-    except BaseException:
-        target.file.close()
-        raise
-    return target, definitions
 
+    def resolve(
+        self, target_config: TargetConfig, index: int, daemon: DaemonConfig | None = None
+    ) -> tuple[Target, list[ProbeDefinition]]:
+        """One [[target]]: its binary opened and read, and the definitions that attach
+        to it. The caller closes `target.file`."""
+        target = resolve_target(
+            target_config, index, wanted_symbols(self.plugins.probe_definitions.values())
+        )
+        try:
+            definitions = self.choose(target_config, target.binary, target.label, daemon)
+        except BaseException:
+            target.file.close()
+            raise
+        return target, definitions
 
-def plan(config: Config, plugins: Plugins, source: str) -> Plan:
-    """The plan, or a UserError naming the first thing that cannot be done."""
-    the_plan = Plan(config=config, targets=[])
-    try:
-        for index, target_config in enumerate(config.target):
-            if target_config.binary is not None and file_identity(target_config.binary) is None:
-                the_plan.pending.append(index)
-                continue
-            target, definitions = resolve_with_probes(target_config, index, plugins, config.daemon)
-            the_plan.targets.append(PlannedTarget(target, definitions))
-        the_plan.sink_options = parse_sinks(config, plugins, source)
-    except BaseException:
-        the_plan.close()
-        raise
-    return the_plan
+    def plan(self, config: Config, source: str) -> Plan:
+        """The plan, or a UserError naming the first thing that cannot be done."""
+        the_plan = Plan(config=config, targets=[])
+        try:
+            for index, target_config in enumerate(config.target):
+                if target_config.binary is not None and file_identity(target_config.binary) is None:
+                    the_plan.pending.append(index)
+                    continue
+                target, definitions = self.resolve(target_config, index, config.daemon)
+                the_plan.targets.append(PlannedTarget(target, definitions))
+            the_plan.sink_options = self.parse_sinks(config, source)
+        except BaseException:
+            the_plan.close()
+            raise
+        return the_plan
 
-
-def parse_sinks(
-    config: Config, plugins: Plugins, source: str
-) -> dict[str, tuple[CommonSinkOptions, object]]:
-    """Each [sinks.NAME] table validated by its plugin's schema and check."""
-    sink_options = {}
-    for name, raw in config.sinks.items():
-        sink_type = plugins.sink_types.get(name)
-        if sink_type is None:
-            installed = ", ".join(sorted(plugins.sink_types)) or "none"
-            raise UserError(
-                f"config {source}: no sink plugin named {name!r} (installed: {installed})",
-                "correct the [sinks.NAME] table or install the plugin",
-            )
-        sink_options[name] = sink_type.parse_options(raw, source)
-        if sink_type.check is not None:
-            try:
-                sink_type.check(sink_options[name][1])
-            except ValueError as error:
+    def parse_sinks(
+        self, config: Config, source: str
+    ) -> dict[str, tuple[CommonSinkOptions, object]]:
+        """Each [sinks.NAME] table validated by its plugin's schema and check."""
+        sink_types = self.plugins.sink_types
+        sink_options: dict[str, tuple[CommonSinkOptions, object]] = {}
+        for name, raw in config.sinks.items():
+            sink_type = sink_types.get(name)
+            if sink_type is None:
+                installed = ", ".join(sorted(sink_types)) or "none"
                 raise UserError(
-                    f"config {source}: sinks.{name}.{error}",
-                    "fix that option, or the file or variable it names",
-                ) from None
-    return sink_options
+                    f"config {source}: no sink plugin named {name!r} (installed: {installed})",
+                    "correct the [sinks.NAME] table or install the plugin",
+                )
+            sink_options[name] = sink_type.parse_options(raw, source)
+            if sink_type.check is not None:
+                try:
+                    sink_type.check(sink_options[name][1])
+                except ValueError as error:
+                    raise UserError(
+                        f"config {source}: sinks.{name}.{error}",
+                        "fix that option, or the file or variable it names",
+                    ) from None
+        return sink_options

@@ -13,10 +13,10 @@ from pgslowlog.elf import PostgresBinary, file_identity, inspect_binary
 from pgslowlog.errors import UserError
 from pgslowlog.machine import Finding, machine_findings
 from pgslowlog.metrics import check_listen
-from pgslowlog.planner import PlannedTarget, plan
+from pgslowlog.planner import PlannedTarget, Planner
 from pgslowlog.plugin_manager import Plugins
 from pgslowlog.probes import ProbeDefinition, auto_order, wanted_symbols
-from pgslowlog.sources import ProbeLoadError, open_source
+from pgslowlog.sources import ProbeLoadError
 from pgslowlog.targets import resolve_target
 
 
@@ -40,7 +40,7 @@ def run_checks(config_path: str) -> list[Finding]:
     findings += [Finding(False, f"{failure}; fix or uninstall it") for failure in plugins.failures]
     findings += _target_findings(config, plugins)
     try:
-        the_plan = plan(config, plugins, config_path)
+        the_plan = Planner(plugins).plan(config, config_path)
     except UserError as error:
         findings.append(Finding(False, str(error)))
         return findings
@@ -61,7 +61,7 @@ def _load_findings(config: Config, targets: list[PlannedTarget]) -> list[Finding
         for definition in planned.definitions:
             try:
                 # Opening runs the compiler and the kernel's verifier; nothing is attached.
-                open_source(definition, target, config.daemon).close()
+                definition.open(definition, target, config.daemon).close()
             except ProbeLoadError as error:
                 findings.append(Finding(False, str(error)))
             else:
@@ -130,7 +130,7 @@ def auto_choice(definitions: Iterable[ProbeDefinition], binary: PostgresBinary) 
     """What "auto" picks on `binary`, by threshold where a definition has a floor
     (at the default settings: the floor may depend on them)."""
     defaults = DaemonConfig()
-    picks = []
+    picks: list[str] = []
     for definition in auto_order(definitions):
         if definition.unsupported_reason(binary) is not None:
             continue

@@ -3,6 +3,10 @@
 A source without its collector would record statements nobody reads, and a
 collector without its source would wait forever: so a RunningProbe exists only
 once both have started, and stopping one stops, drains and frees both together.
+Listeners (health.py) see each probe once it is stopped and drained, before it is
+freed. The probe set also follows "auto" live: when a reload moves the threshold
+across a definition's floor, it switches the target to the definition "auto" now
+picks, with nothing lost in between.
 """
 
 from __future__ import annotations
@@ -10,63 +14,61 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Optional, Protocol
 
 from pgslowlog.collector import Collector
-from pgslowlog.config import DaemonConfig
+from pgslowlog.config import Config, DaemonConfig
 from pgslowlog.dispatcher import Dispatcher
 from pgslowlog.enrichment import Enricher
+from pgslowlog.errors import UserError
 from pgslowlog.log import get_logger
-from pgslowlog.probes import OpenSource, ProbeDefinition
-from pgslowlog.sources import StatementSource, open_source
+from pgslowlog.planner import Planner
+from pgslowlog.probes import AUTO, ProbeDefinition
+from pgslowlog.sources import HandsOver, StatementSource
 from pgslowlog.targets import Target
 
 log = get_logger(__name__)
-T = TypeVar("T")
 NEVER_NS = 2**63 - 1  # a threshold nothing reaches
+
+
+def probe_label(definition: ProbeDefinition, target: Target) -> str:
+    """What logs call a definition on a target: definition@target."""
+    return f"{definition.name}@{target.name}"
 
 
 @dataclass(eq=False)
 class RunningProbe:
+    definition: ProbeDefinition
+    target: Target
     source: StatementSource
     collector: Collector
     attachments: int  # places it watched once attached (attached_count is 0 after detach)
     handing_over: bool = False  # replaced on its target; stopped once `handed_over`
 
     @property
-    def definition(self) -> ProbeDefinition:
-        return self.source.definition
-
-    @property
-    def target(self) -> Target:
-        return self.source.target
-
-    @property
     def name(self) -> str:
-        return f"{self.definition.name}@{self.target.name}"
+        return probe_label(self.definition, self.target)
 
 
-def can_hand_over(source: StatementSource) -> bool:
-    """Whether a source shares out its statements at a switch (sources.HandsOver)."""
-    return hasattr(source, "hand_over") and hasattr(source, "handed_over")
+class ProbeSetListener(Protocol):
+    def retiring(self, running: RunningProbe) -> None:
+        """`running` is stopped and drained, its counters still readable; it is freed next."""
 
 
 class ProbeSet:
     def __init__(
-        self,
-        dispatcher: Dispatcher,
-        daemon: DaemonConfig,
-        on_failure: Callable[[str], None],
-        opener: OpenSource = open_source,
+        self, dispatcher: Dispatcher, daemon: DaemonConfig, on_failure: Callable[[str], None]
     ) -> None:
         self._dispatcher = dispatcher
         self._daemon = daemon
         self._on_failure = on_failure
-        self._open = opener
         self._running: list[RunningProbe] = []
+        self._listeners: list[ProbeSetListener] = []
         # The live threshold: a SIGHUP may have moved it since start-up, and a source
         # opened later (a target re-attached, a binary installed) must use it too.
-        self._threshold_ns = round(daemon.threshold_ms * 1_000_000)
+        self.threshold_ns = round(daemon.threshold_ms * 1_000_000)
+        # A reload's switch waits for a hand-over on its target to finish.
+        self.auto_pending = False
 
     def __iter__(self) -> Iterator[RunningProbe]:
         return iter(list(self._running))
@@ -74,11 +76,18 @@ class ProbeSet:
     def __len__(self) -> int:
         return len(self._running)
 
+    def add_listener(self, listener: ProbeSetListener) -> None:
+        self._listeners.append(listener)
+
+    @property
+    def handing_over(self) -> bool:
+        return any(r.handing_over for r in self._running)
+
     def start(
         self,
         target: Target,
         definitions: list[ProbeDefinition],
-        attached: Callable[[StatementSource], None] | None = None,
+        attached: Optional[Callable[[StatementSource], None]] = None,
     ) -> list[RunningProbe]:
         """Start every definition on `target`, or none: a failure stops those begun.
         `attached` sees each source once attached, before its collector reads anything.
@@ -90,7 +99,7 @@ class ProbeSet:
             for definition in definitions:
                 started.append(self._start_one(target, definition, attached))
         except BaseException:
-            self._stop(started, lambda _running: None)
+            self._stop(started, quietly=True)
             raise
         return started
 
@@ -98,11 +107,11 @@ class ProbeSet:
         self,
         target: Target,
         definition: ProbeDefinition,
-        attached: Callable[[StatementSource], None] | None,
+        attached: Optional[Callable[[StatementSource], None]],
     ) -> RunningProbe:
-        source = self._open(definition, target, self._daemon)
+        source = definition.open(definition, target, self._daemon)
         try:
-            source.set_threshold_ns(self._threshold_ns)
+            source.set_threshold_ns(self.threshold_ns)
             source.attach()
             if attached is not None:
                 attached(source)
@@ -117,10 +126,15 @@ class ProbeSet:
                 daemon.params_max_length,
                 daemon.redact_literals,
             )
-            name = f"{definition.name}@{target.name}"
             reader = source.reader()
             try:
-                collector = Collector(name, reader, enricher, self._dispatcher, self._on_failure)
+                collector = Collector(
+                    probe_label(definition, target),
+                    reader,
+                    enricher,
+                    self._dispatcher,
+                    self._on_failure,
+                )
                 collector.start()
             except BaseException:
                 reader.close()
@@ -128,7 +142,7 @@ class ProbeSet:
         except BaseException:
             source.close()
             raise
-        running = RunningProbe(source, collector, attachments)
+        running = RunningProbe(definition, target, source, collector, attachments)
         self._running.append(running)
         log.info(
             "probe_attached",
@@ -141,36 +155,32 @@ class ProbeSet:
         return running
 
     def set_threshold_ns(self, threshold_ns: int) -> None:
-        self._threshold_ns = threshold_ns
+        self.threshold_ns = threshold_ns
         for running in self._running:
             running.source.set_threshold_ns(threshold_ns)
 
-    def tick(self, retire: Callable[[RunningProbe], object]) -> None:
+    def tick(self) -> None:
+        """Every few seconds: sources keep their clocks; those done handing over stop."""
         for running in self._running:
             running.source.tick()
         done = [
             r
             for r in self._running
-            if r.handing_over and r.source.handed_over  # type: ignore[attr-defined]
+            if r.handing_over and isinstance(r.source, HandsOver) and r.source.handed_over
         ]
         if done:
-            self._stop(done, retire)
+            self._stop(done)
             for running in done:
                 log.info(
                     "probe_handed_over", probe=running.definition.name, target=running.target.name
                 )
 
-    def switch(
-        self,
-        target: Target,
-        definitions: list[ProbeDefinition],
-        retire: Callable[[RunningProbe], object],
-    ) -> list[str]:
+    def switch(self, target: Target, definitions: list[ProbeDefinition]) -> list[RunningProbe]:
         """Run `definitions` on `target` instead of what runs there now, with nothing lost
         in between: the new sources attach first (if one fails, the old ones keep
         running), then each old one either hands its running statements over (a source
-        that can, see sources.HandsOver: it keeps running until they end) or stops.
-        Returns the names started.
+        that can, sources.HandsOver: it keeps running until they end) or stops.
+        Returns the probes started.
 
         Where an old one stops, a new source that can take over is told, once attached
         and before its collector reads, to report only what ends from now on, and the
@@ -184,11 +194,11 @@ class ProbeSet:
         ]
         current = {r.definition for r in running}
         leaving = [r for r in running if r.definition not in definitions]
-        handing = [r for r in leaving if can_hand_over(r.source)]
+        handing = [r for r in leaving if isinstance(r.source, HandsOver)]
         stopping = [r for r in leaving if r not in handing]
 
         def take_over(source: StatementSource) -> None:
-            if stopping and hasattr(source, "take_over"):
+            if stopping and isinstance(source, HandsOver):
                 source.take_over(time.time_ns())
                 for old in stopping:
                     old.source.set_threshold_ns(NEVER_NS)  # what ends from now is the new one's
@@ -197,27 +207,68 @@ class ProbeSet:
             started = self.start(target, [d for d in definitions if d not in current], take_over)
         except BaseException:
             for old in stopping:  # they keep running: as they were
-                old.source.set_threshold_ns(self._threshold_ns)
+                old.source.set_threshold_ns(self.threshold_ns)
             raise
         at_ns = time.time_ns()
         for old in handing:
-            old.source.hand_over(at_ns)  # type: ignore[attr-defined]
+            assert isinstance(old.source, HandsOver)  # for the type checker: chosen so above
+            old.source.hand_over(at_ns)
             old.handing_over = True
         if stopping:
-            self._stop(stopping, retire)
-        return [r.definition.name for r in started]
+            self._stop(stopping)
+        return started
 
-    def stop_target(self, index: int, before_close: Callable[[RunningProbe], T]) -> list[T]:
-        """Stop one target's probes. `before_close` sees each one detached and drained,
-        its counters still readable; what it returns is returned, one per probe."""
-        return self._stop([r for r in self._running if r.target.index == index], before_close)
+    def follow_auto(self, config: Config, planner: Planner) -> list[str]:
+        """Where "auto" now picks other definitions (the threshold crossed a floor, such
+        as sampled's), switch them live. Returns the probes started. A target still
+        handing over from an earlier switch is left for later (`auto_pending`)."""
+        switched: list[str] = []
+        self.auto_pending = False
+        running = {r.target.index: r.target for r in self._running if not r.handing_over}
+        handing_over = {r.target.index for r in self._running if r.handing_over}
+        for index, target_config in enumerate(config.target):
+            if AUTO not in target_config.probes or index not in running:
+                continue
+            if index in handing_over:
+                self.auto_pending = True  # decided again once that switch is done
+                continue
+            current = running[index]
+            active = {
+                r.definition
+                for r in self._running
+                if r.target.index == index and not r.handing_over
+            }
+            try:
+                # Decided on the binary already read: a reload (logrotate sends one a
+                # day) re-reads the file only when the choice changes.
+                wanted = planner.choose(target_config, current.binary, current.label, config.daemon)
+                if set(wanted) == active:
+                    continue
+                target, definitions = planner.resolve(target_config, index, config.daemon)
+            except UserError as error:
+                log.error("probe_switch_failed", target=current.name, error=str(error))
+                continue
+            with target.file:
+                if target.file.identity != current.file.identity:
+                    continue  # the binary was replaced: the watcher attaches to the new one
+                try:
+                    started = self.switch(target, definitions)
+                except Exception as error:  # ProbeLoadError, or a third-party source's
+                    log.error("probe_switch_failed", target=current.name, error=str(error))
+                    continue
+            switched += [r.name for r in started]
+        return switched
 
-    def stop_all(self, before_close: Callable[[RunningProbe], T]) -> list[T]:
-        return self._stop(list(self._running), before_close)
+    def stop_target(self, index: int) -> list[RunningProbe]:
+        """Stop one target's probes; the listeners see each before it is freed."""
+        return self._stop([r for r in self._running if r.target.index == index])
 
-    def _stop(
-        self, stopping: list[RunningProbe], before_close: Callable[[RunningProbe], T]
-    ) -> list[T]:
+    def stop_all(self) -> list[RunningProbe]:
+        return self._stop(list(self._running))
+
+    def _stop(self, stopping: list[RunningProbe], quietly: bool = False) -> list[RunningProbe]:
+        """Detach, drain and free; `quietly`: probes that never ran for the listeners
+        (a start that failed half-way)."""
         # Detach all first, so that no statement begins or ends while others drain.
         for running in stopping:
             try:
@@ -228,10 +279,11 @@ class ProbeSet:
             running.collector.stop()
         for running in stopping:
             running.collector.join()
-        results = []
         for running in stopping:
             try:
-                results.append(before_close(running))
+                if not quietly:
+                    for listener in self._listeners:
+                        listener.retiring(running)
             except Exception as error:
                 log.error("probe_report_failed", probe=running.name, error=str(error))
             finally:
@@ -241,4 +293,4 @@ class ProbeSet:
                     log.error("probe_close_failed", probe=running.name, error=str(error))
                 if running in self._running:
                     self._running.remove(running)
-        return results
+        return stopping

@@ -1,181 +1,86 @@
-"""Probe definitions: what to attach to, with which BPF program, on which binaries.
+"""Probe definitions: ways of timing statements, and which attach to a target.
 
-A definition is data. Plugins register them (hookspecs.pgslowlog_register_probes);
-`select_probes` decides per target which ones attach, and loader.py attaches them
-together with the outcome probes every definition shares (OUTCOME_UPROBES).
+A definition is data plus a factory. Plugins register them
+(hookspecs.pgslowlog_register_probes); `select_probes` decides per target which ones
+attach; `open` makes each one's StatementSource (sources.py). What kind of source it
+opens is the factory's business: a BPF program (bpf.program.BpfProgram), the sampler
+(sampled.source.OpenSampled), or a third party's.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import Optional, Protocol, runtime_checkable
 
 from pgslowlog.config import DaemonConfig
 from pgslowlog.elf import PostgresBinary
 from pgslowlog.errors import UserError
-
-if TYPE_CHECKING:
-    from pgslowlog.sources import StatementSource
-    from pgslowlog.targets import Target
+from pgslowlog.sources import StatementSource
+from pgslowlog.targets import Target
 
 AUTO = "auto"
 
 
-@dataclass(frozen=True)
-class Uprobe:
-    """Run the BPF function `function` at entry (or return) of the function `symbol`."""
+class OpenSource(Protocol):
+    """Makes a definition's source for one target, ready to attach (it may compile);
+    raises sources.ProbeLoadError when the kernel or the compiler refuses."""
 
-    symbol: str
-    function: str
-    retprobe: bool = False
-
-    @property
-    def anchor(self) -> str:
-        """The VADDR_<anchor> cflag naming this attachment's file address."""
-        return self.symbol
+    def __call__(
+        self, definition: ProbeDefinition, target: Target, daemon: DaemonConfig
+    ) -> StatementSource: ...
 
 
-@dataclass(frozen=True)
-class Usdt:
-    """Run the BPF function `function` at the USDT probe `provider:name`.
-
-    A probe with a semaphore has it maintained by the kernel (ref_ctr_offset) in
-    every process that maps the binary, those started later included.
-    """
-
-    provider: str
-    name: str
-    function: str
+@runtime_checkable
+class ChecksBinary(Protocol):
+    """A factory that needs something of the binary: symbols to find, and a verdict."""
 
     @property
-    def anchor(self) -> str:
-        return f"{self.provider}_{self.name}"
+    def symbols(self) -> frozenset[str]:
+        """Functions and exported globals to look up in the binary (elf.PostgresBinary
+        .functions and .objects hold those found)."""
 
-
-# Union, not `|`: an alias is evaluated at import, and 3.9 has no `type | type`.
-Attachment = Union[Uprobe, Usdt]
-
-# Shared by every definition, attached where the binary exports them: they set the
-# statement's outcome (bpf/slow_query.h, on_cancel_request and on_transaction_abort).
-OUTCOME_UPROBES = (
-    Uprobe(symbol="StatementCancelHandler", function="on_cancel_request"),
-    Uprobe(symbol="AbortCurrentTransaction", function="on_transaction_abort"),
-)
-# `sampled` also learns how each backend left: proc_exit(code), exported by every build
-# (plugins/sampled_probe.c, on_backend_exit).
-EXIT_UPROBE = Uprobe(symbol="proc_exit", function="on_backend_exit")
-# Exported globals the shared code reads (plain C types, no struct layouts).
-GLOBALS = ("application_name",)
-
-
-class Protocol(enum.IntEnum):
-    """What a definition knows about the wire protocol (PROTOCOL in slow_query.h)."""
-
-    COUNTED = 0  # tell from the number of statement starts: extended reports several
-    SIMPLE = 1
-    EXTENDED = 2
-
-
-def _no_cflags(binary: PostgresBinary) -> list[str]:
-    return []
-
-
-def _no_requirement(binary: PostgresBinary) -> str | None:
-    return None
-
-
-OpenSource = Callable[["ProbeDefinition", "Target", "DaemonConfig"], "StatementSource"]
+    def unsupported_reason(self, binary: PostgresBinary) -> Optional[str]:
+        """None if a source can be opened on `binary`, else why not, in a few words."""
 
 
 @dataclass(frozen=True)
 class ProbeDefinition:
-    """A way of timing statements: a source of statement records for one target.
-
-    Most definitions are a BPF program (`source`) whose functions run at
-    `attachments` and call statement_begin/statement_end. A definition that is not
-    a BPF program sets `open_source` instead (see sources.py).
+    """A way of timing statements.
 
     name: what users write in `probes = [...]` and what events carry as `probe`.
-    source: the BPF C file; None for a definition with `open_source`.
-    attachments: uprobes and USDT probes, each naming the BPF function it runs.
+    description: the line `pgslowlog probes` shows for it.
+    open: its factory (OpenSource); one that is also a ChecksBinary says what a
+        binary must offer.
     priority: "auto" picks the supported definition with the highest priority.
-    protocol: SIMPLE or EXTENDED if every statement it sees is of that protocol.
-    cflags: extra -D flags for one binary (for example version-dependent constants).
-    report_backend_exit: report a statement whose backend exits mid-way; off for a
-        probe that misses some statement ends, whose stale entries would be misreported.
-    extra_sources: other .c files put before `source`, to build on another
-        definition's functions instead of copying them.
-    globals: exported globals the BPF code reads; their file addresses are in
-        binary.objects for `cflags`.
-    requirement: why a binary cannot take the definition beyond missing symbols
-        (for example an unknown struct layout), or None.
     automatic: whether "auto" may pick it; off for a definition with trade-offs a
         user should choose knowingly.
     auto_floor_ms: the lowest threshold (ms, given the daemon's settings) at which
         "auto" may pick it; None: any. A sampler sees every statement over the
         threshold only if the threshold is several sampling intervals long.
-    open_source: makes the definition's StatementSource for one target, when it is
-        not a BPF program with attachments (None: loader.LoadedProbe compiles `source`).
     """
 
     name: str
     description: str
-    source: Path | None = None
-    attachments: tuple[Attachment, ...] = ()
+    open: OpenSource
     priority: int = 0
-    protocol: Protocol = Protocol.COUNTED
-    cflags: Callable[[PostgresBinary], list[str]] = field(default=_no_cflags, compare=False)
-    report_backend_exit: bool = True
-    extra_sources: tuple[Path, ...] = ()
-    globals: tuple[str, ...] = ()
-    requirement: Callable[[PostgresBinary], str | None] = field(
-        default=_no_requirement, compare=False
-    )
     automatic: bool = True
-    open_source: OpenSource | None = field(default=None, compare=False)
-    auto_floor_ms: Callable[[DaemonConfig], float] | None = field(default=None, compare=False)
-
-    def __post_init__(self) -> None:
-        if (self.source is None) == (self.open_source is None):
-            raise ValueError(
-                f"probe definition {self.name!r} needs exactly one of source (a BPF C file) "
-                "or open_source"
-            )
+    auto_floor_ms: Optional[Callable[[DaemonConfig], float]] = field(default=None, compare=False)
 
     @property
-    def symbols(self) -> set[str]:
-        return {a.symbol for a in self.attachments if isinstance(a, Uprobe)} | set(self.globals)
+    def symbols(self) -> frozenset[str]:
+        return self.open.symbols if isinstance(self.open, ChecksBinary) else frozenset()
 
     def unsupported_reason(self, binary: PostgresBinary) -> str | None:
-        """None if the probe can attach to `binary`, else why not."""
-        for attachment in self.attachments:
-            if isinstance(attachment, Usdt):
-                if (attachment.provider, attachment.name) not in binary.usdt:
-                    return (
-                        f"no USDT probe {attachment.provider}:{attachment.name} in {binary.path} "
-                        "(built without --enable-dtrace)"
-                    )
-            elif binary.function_offset(attachment.symbol) is None:
-                why = (
-                    "the binary is stripped; use a build with symbols"
-                    if not binary.has_symtab
-                    else "the function is inlined or absent in this build"
-                )
-                return f"no function {attachment.symbol} in {binary.path} ({why})"
-        for name in self.globals:
-            if name not in binary.objects:
-                return f"no exported global {name} in {binary.path}"
-        return self.requirement(binary)
+        """None if the definition can attach to `binary`, else why not."""
+        if isinstance(self.open, ChecksBinary):
+            return self.open.unsupported_reason(binary)
+        return None
 
 
 def wanted_symbols(definitions: Iterable[ProbeDefinition]) -> frozenset[str]:
     """Every symbol worth looking up in a binary for these definitions."""
-    symbols = {symbol for definition in definitions for symbol in definition.symbols}
-    shared = {u.symbol for u in (*OUTCOME_UPROBES, EXIT_UPROBE)}
-    return frozenset(symbols | shared | set(GLOBALS))
+    return frozenset(symbol for definition in definitions for symbol in definition.symbols)
 
 
 def select_probes(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Optional, Protocol
+from typing import Annotated, Any, Optional, Protocol
 
 import msgspec
 
@@ -39,10 +39,13 @@ class Sink(Protocol):
 
 
 class BaseSink:
-    """Defaults for the optional parts of the Sink protocol: subclass and write write()."""
+    """Defaults for the optional parts of the Sink protocol: subclass and write write().
 
-    max_batch: ClassVar[int] = 1000
-    max_delay_s: ClassVar[float] = 0.0
+    The defaults are class attributes that an instance may set for itself, as the
+    webhook sink does from its options: instance attributes, as the protocol says."""
+
+    max_batch: int = 1000
+    max_delay_s: float = 0.0
     retried: int = 0
 
     def write(self, events: Sequence[SlowQuery]) -> None:

@@ -1,26 +1,29 @@
-"""Where statement records come from: one probe definition, on one target.
+"""Where statement records come from: what the daemon asks of a source.
 
-Every definition gives the daemon a StatementSource per target: the daemon opens
-it (which may compile), attaches it, reads its records in a collector thread,
-tunes it (threshold, clock) and stops it. A compiled BPF program with uprobes
-(loader.LoadedProbe) is one kind; a definition that reads PostgreSQL's own
-bookkeeping from user space provides another through ProbeDefinition.open_source,
-and the daemon, the collector and the dispatcher treat both alike.
+Every probe definition opens a StatementSource per target (probes.ProbeDefinition.open):
+the daemon attaches it, its collector thread drains the RecordReader it gives, the
+main loop tunes it (threshold, tick) and reads its counters, and the daemon stops it.
+A compiled BPF program (bpf/) is one kind; the sampler (sampled/), which reads
+PostgreSQL's own bookkeeping from outside, is another; a third party may add more.
+The daemon, the collector and the dispatcher treat every kind alike.
+
+What only some sources can do is declared, not guessed: a source that can share out
+its statements at a live switch is a HandsOver, one whose losses mean something else
+than a BPF program's is an ExplainsLosses; the daemon checks with isinstance().
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Optional, Protocol, runtime_checkable
 
-from pgslowlog.config import DaemonConfig
-from pgslowlog.decoder import Record
-from pgslowlog.probes import ProbeDefinition
-from pgslowlog.targets import Target
+from pgslowlog.records import Record
 
-# What every source counts, summed since it was opened (the health line and the
-# loss warnings read them): statements begun, slow ones emitted, statements that
-# could not be tracked (no kernel memory), records dropped because the buffer was
-# full, statements PostgreSQL kept no record of.
+# What every source counts, summed since it was opened (the health line, the loss
+# warnings and /metrics read them): statements that ended, slow ones emitted,
+# statements that could not be tracked (no kernel memory), records dropped because
+# the buffer was full, slow statements PostgreSQL kept no record of. A source that
+# cannot know a figure leaves it out.
 COUNTERS = ("statements", "emitted", "untracked", "ringbuf_full", "unrecorded")
 
 
@@ -37,18 +40,21 @@ class RecordReader(Protocol):
     def read(self, limit: int) -> list[Any]:
         """Up to `limit` records, oldest first, in the source's own form."""
 
-    def decode(self, record: Any) -> Record:
-        """One record as a decoder type; raises decoder.DecodeError if it cannot."""
+    def decode(self, record: Any) -> Optional[Record]:
+        """One record as a records.Record; None when it is not one for the pipeline
+        (for example a Bind message kept for the statement that follows). Raises
+        DecodeError if it cannot be read."""
 
     def close(self) -> None:
         """Release what reading held; called once, by the collector, at its end."""
 
 
+class DecodeError(ValueError):
+    """A record could not be read: counted and logged, and the next one is read."""
+
+
 class StatementSource(Protocol):
     """One probe definition's statements on one target."""
-
-    definition: ProbeDefinition
-    target: Target
 
     @property
     def attached_count(self) -> int:
@@ -71,9 +77,7 @@ class StatementSource(Protocol):
         """Called every few seconds from the main loop (keeps clocks in step)."""
 
     def counters(self) -> dict[str, int]:
-        """Every name in COUNTERS, summed since the source was opened. A source whose
-        losses mean something else than a BPF program's may also have an attribute
-        `loss_causes` like health.LOSS_COUNTERS: counter -> (log event, cause, fix)."""
+        """Names of COUNTERS, summed since the source was opened."""
 
     def detach(self) -> None:
         """Stop seeing statements; what was already recorded stays readable."""
@@ -86,6 +90,7 @@ class StatementSource(Protocol):
 # target's definition live (probe_set.ProbeSet.switch): the new source attaches
 # before the old one lets go. A source that reads PostgreSQL's own timestamps may
 # share out the statements around that moment exactly, so nothing is lost or twice:
+@runtime_checkable
 class HandsOver(Protocol):
     def take_over(self, at_ns: int) -> None:
         """From now on report only statements that end at or after `at_ns` (Unix ns):
@@ -101,12 +106,19 @@ class HandsOver(Protocol):
         """No client statement that began before the hand-over is left running."""
 
 
-def open_source(
-    definition: ProbeDefinition, target: Target, daemon: DaemonConfig
-) -> StatementSource:
-    """The definition's source for `target`, ready to attach (a BPF program is compiled)."""
-    if definition.open_source is not None:
-        return definition.open_source(definition, target, daemon)
-    from pgslowlog.loader import LoadedProbe  # libbcc_bpf is loaded only when needed
+class LossCause(NamedTuple):
+    """What a loss counter that moved means, said in a warning: its log event, why
+    statements were lost, and what to do."""
 
-    return LoadedProbe(definition, target, daemon)
+    event: str
+    cause: str
+    fix: str
+
+
+@runtime_checkable
+class ExplainsLosses(Protocol):
+    """A source whose loss counters mean something else than a BPF program's
+    (health.LOSS_CAUSES): counter -> what a rise means."""
+
+    @property
+    def loss_causes(self) -> Mapping[str, LossCause]: ...

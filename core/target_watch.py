@@ -16,7 +16,7 @@ from pgslowlog.config import TargetConfig
 from pgslowlog.elf import FileIdentity, file_identity
 from pgslowlog.errors import UserError
 from pgslowlog.log import get_logger
-from pgslowlog.probe_set import ProbeSet, RunningProbe
+from pgslowlog.probe_set import ProbeSet
 from pgslowlog.probes import ProbeDefinition
 from pgslowlog.sources import ProbeLoadError
 from pgslowlog.targets import Target, target_name
@@ -57,12 +57,9 @@ class WatchedTarget:
 class TargetWatcher:
     """Attaches to a binary that appeared, or that replaced the one the probes are on."""
 
-    def __init__(
-        self, resolve: Resolve, probes: ProbeSet, retire: Callable[[RunningProbe], object]
-    ) -> None:
+    def __init__(self, resolve: Resolve, probes: ProbeSet) -> None:
         self._resolve = resolve
         self._probes = probes
-        self._retire = retire
         self.watched: list[WatchedTarget] = []
 
     def watch(self, index: int, config: TargetConfig, attached: FileIdentity | None) -> None:
@@ -103,7 +100,7 @@ class TargetWatcher:
         read = target.file.identity
         replaced = watched.attached is not None
         with target.file:
-            self._probes.stop_target(watched.index, self._retire)
+            self._probes.stop_target(watched.index)
             try:
                 self._probes.start(target, definitions)
             except Exception as error:  # ProbeLoadError, or anything a third-party source raises

@@ -9,8 +9,8 @@
  * shared outcome probes.
  *
  * The BackendState numbering changed in PostgreSQL 18 (STATE_STARTING was
- * inserted), so the loader passes the values for the binary's version.
- * slow_query.h (statement_begin, statement_end) is put in front by the loader.
+ * inserted), so the definition passes the values for the binary's major.
+ * slow_query.h (statement_begin, statement_end) is put in front by pgslowlog.
  */
 #if !defined(STATE_IDLE) || !defined(STATE_RUNNING) || \
     !defined(STATE_IDLEINTRANSACTION) || !defined(STATE_IDLEINTRANSACTION_ABORTED)

@@ -3,27 +3,43 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
+from pgslowlog.bpf.attachments import Uprobe, WireProtocol
+from pgslowlog.bpf.program import BpfProgram
 from pgslowlog.elf import PostgresBinary
 from pgslowlog.hookspecs import hookimpl
+from pgslowlog.pg_layouts import LAYOUTS, layout_for
 from pgslowlog.plugin_manager import RegisterProbe
-from pgslowlog.probes import ProbeDefinition, Protocol, Uprobe
+from pgslowlog.probes import ProbeDefinition
 
 
 def backend_state_cflags(binary: PostgresBinary) -> list[str]:
-    """BackendState values (src/include/utils/backend_status.h) for this version.
-
-    PostgreSQL 18 inserted STATE_STARTING after STATE_UNDEFINED, shifting the rest.
-    """
-    shift = 1 if binary.major >= 18 else 0
+    """BackendState values (src/include/utils/backend_status.h) for this major, as
+    pg_layouts derived them: PostgreSQL 18 inserted STATE_STARTING, shifting the rest."""
+    layout = layout_for(binary.major)
     return [
-        f"-DSTATE_IDLE={1 + shift}",
-        f"-DSTATE_RUNNING={2 + shift}",
-        f"-DSTATE_IDLEINTRANSACTION={3 + shift}",
-        f"-DSTATE_IDLEINTRANSACTION_ABORTED={5 + shift}",
+        f"-DSTATE_IDLE={layout.state_idle}",
+        f"-DSTATE_RUNNING={layout.state_running}",
+        f"-DSTATE_IDLEINTRANSACTION={layout.state_idleintransaction}",
+        f"-DSTATE_IDLEINTRANSACTION_ABORTED={layout.state_idleintransaction_aborted}",
     ]
 
 
+def backend_states_unknown(binary: PostgresBinary) -> Optional[str]:
+    if binary.major not in LAYOUTS:
+        verified = ", ".join(map(str, sorted(LAYOUTS)))
+        return f"PostgreSQL {binary.major}'s BackendState values are not verified ({verified} are)"
+    return None
+
+
+ACTIVITY_PROGRAM = BpfProgram(
+    c_file=Path(__file__).with_name("activity_probe.c"),
+    attachments=(Uprobe(symbol="pgstat_report_activity", function="on_report_activity"),),
+    protocol=WireProtocol.COUNTED,
+    cflags=backend_state_cflags,
+    requirement=backend_states_unknown,
+)
 ACTIVITY = ProbeDefinition(
     name="activity",
     description=(
@@ -34,11 +50,8 @@ ACTIVITY = ProbeDefinition(
         "first statement's text: a statement ends when the backend reports idle, which a "
         "pipeline does only at its Sync"
     ),
-    source=Path(__file__).with_name("activity_probe.c"),
-    attachments=(Uprobe(symbol="pgstat_report_activity", function="on_report_activity"),),
+    open=ACTIVITY_PROGRAM,
     priority=100,
-    protocol=Protocol.COUNTED,
-    cflags=backend_state_cflags,
 )
 
 

@@ -11,7 +11,7 @@
  * PostgreSQL writes all three before ReadyForQuery, in the same process, so they
  * are consistent when read here.
  *
- * Set by the definition through cflags, for the binary's version:
+ * Set by the definition through cflags, for the binary's major (pg_layouts.py):
  *   STATE_*                      BackendState values
  *   OFFSET_ACTIVITY_START ...    offsets into PgBackendStatus
  *   MYBEENTRY_VADDR              file address of MyBEEntry
@@ -22,6 +22,9 @@
     !defined(MYBEENTRY_VADDR) || !defined(QUERY_SIZE_VADDR)
 #error "the backend_status definition passes the PgBackendStatus layout as cflags"
 #endif
+/* Both timestamps are read in one copy (`stamps` below). */
+_Static_assert(OFFSET_STATE_START == OFFSET_ACTIVITY_START + 8,
+               "st_state_start_timestamp does not follow st_activity_start_timestamp");
 
 #define POSTGRES_EPOCH_UNIX_US 946684800000000LL  /* 2000-01-01 in Unix microseconds */
 

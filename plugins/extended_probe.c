@@ -9,7 +9,7 @@
  * StringInfo is read as its first two members, `char *data; int len;`, which
  * have not moved since PostgreSQL 7.
  * slow_query.h and activity_probe.c (on_report_activity: start, end, text) are
- * put in front by the loader.
+ * put in front by pgslowlog.
  */
 struct string_info_head {
     const char *data;

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pgslowlog.bpf.attachments import Uprobe, WireProtocol
+from pgslowlog.bpf.program import BpfProgram
 from pgslowlog.hookspecs import hookimpl
 from pgslowlog.plugin_manager import RegisterProbe
-from pgslowlog.plugins.activity_probe import ACTIVITY, backend_state_cflags
-from pgslowlog.probes import ProbeDefinition, Protocol, Uprobe
+from pgslowlog.plugins.activity_probe import (
+    ACTIVITY_PROGRAM,
+    backend_state_cflags,
+    backend_states_unknown,
+)
+from pgslowlog.probes import ProbeDefinition
 
 EXTENDED = ProbeDefinition(
     name="extended",
@@ -17,17 +23,20 @@ EXTENDED = ProbeDefinition(
         "prepared statement name and, with capture_params, their parameter values; a "
         "pipeline or batch is one event, as with activity"
     ),
-    source=Path(__file__).with_name("extended_probe.c"),
-    attachments=(
-        Uprobe(symbol="pgstat_report_activity", function="on_report_activity"),
-        Uprobe(symbol="exec_parse_message", function="on_parse_message"),
-        Uprobe(symbol="exec_bind_message", function="on_bind_message"),
-        Uprobe(symbol="exec_execute_message", function="on_execute_message"),
+    open=BpfProgram(
+        c_file=Path(__file__).with_name("extended_probe.c"),
+        attachments=(
+            Uprobe(symbol="pgstat_report_activity", function="on_report_activity"),
+            Uprobe(symbol="exec_parse_message", function="on_parse_message"),
+            Uprobe(symbol="exec_bind_message", function="on_bind_message"),
+            Uprobe(symbol="exec_execute_message", function="on_execute_message"),
+        ),
+        protocol=WireProtocol.COUNTED,
+        cflags=backend_state_cflags,
+        requirement=backend_states_unknown,
+        extra_c_files=(ACTIVITY_PROGRAM.c_file,),  # on_report_activity: start, end, text
     ),
     priority=110,  # everything activity sees, and more
-    protocol=Protocol.COUNTED,
-    cflags=backend_state_cflags,
-    extra_sources=(ACTIVITY.source,),  # on_report_activity: start, end, text
 )
 
 

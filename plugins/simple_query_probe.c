@@ -4,7 +4,7 @@
  * table have it, and it sees the simple protocol only. A statement that fails
  * leaves through an ERROR longjmp that skips the uretprobe; the shared outcome
  * probe on AbortCurrentTransaction ends it instead.
- * slow_query.h (statement_begin, statement_end) is put in front by the loader.
+ * slow_query.h (statement_begin, statement_end) is put in front by pgslowlog.
  */
 int on_exec_simple_query(struct pt_regs *ctx)
 {

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pgslowlog.bpf.attachments import Uprobe, WireProtocol
+from pgslowlog.bpf.program import BpfProgram
 from pgslowlog.hookspecs import hookimpl
 from pgslowlog.plugin_manager import RegisterProbe
-from pgslowlog.probes import ProbeDefinition, Protocol, Uprobe
+from pgslowlog.probes import ProbeDefinition
 
 SIMPLE_QUERY = ProbeDefinition(
     name="simple_query",
@@ -14,13 +16,17 @@ SIMPLE_QUERY = ProbeDefinition(
         "uprobe and uretprobe on the static exec_simple_query: simple protocol only; "
         "needs a binary with a symbol table"
     ),
-    source=Path(__file__).with_name("simple_query_probe.c"),
-    attachments=(
-        Uprobe(symbol="exec_simple_query", function="on_exec_simple_query"),
-        Uprobe(symbol="exec_simple_query", function="on_exec_simple_query_return", retprobe=True),
+    open=BpfProgram(
+        c_file=Path(__file__).with_name("simple_query_probe.c"),
+        attachments=(
+            Uprobe(symbol="exec_simple_query", function="on_exec_simple_query"),
+            Uprobe(
+                symbol="exec_simple_query", function="on_exec_simple_query_return", retprobe=True
+            ),
+        ),
+        protocol=WireProtocol.SIMPLE,
     ),
     priority=10,
-    protocol=Protocol.SIMPLE,
 )
 
 

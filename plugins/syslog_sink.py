@@ -98,6 +98,7 @@ class SyslogSink(BaseSink):
         self._priority = f"<{priority}>1 ".encode()
         self._fields = f" {hostname} {options.app_name} {os.getpid()} {MSGID} - ".encode()
         self._socket: socket.socket | None = None
+        self.retried = 0  # messages sent again after a reconnect (the dispatcher reads it)
 
     def format(self, event: SlowQuery, now: datetime | None = None) -> bytes:
         timestamp = (now or datetime.now(timezone.utc)).isoformat(timespec="microseconds")

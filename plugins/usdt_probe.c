@@ -9,7 +9,7 @@
  *   QUERY_START_ARG_REG     the pt_regs field: bx, di, bp, ...
  *   QUERY_START_ARG_OFFSET  for memory operands, the displacement
  *   QUERY_START_ARG_DEREF   1 for a memory operand, 0 for a register
- * slow_query.h (statement_begin, statement_end) is put in front by the loader.
+ * slow_query.h (statement_begin, statement_end) is put in front by pgslowlog.
  */
 #if !defined(QUERY_START_ARG_REG) || !defined(QUERY_START_ARG_OFFSET) || \
     !defined(QUERY_START_ARG_DEREF)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from pgslowlog.bpf.attachments import Usdt, WireProtocol
+from pgslowlog.bpf.program import BpfProgram
 from pgslowlog.elf import PostgresBinary
 from pgslowlog.errors import UserError
 from pgslowlog.hookspecs import hookimpl
 from pgslowlog.plugin_manager import RegisterProbe
-from pgslowlog.probes import ProbeDefinition, Protocol, Usdt
+from pgslowlog.probes import ProbeDefinition
 
 # x86-64 register names as the compiler writes them -> struct pt_regs fields.
 _REGISTERS = {
@@ -48,14 +50,16 @@ USDT = ProbeDefinition(
         "USDT probes query__start and query__done (builds with --enable-dtrace, such as "
         "Debian's): simple protocol only; semaphores kept by the kernel for every backend"
     ),
-    source=Path(__file__).with_name("usdt_probe.c"),
-    attachments=(
-        Usdt(provider="postgresql", name="query__start", function="on_query_start"),
-        Usdt(provider="postgresql", name="query__done", function="on_query_done"),
+    open=BpfProgram(
+        c_file=Path(__file__).with_name("usdt_probe.c"),
+        attachments=(
+            Usdt(provider="postgresql", name="query__start", function="on_query_start"),
+            Usdt(provider="postgresql", name="query__done", function="on_query_done"),
+        ),
+        protocol=WireProtocol.SIMPLE,
+        cflags=query_start_cflags,
     ),
     priority=20,
-    protocol=Protocol.SIMPLE,
-    cflags=query_start_cflags,
 )
 
 

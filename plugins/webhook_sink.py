@@ -135,7 +135,7 @@ class WebhookSink(BaseSink):
 
     def backoff_s(self, attempt: int) -> float:
         ceiling = min(
-            self.options.backoff_max_s, self.options.backoff_initial_s * 2 ** (attempt - 1)
+            self.options.backoff_max_s, self.options.backoff_initial_s * 2.0 ** (attempt - 1)
         )
         return ceiling * random.uniform(0.5, 1.0)  # jitter: clients do not retry in step
 

@@ -71,10 +71,10 @@ BAD_CONFIGS = {
     ),
     "unknown probe": (
         GOOD.replace(f'binary = "{PG15}"', f'binary = "{PG15}"\nprobes = ["nosuch"]'),
-        # The shipped definitions; installed third-party ones (the example `utility`
-        # where .ci/bootstrap installed it) follow in the same sorted list.
-        "unknown probe 'nosuch'; use one of auto, activity, backend_status, extended, "
-        "sampled, simple_query, usdt",
+        # The shipped definitions and the installed third-party ones (the examples
+        # `activity_sql` and `utility`, which .ci/bootstrap installs), sorted.
+        "unknown probe 'nosuch'; use one of auto, activity, activity_sql, backend_status, "
+        "extended, sampled, simple_query, usdt, utility",
     ),
     "metrics listen not an address": (
         GOOD + '\n[metrics]\nlisten = "http://127.0.0.1:9863/metrics"\n',

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pgslowlog.compat import tomllib
 from pgslowlog.config import Config, load_config, parse_config
 from pgslowlog.errors import UserError
-from pgslowlog.planner import plan
+from pgslowlog.planner import Planner
 from pgslowlog.plugin_manager import Plugins
 
 PG15 = "/usr/lib/postgresql/15/bin/postgres"
@@ -62,7 +62,7 @@ def test_generated_configs_load_or_fail_in_one_line(data: dict[str, Any]) -> Non
     assert isinstance(config, Config)
     try:
         # targets and sink options, as `run` resolves them
-        plan(config, PLUGINS, "fuzz.toml").close()
+        Planner(PLUGINS).plan(config, "fuzz.toml").close()
     except UserError as error:
         assert_one_line(error)
 

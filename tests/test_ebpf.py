@@ -13,9 +13,10 @@ import psycopg
 import pytest
 from conftest import DEBIAN_PG15
 
+from pgslowlog.bpf.attachments import Uprobe
+from pgslowlog.bpf.program import BpfProgram
 from pgslowlog.config import DaemonConfig, TargetConfig
-from pgslowlog.loader import LoadedProbe
-from pgslowlog.probes import ProbeDefinition, Uprobe, wanted_symbols
+from pgslowlog.probes import ProbeDefinition, wanted_symbols
 from pgslowlog.sources import ProbeLoadError
 from pgslowlog.targets import resolve_target
 
@@ -222,7 +223,7 @@ def test_target_given_by_postmaster_pid(cluster, start_daemon):
     binary = os.path.realpath(cluster.postgres)
     attached = daemon.process.wait_for_log("probe_attached")
     assert (attached["target"], attached["binary"]) == ("target0", binary)
-    assert daemon.process.wait_for_log("ready")["probes"] == [f"sampled@{binary}"]
+    assert daemon.process.wait_for_log("ready")["probes"] == ["sampled@target0"]
     cluster.psql("select pg_sleep(0.25) /* by pid */", check=True)
     (event,) = daemon.wait_for_events("/* by pid */", 1)
     assert (event["binary"], event["target"]) == (binary, "target0")
@@ -324,8 +325,10 @@ def test_a_broken_probe_definition_is_refused_in_one_line(tmp_path, case):
     definition = ProbeDefinition(
         name="broken",
         description="a probe that cannot load",
-        source=tmp_path / "broken.c",
-        attachments=(Uprobe(symbol="pgstat_report_activity", function="on_broken"),),
+        open=BpfProgram(
+            c_file=tmp_path / "broken.c",
+            attachments=(Uprobe(symbol="pgstat_report_activity", function="on_broken"),),
+        ),
     )
     target = resolve_target(
         TargetConfig(binary=str(DEBIAN_PG15 / "postgres")), 0, wanted_symbols([definition])
@@ -333,7 +336,7 @@ def test_a_broken_probe_definition_is_refused_in_one_line(tmp_path, case):
     target.file.close()  # compiling needs only what was read from it
     open_fds = len(os.listdir("/proc/self/fd"))
     with pytest.raises(ProbeLoadError) as refused:
-        LoadedProbe(definition, target, DaemonConfig())
+        definition.open(definition, target, DaemonConfig())
     message = str(refused.value)
     assert message.startswith("loading probe broken failed (") and expected in message
     assert "\n" not in message

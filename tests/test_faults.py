@@ -19,7 +19,7 @@ import pytest
 from receivers import WebhookReceiver, start_rsyslog
 
 from pgslowlog.demo import embedded_bindir
-from pgslowlog.health import LOSS_COUNTERS
+from pgslowlog.health import LOSS_CAUSES
 from pgslowlog.testing.cluster import Cluster
 
 pytestmark = pytest.mark.ebpf
@@ -222,8 +222,8 @@ def test_burst_of_ten_thousand_at_threshold_zero_to_every_sink(pg15, start_daemo
     console = [e for e in daemon.process.logs if "burst" in e.get("line", "")]
     # Nothing counted as lost: not in the kernel, not in any sink.
     for probe, counters in stopped["kernel_counters"].items():
-        losses = {name: counters[name] for name in LOSS_COUNTERS}
-        assert losses == dict.fromkeys(LOSS_COUNTERS, 0), probe
+        losses = {name: counters[name] for name in LOSS_CAUSES}
+        assert losses == dict.fromkeys(LOSS_CAUSES, 0), probe
     for name, stats in stopped["sinks"].items():
         assert stats["dropped"] == stats["failed"] == 0, (name, stats)
         assert stats["delivered"] >= issued, (name, stats)

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from pgslowlog.compiler import KPROBE, CompileError, compile_program
+from pgslowlog.bpf.compiler import KPROBE, CompileError, compile_program
+from pgslowlog.bpf.program import BpfProgram
 from pgslowlog.config import DaemonConfig, TargetConfig
 from pgslowlog.dispatcher import Dispatcher
-from pgslowlog.loader import cflags_for, program_text
-from pgslowlog.planner import resolve_with_probes
+from pgslowlog.planner import Planner
 from pgslowlog.plugin_manager import Plugins
 from pgslowlog.probe_set import ProbeSet
 from pgslowlog.sinks import BaseSink
@@ -42,15 +42,17 @@ def test_a_layout_user_space_does_not_share_stops_the_compile(flag, wrong, named
     """The C side checks every offset, size and index user space reads."""
     plugins = Plugins.load()
     config = TargetConfig(binary="/usr/lib/postgresql/15/bin/postgres", probes=["activity"])
-    target, (definition,) = resolve_with_probes(config, 0, plugins)
+    target, (definition,) = Planner(plugins).resolve(config, 0)
     target.file.close()
-    flags = cflags_for(definition, target, DaemonConfig())
-    assert flag in flags  # what decoder.py and loader.py say today
+    program = definition.open
+    assert isinstance(program, BpfProgram)
+    flags = program.cflags_for(target, DaemonConfig())
+    assert flag in flags  # what bpf/decoder.py and bpf/program.py say today
     flags[flags.index(flag)] = wrong
     with pytest.raises(CompileError) as refused:
-        compile_program(program_text(definition), flags, [("on_report_activity", KPROBE)], [])
+        compile_program(program.text(), flags, [("on_report_activity", KPROBE)], [])
     message = str(refused.value)
-    assert "differs between bpf/slow_query.h and decoder.py or loader.py" in message
+    assert "differs between bpf/slow_query.h and user space" in message
     assert named in message and "\n" not in message
 
 
@@ -65,7 +67,7 @@ def test_a_binary_replaced_before_attach_never_gets_the_old_offsets(pg15, pg18, 
     path = tmp_path / "postgres"
     os.link(pg15.postgres, path)
     config = TargetConfig(binary=str(path), probes=["activity"])
-    target, definitions = resolve_with_probes(config, 0, Plugins.load())
+    target, definitions = Planner(Plugins.load()).resolve(config, 0)
     assert target.binary.major == 15
     upgrade = tmp_path / "postgres.dpkg-new"
     os.link(pg18.postgres, upgrade)
@@ -89,7 +91,7 @@ def test_a_binary_replaced_before_attach_never_gets_the_old_offsets(pg15, pg18, 
             assert time.monotonic() < deadline, [e.query for e in sink.events]
             time.sleep(0.05)
     finally:
-        probes.stop_all(lambda running: None)
+        probes.stop_all()
         dispatcher.close()
     assert [e.query for e in sink.events] == ["select pg_sleep(0.3) /* on the file read */"]
     assert sink.events[0].binary == str(path) and not failures
@@ -101,7 +103,7 @@ def test_the_binary_is_read_through_the_file_that_is_attached(tmp_path):
     """The identity the watcher keeps is the open file's, not a later look at the path."""
     path = tmp_path / "postgres"
     os.link("/usr/lib/postgresql/15/bin/postgres", path)
-    target, _ = resolve_with_probes(TargetConfig(binary=str(path)), 0, Plugins.load())
+    target, _ = Planner(Plugins.load()).resolve(TargetConfig(binary=str(path)), 0)
     with target.file:
         os.unlink(path)
         attach_path = Path(target.file.attach_path)

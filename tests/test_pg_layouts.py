@@ -24,7 +24,7 @@ from pgslowlog.errors import UserError
 from pgslowlog.pg_layouts import (
     EXPORTED_GLOBALS,
     LAYOUTS,
-    SAMPLER_GLOBALS,
+    SURVEYED_GLOBALS,
     WAIT_EVENT_TYPES,
     layout_for,
 )
@@ -75,7 +75,7 @@ def test_the_binary_exports_and_names_as_the_table_says(build):
         defined = {
             symbol.name for symbol in dynsym.iter_symbols() if symbol["st_shndx"] != "SHN_UNDEF"
         }
-    assert defined & set(SAMPLER_GLOBALS) == EXPORTED_GLOBALS[major]
+    assert defined & set(SURVEYED_GLOBALS) == EXPORTED_GLOBALS[major]
 
 
 def test_the_table_is_consistent():

@@ -10,29 +10,24 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
 from pgslowlog import enrichment
+from pgslowlog.bpf.attachments import OUTCOME_UPROBES, Uprobe, Usdt
+from pgslowlog.bpf.program import SHARED_GLOBALS, BpfProgram
 from pgslowlog.config import DaemonConfig
-from pgslowlog.decoder import BackendNotice, BindMessage, BoundParameter, RawStatement, RecordKind
 from pgslowlog.dispatcher import Dispatcher
 from pgslowlog.elf import Function, PostgresBinary, UsdtProbe
 from pgslowlog.enrichment import Enricher
 from pgslowlog.errors import UserError
 from pgslowlog.event import SlowQuery
-from pgslowlog.probes import (
-    GLOBALS,
-    OUTCOME_UPROBES,
-    ProbeDefinition,
-    Uprobe,
-    Usdt,
-    select_probes,
-    wanted_symbols,
-)
+from pgslowlog.probes import ChecksBinary, ProbeDefinition, select_probes, wanted_symbols
+from pgslowlog.records import BackendNotice, BoundParameter, NoticeKind, RawStatement
 from pgslowlog.sinks import BaseSink
 
 
@@ -367,23 +362,18 @@ def enricher(**options) -> Enricher:
     return Enricher(**{**defaults, **options})
 
 
-def statement(pid: int = 101, start_ns: int = 1_000, query: str = "select 1") -> RawStatement:
+def statement(
+    pid: int = 101, start_ns: int = 1_000, query: str = "select 1", **fields: Any
+) -> RawStatement:
     return RawStatement(
-        start_ns=start_ns,
+        start_unix_ns=start_ns,
         duration_ns=300_000_000,
         pid=pid,
         query=query,
-        query_truncated=False,
-        backend_exited=False,
         outcome="ok",
         protocol="extended",
-        application_name="",
+        **fields,
     )
-
-
-def bind(pid: int, start_ns: int, name: str = "", *values: bytes | None) -> BindMessage:
-    params = [BoundParameter(value, binary=False, cut=False) for value in values]
-    return BindMessage(pid, start_ns, "", name, params, complete=True)
 
 
 def test_background_processes_are_filtered_and_counted(titles):
@@ -418,53 +408,16 @@ def test_background_processes_are_reported_when_included(titles):
 def test_a_title_is_kept_until_the_backend_exits(titles):
     current, reads = titles
     enrich = enricher()
-    enrich.note(BackendNotice(RecordKind.BACKEND_STARTED, 101))
+    enrich.note(BackendNotice(NoticeKind.BACKEND_STARTED, 101))
     assert reads == [101]
     current[101] = "postgres: 15/main: checkpointer "  # not read again while 101 lives
     first, second = enrich.enrich(statement(101)), enrich.enrich(statement(101, start_ns=2_000))
     assert first is not None and second is not None and second.user == "app"
     assert reads == [101]
     # The backend exits; a background process gets its pid: its title is read afresh.
-    enrich.note(BackendNotice(RecordKind.BACKEND_EXITED, 101))
+    enrich.note(BackendNotice(NoticeKind.BACKEND_EXITED, 101))
     assert enrich.enrich(statement(101, start_ns=3_000)) is None
     assert reads == [101, 101] and enrich.filtered == 1
-
-
-def test_a_bind_pairs_with_the_statement_of_its_pid_and_start_only(titles):
-    enrich = enricher(include_background=True)
-    enrich.note_bind(bind(101, 1_000, "for_101", b"a"))
-    enrich.note_bind(bind(105, 1_000, "for_105", b"b"))
-    other = enrich.enrich(statement(105, start_ns=1_000))
-    own = enrich.enrich(statement(101, start_ns=1_000))
-    assert other is not None and own is not None
-    assert (other.statement_name, other.params) == ("for_105", ["b"])
-    assert (own.statement_name, own.params) == ("for_101", ["a"])
-    # Used once: the next statement of the same pid has no Bind of its own.
-    again = enrich.enrich(statement(101, start_ns=1_000))
-    assert again is not None and (again.statement_name, again.params) == (None, None)
-    # A Bind from an earlier statement whose record was lost pairs with nothing, and
-    # is gone: the statement after it does not get it either.
-    enrich.note_bind(bind(101, 1_500, "stale", b"old"))
-    later = enrich.enrich(statement(101, start_ns=2_000))
-    assert later is not None and later.params is None and later.statement_name is None
-    # A backend that exits takes its unpaired Bind with it (its pid may come back).
-    enrich.note_bind(bind(101, 3_000, "orphan", b"x"))
-    enrich.note(BackendNotice(RecordKind.BACKEND_EXITED, 101))
-    reused = enrich.enrich(statement(101, start_ns=3_000))
-    assert reused is not None and reused.params is None
-
-
-def test_unpaired_binds_are_bounded_when_exit_notices_are_lost(titles):
-    enrich = enricher(include_background=True, max_backends=16)  # 32 kept at most
-    for pid in range(1, 33):
-        enrich.note_bind(bind(pid, pid, f"s{pid}", b"v"))
-    enrich.note_bind(bind(1, 100, "again", b"w"))  # pid 1's next Bind: now the newest
-    enrich.note_bind(bind(33, 33, "s33", b"v"))  # one too many: the oldest, pid 2's, goes
-    oldest = enrich.enrich(statement(2, start_ns=2))
-    renewed, newest = enrich.enrich(statement(1, 100)), enrich.enrich(statement(33, 33))
-    assert oldest is not None and oldest.params is None
-    assert renewed is not None and renewed.params == ["w"]
-    assert newest is not None and newest.params == ["v"]
 
 
 def test_bound_values_are_formatted_as_postgresql_logs_them_and_cut(titles):
@@ -477,8 +430,7 @@ def test_bound_values_are_formatted_as_postgresql_logs_them_and_cut(titles):
         BoundParameter(b"ab", binary=False, cut=True),  # the kernel's copy ended in it
         BoundParameter("日本".encode(), binary=False, cut=False),  # no half character
     ]
-    enrich.note_bind(BindMessage(101, 1_000, "portal", "", parameters, complete=False))
-    event = enrich.enrich(statement(101, start_ns=1_000))
+    event = enrich.enrich(statement(101, statement_name="", params=parameters))
     assert event is not None
     assert event.params == ["0.25", "abcd...", "\\x0102ff", None, "ab...", "日..."]
     assert event.statement_name is None  # the unnamed statement
@@ -487,8 +439,7 @@ def test_bound_values_are_formatted_as_postgresql_logs_them_and_cut(titles):
 def test_params_max_length_0_logs_no_values(titles):
     enrich = enricher(params_max_length=0)
     values = [BoundParameter(b"secret", binary=False, cut=False)]
-    enrich.note_bind(BindMessage(101, 1_000, "portal", "named", values, complete=True))
-    event = enrich.enrich(statement(101, start_ns=1_000))
+    event = enrich.enrich(statement(101, statement_name="named", params=values))
     assert event is not None and event.params is None and event.statement_name == "named"
 
 
@@ -499,21 +450,21 @@ def test_redaction_replaces_literals_and_bound_values(titles):
         (False, query, ["42"]),
     ]:
         enrich = enricher(redact=redact)
-        enrich.note_bind(bind(101, 1_000, "", b"42", None))
-        event = enrich.enrich(statement(101, start_ns=1_000, query=query))
+        values = [
+            BoundParameter(b"42", binary=False, cut=False),
+            BoundParameter(None, False, False),
+        ]
+        event = enrich.enrich(statement(101, query=query, params=values))
         assert event is not None
         assert event.query == expected_query
         assert event.params == [*expected_params, None]
 
 
-def test_wall_clock_time_comes_from_the_monotonic_start(titles):
-    enrich = enricher()
-    enrich.sync_clock()
-    wall, monotonic = datetime.now(timezone.utc), time.monotonic_ns()
-    event = enrich.enrich(statement(101, start_ns=monotonic - 2_000_000_000))
+def test_the_event_starts_when_the_record_says_in_utc(titles):
+    start = datetime(2026, 12, 7, 10, 30, 15, 250_000, tzinfo=timezone.utc)
+    event = enricher().enrich(statement(101, start_ns=int(start.timestamp()) * 10**9 + 250_000_000))
     assert event is not None
-    assert abs(event.ts - (wall - timedelta(seconds=2))) < timedelta(milliseconds=50)
-    assert event.ts.tzinfo is timezone.utc
+    assert event.ts == start and event.ts.tzinfo is timezone.utc
     assert event.duration_ms == 300.0
 
 
@@ -540,14 +491,21 @@ def binary(
     )
 
 
-def definition(name: str, *attachments: Uprobe | Usdt, **options) -> ProbeDefinition:
-    return ProbeDefinition(
-        name=name,
-        description=f"{name} for the tests",
-        source=Path("x.c"),
+def definition(
+    name: str,
+    *attachments: Uprobe | Usdt,
+    globals: tuple[str, ...] = (),
+    requirement: Callable[[PostgresBinary], str | None] | None = None,
+    **options: Any,
+) -> ProbeDefinition:
+    """A BPF definition (never compiled here): what it needs is its program's."""
+    program = BpfProgram(
+        c_file=Path("x.c"),
         attachments=attachments or (Uprobe("f_common", f"on_{name}"),),
-        **options,
+        globals=globals,
+        **({"requirement": requirement} if requirement else {}),
     )
+    return ProbeDefinition(name=name, description=f"{name} for the tests", open=program, **options)
 
 
 MANUAL = definition("manual", priority=100, automatic=False)  # supported, never automatic
@@ -677,16 +635,28 @@ def test_a_definition_named_twice_or_also_picked_by_auto_attaches_once():
     assert names(select_probes(["auto", "auto"], AVAILABLE, binary(), "t")) == ["high"]
 
 
-def test_a_definition_needs_exactly_one_of_source_and_open_source():
-    def open_source(*_args: object) -> object:
+def test_a_factory_that_checks_no_binary_fits_every_binary():
+    def open_anything(*_args: object) -> Any:
         raise NotImplementedError
 
-    with pytest.raises(ValueError, match="needs exactly one of source"):
-        ProbeDefinition(name="neither", description="")
-    with pytest.raises(ValueError, match="needs exactly one of source"):
-        ProbeDefinition(name="both", description="", source=Path("x.c"), open_source=open_source)
-    sampled = ProbeDefinition(name="sampled", description="", open_source=open_source)
-    assert sampled.unsupported_reason(binary()) is None  # nothing to attach to
+    plain = ProbeDefinition(name="plain", description="", open=open_anything)
+    assert not isinstance(plain.open, ChecksBinary)
+    assert plain.unsupported_reason(binary()) is None and plain.symbols == frozenset()
+
+    class Picky:
+        symbols = frozenset({"f_special"})
+
+        def unsupported_reason(self, checked: PostgresBinary) -> str | None:
+            return None if "f_special" in checked.functions else "no f_special"
+
+        def __call__(self, *_args: object) -> Any:
+            raise NotImplementedError
+
+    picky = ProbeDefinition(name="picky", description="", open=Picky())
+    assert isinstance(picky.open, ChecksBinary)
+    assert picky.unsupported_reason(binary()) == "no f_special"
+    assert picky.unsupported_reason(binary(functions=("f_special",))) is None
+    assert wanted_symbols([plain, picky]) == {"f_special"}
 
 
 def test_wanted_symbols_are_the_definitions_and_the_shared_ones():
@@ -696,5 +666,5 @@ def test_wanted_symbols_are_the_definitions_and_the_shared_ones():
             definition("b", globals=("MyBEEntry",)),
         ]
     )
-    shared = {uprobe.symbol for uprobe in OUTCOME_UPROBES} | {"proc_exit"} | set(GLOBALS)
+    shared = {uprobe.symbol for uprobe in OUTCOME_UPROBES} | set(SHARED_GLOBALS)
     assert wanted == {"f_a", "f_common", "MyBEEntry"} | shared

@@ -98,3 +98,28 @@ def test_example_third_party_probe_definition(cluster, start_daemon):
     assert abs(event["duration_ms"] - 300) < 25
     assert daemon.stop() == 0
     assert daemon.events("not a utility statement") == []
+
+
+def test_example_third_party_definition_that_is_not_a_bpf_program(pg18, start_daemon):
+    """tests/example_source: a source that asks pg_stat_activity over SQL, written against
+    what `pgslowlog` exports and loaded through the same hook as the shipped ones."""
+    daemon = start_daemon(pg18, probes=["activity_sql"])
+    attached = daemon.process.wait_for_log("probe_attached")
+    assert attached["probe"] == "activity_sql" and attached["connections"] >= 1
+    # The connection stays open until the event is written: the example sees a statement
+    # end only while its backend lives (its docstring says so).
+    with psycopg.connect(pg18.dsn(), autocommit=True) as connection:
+        connection.execute("select pg_sleep(0.3) /* over sql */")
+        connection.execute("select 1 /* quick over sql */")
+        (event,) = daemon.wait_for_events("/* over sql */", 1)
+    assert (event["probe"], event["user"], event["database"]) == (
+        "activity_sql",
+        "postgres",
+        "postgres",
+    )
+    assert abs(event["duration_ms"] - 300) < 25  # PostgreSQL's own query_start and state_change
+    assert daemon.stop() == 0
+    assert daemon.events("quick over sql") == []
+    stopped = daemon.process.wait_for_log("stopped")
+    counters = stopped["kernel_counters"]["activity_sql@target0"]
+    assert counters["emitted"] >= 1 and counters["statements"] >= counters["emitted"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pgslowlog.statement_tracker import BackendSample, StatementTracker
+from pgslowlog.sampled.statements import BackendSample, StatementTracker
 
 
 def look(pid=7, running=True, start=1_000, state_start=1_000, wait="CPU", aborted=False):

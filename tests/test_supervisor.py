@@ -17,16 +17,17 @@ from structlog.testing import capture_logs
 
 from pgslowlog.config import DaemonConfig, TargetConfig, parse_config
 from pgslowlog.daemon import Daemon
-from pgslowlog.decoder import RawStatement
 from pgslowlog.dispatcher import Dispatcher
 from pgslowlog.elf import BinaryFile, PostgresBinary
 from pgslowlog.health import HealthReporter
 from pgslowlog.live_config import merge_live, needs_restart
-from pgslowlog.planner import Plan, PlannedTarget
-from pgslowlog.probe_set import ProbeSet
+from pgslowlog.planner import Plan, PlannedTarget, Planner
+from pgslowlog.plugin_manager import Plugins
+from pgslowlog.probe_set import ProbeSet, RunningProbe
 from pgslowlog.probes import ProbeDefinition
+from pgslowlog.records import RawStatement
 from pgslowlog.sinks import BaseSink
-from pgslowlog.sources import COUNTERS, ProbeLoadError
+from pgslowlog.sources import COUNTERS, HandsOver, ProbeLoadError
 from pgslowlog.target_watch import TargetWatcher
 from pgslowlog.targets import Target
 
@@ -109,14 +110,21 @@ class FakeSource:
     def emit(self, query: str, pid: int = 1) -> None:
         with self._reader.lock:
             self._reader.records.append(
-                RawStatement(0, 300_000_000, pid, query, False, False, "ok", "simple", "")
+                RawStatement(
+                    start_unix_ns=0, duration_ns=300_000_000, pid=pid, query=query, outcome="ok"
+                )
             )
         self.counts["statements"] += 1
         self.counts["emitted"] += 1
 
 
+def never_opened(*_args: Any) -> FakeSource:
+    raise AssertionError("this definition is only planned, never opened")
+
+
 def definition(name: str) -> ProbeDefinition:
-    return ProbeDefinition(name=name, description=name, open_source=FakeSource)
+    """A definition the watcher's tests plan with; opened only through a Harness."""
+    return ProbeDefinition(name=name, description=name, open=never_opened)
 
 
 _opened: list[BinaryFile] = []
@@ -150,18 +158,29 @@ class Harness:
         self.dispatcher.add_sink("list", self.sink, 1000, 5.0)
         self.dispatcher.start()
         self.failures: list[str] = []
+        self.fail = fail
         self.opened: list[FakeSource] = []
+        self.probes = ProbeSet(
+            self.dispatcher, DaemonConfig(include_background=True), self.failures.append
+        )
+        self.health = HealthReporter(self.probes, self.dispatcher)
+        self.probes.add_listener(self.health)
+        self.daemons: list[Daemon] = []
 
-        def opener(definition, target, daemon):
-            make = definition.open_source  # FakeSource, or a subclass a test gives
-            source = make(definition, target, fail_attach=definition.name in fail)
+    def daemon(self, config: Any, config_path: str = "unused.toml") -> Daemon:
+        """A daemon over this harness's dispatcher, with a probe set of its own."""
+        self.daemons.append(Daemon(config_path, config, Planner(Plugins()), self.dispatcher))
+        return self.daemons[-1]
+
+    def define(self, name: str, kind: type[FakeSource] = FakeSource) -> ProbeDefinition:
+        """A definition whose factory makes a `kind` source, kept in `opened`."""
+
+        def open_fake(definition: ProbeDefinition, target: Target, daemon: Any) -> FakeSource:
+            source = kind(definition, target, fail_attach=definition.name in self.fail)
             self.opened.append(source)
             return source
 
-        self.probes = ProbeSet(
-            self.dispatcher, DaemonConfig(include_background=True), self.failures.append, opener
-        )
-        self.health = HealthReporter(self.probes, self.dispatcher)
+        return ProbeDefinition(name=name, description=name, open=open_fake)
 
     def wait_for_events(self, count: int) -> list[Any]:
         deadline = time.monotonic() + 5
@@ -172,7 +191,9 @@ class Harness:
         return self.sink.events
 
     def close(self) -> None:
-        self.probes.stop_all(lambda running: None)
+        for daemon in self.daemons:
+            daemon.probes.stop_all()
+        self.probes.stop_all()
         self.dispatcher.close()
 
 
@@ -191,20 +212,20 @@ def harness():
 
 def test_probe_set_runs_each_source_with_its_collector(harness, tmp_path):
     h = harness()
-    started = h.probes.start(target(tmp_path), [definition("a"), definition("b")])
+    started = h.probes.start(target(tmp_path), [h.define("a"), h.define("b")])
     assert [r.name for r in started] == ["a@main", "b@main"]
     h.opened[1].emit("select from b")
     events = h.wait_for_events(1)
     assert (events[0].query, events[0].probe, events[0].target) == ("select from b", "b", "main")
     h.probes.set_threshold_ns(5)
-    h.probes.tick(h.health.retire)
+    h.probes.tick()
     assert [(s.threshold_ns, s.ticks) for s in h.opened] == [(5, 1), (5, 1)]
 
 
 def test_a_target_starts_all_its_probes_or_none(harness, tmp_path):
     h = harness(fail={"b"})
     with pytest.raises(ProbeLoadError, match="b refused"):
-        h.probes.start(target(tmp_path), [definition("a"), definition("b")])
+        h.probes.start(target(tmp_path), [h.define("a"), h.define("b")])
     assert len(h.probes) == 0
     assert all(source.closed for source in h.opened)
     assert h.opened[0]._reader.closed  # the collector that had started read to its end
@@ -214,18 +235,32 @@ def test_a_source_whose_collector_cannot_start_is_closed(harness, tmp_path, monk
     h = harness()
     monkeypatch.setattr(FakeSource, "reader", lambda self: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        h.probes.start(target(tmp_path), [definition("a")])
+        h.probes.start(target(tmp_path), [h.define("a")])
     assert len(h.probes) == 0 and h.opened[0].closed and not h.opened[0].attached
+
+
+class Recorder:
+    """A probe set listener that notes what it saw of each probe retiring."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, bool]] = []
+
+    def retiring(self, running: RunningProbe) -> None:
+        assert isinstance(running.source, FakeSource)
+        self.seen.append((running.name, running.source.closed))
 
 
 def test_stopping_one_target_drains_it_and_keeps_the_other(harness, tmp_path):
     h = harness()
-    h.probes.start(target(tmp_path, 0, "one"), [definition("a")])
-    h.probes.start(target(tmp_path, 1, "two"), [definition("a")])
+    recorder = Recorder()
+    h.probes.add_listener(recorder)
+    h.probes.start(target(tmp_path, 0, "one"), [h.define("a")])
+    h.probes.start(target(tmp_path, 1, "two"), [h.define("a")])
     one, two = h.opened
     one.emit("last words")  # still in the reader when the stop begins
-    seen = h.probes.stop_target(0, lambda running: (running.name, running.source.closed))
-    assert seen == [("a@one", False)]  # before_close sees it open, then it is closed
+    stopped = h.probes.stop_target(0)
+    assert [r.name for r in stopped] == ["a@one"]
+    assert recorder.seen == [("a@one", False)]  # a listener sees it open, then it is closed
     assert one.closed and not two.closed
     assert [r.target.name for r in h.probes] == ["two"]
     assert [e.query for e in h.wait_for_events(1)] == ["last words"]
@@ -233,7 +268,7 @@ def test_stopping_one_target_drains_it_and_keeps_the_other(harness, tmp_path):
 
 def test_losses_are_warned_once_each_and_health_sums_per_target(harness, tmp_path):
     h = harness()
-    h.probes.start(target(tmp_path), [definition("a"), definition("b")])
+    h.probes.start(target(tmp_path), [h.define("a"), h.define("b")])
     a, b = h.opened
     a.counts["ringbuf_full"] = 3
     with capture_logs() as logs:
@@ -271,13 +306,13 @@ def totals(h: Harness) -> dict[str, tuple[int, int]]:
 def test_totals_never_go_back_across_a_switch_and_a_failed_retire(harness, tmp_path):
     h = harness()
     main = target(tmp_path)
-    h.probes.start(main, [definition("a")])
+    h.probes.start(main, [h.define("a")])
     a = h.opened[0]
     a.emit("x")
     a.emit("y")
     h.health.report_losses()
     assert totals(h) == {"a": (2, 2)}
-    h.probes.switch(main, [definition("b")], h.health.retire)  # a stops: it cannot hand over
+    h.probes.switch(main, [h.define("b")])  # a stops: it cannot hand over
     h.health.report_losses()
     assert totals(h) == {"a": (2, 0), "b": (0, 2)}
     b = h.opened[1]
@@ -288,7 +323,7 @@ def test_totals_never_go_back_across_a_switch_and_a_failed_retire(harness, tmp_p
         raise OSError("reading counter statements failed")
 
     b.counters = unreadable  # its counters cannot be read as it retires
-    h.probes.stop_all(h.health.retire)
+    h.probes.stop_all()
     # Its last figures stay counted, and it no longer counts as attached.
     assert totals(h) == {"a": (2, 0), "b": (1, 0)}
     assert h.health.health()["targets"]["main"]["statements"] == 3
@@ -301,21 +336,21 @@ def test_an_observer_that_fails_costs_no_event(harness, tmp_path):
         raise ZeroDivisionError("a bug in counting")
 
     h.dispatcher.observers.append(broken)
-    h.probes.start(target(tmp_path), [definition("a")])
-    h.opened[0].emit("x")
-    assert [e.query for e in h.wait_for_events(1)] == ["x"]
-    assert h.dispatcher.observer_failures == 1
+    h.probes.start(target(tmp_path), [h.define("a")])
+    with capture_logs() as logs:
+        h.opened[0].emit("x")
+        assert [e.query for e in h.wait_for_events(1)] == ["x"]
+    assert [entry["event"] for entry in logs] == ["observer_failed"]
     assert not h.failures  # the collector carries on
 
 
 def test_stopped_line_counts_what_each_probe_did(harness, tmp_path):
     h = harness()
-    h.probes.start(target(tmp_path), [definition("a")])
+    h.probes.start(target(tmp_path), [h.define("a")])
     h.opened[0].emit("x")
     h.wait_for_events(1)
-    final = h.probes.stop_all(h.health.retire)
-    stopped = h.health.stopped(final)
-    assert stopped["kernel_counters"]["a@0"]["emitted"] == 1
+    stopped = h.health.stopped(h.probes.stop_all())
+    assert stopped["kernel_counters"]["a@main"]["emitted"] == 1
     assert stopped["targets"]["main"]["slow_events"] == 1
     # What was attached during the run, though detached by the time it is counted.
     assert stopped["targets"]["main"]["probes_attached"] == 1
@@ -327,7 +362,7 @@ class FakeProbeSet:
         self.refuse = refuse
         self.calls: list[tuple[str, int]] = []
 
-    def stop_target(self, index, before_close):
+    def stop_target(self, index):
         self.calls.append(("stop", index))
         return []
 
@@ -351,7 +386,7 @@ def test_watcher_attaches_to_a_new_file_once_and_names_a_missing_one(tmp_path):
         return Target(index, resolved[-1].binary, file, "main"), [definition("a")]
 
     probes = FakeProbeSet()
-    watcher = TargetWatcher(resolve, probes, lambda running: None)
+    watcher = TargetWatcher(resolve, probes)
     watcher.watch(0, config, None)
     with capture_logs() as logs:
         watcher.poll()  # nothing there yet
@@ -380,7 +415,7 @@ def test_watcher_does_not_retry_a_file_it_could_not_attach_to(tmp_path):
         return Target(index, binary, file, "main"), [definition("a")]
 
     probes = FakeProbeSet(refuse=True)
-    watcher = TargetWatcher(resolve, probes, lambda running: None)
+    watcher = TargetWatcher(resolve, probes)
     watcher.watch(0, TargetConfig(binary=str(path)), None)
     with capture_logs() as logs:
         watcher.poll()
@@ -402,7 +437,7 @@ def test_watcher_remembers_the_file_it_read_not_the_one_it_saw_first(tmp_path):
         binary = PostgresBinary(str(path), "15.18", 15, False, {}, {}, {})
         return Target(index, binary, file, "main"), [definition("a")]
 
-    watcher = TargetWatcher(resolve, FakeProbeSet(), lambda running: None)
+    watcher = TargetWatcher(resolve, FakeProbeSet())
     watcher.watch(0, TargetConfig(binary=str(path)), None)
     watcher.poll()
     assert watcher.watched[0].attached.inode == os.stat(path).st_ino
@@ -437,15 +472,14 @@ def test_daemon_reload_moves_the_threshold_and_reopens_sinks(harness, tmp_path, 
         '[sinks.file]\npath = "/tmp/x"\n'
     )
     h = harness()
-    h.probes.start(target(tmp_path), [definition("a")])
-    daemon = Daemon(str(config_path))
-    daemon.config = parse_config(
+    running = parse_config(
         {
             "target": [{"binary": "/x/postgres", "probes": ["a"]}],
             "sinks": {"file": {"path": "/tmp/x"}},
         }
     )
-    daemon.probes, daemon.dispatcher = h.probes, h.dispatcher
+    daemon = h.daemon(running, str(config_path))
+    daemon.probes.start(target(tmp_path), [h.define("a")])
     config_path.write_text(config_path.read_text().replace("200", "1500"))
     reopened = []
     h.sink.reopen = lambda: reopened.append(True)
@@ -479,10 +513,10 @@ def test_a_closed_binary_file_cannot_be_attached_to(tmp_path):
 def test_a_threshold_moved_by_reload_reaches_probes_started_later(harness, tmp_path):
     """A target re-attached after a SIGHUP (an upgrade) uses the live threshold."""
     h = harness()
-    h.probes.start(target(tmp_path, 0), [definition("a")])
+    h.probes.start(target(tmp_path, 0), [h.define("a")])
     h.probes.set_threshold_ns(1_500_000_000)
-    h.probes.stop_target(0, lambda running: None)
-    h.probes.start(target(tmp_path, 0), [definition("a")])  # as the watcher does
+    h.probes.stop_target(0)
+    h.probes.start(target(tmp_path, 0), [h.define("a")])  # as the watcher does
     assert [s.threshold_ns for s in h.opened] == [1_500_000_000, 1_500_000_000]
     assert h.opened[0].threshold_ns_at_attach == 200_000_000
     assert h.opened[1].threshold_ns_at_attach == 1_500_000_000
@@ -495,17 +529,15 @@ class BrokenSource(FakeSource):
 
 def test_a_source_that_raises_anything_is_one_failed_start_and_a_clean_stop(harness, tmp_path):
     h = harness()
-    broken = ProbeDefinition(name="broken", description="", open_source=BrokenSource)
-    daemon = Daemon("unused.toml")
-    daemon.probes = h.probes
-    daemon.watcher = TargetWatcher(lambda c, i: (target(tmp_path), []), h.probes, print)
+    broken = h.define("broken", BrokenSource)
     config = parse_config(BASE)
-    the_plan = Plan(config, [PlannedTarget(target(tmp_path, 0), [definition("a"), broken])], [], {})
+    daemon = h.daemon(config)
+    the_plan = Plan(config, [PlannedTarget(target(tmp_path, 0), [h.define("a"), broken])], [], {})
     with capture_logs() as logs:
         assert daemon._attach(the_plan) is False
     (failed,) = [entry for entry in logs if entry["event"] == "probe_failed"]
     assert "OSError: a third-party source failed" in failed["error"]
-    assert len(h.probes) == 0 and h.opened[0].closed  # the one that had started is stopped
+    assert len(daemon.probes) == 0 and h.opened[0].closed  # the one that had started is stopped
     assert the_plan.targets[0].target.file._fd is None  # the binary is closed
 
 
@@ -529,16 +561,18 @@ class HandingOverSource(FakeSource):
         return not self.still_running
 
 
-def looking(name: str) -> ProbeDefinition:
-    return ProbeDefinition(name=name, description="hands over", open_source=HandingOverSource)
+def test_a_source_hands_over_only_if_it_says_so():
+    assert isinstance(HandingOverSource(definition("x"), None), HandsOver)  # type: ignore[arg-type]
+    assert not isinstance(FakeSource(definition("x"), None), HandsOver)  # type: ignore[arg-type]
 
 
 def test_switching_to_a_source_that_takes_over_stops_the_old_one_at_once(harness, tmp_path):
     h = harness()
     where = target(tmp_path)
-    h.probes.start(where, [definition("trapping")])
+    h.probes.start(where, [h.define("trapping")])
     before = time.time_ns()
-    assert h.probes.switch(where, [looking("sampling")], h.health.retire) == ["sampling"]
+    started = h.probes.switch(where, [h.define("sampling", HandingOverSource)])
+    assert [r.name for r in started] == ["sampling@main"]
     new = h.opened[1]
     assert before <= new.took_over_at <= time.time_ns()
     # The old one was told nothing ends its way any more, then stopped and freed.
@@ -549,25 +583,25 @@ def test_switching_to_a_source_that_takes_over_stops_the_old_one_at_once(harness
 def test_switching_away_from_a_source_that_hands_over_keeps_it_until_done(harness, tmp_path):
     h = harness()
     where = target(tmp_path)
-    h.probes.start(where, [looking("sampling")])
-    assert h.probes.switch(where, [definition("trapping")], h.health.retire) == ["trapping"]
+    h.probes.start(where, [h.define("sampling", HandingOverSource)])
+    assert [r.name for r in h.probes.switch(where, [h.define("trapping")])] == ["trapping@main"]
     old = h.opened[0]
     assert old.handed_over_at is not None and not old.closed
     h.opened[0].emit("select from before the switch")  # its own statements still arrive
     assert h.wait_for_events(1)[0].query == "select from before the switch"
-    h.probes.tick(h.health.retire)
+    h.probes.tick()
     assert {r.name for r in h.probes} == {"sampling@main", "trapping@main"}
     old.still_running = False  # its last statement ended
-    h.probes.tick(h.health.retire)
+    h.probes.tick()
     assert [r.name for r in h.probes] == ["trapping@main"] and old.closed
 
 
 def test_a_switch_whose_new_source_fails_keeps_the_old_one(harness, tmp_path):
     h = harness(fail={"trapping"})
     where = target(tmp_path)
-    h.probes.start(where, [looking("sampling")])
+    h.probes.start(where, [h.define("sampling", HandingOverSource)])
     with pytest.raises(ProbeLoadError):
-        h.probes.switch(where, [definition("trapping")], h.health.retire)
+        h.probes.switch(where, [h.define("trapping")])
     assert [r.name for r in h.probes] == ["sampling@main"]
     assert h.opened[0].handed_over_at is None and not h.opened[0].closed
 
@@ -577,10 +611,13 @@ def test_a_failed_switch_leaves_the_old_threshold_as_it_was(harness, tmp_path):
     running with its own threshold, not the one raised for the switch."""
     h = harness(fail={"second"})
     where = target(tmp_path)
-    h.probes.start(where, [definition("trapping")])
+    h.probes.start(where, [h.define("trapping")])
     h.probes.set_threshold_ns(200_000_000)
     with pytest.raises(ProbeLoadError):
-        h.probes.switch(where, [looking("sampling"), looking("second")], h.health.retire)
+        h.probes.switch(
+            where,
+            [h.define("sampling", HandingOverSource), h.define("second", HandingOverSource)],
+        )
     assert h.opened[1].took_over_at is not None  # it was told, then stopped again
     assert h.opened[0].threshold_ns == 200_000_000 and not h.opened[0].closed
     assert [r.name for r in h.probes] == ["trapping@main"]
@@ -589,16 +626,12 @@ def test_a_failed_switch_leaves_the_old_threshold_as_it_was(harness, tmp_path):
 def test_the_new_source_takes_over_before_its_collector_reads(harness, tmp_path):
     h = harness()
     where = target(tmp_path)
-    h.probes.start(where, [definition("trapping")])
+    h.probes.start(where, [h.define("trapping")])
 
     class Early(HandingOverSource):
         def reader(self) -> FakeReader:
             assert self.took_over_at is not None, "read before the take-over mark"
             return super().reader()
 
-    h.probes.switch(
-        where,
-        [ProbeDefinition(name="early", description="x", open_source=Early)],
-        h.health.retire,
-    )
+    h.probes.switch(where, [h.define("early", Early)])
     assert h.opened[1].took_over_at is not None

@@ -1,4 +1,4 @@
-"""Pure logic: decoding, process titles, config defaults, plugin isolation."""
+"""Pure logic: process titles, config defaults, plugin isolation, redaction, ring buffer."""
 
 from __future__ import annotations
 
@@ -6,52 +6,14 @@ import struct
 
 import pytest
 
+from pgslowlog.bpf.ringbuf import BUSY_BIT, DISCARD_BIT, take_records
 from pgslowlog.config import parse_config
-from pgslowlog.decoder import HEADER, BackendNotice, RecordKind, decode, decode_text
 from pgslowlog.enrichment import parse_process_title
 from pgslowlog.errors import UserError
 from pgslowlog.hookspecs import hookimpl
 from pgslowlog.machine import check_architecture
 from pgslowlog.plugin_manager import Plugins
 from pgslowlog.redaction import redact_literals, redact_parameters
-from pgslowlog.ringbuf import BUSY_BIT, DISCARD_BIT, take_records
-
-
-def record(
-    query: bytes, truncated: int = 0, kind: int = 0, pid: int = 42, outcome: int = 0
-) -> bytes:
-    header = HEADER.pack(10, 300_000_000, pid, len(query), truncated, 0, kind, outcome, 2, b"app")
-    return header + query
-
-
-def test_decode_statement():
-    raw = decode(record(b"select 1", outcome=2))
-    assert (raw.pid, raw.duration_ns, raw.query, raw.query_truncated) == (
-        42,
-        300_000_000,
-        "select 1",
-        False,
-    )
-    assert (raw.outcome, raw.protocol, raw.application_name) == ("cancelled", "extended", "app")
-
-
-def test_decode_backend_notice():
-    assert decode(record(b"", kind=RecordKind.BACKEND_EXITED, pid=7)) == BackendNotice(
-        RecordKind.BACKEND_EXITED, 7
-    )
-
-
-@pytest.mark.parametrize(
-    "broken", [b"short", record(b"abc")[:-1], record(b"", kind=9), record(b"", outcome=7)]
-)
-def test_decode_rejects_broken_records(broken):
-    with pytest.raises(ValueError):
-        decode(broken)
-
-
-def test_truncation_drops_half_a_character():
-    assert decode_text("héé".encode()[:-1], truncated=True) == "hé"
-    assert decode_text(b"a\xffb", truncated=False) == "a\ufffdb"
 
 
 @pytest.mark.parametrize(
@@ -149,33 +111,6 @@ def test_every_shipped_sink_is_documented():
     assert [
         n for n in shipped if f"`[sinks.{n}]`" not in sinks_page or f"[sinks.{n}]" not in example
     ] == []
-
-
-def bind_section(formats, values):
-    import struct
-
-    body = struct.pack(">h", len(formats)) + b"".join(struct.pack(">h", f) for f in formats)
-    body += struct.pack(">h", len(values))
-    for value in values:
-        body += struct.pack(">i", -1) if value is None else struct.pack(">i", len(value)) + value
-    return body + struct.pack(">h", 0)  # no result formats
-
-
-def test_bind_parameters_text_binary_null_and_cut():
-    from pgslowlog.decoder import parse_bind_parameters
-    from pgslowlog.enrichment import format_parameter
-
-    section = bind_section([0, 1, 0], [b"0.3", b"\x3f\xd3\x33\x33\x33\x33\x33\x33", None])
-    params, complete = parse_bind_parameters(section)
-    assert complete
-    assert [format_parameter(p, 1024) for p in params] == ["0.3", "\\x3fd3333333333333", None]
-    # one format code applies to every value; a value over the limit is cut like PostgreSQL's
-    params, _ = parse_bind_parameters(bind_section([0], [b"abcdef", "日本".encode()]))
-    assert [format_parameter(p, 4) for p in params] == ["abcd...", "日..."]
-    # a copy that ends inside the second value (5 bytes short: 2 of the trailer, 3 of it)
-    params, complete = parse_bind_parameters(bind_section([], [b"first", b"second"])[:-5])
-    assert not complete
-    assert [format_parameter(p, 1024) for p in params] == ["first", "sec..."]
 
 
 @pytest.mark.parametrize(

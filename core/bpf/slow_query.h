@@ -1,16 +1,16 @@
 /*
  * What every probe definition shares: the in-flight statement map, the live
  * threshold, the counters and the ring buffer, the record that leaves the kernel,
- * and the outcome handlers (error, cancel) the loader attaches for every
+ * and the outcome handlers (error, cancel) bpf/program.py attaches for every
  * definition. A probe's .c file only decides *when* a statement begins and ends
  * and calls statement_begin() / statement_end().
  *
- * The loader puts this text in front of the probe's .c file to make one
+ * bpf/program.py puts this text in front of the program's .c file to make one
  * translation unit: bcc rewrites map calls (settings.lookup() and friends) only
  * in the main file, so an #include of this file would not work.
  *
  * The record layout, the enums, the counters and the settings indexes are what
- * user space reads (pgslowlog/decoder.py, loader.py): it passes its view as PY_*
+ * user space reads (pgslowlog/bpf/decoder.py, program.py): it passes its view as PY_*
  * cflags and the _Static_asserts below stop the compile where the two differ.
  *
  * No kernel struct is dereferenced anywhere: the kernel headers bcc compiles
@@ -21,7 +21,7 @@
  * structs (backend_status, for PgBackendStatus) get each offset per major
  * version as cflags from their plugin, which refuses versions it does not know.
  *
- * Set by the loader through cflags:
+ * Set by bpf/program.py through cflags:
  *   QUERY_MAX_BYTES         bytes of query text kept per statement
  *   RINGBUF_PAGES           ring buffer size in pages (a power of two)
  *   REPORT_BACKEND_EXIT     1 to report a statement whose backend exits mid-way
@@ -32,14 +32,14 @@
  *   REPORT_FAILURES         1 (sampled only): the outcome handlers send each error and
  *                           cancel as a RECORD_FAILURE, for a definition that times
  *                           statements without this program (optional, default 0)
- *   PY_*                    user space's view of the layout (loader.shared_layout_cflags)
+ *   PY_*                    user space's view of the layout (program.shared_layout_cflags)
  */
 #include <uapi/linux/ptrace.h>
 
 #if !defined(QUERY_MAX_BYTES) || !defined(RINGBUF_PAGES) || \
     !defined(REPORT_BACKEND_EXIT) || !defined(PROTOCOL) || !defined(APPLICATION_NAME_VADDR) || \
     !defined(CAPTURE_PARAMS) || !defined(PY_RECORD_HEADER_SIZE)
-#error "the loader passes QUERY_MAX_BYTES, RINGBUF_PAGES, ... as cflags"
+#error "bpf/program.py passes QUERY_MAX_BYTES, RINGBUF_PAGES, ... as cflags"
 #endif
 #ifndef REPORT_FAILURES
 #define REPORT_FAILURES 0
@@ -102,7 +102,7 @@ struct bind_record {
     u8 pending;                   /* kept, never sent: a Bind waits for its statement's end */
 };
 
-/* Counters read (and logged when they move) by pgslowlog/loader.py. */
+/* Counters read (and logged when they move) by pgslowlog/bpf/source.py. */
 enum counter {
     COUNTER_STATEMENTS = 0,     /* statements that began */
     COUNTER_EMITTED = 1,        /* slow statements sent to user space */
@@ -115,7 +115,7 @@ enum counter {
 /* The layout user space reads, checked against what it says it reads. */
 #define SAME_AS_USER_SPACE(c_value, py_value, what) \
     _Static_assert((c_value) == (py_value), \
-                   what " differs between bpf/slow_query.h and decoder.py or loader.py")
+                   what " differs between bpf/slow_query.h and user space (bpf/decoder.py, program.py)")
 #define HEADER_FIELD(field) \
     SAME_AS_USER_SPACE(offsetof(struct record_header, field), PY_HEADER_##field, \
                        "the offset of record_header." #field)
@@ -178,7 +178,7 @@ BPF_TASK_STORAGE(backend_binds, struct bind_record);
  * removed by the exit tracepoint below instead of by the kernel.
  */
 #ifndef MAX_BACKENDS
-#error "the loader passes MAX_BACKENDS as a cflag"
+#error "bpf/program.py passes MAX_BACKENDS as a cflag"
 #endif
 BPF_F_TABLE("hash", u32, struct slow_query, backend_statements, MAX_BACKENDS, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", u32, struct bind_record, backend_binds, MAX_BACKENDS, BPF_F_NO_PREALLOC);
@@ -508,7 +508,7 @@ static __always_inline int statement_end(int backend_exited)
 }
 
 /*
- * Outcome, attached by the loader for every definition where the binary has the
+ * Outcome, attached by bpf/program.py for every program where the binary has the
  * exported symbols. StatementCancelHandler is the SIGINT handler: statement_timeout,
  * pg_cancel_backend() and a client's cancel request all arrive through it.
  * AbortCurrentTransaction runs when a client backend recovers from an ERROR: the

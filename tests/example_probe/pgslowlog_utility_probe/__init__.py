@@ -9,19 +9,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pgslowlog import ProbeDefinition, RegisterProbe, Uprobe, hookimpl
-from pgslowlog.probes import Protocol
+from pgslowlog import BpfProgram, ProbeDefinition, RegisterProbe, Uprobe, hookimpl
 
 UTILITY = ProbeDefinition(
     name="utility",
     description="utility statements (DO, VACUUM, DDL) through standard_ProcessUtility",
-    source=Path(__file__).with_name("utility.c"),
-    attachments=(
-        Uprobe(symbol="standard_ProcessUtility", function="on_utility"),
-        Uprobe(symbol="standard_ProcessUtility", function="on_utility_return", retprobe=True),
+    open=BpfProgram(
+        c_file=Path(__file__).with_name("utility.c"),
+        attachments=(
+            Uprobe(symbol="standard_ProcessUtility", function="on_utility"),
+            Uprobe(symbol="standard_ProcessUtility", function="on_utility_return", retprobe=True),
+        ),
     ),
-    priority=0,  # never chosen by "auto": only when a target names it
-    protocol=Protocol.COUNTED,
+    automatic=False,  # never chosen by "auto": only when a target names it
 )
 
 

@@ -3,7 +3,7 @@
 bcc compiles with clang and LLVM inside the calling process: importing bcc alone
 maps and relocates about 60 MB of LLVM, and a compile peaks well above that. A
 daemon that lives for months should not carry that for one start-up step, so the
-daemon runs this module as a child (`python -m pgslowlog.compiler`): it compiles,
+daemon runs this module as a child (`python -m pgslowlog.bpf.compiler`): it compiles,
 loads the programs into the kernel (the verifier runs here), creates the maps,
 and hands the program and map file descriptors back over a Unix socket
 (SCM_RIGHTS). The kernel objects outlive the child; the daemon attaches and
@@ -64,7 +64,7 @@ def compile_program(
     }
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "pgslowlog.compiler"],
+            [sys.executable, "-m", "pgslowlog.bpf.compiler"],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -21,6 +21,9 @@ import mmap
 import select
 import struct
 
+from pgslowlog.bpf.decoder import RecordDecoder
+from pgslowlog.records import Record
+
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 HEADER_BYTES = 8
@@ -98,3 +101,34 @@ def ring_buffer_fd_size(fd: int) -> int:
             if line.startswith("max_entries:"):
                 return int(line.split()[1])
     raise OSError(f"fd {fd} is not a BPF map")
+
+
+class RingBufferReader:
+    """The sources.RecordReader of one BPF program: its main ring buffer, then its
+    spill one, decoded by the program's own RecordDecoder.
+
+    The main ring buffer wakes the reader; the spill one (records the main one
+    refused, rare) is read at every look.
+    """
+
+    def __init__(self, rings: list[RingBuffer], decoder: RecordDecoder) -> None:
+        self._rings = rings
+        self.decoder = decoder
+
+    def wait(self, timeout_ms: int) -> None:
+        self._rings[0].wait(timeout_ms)
+
+    def read(self, limit: int) -> list[bytes]:
+        self.decoder.sync_clock()  # once per batch: every record of it gets one offset
+        records: list[bytes] = []
+        for ring in self._rings:
+            if len(records) < limit:
+                records += ring.read(limit - len(records))
+        return records
+
+    def decode(self, record: bytes) -> Record | None:
+        return self.decoder.decode(record)
+
+    def close(self) -> None:
+        for ring in self._rings:
+            ring.close()

@@ -1,13 +1,13 @@
-"""Looks at PostgreSQL's own bookkeeping from outside: no trap per statement.
+"""One look at a cluster: PostgreSQL's own bookkeeping, read from outside.
 
 Every backend keeps its pg_stat_activity entry (PgBackendStatus, found through the
 exported MyBEEntry) and its PGPROC (MyProc, whose wait_event_info says what it waits
 on) in shared memory, mapped at the same address in every process of the cluster.
 So each look reads every backend's entry and wait word from the postmaster in one
-process_vm_readv, and the StatementTracker turns the looks into statements. The
-running statement's full text comes from the backend's own debug_query_string,
-read once when the statement is old enough to matter; PostgreSQL's copy in shared
-memory (cut at track_activity_query_size) is the fallback.
+process_vm_readv, and the StatementTracker (statements.py) turns the looks into
+statements. The running statement's full text comes from the backend's own
+debug_query_string, read once when the statement is old enough to matter;
+PostgreSQL's copy in shared memory (cut at track_activity_query_size) is the fallback.
 
 A backend whose MyBEEntry is still NULL is starting up: it is asked again at the
 next look, never cached as NULL.
@@ -15,17 +15,14 @@ next look, never cached as NULL.
 
 from __future__ import annotations
 
-import os
 import struct
-import time
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from itertools import compress
 from operator import ne
-from pathlib import Path
 
-from pgslowlog.elf import FileIdentity, PostgresBinary
-from pgslowlog.pg_layouts import BackendStatusLayout
+from pgslowlog.elf import PostgresBinary
+from pgslowlog.pg_layouts import SAMPLER_GLOBALS, BackendStatusLayout
 from pgslowlog.pg_wait_events import wait_event_name
 from pgslowlog.process_memory import (
     MemoryReadError,
@@ -35,58 +32,14 @@ from pgslowlog.process_memory import (
     read_c_string,
     read_pointer,
 )
-from pgslowlog.statement_tracker import BackendSample
+from pgslowlog.sampled.procfs import children_of, is_child
+from pgslowlog.sampled.statements import BackendSample
 
-PG_EPOCH_UNIX_US = 946_684_800 * 1_000_000  # 2000-01-01, PostgreSQL's timestamp zero
 NAMEDATALEN = 64
-GLOBALS = (
-    "MyBEEntry",
-    "MyProc",
-    "debug_query_string",
-    "pgstat_track_activity_query_size",
-    "MaxBackends",
-)
 _INT = struct.Struct("<i")
 _INT64 = struct.Struct("<q")
 _UINT32 = struct.Struct("<I")
 _UINT64 = struct.Struct("<Q")
-
-
-def pg_now_us() -> int:
-    """Now, in PostgreSQL's microseconds since 2000-01-01."""
-    return time.time_ns() // 1000 - PG_EPOCH_UNIX_US
-
-
-def postmasters(identity: FileIdentity, backends: AbstractSet[int] = frozenset()) -> list[int]:
-    """Pids of the postmasters running this binary file: processes running it whose
-    parent does not (a backend's parent is its postmaster). `backends`, known not to
-    be postmasters, are passed over: at a thousand backends, asking each for its
-    executable and parent every second would cost more than all the looks."""
-    running = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in backends:
-            continue
-        try:
-            status = os.stat(f"/proc/{entry}/exe")
-        except OSError:
-            continue
-        if (status.st_dev, status.st_ino) == (identity.device, identity.inode):
-            running.add(int(entry))
-    return sorted(pid for pid in running if _parent(pid) not in running)
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """/proc/PID/stat after the command name (which may hold spaces): state, ppid, ..."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2 :].split()
-
-
-def _parent(pid: int) -> int:
-    fields = _stat_fields(pid)
-    return int(fields[1]) if fields else 0
 
 
 class ClusterStarting(MemoryReadError):
@@ -94,7 +47,9 @@ class ClusterStarting(MemoryReadError):
 
 
 @dataclass
-class Backend:
+class SampledBackend:
+    """A backend the looks follow: where its entry and PGPROC are."""
+
     pid: int
     entry: int  # its PgBackendStatus, in shared memory
     proc: int  # its PGPROC, in shared memory
@@ -106,11 +61,11 @@ class Backend:
 class Look:
     """What one look at a cluster found."""
 
-    samples: list[tuple[Backend, BackendSample | None]] = field(default_factory=list)
-    appeared: list[Backend] = field(default_factory=list)
+    samples: list[tuple[SampledBackend, BackendSample | None]] = field(default_factory=list)
+    appeared: list[SampledBackend] = field(default_factory=list)
     # Backends whose slot was given up or taken over, with the slot's last state if it
     # still was theirs (PostgreSQL clears only st_procpid when a backend exits).
-    gone: list[tuple[Backend, BackendSample | None]] = field(default_factory=list)
+    gone: list[tuple[SampledBackend, BackendSample | None]] = field(default_factory=list)
 
 
 # A look is one system call that copies the whole status array (every backend's
@@ -122,7 +77,7 @@ class Look:
 # backend costs no Python at all: the cost of a look is that of a few large copies.
 # A slot that changed is decoded; that is how new backends (a pid in a slot nobody
 # owned) and exits (st_procpid cleared) are found, within one look, with no /proc scan.
-class Cluster:
+class ClusterMemory:
     """One postmaster and its children, read through the postmaster's address space."""
 
     def __init__(
@@ -134,8 +89,8 @@ class Cluster:
         bias = mapped - binary.base_vaddr  # 0 for a build that is not position-independent
         self.pid = postmaster
         self.layout = layout
-        self._addresses = {name: bias + binary.objects[name] for name in GLOBALS}
-        self.backends: dict[int, Backend] = {}
+        self._addresses = {name: bias + binary.objects[name] for name in SAMPLER_GLOBALS}
+        self.backends: dict[int, SampledBackend] = {}
         self.query_size = _INT.unpack(
             read(postmaster, self._addresses["pgstat_track_activity_query_size"], 4)
         )[0]
@@ -147,7 +102,7 @@ class Cluster:
         self._span = self.slot_count * layout.backend_status_size  # bytes of the array
         self.base: int | None = None  # BackendStatusArray: known once a backend tells it
         self.lost = False  # its memory could not be read at the last look
-        self.slots: dict[int, Backend] = {}
+        self.slots: dict[int, SampledBackend] = {}
         self._running = (layout.state_running, layout.state_fastpath)
         self._reader: RangeReader | None = None
         self._wait_at: dict[int, int] = {}  # slot -> offset of its wait word in a look
@@ -155,20 +110,14 @@ class Cluster:
         self._strangers: dict[int, int] = {}  # slot -> start of a process that is not ours
 
     def children(self) -> set[int]:
-        try:
-            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
-        except OSError:
-            return set()
-        return {int(pid) for pid in text.split()}
+        return children_of(self.pid)
 
     def still_child(self, pid: int) -> bool:
         """The children file may miss a running child (the kernel documents it as
-        unreliable): ask the process itself before calling it gone. An exited child
-        the postmaster has not reaped yet (a zombie) is gone: its slot is free to reuse."""
-        fields = _stat_fields(pid)
-        return fields is not None and fields[0] != "Z" and int(fields[1]) == self.pid
+        unreliable): ask the process itself before calling it gone."""
+        return is_child(pid, self.pid)
 
-    def adopt(self, pid: int) -> Backend | None:
+    def adopt(self, pid: int) -> SampledBackend | None:
         """A child's entry and PGPROC; None while it is starting (MyBEEntry still NULL,
         or the entry not yet filled in: it may still hold a former owner's data)."""
         layout = self.layout
@@ -192,7 +141,7 @@ class Cluster:
             self.base = entry - slot * layout.backend_status_size
         elif entry != self.base + slot * layout.backend_status_size:
             return None  # not where its number says: torn, or not what we think it is
-        backend = Backend(pid, entry, proc, started, slot)
+        backend = SampledBackend(pid, entry, proc, started, slot)
         self.backends[pid] = backend
         if slot is not None:
             self._own(slot, backend)
@@ -206,7 +155,7 @@ class Cluster:
         assert offset is not None  # every layout has one of the two
         return offset
 
-    def _own(self, slot: int, backend: Backend) -> None:
+    def _own(self, slot: int, backend: SampledBackend) -> None:
         if (former := self.slots.get(slot)) is not None and former is not backend:
             self.backends.pop(former.pid, None)
         self.slots[slot] = backend
@@ -238,8 +187,9 @@ class Cluster:
         first = ints[layout.st_changecount // 4 : span // 4 : step].tolist()
         second = ints[(span + layout.st_changecount) // 4 : 2 * span // 4 : step].tolist()
         changed = set(compress(range(self.slot_count), map(ne, first, self._last_count)))
-        changed.update(self.backends[pid].slot for pid in watch if pid in self.backends)
-        changed.discard(None)  # type: ignore[arg-type]
+        for pid in watch:
+            if (followed := self.backends.get(pid)) is not None and followed.slot is not None:
+                changed.add(followed.slot)
         for slot in sorted(changed):
             count = first[slot]
             if count & 1 or count != second[slot]:
@@ -303,7 +253,7 @@ class Cluster:
                 del self.slots[backend.slot]
                 self._reader = None
 
-    def read_entry(self, backend: Backend, live: bool = False) -> BackendSample | None:
+    def read_entry(self, backend: SampledBackend, live: bool = False) -> BackendSample | None:
         """One backend's entry on its own: its last state after it exited (None if its
         slot has a new owner or cannot be read), or a live look."""
         try:
@@ -317,7 +267,7 @@ class Cluster:
         return self._decode(backend, raw, [0, 4, 4 + size, 8 + size], exited=not live)
 
     def _decode(
-        self, backend: Backend, raw: bytes | memoryview, at: list[int], exited: bool = False
+        self, backend: SampledBackend, raw: bytes | memoryview, at: list[int], exited: bool = False
     ) -> BackendSample | None:
         layout = self.layout
         entry = at[1]
@@ -351,7 +301,7 @@ class Cluster:
             client=_INT.unpack_from(raw, entry + layout.st_backendType)[0] == layout.b_backend,
         )
 
-    def statement_text(self, backend: Backend, limit: int) -> tuple[bytes, bool] | None:
+    def statement_text(self, backend: SampledBackend, limit: int) -> tuple[bytes, bool] | None:
         """The running statement's full text from the backend itself: (text, cut)."""
         try:
             address = read_pointer(backend.pid, self._addresses["debug_query_string"])
@@ -362,14 +312,14 @@ class Cluster:
             return None
         return text[:limit], len(text) > limit
 
-    def _entry(self, backend: Backend) -> bytes | None:
+    def _entry(self, backend: SampledBackend) -> bytes | None:
         """The backend's whole entry, read now (no change count check: one field's use)."""
         try:
             return read(self.pid, backend.entry, self.layout.backend_status_size)
         except MemoryReadError:
             return None
 
-    def shared_text(self, backend: Backend, start_us: int) -> tuple[bytes, bool] | None:
+    def shared_text(self, backend: SampledBackend, start_us: int) -> tuple[bytes, bool] | None:
         """PostgreSQL's own copy in shared memory, cut at track_activity_query_size, if
         it is still that of the statement that began at `start_us`."""
         layout = self.layout
@@ -387,13 +337,14 @@ class Cluster:
             return None
         return text, len(text) >= self.query_size - 1
 
-    def activity_start(self, backend: Backend) -> int | None:
+    def activity_start(self, backend: SampledBackend) -> int | None:
         entry = self._entry(backend)
         if entry is None:
             return None
-        return _INT64.unpack_from(entry, self.layout.st_activity_start_timestamp)[0]
+        start: int = _INT64.unpack_from(entry, self.layout.st_activity_start_timestamp)[0]
+        return start
 
-    def application_name(self, backend: Backend) -> str:
+    def application_name(self, backend: SampledBackend) -> str:
         entry = self._entry(backend)
         address = _UINT64.unpack_from(entry, self.layout.st_appname)[0] if entry else 0
         try:

@@ -1,0 +1,384 @@
+"""`sampled`'s StatementSource: the looks, turned into slow statements, in the collector.
+
+Every `[daemon] sample_interval_ms` its collector's thread takes one look at every
+cluster running the binary (reading.py) and feeds the tracker (statements.py): an
+ordinary statement costs PostgreSQL nothing. The outcome comes from the failure
+uprobes (outcomes.py). What it gives up, said in each event: a statement that ends
+between two looks is timed to the next one's start (`duration_exact: false`), a
+statement shorter than threshold + 2 intervals may go unseen, and the protocol is
+not told.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Optional
+
+from pgslowlog.bpf.ringbuf import RingBufferReader
+from pgslowlog.bpf.source import BpfSource
+from pgslowlog.config import DaemonConfig
+from pgslowlog.elf import PostgresBinary
+from pgslowlog.pg_layouts import EXPORTED_GLOBALS, LAYOUTS, SAMPLER_GLOBALS, layout_for
+from pgslowlog.probes import ProbeDefinition
+from pgslowlog.records import BackendNotice, NoticeKind, RawStatement, Record
+from pgslowlog.sampled.discovery import DISCOVER_EVERY_S, Discovery
+from pgslowlog.sampled.hand_over import HandOverWindow
+from pgslowlog.sampled.outcomes import OUTCOMES_PROGRAM, OutcomeMatcher, reports_outcomes
+from pgslowlog.sampled.pg_time import pg_now_us, pg_us, unix_ns
+from pgslowlog.sampled.reading import ClusterMemory, SampledBackend
+from pgslowlog.sampled.statements import BackendSample, Finished, InFlight, StatementTracker
+from pgslowlog.sampled.thresholds import ThresholdHistory
+from pgslowlog.sources import COUNTERS, DecodeError, LossCause, ProbeLoadError
+from pgslowlog.targets import Target
+
+# A statement's text is read once it is this many intervals short of the threshold:
+# one that reaches the threshold is still running at some look after that.
+TEXT_MARGIN_INTERVALS = 3
+# "auto" picks sampled when the threshold is at least this many intervals: a statement
+# of threshold + 2 intervals is then seen running at 5 or more looks, so it is never
+# missed, and the end of one that ends between looks is off by at most 1/5 of the
+# threshold (and flagged an upper bound). Below it, a uprobe definition times exactly.
+AUTO_FLOOR_INTERVALS = 5
+FAILURES_PER_LOOK = 4096  # failure reports taken at once: far more than a look brings
+
+
+def auto_floor_ms(daemon: DaemonConfig) -> float:
+    return AUTO_FLOOR_INTERVALS * daemon.sample_interval_ms
+
+
+class SampledSource:
+    """The StatementSource of `sampled`; its collector's thread does the looking."""
+
+    loss_causes: Mapping[str, LossCause] = {  # sources.ExplainsLosses
+        "unrecorded": LossCause(
+            "slow_statements_unrecorded",
+            "the looks fell behind: a slow statement ended before its text was read",
+            "raise daemon.sample_interval_ms, or use the activity probe",
+        ),
+    }
+
+    def __init__(self, definition: ProbeDefinition, target: Target, daemon: DaemonConfig) -> None:
+        self._target = target
+        self._discovery = Discovery(
+            target.binary, target.file.identity, layout_for(target.binary.major)
+        )
+        self._interval_s = daemon.sample_interval_ms / 1000
+        self._query_max_bytes = daemon.query_max_bytes
+        self._include_background = daemon.include_background
+        self._thresholds = ThresholdHistory(round(daemon.threshold_ms * 1000))
+        self._tracker = StatementTracker()
+        self._window = HandOverWindow()
+        self._matcher = OutcomeMatcher()
+        self._owner: dict[int, tuple[ClusterMemory, SampledBackend]] = {}  # pid -> where
+        self._app_names: dict[int, str] = {}
+        self._background: set[int] = set()  # followed backends that are not clients
+        self._counts = dict.fromkeys(COUNTERS, 0)
+        self._attached = False
+        self._final_look = False
+        self._next_look = 0.0
+        self._next_scan = 0.0
+        self._primed: list[Record] = []
+        self._looks_begun = self._looks_done = 0
+        self._failure_reader: RingBufferReader | None = None
+        self._outcomes: BpfSource | None = None
+        if reports_outcomes(target.binary):
+            self._outcomes = OUTCOMES_PROGRAM(definition, target, daemon)
+
+    @property
+    def attached_count(self) -> int:
+        """The sampler, and the failure uprobes."""
+        outcomes = self._outcomes.attached_count if self._outcomes else 0
+        return outcomes + (1 if self._attached else 0)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "sample_interval_ms": self._interval_s * 1000,
+            "clusters": sorted(self._discovery.clusters),
+            "failure_uprobes": self._outcomes.attached_count if self._outcomes else 0,
+        }
+
+    def attach(self) -> None:
+        if self._outcomes is not None:
+            self._outcomes.attach()
+            self._failure_reader = self._outcomes.reader()
+        try:
+            self._discovery.discover(self._owner.keys())
+        except OSError as error:
+            raise ProbeLoadError(f"sampling {self._target.binary.path} failed: {error}") from None
+        self._attached = True
+        # A first look now: what runs at this moment is known before attach() returns,
+        # which a definition switch relies on (take_over).
+        self._primed = self._read(0)
+        self._next_look = 0.0
+
+    # sources.HandsOver
+    def take_over(self, at_ns: int) -> None:
+        self._window.take_over(pg_us(at_ns))
+
+    def hand_over(self, at_ns: int) -> None:
+        # The collector's thread is looking meanwhile: the window waits for a look that
+        # began after this.
+        self._window.hand_over(pg_us(at_ns), self._looks_begun)
+
+    @property
+    def handed_over(self) -> bool:
+        running = list(self._tracker.in_flight.values())  # one copy: the collector changes it
+        return self._window.done(running, self._background, self._looks_done)
+
+    def reader(self) -> _Looking:
+        return _Looking(self)
+
+    def set_threshold_ns(self, threshold_ns: int) -> None:
+        self._thresholds.change(threshold_ns // 1000, pg_now_us())
+
+    def tick(self) -> None:
+        pass  # clocks: PostgreSQL's timestamps are wall-clock time already
+
+    def counters(self) -> dict[str, int]:
+        counts = dict(self._counts)
+        if self._outcomes is not None:
+            counts["ringbuf_full"] = self._outcomes.counters()["ringbuf_full"]
+        return counts
+
+    def detach(self) -> None:
+        if self._attached:
+            self._final_look = True
+        self._attached = False
+        if self._outcomes is not None:
+            self._outcomes.detach()
+
+    def close(self) -> None:
+        """After the collector closed its reader, and after the counters' last read."""
+        self.detach()
+        self.close_reading()
+        if self._outcomes is not None:
+            self._outcomes.close()
+
+    def close_reading(self) -> None:
+        if self._failure_reader is not None:
+            self._failure_reader.close()
+            self._failure_reader = None
+
+    # What _Looking runs, in the collector's thread.
+    def wait(self, timeout_ms: int) -> None:
+        delay = self._next_look - time.monotonic()
+        if delay > 0:
+            time.sleep(min(delay, timeout_ms / 1000))
+
+    def read(self, limit: int) -> list[Record]:
+        if self._primed:
+            primed, self._primed = self._primed, []
+            return primed
+        return self._read(limit)
+
+    def _read(self, limit: int) -> list[Record]:
+        """One look's records (a look yields few; `limit` is never reached)."""
+        now = time.monotonic()
+        if not self._attached:
+            if not self._final_look:
+                return []
+            # Detached (a stop, a switch): one last look, so that a statement that
+            # ended in the last interval is still reported (the collector drains once
+            # more after the stop).
+            self._final_look = False
+        elif now < self._next_look:
+            return []
+        self._next_look = now + self._interval_s
+        if self._discovery.due():
+            self._discovery.discover(self._owner.keys())
+        self._looks_begun += 1
+        records = self._look()
+        self._looks_done = self._looks_begun
+        return records
+
+    def _look(self) -> list[Record]:
+        now_us = pg_now_us()
+        records: list[Record] = []
+        scan = time.monotonic() >= self._next_scan
+        if scan:
+            self._next_scan = time.monotonic() + DISCOVER_EVERY_S
+            self._reap(records, now_us)
+        text_age_us = self._thresholds.current_us - TEXT_MARGIN_INTERVALS * self._interval_s * 1e6
+        for cluster in self._discovery.clusters.values():
+            if scan or cluster.base is None:
+                # The status array shows new backends and exits by itself; the children
+                # of the postmaster are asked only until the array is found, and once a
+                # second for processes without a slot.
+                for pid in cluster.children() - set(cluster.backends):
+                    if (backend := cluster.adopt(pid)) is not None:
+                        self._started(cluster, backend, records)
+            look = cluster.look(self._tracker.in_flight.keys())
+            if cluster.lost:
+                self._discovery.cluster_lost()
+            # After the copy: a failure before an end the copy shows is in the ring now.
+            self._take_failures()
+            for backend, last in look.gone:
+                self._gone(cluster, backend, last, records, now_us)
+            for backend in look.appeared:
+                self._started(cluster, backend, records)
+            for backend, sample in look.samples:
+                if sample is None:
+                    continue  # caught mid-write: look again next time
+                if not sample.client:
+                    if not self._include_background:
+                        continue  # autovacuum, walsenders, parallel workers: not asked for
+                    self._background.add(backend.pid)
+                finished = self._tracker.observe(sample, now_us)
+                self._emit(finished, records, cluster, backend)
+                running = self._tracker.in_flight.get(backend.pid)
+                if running is not None and running.text is None:
+                    if now_us - running.start_us >= text_age_us:
+                        self._read_text(cluster, backend, running)
+        self._matcher.keep_only(self._tracker.in_flight.keys())
+        return records
+
+    def _take_failures(self) -> None:
+        if self._failure_reader is None:
+            return
+        for raw in self._failure_reader.read(FAILURES_PER_LOOK):
+            try:
+                self._matcher.note(self._failure_reader.decoder.failure(raw))
+            except DecodeError:
+                self._counts["untracked"] += 1  # not knowable: its outcome would be a guess
+
+    def _outcome(self, finished: Finished) -> str:
+        """ok, error or cancelled from the failure uprobes; without them, what the
+        tracker read (an aborted transaction block: error; otherwise unknown)."""
+        if self._outcomes is None:
+            return finished.outcome
+        return self._matcher.outcome(finished)
+
+    def _started(
+        self, cluster: ClusterMemory, backend: SampledBackend, records: list[Record]
+    ) -> None:
+        self._owner[backend.pid] = (cluster, backend)
+        records.append(BackendNotice(NoticeKind.BACKEND_STARTED, backend.pid))
+
+    def _gone(
+        self,
+        cluster: ClusterMemory,
+        backend: SampledBackend,
+        last: BackendSample | None,
+        records: list[Record],
+        now_us: int,
+    ) -> None:
+        if self._owner.pop(backend.pid, None) is None:
+            return  # already reported
+        cluster.forget(backend.pid)
+        self._background.discard(backend.pid)
+        self._emit(self._tracker.backend_gone(backend.pid, last, now_us), records, cluster, backend)
+        records.append(BackendNotice(NoticeKind.BACKEND_EXITED, backend.pid))
+        self._app_names.pop(backend.pid, None)
+
+    def _reap(self, records: list[Record], now_us: int) -> None:
+        """Backends the looks did not see go (no slot, its postmaster gone, its slot
+        taken over between two looks): those no longer children of their postmaster."""
+        self._take_failures()
+        clusters = self._discovery.clusters
+        children = {pid: cluster.children() for pid, cluster in clusters.items()}
+        for pid, (cluster, backend) in list(self._owner.items()):
+            if pid in children.get(cluster.pid, ()):
+                continue
+            if cluster.pid in clusters and cluster.still_child(pid):
+                continue
+            self._gone(cluster, backend, cluster.read_entry(backend), records, now_us)
+
+    def _read_text(
+        self, cluster: ClusterMemory, backend: SampledBackend, running: InFlight
+    ) -> None:
+        """The full text from the backend, kept only if its statement is still the one
+        that is running (debug_query_string moves on with the next)."""
+        found = cluster.statement_text(backend, self._query_max_bytes)
+        if found is not None and cluster.activity_start(backend) == running.start_us:
+            running.text, running.text_truncated = found
+            self._app_names[backend.pid] = cluster.application_name(backend)
+
+    def _emit(
+        self,
+        finished: Finished | None,
+        records: list[Record],
+        cluster: ClusterMemory,
+        backend: SampledBackend,
+    ) -> None:
+        if finished is None:
+            return
+        if finished.backend_exited:
+            finished = self._matcher.settle_exit(finished)
+        self._counts["statements"] += 1
+        if finished.duration_us < self._thresholds.at(finished.end_us):
+            return
+        if not self._window.owns(finished.start_us, finished.end_us):
+            return  # the definition it switched from, or to, reports it
+        text, truncated = finished.text, finished.text_truncated
+        if text is None:
+            # Never read while it ran (the looks fell behind): PostgreSQL's own copy,
+            # if it still is this statement's; otherwise counted as not recorded.
+            found = cluster.shared_text(backend, finished.start_us)
+            if found is None:
+                self._counts["unrecorded"] += 1
+                return
+            text, truncated = found
+        self._counts["emitted"] += 1
+        records.append(
+            RawStatement(
+                start_unix_ns=unix_ns(finished.start_us),
+                duration_ns=finished.duration_us * 1000,
+                pid=finished.pid,
+                query=text.decode(errors="replace"),
+                query_truncated=truncated,
+                backend_exited=finished.backend_exited,
+                outcome=self._outcome(finished),
+                protocol=None,
+                application_name=self._app_names.get(finished.pid, ""),
+                duration_exact=finished.exact,
+                query_id=finished.query_id,
+                waits=finished.waits,
+            )
+        )
+
+
+class _Looking:
+    """The RecordReader of a SampledSource: its collector's thread does the looking."""
+
+    def __init__(self, source: SampledSource) -> None:
+        self._source = source
+
+    def wait(self, timeout_ms: int) -> None:
+        self._source.wait(timeout_ms)
+
+    def read(self, limit: int) -> list[Record]:
+        return self._source.read(limit)
+
+    def decode(self, record: Record) -> Optional[Record]:
+        return record  # made as records already
+
+    def close(self) -> None:
+        self._source.close_reading()  # the source itself (its counters) lives on
+
+
+class OpenSampled:
+    """`sampled`'s factory (probes.OpenSource), and what it needs of a binary
+    (probes.ChecksBinary): the sampler's exported globals and a verified layout."""
+
+    @property
+    def symbols(self) -> frozenset[str]:
+        return frozenset(SAMPLER_GLOBALS) | OUTCOMES_PROGRAM.symbols
+
+    def unsupported_reason(self, binary: PostgresBinary) -> Optional[str]:
+        if binary.major not in LAYOUTS:
+            return (
+                f"PostgreSQL {binary.major}'s struct layout is not verified "
+                f"(verified: {', '.join(map(str, sorted(LAYOUTS)))})"
+            )
+        if "MyBEEntry" not in EXPORTED_GLOBALS[binary.major]:
+            return f"PostgreSQL {binary.major} does not export MyBEEntry"
+        for name in SAMPLER_GLOBALS:
+            if name not in binary.objects:
+                return f"no exported global {name} in {binary.path}"
+        return None
+
+    def __call__(
+        self, definition: ProbeDefinition, target: Target, daemon: DaemonConfig
+    ) -> SampledSource:
+        return SampledSource(definition, target, daemon)
