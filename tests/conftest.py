@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from leaks import LeakWatch
+from waiting import wait_for_count
 
 from pgslowlog.demo import embedded_bindir
 from pgslowlog.testing.cluster import Cluster
@@ -164,13 +164,11 @@ class DaemonUnderTest:
         return [e for e in events if marker is None or marker in e["query"]]
 
     def wait_for_events(self, marker: str, count: int, timeout: float = 10) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.events(marker)
-            if len(found) >= count:
-                return found
-            time.sleep(0.05)
-        raise AssertionError(f"{len(self.events(marker))} events with {marker!r}, wanted {count}")
+        """At least `count` events with `marker` in the file (all of them: more than
+        `count` is the caller's to see). To show that no more come, stop() and count."""
+        return wait_for_count(
+            lambda: self.events(marker), count, f"events with {marker!r}", timeout
+        )
 
     def stop(self) -> int:
         status = self.process.stop()

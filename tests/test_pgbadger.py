@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from conftest import BINDIRS
 from events import slow
-from receivers import wait_for_count
+from waiting import wait_for_count
 
 from pgslowlog.event import SlowQuery, json_lines
 from pgslowlog.jsonlog import jsonlog_lines
@@ -321,7 +321,7 @@ def test_pgbadger_reports_what_ran(
         file_options={"format": "jsonlog"},
     )
     ran = run_workload(pg15_of_alice_and_bob)
-    wait_for_count(lambda: jsonlog_events(log), f"jsonlog lines with {MARKER!r}", len(ran), 15)
+    wait_for_count(lambda: jsonlog_events(log), len(ran), f"jsonlog lines with {MARKER!r}", 15)
     assert daemon.stop() == 0
     lines = jsonlog_events(log)
     assert len(lines) == len(ran)  # each once
