@@ -17,6 +17,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from receivers import WebhookReceiver, start_rsyslog
+from waiting import wait_until
 
 from pgslowlog.demo import embedded_bindir
 from pgslowlog.health import LOSS_COUNTERS
@@ -134,16 +135,16 @@ def our_bpf_programs() -> list[str]:
     return names
 
 
-def no_bpf_programs_left(timeout: float = 10) -> bool:
+def assert_no_bpf_programs_left(timeout: float = 10) -> None:
     """The kernel frees a program once nothing holds it, after an RCU grace period."""
-    deadline = time.monotonic() + timeout
-    while our_bpf_programs() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return our_bpf_programs() == []
+    try:
+        wait_until(lambda: not our_bpf_programs(), timeout, "pgslowlog's BPF programs freed")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; still loaded: {our_bpf_programs()}") from None
 
 
 def test_daemon_sigkilled_under_load_restarts_clean(pg15, start_daemon):
-    assert no_bpf_programs_left()  # none from an earlier test
+    assert_no_bpf_programs_left()  # none from an earlier test
     daemon = start_daemon(pg15, threshold_ms=0)
     assert our_bpf_programs()  # the walk sees ours while they are loaded
     bench = subprocess.Popen(
@@ -151,11 +152,18 @@ def test_daemon_sigkilled_under_load_restarts_clean(pg15, start_daemon):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    time.sleep(2)
-    os.kill(daemon.process.process.pid, signal.SIGKILL)
-    daemon.process.process.wait()
-    assert no_bpf_programs_left()  # no program, so no probe, outlives the process
-    bench.wait()
+    try:
+        # Killed while pgbench still runs (4 s) and events are being written.
+        wait_until(
+            lambda: daemon.log.exists() and daemon.log.stat().st_size > 64 * 1024,
+            3,
+            "64 KiB of pgbench's statements written",
+        )
+        os.kill(daemon.process.process.pid, signal.SIGKILL)
+        daemon.process.process.wait()
+        assert_no_bpf_programs_left()  # no program, so no probe, outlives the process
+    finally:
+        bench.wait()
     written = daemon.log.read_bytes()
     assert written  # events were being written when it died
 
