@@ -18,7 +18,6 @@ from test_cli import GOOD, pgslowlog, write
 
 from pgslowlog.config import METRICS_DEFAULT_PORT, MetricsConfig, listen_address
 from pgslowlog.errors import UserError
-from pgslowlog.event import SlowQuery
 from pgslowlog.metrics import (
     DURATION_BUCKETS_S,
     OTHER,
@@ -82,19 +81,21 @@ def test_label_folder_keeps_the_first_values_and_folds_the_rest():
     ]
 
 
-def event(**fields) -> SlowQuery:
-    return slow(**{"target": "main", "user": "app", "duration_ms": 150.0, **fields})
+# The events below are app's on target main (slow() gives alice's on no target).
+APP_ON_MAIN = {"target": "main", "user": "app"}
 
 
 def test_counts_fold_per_target_bucket_and_share_out_waits():
     counts = SlowStatementCounts(max_databases=1, max_users=5)
     counts.observe(
         [
-            event(),
-            event(database="ledger", outcome="error", duration_ms=20_000),
-            event(target="other-cluster", database="ledger"),  # its own first database
-            event(user=None, database=None, duration_ms=10),  # exactly on a bucket bound
-            event(duration_ms=1000, waits={"Lock:transactionid": 3, "CPU": 1}),
+            slow(**APP_ON_MAIN, duration_ms=150.0),
+            slow(**APP_ON_MAIN, database="ledger", outcome="error", duration_ms=20_000),
+            # another target: its own first database
+            slow(target="other-cluster", user="app", database="ledger", duration_ms=150.0),
+            # exactly on a bucket bound
+            slow(target="main", user=None, database=None, duration_ms=10),
+            slow(**APP_ON_MAIN, duration_ms=1000, waits={"Lock:transactionid": 3, "CPU": 1}),
         ]
     )
     statements, durations, waits = counts.snapshot()
@@ -115,7 +116,7 @@ def test_counts_fold_per_target_bucket_and_share_out_waits():
 
 def test_waits_with_no_looks_are_not_shared_out():
     counts = SlowStatementCounts(max_databases=5, max_users=5)
-    counts.observe([event(waits={"CPU": 0})])  # a third-party source's empty counts
+    counts.observe([slow(waits={"CPU": 0})])  # a third-party source's empty counts
     assert counts.snapshot().wait_s == {}
     assert sum(counts.snapshot().statements.values()) == 1
 

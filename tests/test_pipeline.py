@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from events import numbered
 from structlog.testing import capture_logs
 from waiting import wait_for_count, wait_until
 
@@ -39,23 +40,8 @@ from pgslowlog.sinks import BaseSink
 # -- dispatcher ---------------------------------------------------------------------------
 
 
-def event(n: int) -> SlowQuery:
-    return SlowQuery(
-        ts=datetime(2026, 1, 1, tzinfo=timezone.utc),
-        duration_ms=250.0,
-        query=f"q{n}",
-        query_truncated=False,
-        pid=1000 + n,
-        user="u",
-        database="d",
-        client="[local]",
-        probe="activity",
-        binary="/b",
-    )
-
-
 def events(*numbers: int) -> list[SlowQuery]:
-    return [event(n) for n in numbers]
+    return [numbered(n) for n in numbers]
 
 
 class RecordingSink(BaseSink):

@@ -8,9 +8,9 @@ from datetime import datetime, timezone
 
 import psycopg
 import pytest
+from events import slow
 from receivers import WebhookReceiver, start_rsyslog
 
-from pgslowlog.event import SlowQuery
 from pgslowlog.plugins.syslog_sink import SyslogOptions, SyslogSink, fit_event
 from pgslowlog.testing.cluster import free_port
 
@@ -71,27 +71,12 @@ def test_syslog_message_over_the_limit_arrives_whole(pg18, start_daemon, rsyslog
     assert len(message["event"]["query"]) > 100
 
 
-def event(query: str) -> SlowQuery:
-    return SlowQuery(
-        ts=datetime(2026, 11, 25, tzinfo=timezone.utc),
-        duration_ms=1.5,
-        query=query,
-        query_truncated=False,
-        pid=1,
-        user="u",
-        database="d",
-        client="[local]",
-        probe="p",
-        binary="/b",
-    )
-
-
 @pytest.mark.parametrize("text", ["x" * 5000, '"\n' * 2000, "日本" * 2000, "\x01" * 2000])
 def test_fit_event_stays_valid_json_under_the_limit(text):
-    import json
-
-    for limit in (400, 480, 1000, 4000):  # 400: the event without its text is about 330
-        encoded = fit_event(event(text), limit)
+    # The event with an empty text is the least any limit must leave room for.
+    bare = len(slow(query="", query_truncated=True).to_json())
+    for limit in (bare, bare + 1, bare + 70, 1000, 4000):
+        encoded = fit_event(slow(query=text), limit)
         assert len(encoded) <= limit
         decoded = json.loads(encoded)
         assert text.startswith(decoded["query"])
@@ -100,14 +85,13 @@ def test_fit_event_stays_valid_json_under_the_limit(text):
 
 def test_syslog_header_is_rfc5424():
     sink = SyslogSink(SyslogOptions(address="udp://127.0.0.1:9", hostname="db1"))
-    message = sink.format(
-        event("select 1"), now=datetime(2026, 11, 25, 1, 2, 3, 4, tzinfo=timezone.utc)
-    )
+    event = slow(query="select 1")
+    message = sink.format(event, now=datetime(2026, 11, 25, 1, 2, 3, 4, tzinfo=timezone.utc))
     header, _, body = message.partition(b" - ")
     # local0 (16) * 8 + notice (5) = 133
     assert header.decode().startswith("<133>1 2026-11-25T01:02:03.000004Z db1 pgslowlog ")
     assert header.decode().endswith(" slowquery")
-    assert body.startswith(b'{"ts":"2026-11-25T00:00:00Z"')
+    assert body == event.to_json()  # the whole event, as it fits
 
 
 @pytest.fixture
