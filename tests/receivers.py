@@ -54,6 +54,16 @@ class Rsyslog:
             timeout,
         )
 
+    def wait_for_sender(self, pid: int, count: int, timeout: float = 10) -> list[dict[str, Any]]:
+        """Every message process `pid` sent, once there are at least `count` (rsyslogd
+        may share a module: its procid tells one daemon's messages from another's)."""
+        return wait_for_count(
+            lambda: [m for m in self.messages() if m["procid"] == str(pid)],
+            count,
+            f"rsyslog messages from pid {pid}",
+            timeout,
+        )
+
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(10)

@@ -10,14 +10,13 @@ import resource
 import shutil
 import signal
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
 import asyncpg
 import pytest
 from receivers import WebhookReceiver, start_rsyslog
-from waiting import wait_until
+from waiting import wait_for_count, wait_until
 
 from pgslowlog.demo import embedded_bindir
 from pgslowlog.health import LOSS_COUNTERS
@@ -213,14 +212,22 @@ def test_burst_of_ten_thousand_at_threshold_zero_to_every_sink(pg15, start_daemo
         peak = peak_rss_mb(daemon.process.process.pid)
         assert daemon.stop() == 0
         stopped = daemon.process.wait_for_log("stopped")
-        time.sleep(0.5)  # a late duplicate would reach rsyslogd's file by now
-        # Counted once everything is delivered: a duplicate would make one sink's count exceed.
+        # Stopped, the sinks have drained. Once each receiver holds as many as its sink
+        # delivered, nothing more can come: a duplicate would make one count exceed.
+        delivered = {name: stats["delivered"] for name, stats in stopped["sinks"].items()}
+        webhook_events = wait_for_count(
+            lambda: list(webhook.events), delivered["webhook"], "webhook events", timeout=60
+        )
+        messages = rsyslog.wait_for_sender(
+            daemon.process.process.pid, delivered["syslog"], timeout=60
+        )
+        assert (len(webhook_events), len(messages)) == (delivered["webhook"], delivered["syslog"])
         received = {
             "file": [(e["pid"], e["ts"]) for e in daemon.events("burst")],
-            "webhook": [(e["pid"], e["ts"]) for e in webhook.events if "burst" in e["query"]],
+            "webhook": [(e["pid"], e["ts"]) for e in webhook_events if "burst" in e["query"]],
             "syslog": [
                 (m["event"]["pid"], m["event"]["ts"])
-                for m in rsyslog.messages()
+                for m in messages
                 if "burst" in m["event"]["query"]
             ],
         }
