@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -295,11 +294,12 @@ def test_prometheus_scrapes_the_slow_statements(shop_cluster, start_daemon, tmp_
     assert linted.returncode == 0, linted.stdout + linted.stderr
 
     # The same counters as the health line: read one after the other, with no
-    # statement in between, they agree.
-    time.sleep(2.5)  # the main loop has read the sources again
+    # statement in between, they agree. The main loop reads the sources, then logs a
+    # health line: once one is logged after the last statement, /metrics has its figures.
+    daemon.process.wait_for_log("health", count=health_lines(daemon) + 1)
     scraped = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-    count = len([e for e in daemon.process.logs if e.get("event") == "health"])
-    health = daemon.process.wait_for_log("health", count=count + 1)["targets"]["main"]
+    health = daemon.process.wait_for_log("health", count=health_lines(daemon) + 1)
+    health = health["targets"]["main"]
     assert health["statements"] == _sample(scraped, "pgslowlog_statements_seen_total")
     assert health["lost"] == _sample(scraped, 'pgslowlog_records_lost_total{cause="ringbuf_full"')
     delivered = _sample(scraped, 'pgslowlog_sink_delivered_events_total{sink="file"}')
@@ -310,6 +310,11 @@ def test_prometheus_scrapes_the_slow_statements(shop_cluster, start_daemon, tmp_
     checked = pgslowlog("check", "-c", str(daemon.config))
     assert checked.returncode == 0, checked.stdout
     assert f"ok: metrics.listen 127.0.0.1:{port} is served by a running pgslowlog" in checked.stdout
+
+
+def health_lines(daemon) -> int:
+    """How many health lines the daemon has logged so far."""
+    return len([e for e in list(daemon.process.logs) if e.get("event") == "health"])
 
 
 def _sample(exposition: str, prefix: str) -> float:
