@@ -15,6 +15,7 @@ from events import slow
 from prometheus_server import PROMTOOL, prometheus
 from test_cli import GOOD, pgslowlog, write
 
+from pgslowlog import metrics
 from pgslowlog.config import METRICS_DEFAULT_PORT, MetricsConfig, listen_address
 from pgslowlog.errors import UserError
 from pgslowlog.metrics import (
@@ -155,23 +156,25 @@ def test_check_refuses_an_address_of_another_machine():
         check_listen(MetricsConfig(listen="192.0.2.1:9863"))
 
 
-def test_check_warns_of_a_port_the_service_user_cannot_bind():
-    finding = check_listen(MetricsConfig(listen=f"127.0.0.1:{privileged_free_port()}"))
+def test_check_warns_of_a_port_the_service_user_cannot_bind(monkeypatch):
+    """`check` runs as root (the role's validate step), where a privileged port binds, but
+    the service's user cannot bind it. The verdict is tested on a free port made to count
+    as privileged (the kernel's ip_unprivileged_port_start is set above it): binding a
+    port under 1024 would need root, and this runs as any user."""
+    port = free_port()
+    monkeypatch.setattr(metrics, "_unprivileged_port_start", lambda: port + 1)
+    finding = check_listen(MetricsConfig(listen=f"127.0.0.1:{port}"))
     assert finding.ok and finding.warning
-    assert "is privileged; the service's user (pgslowlog, without CAP_NET_BIND_SERVICE)" in str(
-        finding
+    assert str(finding) == (
+        f"warning: metrics.listen 127.0.0.1:{port}: port {port} is privileged; the service's "
+        "user (pgslowlog, without CAP_NET_BIND_SERVICE) cannot bind it: choose a port of "
+        f"{port + 1} or above"
     )
-
-
-def privileged_free_port() -> int:
-    for port in range(900, 1000):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise AssertionError("no free port from 900 to 999")
+    # The same port, no longer under the kernel's bound: free, and nothing to warn of.
+    monkeypatch.setattr(metrics, "_unprivileged_port_start", lambda: port)
+    assert str(check_listen(MetricsConfig(listen=f"127.0.0.1:{port}"))) == (
+        f"ok: metrics.listen 127.0.0.1:{port} is free"
+    )
 
 
 def test_check_refuses_a_taken_port(tmp_path, taken_port):
