@@ -263,11 +263,9 @@ def test_failed_statement_outcome_error(cluster, start_daemon):
 
 
 def test_usdt_probe_covers_backends_connected_before_and_after(start_daemon, tmp_path):
-    from conftest import BINDIRS
-
     from pgslowlog.testing.cluster import Cluster
 
-    server = Cluster(BINDIRS["pg15"]).start()  # its own server: the USDT binary is Debian's
+    server = Cluster(DEBIAN_PG15).start()  # its own server: the USDT binary is Debian's
     try:
         early = psycopg.connect(server.dsn(), autocommit=True)
         early_pid = early.info.backend_pid

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from events import slow
 from prometheus_server import PROMTOOL, prometheus
-from test_cli import GOOD, pgslowlog, write
+from test_cli import GOOD, pgslowlog, with_binary, write
 
 from pgslowlog import metrics
 from pgslowlog.config import METRICS_DEFAULT_PORT, MetricsConfig, listen_address
@@ -121,6 +121,7 @@ def test_waits_with_no_looks_are_not_shared_out():
     assert sum(counts.snapshot().statements.values()) == 1
 
 
+@pytest.mark.system  # promtool, from Debian's prometheus
 def test_alerting_rules_are_valid_and_fire_as_intended():
     rules = REPOSITORY / "etc" / "pgslowlog-alerts.yml"
     checked = subprocess.run(
@@ -146,8 +147,10 @@ def taken_port():
         yield other.getsockname()[1]
 
 
-def with_metrics(listen: str) -> str:
-    return GOOD + f'\n[metrics]\nlisten = "{listen}"\n'
+def with_metrics(listen: str, binary: Path | None = None) -> str:
+    """GOOD (on `binary` if given) with a [metrics] table."""
+    good = GOOD if binary is None else with_binary(GOOD, binary)
+    return good + f'\n[metrics]\nlisten = "{listen}"\n'
 
 
 def test_check_refuses_an_address_of_another_machine():
@@ -177,8 +180,9 @@ def test_check_warns_of_a_port_the_service_user_cannot_bind(monkeypatch):
     )
 
 
-def test_check_refuses_a_taken_port(tmp_path, taken_port):
-    result = pgslowlog("check", "-c", write(tmp_path, with_metrics(f"127.0.0.1:{taken_port}")))
+def test_check_refuses_a_taken_port(tmp_path, taken_port, embedded_postgres):
+    config = with_metrics(f"127.0.0.1:{taken_port}", embedded_postgres)
+    result = pgslowlog("check", "-c", write(tmp_path, config))
     assert result.returncode == 2
     errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
     assert (

@@ -19,7 +19,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import BINDIRS
 from events import slow
 from waiting import wait_for_count
 
@@ -173,19 +172,18 @@ def test_file_sink_writes_jsonlog_only_when_asked(tmp_path: Path) -> None:
         assert Path(options.path).read_bytes() == encode(events), name
 
 
-def write_config(tmp_path: Path, file_options: str) -> Path:
+def write_config(tmp_path: Path, binary: Path, file_options: str) -> Path:
     config = tmp_path / "pgslowlog.toml"
     config.write_text(
-        "[daemon]\nthreshold_ms = 200\n\n[[target]]\n"
-        f'binary = "{BINDIRS["pg15"] / "postgres"}"\n\n'
+        f'[daemon]\nthreshold_ms = 200\n\n[[target]]\nbinary = "{binary}"\n\n'
         f'[sinks.file]\npath = "{tmp_path / "slow.jsonlog"}"\n{file_options}\n'
     )
     config.chmod(0o600)
     return config
 
 
-def test_bad_format_is_a_one_line_config_error(tmp_path: Path) -> None:
-    config = write_config(tmp_path, 'format = "pgbadger"')
+def test_bad_format_is_a_one_line_config_error(tmp_path: Path, embedded_postgres: Path) -> None:
+    config = write_config(tmp_path, embedded_postgres, 'format = "pgbadger"')
     result = subprocess.run(
         [sys.executable, "-m", "pgslowlog", "check", "-c", str(config)],
         capture_output=True,
@@ -227,6 +225,7 @@ def slowest(report: dict[str, Any]) -> list[tuple[float, str, str | None, str | 
 JSONB = """select '{"a":"b"}'::jsonb where true"""
 
 
+@pytest.mark.system  # Debian's pgBadger
 def test_pgbadger_reads_the_lines_as_slow_queries(tmp_path: Path) -> None:
     """What pgBadger makes of each kind of line: counted, named, values put back in."""
     events = [
