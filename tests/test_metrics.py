@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import httpx
@@ -140,11 +141,27 @@ def test_alerting_rules_are_valid_and_fire_as_intended():
 
 @pytest.fixture
 def taken_port():
-    """A port another program listens on."""
+    """A port another program listens on. It hangs up on each connection at once, so
+    check learns in no time that no pgslowlog answers there (not after its 2 s timeout)."""
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))
         other.listen()
-        yield other.getsockname()[1]
+
+        def hang_up() -> None:
+            while True:
+                try:
+                    connection, _ = other.accept()
+                except OSError:
+                    return  # shut down: the test is over
+                connection.close()
+
+        answering = threading.Thread(target=hang_up, daemon=True)
+        answering.start()
+        try:
+            yield other.getsockname()[1]
+        finally:
+            other.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+            answering.join(5)
 
 
 def with_metrics(listen: str, binary: Path | None = None) -> str:
