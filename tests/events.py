@@ -1,4 +1,9 @@
-"""A slow-statement event for tests of what sinks and metrics make of one."""
+"""Slow-statement events for tests of what the dispatcher, sinks and metrics make of one.
+
+The one factory of SlowQuery values in the tests: `slow()` is a statement of alice's,
+every field as a real one would have it; `numbered(n)` is the n-th of a series, told
+apart by its text and backend.
+"""
 
 from __future__ import annotations
 
@@ -27,3 +32,8 @@ def slow(**fields: Any) -> SlowQuery:
         binary="/usr/lib/postgresql/15/bin/postgres",
     )
     return SlowQuery(**{**event, **fields})
+
+
+def numbered(n: int, **fields: Any) -> SlowQuery:
+    """The n-th statement of a series: text "q<n>", backend 1000 + n."""
+    return slow(**{"query": f"q{n}", "pid": 1000 + n, **fields})

@@ -12,10 +12,13 @@ second test run included, is left alone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from waiting import wait_until
 
 _KERNEL_THREAD = 0x00200000  # PF_KTHREAD, in /proc/PID/stat's flags
 MARK = "PGSLOWLOG_TEST_SESSION"
@@ -136,23 +139,23 @@ class LeakWatch:
         for process in of_the_run(processes(), self.before, self.root, self.mark):
             self.first_seen.setdefault(process.key, nodeid)
 
+    def _left(self) -> tuple[list[Process], set[str]]:
+        now = processes()
+        left = of_the_run(now, self.before, self.root, self.mark)
+        # Also whatever was seen during a test and still runs, mark or not: a
+        # container's init (nspawn gives it a fresh environment) whose nspawn died.
+        left += [
+            process
+            for key, process in now.items()
+            if key in self.first_seen and not process.zombie and process not in left
+        ]
+        return left, listening_sockets(self.root) - self.sockets_before
+
     def leftovers(self, grace_s: float = 20) -> list[str]:
         """What is still there at the end, after `grace_s` for things already stopping."""
-        deadline = time.monotonic() + grace_s
-        while True:
-            now = processes()
-            left = of_the_run(now, self.before, self.root, self.mark)
-            # Also whatever was seen during a test and still runs, mark or not: a
-            # container's init (nspawn gives it a fresh environment) whose nspawn died.
-            left += [
-                process
-                for key, process in now.items()
-                if key in self.first_seen and not process.zombie and process not in left
-            ]
-            sockets = listening_sockets(self.root) - self.sockets_before
-            if (not left and not sockets) or time.monotonic() >= deadline:
-                break
-            time.sleep(0.5)
+        with contextlib.suppress(AssertionError):  # what is left is named below
+            wait_until(lambda: self._left() == ([], set()), grace_s, "nothing left", interval=0.5)
+        left, sockets = self._left()
         lines = [
             f"{process} still running; it appeared during "
             f"{self.first_seen.get(process.key, 'the session set-up or tear-down')}"

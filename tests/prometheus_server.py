@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+from waiting import wait_until
 
 from pgslowlog.testing.cluster import free_port
 
@@ -39,14 +39,16 @@ class Prometheus:
         self, expr: str, labels: tuple[str, ...], done: Callable[[dict], bool], timeout: float = 60
     ) -> dict[tuple[str, ...], float]:
         """`values(expr, *labels)` once `done` holds of it (the last seen in the error)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self.values(expr, *labels)
-            if done(found):
-                return found
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{expr} within {timeout} s: {found}")
-            time.sleep(0.5)
+        seen: list[dict[tuple[str, ...], float]] = []
+
+        def found() -> tuple[dict[tuple[str, ...], float]] | None:
+            seen[:] = [self.values(expr, *labels)]
+            return (seen[0],) if done(seen[0]) else None  # true even when done with {}
+
+        try:
+            return wait_until(found, timeout, expr, interval=0.5)[0]
+        except AssertionError as error:
+            raise AssertionError(f"{error}; last values: {seen[-1:]}") from None
 
 
 @contextmanager
@@ -82,20 +84,18 @@ def prometheus(directory: Path, targets: dict[str, list[str]]) -> Iterator[Prome
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
+
+        def ready() -> bool:
             if process.poll() is not None:
                 raise RuntimeError(
                     f"prometheus exited: {(directory / 'prometheus.log').read_text()}"
                 )
             try:
-                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                    break
+                return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
             except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("prometheus not ready within 60 s")
-            time.sleep(0.2)
+                return False
+
+        wait_until(ready, 60, "prometheus answering /-/ready", interval=0.2)
         yield Prometheus(url)
     finally:
         process.terminate()

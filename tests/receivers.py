@@ -6,29 +6,15 @@ import json
 import socket
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from waiting import wait_for_count, wait_until
+
 from pgslowlog.testing.cluster import free_port
 
 RAW_FORMAT = "%app-name%|%procid%|%msgid%|%syslogfacility-text%|%syslogseverity-text%|%msg%\\n"
-
-
-def wait_for_count(
-    find: Callable[[], list[dict[str, Any]]], what: str, count: int, timeout: float
-) -> list[dict[str, Any]]:
-    """What `find` returns once it holds at least `count` items (more: a duplicate is the
-    caller's to see); AssertionError naming `what` and how many arrived if time runs out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = find()
-        if len(found) >= count:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{len(found)} {what} within {timeout} s, wanted {count}")
-        time.sleep(0.05)
 
 
 @dataclass
@@ -63,8 +49,18 @@ class Rsyslog:
         """At least `count` messages whose query holds `marker`; AssertionError if not in time."""
         return wait_for_count(
             lambda: [m for m in self.messages() if marker in m["event"]["query"]],
-            f"rsyslog messages with {marker!r}",
             count,
+            f"rsyslog messages with {marker!r}",
+            timeout,
+        )
+
+    def wait_for_sender(self, pid: int, count: int, timeout: float = 10) -> list[dict[str, Any]]:
+        """Every message process `pid` sent, once there are at least `count` (rsyslogd
+        may share a module: its procid tells one daemon's messages from another's)."""
+        return wait_for_count(
+            lambda: [m for m in self.messages() if m["procid"] == str(pid)],
+            count,
+            f"rsyslog messages from pid {pid}",
             timeout,
         )
 
@@ -95,11 +91,18 @@ template(name="raw" type="string" string="{RAW_FORMAT}")
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 15
-    while not (socket_path.exists() and _listening(tcp_port)):
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"rsyslogd did not start (exit {process.poll()})")
-        time.sleep(0.05)
+    try:
+        wait_until(
+            lambda: process.poll() is not None or (socket_path.exists() and _listening(tcp_port)),
+            timeout=15,
+            what="rsyslogd listening on its socket and its TCP port",
+        )
+        if process.poll() is not None:
+            raise RuntimeError(f"rsyslogd exited with {process.returncode} before it listened")
+    except BaseException:
+        process.kill()  # one that never got ready is not left running
+        process.wait()
+        raise
     return Rsyslog(process, udp_port, tcp_port, socket_path, output)
 
 
@@ -162,8 +165,8 @@ class WebhookReceiver:
         if not in time."""
         return wait_for_count(
             lambda: [event for event in list(self.events) if marker in event["query"]],
-            f"webhook events with {marker!r}",
             count,
+            f"webhook events with {marker!r}",
             timeout,
         )
 

@@ -230,6 +230,7 @@ def test_role_installs_exactly_the_shipped_unit():
     assert (ROLE / "files" / "pgslowlog.service").resolve() == UNIT.resolve()
 
 
+@pytest.mark.system  # systemd-analyze
 def test_unit_verifies(tmp_path):
     # verify checks that ExecStart exists: point it at this venv's pgslowlog
     unit = tmp_path / "pgslowlog.service"

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 
 import psycopg
 import pytest
-from conftest import DEBIAN_PG15
+from conftest import bindir
 
 from pgslowlog.elf import inspect_binary
 from pgslowlog.plugins.activity_probe import ACTIVITY
@@ -129,9 +129,15 @@ def test_text_is_cut_where_postgresql_cut_it(cluster, start_daemon):
     assert event["query_truncated"] is True
 
 
-def test_offered_where_the_layout_is_known_and_never_picked_by_auto():
+# Debian's stripped 15 exports MyBEEntry in its dynamic symbols; the wheel's 18 keeps
+# its whole symbol table. Both have a layout pgslowlog knows.
+@pytest.mark.parametrize(
+    ("server", "major"), [pytest.param("pg15", 15, marks=pytest.mark.system), ("pg18", 18)]
+)
+def test_offered_where_the_layout_is_known_and_never_picked_by_auto(server, major):
     wanted = wanted_symbols([ACTIVITY, BACKEND_STATUS])
-    binary = inspect_binary(str(DEBIAN_PG15 / "postgres"), wanted)
+    binary = inspect_binary(str(bindir(server) / "postgres"), wanted)
+    assert binary.major == major
     assert BACKEND_STATUS.unsupported_reason(binary) is None
     older = dataclasses.replace(binary, major=14)
     assert BACKEND_STATUS.unsupported_reason(older) == (

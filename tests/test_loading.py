@@ -4,11 +4,11 @@ very file that was read, even when an upgrade replaces it in between."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import wait_until
 
 from pgslowlog.bpf.compiler import KPROBE, CompileError, compile_program
 from pgslowlog.bpf.program import BpfProgram
@@ -86,10 +86,11 @@ def test_a_binary_replaced_before_attach_never_gets_the_old_offsets(pg15, pg18, 
         assert running.source.attached_count >= 1
         pg18.psql("select pg_sleep(0.3) /* on the new file */", check=True)
         pg15.psql("select pg_sleep(0.3) /* on the file read */", check=True)
-        deadline = time.monotonic() + 10
-        while not any("file read" in e.query for e in sink.events):
-            assert time.monotonic() < deadline, [e.query for e in sink.events]
-            time.sleep(0.05)
+        wait_until(
+            lambda: any("file read" in e.query for e in sink.events),
+            10,
+            "the statement on the file read, at the sink",
+        )
     finally:
         probes.stop_all()
         dispatcher.close()

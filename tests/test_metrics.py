@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-import time
+import threading
 from pathlib import Path
 
 import httpx
@@ -14,11 +14,11 @@ import psycopg
 import pytest
 from events import slow
 from prometheus_server import PROMTOOL, prometheus
-from test_cli import GOOD, pgslowlog, write
+from test_cli import GOOD, pgslowlog, with_binary, write
 
+from pgslowlog import metrics
 from pgslowlog.config import METRICS_DEFAULT_PORT, MetricsConfig, listen_address
 from pgslowlog.errors import UserError
-from pgslowlog.event import SlowQuery
 from pgslowlog.metrics import (
     DURATION_BUCKETS_S,
     OTHER,
@@ -82,19 +82,21 @@ def test_label_folder_keeps_the_first_values_and_folds_the_rest():
     ]
 
 
-def event(**fields) -> SlowQuery:
-    return slow(**{"target": "main", "user": "app", "duration_ms": 150.0, **fields})
+# The events below are app's on target main (slow() gives alice's on no target).
+APP_ON_MAIN = {"target": "main", "user": "app"}
 
 
 def test_counts_fold_per_target_bucket_and_share_out_waits():
     counts = SlowStatementCounts(max_databases=1, max_users=5)
     counts.observe(
         [
-            event(),
-            event(database="ledger", outcome="error", duration_ms=20_000),
-            event(target="other-cluster", database="ledger"),  # its own first database
-            event(user=None, database=None, duration_ms=10),  # exactly on a bucket bound
-            event(duration_ms=1000, waits={"Lock:transactionid": 3, "CPU": 1}),
+            slow(**APP_ON_MAIN, duration_ms=150.0),
+            slow(**APP_ON_MAIN, database="ledger", outcome="error", duration_ms=20_000),
+            # another target: its own first database
+            slow(target="other-cluster", user="app", database="ledger", duration_ms=150.0),
+            # exactly on a bucket bound
+            slow(target="main", user=None, database=None, duration_ms=10),
+            slow(**APP_ON_MAIN, duration_ms=1000, waits={"Lock:transactionid": 3, "CPU": 1}),
         ]
     )
     statements, durations, waits = counts.snapshot()
@@ -115,11 +117,12 @@ def test_counts_fold_per_target_bucket_and_share_out_waits():
 
 def test_waits_with_no_looks_are_not_shared_out():
     counts = SlowStatementCounts(max_databases=5, max_users=5)
-    counts.observe([event(waits={"CPU": 0})])  # a third-party source's empty counts
+    counts.observe([slow(waits={"CPU": 0})])  # a third-party source's empty counts
     assert counts.snapshot().wait_s == {}
     assert sum(counts.snapshot().statements.values()) == 1
 
 
+@pytest.mark.system  # promtool, from Debian's prometheus
 def test_alerting_rules_are_valid_and_fire_as_intended():
     rules = REPOSITORY / "etc" / "pgslowlog-alerts.yml"
     checked = subprocess.run(
@@ -138,15 +141,33 @@ def test_alerting_rules_are_valid_and_fire_as_intended():
 
 @pytest.fixture
 def taken_port():
-    """A port another program listens on."""
+    """A port another program listens on. It hangs up on each connection at once, so
+    check learns in no time that no pgslowlog answers there (not after its 2 s timeout)."""
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))
         other.listen()
-        yield other.getsockname()[1]
+
+        def hang_up() -> None:
+            while True:
+                try:
+                    connection, _ = other.accept()
+                except OSError:
+                    return  # shut down: the test is over
+                connection.close()
+
+        answering = threading.Thread(target=hang_up, daemon=True)
+        answering.start()
+        try:
+            yield other.getsockname()[1]
+        finally:
+            other.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+            answering.join(5)
 
 
-def with_metrics(listen: str) -> str:
-    return GOOD + f'\n[metrics]\nlisten = "{listen}"\n'
+def with_metrics(listen: str, binary: Path | None = None) -> str:
+    """GOOD (on `binary` if given) with a [metrics] table."""
+    good = GOOD if binary is None else with_binary(GOOD, binary)
+    return good + f'\n[metrics]\nlisten = "{listen}"\n'
 
 
 def test_check_refuses_an_address_of_another_machine():
@@ -155,27 +176,30 @@ def test_check_refuses_an_address_of_another_machine():
         check_listen(MetricsConfig(listen="192.0.2.1:9863"))
 
 
-def test_check_warns_of_a_port_the_service_user_cannot_bind():
-    finding = check_listen(MetricsConfig(listen=f"127.0.0.1:{privileged_free_port()}"))
+def test_check_warns_of_a_port_the_service_user_cannot_bind(monkeypatch):
+    """`check` runs as root (the role's validate step), where a privileged port binds, but
+    the service's user cannot bind it. The verdict is tested on a free port made to count
+    as privileged (the kernel's ip_unprivileged_port_start is set above it): binding a
+    port under 1024 would need root, and this runs as any user."""
+    port = free_port()
+    monkeypatch.setattr(metrics, "_unprivileged_port_start", lambda: port + 1)
+    finding = check_listen(MetricsConfig(listen=f"127.0.0.1:{port}"))
     assert finding.ok and finding.warning
-    assert "is privileged; the service's user (pgslowlog, without CAP_NET_BIND_SERVICE)" in str(
-        finding
+    assert str(finding) == (
+        f"warning: metrics.listen 127.0.0.1:{port}: port {port} is privileged; the service's "
+        "user (pgslowlog, without CAP_NET_BIND_SERVICE) cannot bind it: choose a port of "
+        f"{port + 1} or above"
+    )
+    # The same port, no longer under the kernel's bound: free, and nothing to warn of.
+    monkeypatch.setattr(metrics, "_unprivileged_port_start", lambda: port)
+    assert str(check_listen(MetricsConfig(listen=f"127.0.0.1:{port}"))) == (
+        f"ok: metrics.listen 127.0.0.1:{port} is free"
     )
 
 
-def privileged_free_port() -> int:
-    for port in range(900, 1000):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise AssertionError("no free port from 900 to 999")
-
-
-def test_check_refuses_a_taken_port(tmp_path, taken_port):
-    result = pgslowlog("check", "-c", write(tmp_path, with_metrics(f"127.0.0.1:{taken_port}")))
+def test_check_refuses_a_taken_port(tmp_path, taken_port, embedded_postgres):
+    config = with_metrics(f"127.0.0.1:{taken_port}", embedded_postgres)
+    result = pgslowlog("check", "-c", write(tmp_path, config))
     assert result.returncode == 2
     errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
     assert (
@@ -294,11 +318,12 @@ def test_prometheus_scrapes_the_slow_statements(shop_cluster, start_daemon, tmp_
     assert linted.returncode == 0, linted.stdout + linted.stderr
 
     # The same counters as the health line: read one after the other, with no
-    # statement in between, they agree.
-    time.sleep(2.5)  # the main loop has read the sources again
+    # statement in between, they agree. The main loop reads the sources, then logs a
+    # health line: once one is logged after the last statement, /metrics has its figures.
+    daemon.process.wait_for_log("health", count=health_lines(daemon) + 1)
     scraped = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-    count = len([e for e in daemon.process.logs if e.get("event") == "health"])
-    health = daemon.process.wait_for_log("health", count=count + 1)["targets"]["main"]
+    health = daemon.process.wait_for_log("health", count=health_lines(daemon) + 1)
+    health = health["targets"]["main"]
     assert health["statements"] == _sample(scraped, "pgslowlog_statements_seen_total")
     assert health["lost"] == _sample(scraped, 'pgslowlog_records_lost_total{cause="ringbuf_full"')
     delivered = _sample(scraped, 'pgslowlog_sink_delivered_events_total{sink="file"}')
@@ -309,6 +334,11 @@ def test_prometheus_scrapes_the_slow_statements(shop_cluster, start_daemon, tmp_
     checked = pgslowlog("check", "-c", str(daemon.config))
     assert checked.returncode == 0, checked.stdout
     assert f"ok: metrics.listen 127.0.0.1:{port} is served by a running pgslowlog" in checked.stdout
+
+
+def health_lines(daemon) -> int:
+    """How many health lines the daemon has logged so far."""
+    return len([e for e in list(daemon.process.logs) if e.get("event") == "health"])
 
 
 def _sample(exposition: str, prefix: str) -> float:

@@ -30,12 +30,16 @@ from pgslowlog.pg_layouts import (
 )
 
 SCRIPT = Path(__file__).resolve().parents[1] / ".ci" / "pg-layouts"
-EMBEDDED_PG18 = embedded_bindir()
-# (include/server, bin/postgres, major): what the bootstrap installs.
-BUILDS = {
-    "pg15": (Path("/usr/include/postgresql/15/server"), DEBIAN_PG15 / "postgres", 15),
-    "pg18": (EMBEDDED_PG18.parent / "include" / "server", EMBEDDED_PG18 / "postgres", 18),
-}
+BUILDS = ("pg15", "pg18")
+
+
+def build(name: str) -> tuple[Path, Path, int]:
+    """(include/server, bin/postgres, major): Debian's 15 (the bootstrap installs it and
+    its headers) or the wheel's 18; looked up when a test asks."""
+    if name == "pg15":
+        return Path("/usr/include/postgresql/15/server"), DEBIAN_PG15 / "postgres", 15
+    bindir = embedded_bindir()
+    return bindir.parent / "include" / "server", bindir / "postgres", 18
 
 
 def derive(mode: str, path: Path) -> dict:
@@ -47,9 +51,10 @@ def derive(mode: str, path: Path) -> dict:
     return json.loads(line)
 
 
-@pytest.mark.parametrize("build", sorted(BUILDS))
-def test_the_compiler_agrees_with_the_table(build):
-    include, _, major = BUILDS[build]
+@pytest.mark.system  # gcc; and for pg15, Debian's server headers
+@pytest.mark.parametrize("name", BUILDS)
+def test_the_compiler_agrees_with_the_table(name):
+    include, _, major = build(name)
     assert (include / "postgres.h").is_file(), (
         f"{include} is missing (PostgreSQL {major}'s server headers: see .ci/bootstrap)"
     )
@@ -59,9 +64,10 @@ def test_the_compiler_agrees_with_the_table(build):
     assert dataclasses.asdict(LAYOUTS[major]) == {"major": major, **derived}
 
 
-@pytest.mark.parametrize("build", sorted(BUILDS))
-def test_the_binary_exports_and_names_as_the_table_says(build):
-    _, postgres, major = BUILDS[build]
+@pytest.mark.system  # nm and gcc (binutils); and for pg15, Debian's binary
+@pytest.mark.parametrize("name", BUILDS)
+def test_the_binary_exports_and_names_as_the_table_says(name):
+    _, postgres, major = build(name)
     assert postgres.is_file(), f"{postgres} is missing (PostgreSQL {major}: see .ci/bootstrap)"
     derived = derive("binary", postgres)
     assert derived["major"] == major, derived["version"]
@@ -101,11 +107,14 @@ def test_an_unverified_major_is_refused_naming_the_verified_ones():
     assert "13, 14, 15, 16, 17, 18" in refused.value.cause
 
 
-@pytest.mark.parametrize(("build", "base"), [("pg15", 0), ("pg18", 0x400000)])
-def test_the_file_address_of_offset_zero_for_pie_and_fixed_builds(build, base):
+@pytest.mark.parametrize(
+    ("name", "base"),
+    [pytest.param("pg15", 0, marks=pytest.mark.system), ("pg18", 0x400000)],
+)
+def test_the_file_address_of_offset_zero_for_pie_and_fixed_builds(name, base):
     """Debian builds position-independent executables, the wheel does not: the sampler's
     load bias (where offset 0 is mapped, minus this) must serve both."""
     from pgslowlog.elf import inspect_binary
 
-    postgres = BUILDS[build][1]
+    postgres = build(name)[1]
     assert inspect_binary(str(postgres), frozenset()).base_vaddr == base

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from events import numbered
 from structlog.testing import capture_logs
+from waiting import wait_for_count, wait_until
 
 from pgslowlog import enrichment
 from pgslowlog.bpf.attachments import OUTCOME_UPROBES, Uprobe, Usdt
@@ -30,35 +32,11 @@ from pgslowlog.probes import ChecksBinary, ProbeDefinition, select_probes, wante
 from pgslowlog.records import BackendNotice, BoundParameter, NoticeKind, RawStatement
 from pgslowlog.sinks import BaseSink
 
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.005)
-
-
 # -- dispatcher ---------------------------------------------------------------------------
 
 
-def event(n: int) -> SlowQuery:
-    return SlowQuery(
-        ts=datetime(2026, 1, 1, tzinfo=timezone.utc),
-        duration_ms=250.0,
-        query=f"q{n}",
-        query_truncated=False,
-        pid=1000 + n,
-        user="u",
-        database="d",
-        client="[local]",
-        probe="activity",
-        binary="/b",
-    )
-
-
 def events(*numbers: int) -> list[SlowQuery]:
-    return [event(n) for n in numbers]
+    return [numbered(n) for n in numbers]
 
 
 class RecordingSink(BaseSink):
@@ -138,7 +116,7 @@ def test_a_full_queue_drops_its_oldest_events_and_counts_them(dispatcher):
     assert [(w["sink"], w["dropped"]) for w in warnings] == [("slow", 2), ("slow", 1000)]
     assert warnings[0]["fix"] == "the sink is too slow: raise sinks.slow.queue_size or fix it"
     sink.gate.set()
-    wait_until(lambda: len(sink.written) == 4, "q0 and the newest three written")
+    wait_for_count(lambda: sink.written, 4, "written: q0 and the newest three")
     assert sink.written == ["q0", "q1003", "q1004", "q1005"]
     stats = dispatcher.close()["slow"]
     assert (stats.delivered, stats.dropped, stats.failed) == (4, 1002, 0)
@@ -150,7 +128,7 @@ def test_a_batch_holds_at_most_max_batch_and_a_short_one_waits_max_delay(dispatc
     dispatcher.start()
     started = time.monotonic()
     dispatcher.dispatch_many(events(*range(10)))
-    wait_until(lambda: len(sink.written) == 10, "all ten written")
+    wait_for_count(lambda: sink.written, 10, "written: all of them")
     assert [batch for _, batch in sink.batches] == [
         ["q0", "q1", "q2", "q3"],
         ["q4", "q5", "q6", "q7"],
@@ -169,13 +147,13 @@ def test_events_arriving_within_max_delay_join_the_batch(dispatcher):
     dispatcher.start()
     started = time.monotonic()
     dispatcher.dispatch_many(events(0))
-    time.sleep(0.1)
+    time.sleep(0.1)  # q1 comes 100 ms later: within the 0.5 s q0's batch waits
     dispatcher.dispatch_many(events(1))
-    wait_until(lambda: len(sink.written) == 2, "q0 and q1 written together")
+    wait_for_count(lambda: sink.written, 2, "written: q0 and q1 together")
     assert [batch for _, batch in sink.batches] == [["q0", "q1"]]
     assert sink.batches[0][0] - started >= 0.45  # written when the delay ran out
     dispatcher.dispatch_many(events(2, 3, 4))  # a full batch goes at once, no delay
-    wait_until(lambda: len(sink.written) == 5, "q2 to q4 written")
+    wait_for_count(lambda: sink.written, 5, "written: q0 to q4")
     assert sink.batches[1][1] == ["q2", "q3", "q4"]
     assert sink.batches[1][0] - started < 1.5
     # The lazy sink (5 s delay) still holds everything: shutdown ends the wait and delivers.
@@ -201,10 +179,10 @@ def test_a_sink_that_raises_loses_its_batch_only(dispatcher):
     dispatcher.start()
     with capture_logs() as logs:
         dispatcher.dispatch_many(events(0, 1, 2))  # one batch: the flaky sink fails it
-        wait_until(lambda: flaky.calls == ["failed"], "the flaky sink's first write")
+        wait_until(lambda: flaky.calls == ["failed"], what="the flaky sink's first write")
         dispatcher.dispatch_many(events(3, 4))
-        wait_until(lambda: len(flaky.written) == 2, "the flaky sink's second batch")
-        wait_until(lambda: len(steady.written) == 5, "everything at the steady sink")
+        wait_for_count(lambda: flaky.written, 2, "written by the flaky sink, its second batch")
+        wait_for_count(lambda: steady.written, 5, "written by the steady sink: everything")
         stats = dispatcher.close()
     assert flaky.written == ["q3", "q4"]
     assert steady.written == ["q0", "q1", "q2", "q3", "q4"]
@@ -220,7 +198,7 @@ def test_a_sink_that_raises_loses_its_batch_only(dispatcher):
 
 class SlowSink(RecordingSink):
     def write(self, events: Sequence[SlowQuery]) -> None:
-        time.sleep(0.1)
+        time.sleep(0.1)  # each write takes 100 ms, as a slow receiver's would
         super().write(events)
 
 
@@ -294,7 +272,7 @@ def test_an_abandoned_write_that_returns_late_is_not_counted_twice(dispatcher):
     stats = dispatcher.close()
     assert (stats["stuck"].delivered, stats["stuck"].dropped) == (0, 2)
     stuck.gate.set()  # the write returns after all
-    wait_until(lambda: stuck.calls[-1:] == ["close"], "the abandoned lane to finish")
+    wait_until(lambda: stuck.calls[-1:] == ["close"], what="the abandoned lane to finish")
     late = dispatcher.stats()["stuck"]
     assert (late.delivered, late.dropped) == (0, 2)
 
@@ -311,13 +289,15 @@ def test_reopen_reaches_each_sink_between_writes_on_its_own_thread(dispatcher):
     dispatcher.add_sink("broken", broken, queue_size=100, shutdown_timeout_s=5)
     dispatcher.start()
     dispatcher.dispatch_many(events(0))
-    wait_until(lambda: sink.written == ["q0"], "q0 written")
+    wait_until(lambda: sink.written == ["q0"], what="q0 written")
     with capture_logs() as logs:
         dispatcher.reopen()
-        wait_until(lambda: "reopen" in sink.calls, "the file sink reopened")
-        wait_until(lambda: any(e["event"] == "sink_reopen_failed" for e in logs), "failure said")
+        wait_until(lambda: "reopen" in sink.calls, what="the file sink reopened")
+        wait_until(
+            lambda: any(e["event"] == "sink_reopen_failed" for e in logs), what="failure said"
+        )
     dispatcher.dispatch_many(events(1))
-    wait_until(lambda: broken.written == ["q0", "q1"], "q1 written after a failed reopen")
+    wait_until(lambda: broken.written == ["q0", "q1"], what="q1 written after a failed reopen")
     dispatcher.close()
     assert sink.calls == ["write q0", "reopen", "write q1", "close"]
     assert sink.threads == {"sink-file"}  # never from the caller's thread

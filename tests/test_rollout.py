@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from fleet import DEBIAN_MAJORS, DEBIAN_PYTHONS, TREES
 from prometheus_server import prometheus
+from waiting import wait_until
 
 from pgslowlog import machine as checks
 from pgslowlog.testing.cluster import free_port
@@ -282,37 +283,43 @@ def _fresh_root(host: Host, workdir: Path) -> None:
 
 def _container_init(machine: subprocess.Popen[bytes], timeout: float = 60) -> int:
     """The container's PID 1: the child of systemd-nspawn running systemd."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def systemd_child() -> int | None:
         if machine.poll() is not None:
             raise RuntimeError(f"systemd-nspawn exited with {machine.returncode}")
         children = Path(f"/proc/{machine.pid}/task/{machine.pid}/children")
         for pid in children.read_text().split() if children.exists() else []:
             if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
                 return int(pid)
-        time.sleep(0.2)
-    raise RuntimeError("the container's systemd did not start")
+        return None
+
+    return wait_until(systemd_child, timeout, "the container's systemd started", interval=0.2)
 
 
 def _wait_until_booted(host: Host, workdir: Path) -> None:
     """Until systemctl names a finished boot. Right after systemd becomes PID 1 its bus
     is not up and systemctl prints nothing, so ask again until it answers."""
-    assert host.machine is not None
-    deadline = time.monotonic() + BOOT_TIMEOUT_S
-    state = ""
-    while time.monotonic() < deadline:
-        if host.machine.poll() is not None:
-            raise RuntimeError(f"{host.name} stopped while booting ({host.machine.returncode})")
+    machine = host.machine
+    assert machine is not None
+    states = [""]
+
+    def finished_boot() -> bool:
+        if machine.poll() is not None:
+            raise RuntimeError(f"{host.name} stopped while booting ({machine.returncode})")
         try:
             answer = host.run("systemctl", "is-system-running", "--wait", check=False, timeout=30)
-            state = answer.stdout.strip()
+            states.append(answer.stdout.strip())
         except subprocess.TimeoutExpired:
-            state = "(no answer in 30 s)"
-        if state in ("running", "degraded"):
-            return
-        time.sleep(1)
-    console = (workdir / f"console-{host.release}.log").read_text()[-2000:]
-    raise RuntimeError(f"{host.name} did not finish booting: {state!r}\n{console}")
+            states.append("(no answer in 30 s)")
+        return states[-1] in ("running", "degraded")
+
+    try:
+        wait_until(finished_boot, BOOT_TIMEOUT_S, f"{host.name} booted", interval=1)
+    except AssertionError:
+        console = (workdir / f"console-{host.release}.log").read_text()[-2000:]
+        raise RuntimeError(
+            f"{host.name} did not finish booting: {states[-1]!r}\n{console}"
+        ) from None
 
 
 def _power_off(hosts: list[Host]) -> None:
@@ -355,14 +362,6 @@ def _power_off(hosts: list[Host]) -> None:
                 os.kill(host.leader, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-
-
-def _wait_for(predicate, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"not true within {timeout} s: {predicate.__doc__ or predicate}")
-        time.sleep(0.2)
 
 
 def _unit_capabilities() -> int:
@@ -444,8 +443,11 @@ def test_playbook_rolls_out_a_working_service_to_three_releases(fleet: Fleet):
     for host in hosts:
         host.psql(f"select pg_sleep(0.3) /* rolled out to {host.release} */")
     for host in hosts:
-        _wait_for(lambda h=host: any(f"to {h.release}" in e["query"] for e in h.events()))
-        event = next(e for e in host.events() if f"to {host.release}" in e["query"])
+        event = wait_until(
+            lambda h=host: next((e for e in h.events() if f"to {h.release}" in e["query"]), None),
+            15,
+            f"the statement on {host.name} logged",
+        )
         assert event["binary"] == host.binary, event
 
     # One Prometheus scrapes the fleet: a series per host, each its own Python and bcc.
@@ -482,7 +484,12 @@ def test_playbook_rolls_out_a_working_service_to_three_releases(fleet: Fleet):
         host.psql(f"select pg_sleep(0.3) /* under the new threshold on {host.release} */")
         host.psql(f"select pg_sleep(1.1) /* over the new threshold on {host.release} */")
     for host in hosts:
-        _wait_for(lambda h=host: any("over the new" in e["query"] for e in h.events()))
+        wait_until(
+            lambda h=host: any("over the new" in e["query"] for e in h.events()),
+            15,
+            f"the statement over the new threshold on {host.name} logged",
+        )
+        # The one under ended first: had it been logged, it would be in the file already.
         assert not any("under the new" in e["query"] for e in host.events())
         assert "reload_needs_restart" not in host.journal()  # the reload applied it all
 
@@ -501,7 +508,9 @@ def test_playbook_rolls_out_a_working_service_to_three_releases(fleet: Fleet):
             lines = h.journal().splitlines()
             return sum(f"pgslowlog[{pid}]" in line and '"health"' in line for line in lines)
 
-        _wait_for(lambda h=host: health_lines(h) >= 2)
+        wait_until(
+            lambda h=host: health_lines(h) >= 2, 15, f"two health lines from {host.name}'s daemon"
+        )
     pids_before = {host.name: host.show("MainPID") for host in hosts}
 
     # A value the argument spec lets through (an int) but the daemon refuses (over 16384):

@@ -12,6 +12,7 @@ import time
 
 import psycopg
 import pytest
+from waiting import wait_until
 
 pytestmark = pytest.mark.ebpf  # needs root: it reads the servers' memory
 
@@ -52,13 +53,14 @@ def test_extended_protocol_in_a_transaction_and_an_error_in_it(cluster, start_da
     daemon = start_daemon(cluster, **SAMPLED)
     with psycopg.connect(cluster.dsn()) as connection:  # not autocommit: a transaction
         connection.execute("select pg_sleep(%s) /* sampled bound */", (0.25,))
-        time.sleep(0.1)  # idle in transaction: the end was exact
+        # Idle in transaction for 10 looks, not a next statement at once: the end is exact.
+        time.sleep(0.1)
         with pytest.raises(psycopg.errors.RaiseException):
             connection.execute(
                 "do $$ begin perform pg_sleep(0.3); raise exception 'boom'; end $$"
                 " /* sampled failing */"
             )
-        time.sleep(0.1)
+        time.sleep(0.1)  # idle in the failed transaction before it ends, as above
     (bound,) = daemon.wait_for_events("sampled bound", 1)
     (failed,) = daemon.wait_for_events("sampled failing", 1)
     assert bound["query"] == "select pg_sleep($1) /* sampled bound */"
@@ -145,19 +147,25 @@ def test_query_id_is_postgresql_s_own(cluster, start_daemon):
         pid = connection.info.backend_pid
 
         def ask() -> None:
-            time.sleep(0.2)
             with psycopg.connect(cluster.dsn(), autocommit=True) as other:
-                row = other.execute(
-                    "select query_id from pg_stat_activity where pid = %s", (pid,)
-                ).fetchone()
-                seen.append(row[0])
+
+                def query_id() -> int | None:
+                    row = other.execute(
+                        "select query_id from pg_stat_activity where pid = %s and state = "
+                        "'active' and query like '%%sampled_query_id%%'",  # not the marker
+                        (pid,),
+                    ).fetchone()
+                    return row[0] if row else None
+
+                seen.append(wait_until(query_id, 5, "the statement's query_id in pg_stat_activity"))
 
         asking = threading.Thread(target=ask)
         asking.start()
         connection.execute("select pg_sleep(0.5) /* sampled query id */")
         asking.join()
     (event,) = daemon.wait_for_events("sampled query id", 1)
-    assert seen[0] is not None and event["query_id"] == seen[0]
+    assert seen, "the statement's query_id was never seen in pg_stat_activity"
+    assert event["query_id"] == seen[0]
 
 
 def test_auto_switches_live_with_the_threshold_and_loses_nothing(cluster, start_daemon):
@@ -166,12 +174,22 @@ def test_auto_switches_live_with_the_threshold_and_loses_nothing(cluster, start_
     daemon = start_daemon(cluster, threshold_ms=200)  # probes = ["auto"]
     assert daemon.process.wait_for_log("ready")["probes"] == ["sampled@target0"]
 
+    def running(marker: str) -> bool:
+        """Whether a statement with `marker` is under way. The question does not hold
+        the marker itself (LIKE's _ stands for the spaces), so it is never one of ours."""
+        pattern = marker.replace(" ", "_")
+        sql = (
+            "select 1 from pg_stat_activity where state = 'active' and "
+            f"pid <> pg_backend_pid() and query like '%{pattern}%'"
+        )
+        return cluster.psql(sql, check=True).stdout.strip() == "1"
+
     def across(marker: str) -> threading.Thread:
         # Under way when the switch begins, still running when it ends (loading the new
         # definition's BPF program takes a second or two).
         thread = threading.Thread(target=cluster.psql, args=(f"select pg_sleep(5) /* {marker} */",))
         thread.start()
-        time.sleep(0.3)
+        wait_until(lambda: running(marker), 5, f"{marker!r} running in pg_stat_activity")
         return thread
 
     long_one = across("switch down across")
@@ -199,10 +217,9 @@ def test_auto_switches_live_with_the_threshold_and_loses_nothing(cluster, start_
     for marker, probe in expected.items():
         (event,) = daemon.wait_for_events(marker, 1)
         assert event["probe"] == probe, event
-    time.sleep(0.5)
+    assert daemon.stop() == 0  # drained: a second report of one would be in the file now
     for marker in expected:
         assert len(daemon.events(marker)) == 1, daemon.events(marker)
-    assert daemon.stop() == 0
 
 
 def test_statements_at_1_2_times_the_threshold_are_all_caught(cluster, start_daemon):

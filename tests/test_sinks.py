@@ -8,9 +8,10 @@ from datetime import datetime, timezone
 
 import psycopg
 import pytest
+from events import slow
 from receivers import WebhookReceiver, start_rsyslog
+from waiting import wait_for_count, wait_until
 
-from pgslowlog.event import SlowQuery
 from pgslowlog.plugins.syslog_sink import SyslogOptions, SyslogSink, fit_event
 from pgslowlog.testing.cluster import free_port
 
@@ -23,6 +24,16 @@ def rsyslog(tmp_path_factory):
     receiver = start_rsyslog(tmp_path_factory.mktemp("rsyslog"))
     yield receiver
     receiver.stop()
+
+
+def delivered_to_rsyslog(daemon, rsyslog) -> list[dict]:
+    """Stops the daemon (its sinks drain), then every message its syslog sink delivered,
+    once rsyslogd has written them all: exactly as many as the `stopped` line counts."""
+    assert daemon.stop() == 0
+    delivered = daemon.process.wait_for_log("stopped")["sinks"]["syslog"]["delivered"]
+    messages = rsyslog.wait_for_sender(daemon.process.process.pid, delivered)
+    assert len(messages) == delivered, messages
+    return messages
 
 
 @pytest.mark.ebpf
@@ -40,8 +51,10 @@ def test_syslog_delivers_intact_events(pg18, start_daemon, rsyslog, transport):
     )
     query = AWKWARD.format(marker=marker)
     pg18.psql(query, check=True)
-    (expected,) = daemon.wait_for_events(marker, 1)
-    (message,) = rsyslog.wait_for(marker, 1)
+    daemon.wait_for_events(marker, 1)
+    messages = delivered_to_rsyslog(daemon, rsyslog)
+    (expected,) = daemon.events(marker)
+    (message,) = [m for m in messages if marker in m["event"]["query"]]
     assert message["event"] == expected
     assert message["event"]["query"] == query
     assert (message["app"], message["msgid"]) == ("pgslowlog", "slowquery")
@@ -63,35 +76,22 @@ def test_syslog_message_over_the_limit_arrives_whole(pg18, start_daemon, rsyslog
     )
     query = "select pg_sleep(0.25) /* syslog-long " + '"é"\n' * 500 + "*/"
     pg18.psql(query, check=True)
-    (full,) = daemon.wait_for_events("syslog-long", 1)
-    (message,) = rsyslog.wait_for("syslog-long", 1)
+    daemon.wait_for_events("syslog-long", 1)
+    messages = delivered_to_rsyslog(daemon, rsyslog)
+    (full,) = daemon.events("syslog-long")
+    (message,) = [m for m in messages if "syslog-long" in m["event"]["query"]]
     assert full["query"] == query
     assert message["event"]["query_truncated"] is True
     assert query.startswith(message["event"]["query"])
     assert len(message["event"]["query"]) > 100
 
 
-def event(query: str) -> SlowQuery:
-    return SlowQuery(
-        ts=datetime(2026, 11, 25, tzinfo=timezone.utc),
-        duration_ms=1.5,
-        query=query,
-        query_truncated=False,
-        pid=1,
-        user="u",
-        database="d",
-        client="[local]",
-        probe="p",
-        binary="/b",
-    )
-
-
 @pytest.mark.parametrize("text", ["x" * 5000, '"\n' * 2000, "日本" * 2000, "\x01" * 2000])
 def test_fit_event_stays_valid_json_under_the_limit(text):
-    import json
-
-    for limit in (400, 480, 1000, 4000):  # 400: the event without its text is about 330
-        encoded = fit_event(event(text), limit)
+    # The event with an empty text is the least any limit must leave room for.
+    bare = len(slow(query="", query_truncated=True).to_json())
+    for limit in (bare, bare + 1, bare + 70, 1000, 4000):
+        encoded = fit_event(slow(query=text), limit)
         assert len(encoded) <= limit
         decoded = json.loads(encoded)
         assert text.startswith(decoded["query"])
@@ -100,14 +100,13 @@ def test_fit_event_stays_valid_json_under_the_limit(text):
 
 def test_syslog_header_is_rfc5424():
     sink = SyslogSink(SyslogOptions(address="udp://127.0.0.1:9", hostname="db1"))
-    message = sink.format(
-        event("select 1"), now=datetime(2026, 11, 25, 1, 2, 3, 4, tzinfo=timezone.utc)
-    )
+    event = slow(query="select 1")
+    message = sink.format(event, now=datetime(2026, 11, 25, 1, 2, 3, 4, tzinfo=timezone.utc))
     header, _, body = message.partition(b" - ")
     # local0 (16) * 8 + notice (5) = 133
     assert header.decode().startswith("<133>1 2026-11-25T01:02:03.000004Z db1 pgslowlog ")
     assert header.decode().endswith(" slowquery")
-    assert body.startswith(b'{"ts":"2026-11-25T00:00:00Z"')
+    assert body == event.to_json()  # the whole event, as it fits
 
 
 @pytest.fixture
@@ -119,6 +118,16 @@ def webhook():
 
 def statements(marker: str, count: int, seconds: float = 0.002) -> str:
     return "; ".join(f"select pg_sleep({seconds}) /* {marker} {n} */" for n in range(count))
+
+
+def delivered_to_webhook(daemon, webhook: WebhookReceiver) -> list[dict]:
+    """Stops the daemon (its sinks drain), then every event its webhook sink delivered,
+    once the receiver holds them all: exactly as many as the `stopped` line counts."""
+    assert daemon.stop() == 0
+    delivered = daemon.process.wait_for_log("stopped")["sinks"]["webhook"]["delivered"]
+    received = wait_for_count(lambda: list(webhook.events), delivered, "webhook events")
+    assert len(received) == delivered, received
+    return received
 
 
 @pytest.mark.ebpf
@@ -144,9 +153,9 @@ def test_webhook_batches_and_secret_header(pg18, start_daemon, webhook, tmp_path
         for n in range(25):
             connection.execute(f"select pg_sleep(0.002) /* hook-batch {n} */")
     daemon.wait_for_events("hook-batch", 25)
-    received = webhook.wait_for("hook-batch", 25)
-    assert daemon.stop() == 0
-    assert sorted(event["query"] for event in received) == sorted(
+    webhook.wait_for("hook-batch", 25)
+    received = delivered_to_webhook(daemon, webhook)
+    assert sorted(event["query"] for event in received if "hook-batch" in event["query"]) == sorted(
         event["query"] for event in daemon.events("hook-batch")
     )
     assert max(webhook.batches) <= 10 and len(webhook.batches) >= 3
@@ -174,17 +183,14 @@ def test_webhook_retries_through_500_429_and_a_hang(pg18, start_daemon, webhook)
         },
     )
     pg18.psql("select pg_sleep(0.25) /* hook-fault */", check=True)
-    received = webhook.wait_for("hook-fault", 1)
-    time.sleep(0.5)  # a duplicate would show up here
-    assert [event["query"] for event in webhook.events] == [
-        "select pg_sleep(0.25) /* hook-fault */"
-    ]
+    webhook.wait_for("hook-fault", 1)
+    # Stopped, so no retry is left to come: what arrived is all that ever will, once.
+    received = delivered_to_webhook(daemon, webhook)
+    assert [event["query"] for event in received] == ["select pg_sleep(0.25) /* hook-fault */"]
     answers = [answer for _, answer, _ in webhook.requests]
     assert answers == ["500", "429", "hang", "200"]
     after_429 = webhook.requests[2][0] - webhook.requests[1][0]
     assert after_429 >= 1.0  # Retry-After: 1 was honoured
-    assert len(received) == 1
-    assert daemon.stop() == 0
     stats = daemon.process.wait_for_log("stopped")["sinks"]["webhook"]
     assert stats["delivered"] == 1 and stats["retried"] == 3 and stats["failed"] == 0
     retries = [entry for entry in daemon.process.logs if entry["event"] == "webhook_retry"]
@@ -223,22 +229,19 @@ def test_webhook_down_for_good_loses_nothing_elsewhere(pg18, start_daemon):
     assert webhook_stats["dropped"] > 0
 
 
-def health_line_where(daemon, condition, timeout: float = 10) -> dict:
-    """The first health line for which `condition` holds; AssertionError if none in time."""
-    deadline = time.monotonic() + timeout
-    count = 1
-    while True:
-        remaining = deadline - time.monotonic()
-        try:
-            health = daemon.process.wait_for_log("health", count=count, timeout=max(remaining, 0))
-        except TimeoutError:
-            raise AssertionError(
-                f"no health line within {timeout} s matched: "
-                f"{[e for e in daemon.process.logs if e.get('event') == 'health'][-1:]}"
-            ) from None
-        if condition(health):
-            return health
-        count += 1
+def health_line_where(daemon, condition, what: str, timeout: float = 10) -> dict:
+    """The first health line for which `condition` holds; AssertionError naming `what`
+    and the last health line if none does in time."""
+
+    def health_lines() -> list[dict]:
+        return [entry for entry in list(daemon.process.logs) if entry.get("event") == "health"]
+
+    try:
+        return wait_until(
+            lambda: next((line for line in health_lines() if condition(line)), None), timeout, what
+        )
+    except AssertionError as error:
+        raise AssertionError(f"{error}; the last health line: {health_lines()[-1:]}") from None
 
 
 @pytest.mark.ebpf
@@ -266,7 +269,11 @@ def test_sigterm_is_bounded_when_a_sink_hangs_and_others_lose_nothing(pg18, star
         assert len(daemon.wait_for_events("hung sink", 20)) == 20
         # The file holds all 20, so a health line soon says the file sink delivered them,
         # while the hung sink has delivered nothing.
-        health = health_line_where(daemon, lambda h: h["sinks"]["file"]["delivered"] >= 20)
+        health = health_line_where(
+            daemon,
+            lambda h: h["sinks"]["file"]["delivered"] >= 20,
+            "a health line with 20 events delivered to the file",
+        )
         assert set(health["sinks"]) == {"file", "webhook"}
         assert health["sinks"]["file"]["dropped"] == health["sinks"]["file"]["failed"] == 0
         assert health["sinks"]["webhook"]["delivered"] == 0
