@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
+import socket
+import subprocess
+import sys
 from importlib.resources import files
 from pathlib import Path
 
 import pgslowlog
+from pgslowlog.bpf.compiler import CHILD_COMMAND, SOCKET_FD_ENV
 
 PACKAGE = Path(str(files("pgslowlog")))
 
@@ -88,3 +94,25 @@ def test_what_plugin_authors_import_is_exported():
         "hookimpl",
     }
     assert promised <= set(pgslowlog.__all__)
+
+
+def test_the_compiler_child_starts_cleanly():
+    """Not `python -m pgslowlog.bpf.compiler`: importing the package imports that module
+    first, and runpy would warn of it on stderr, which a refusal quotes. Asked for
+    nothing, the child answers (compiled, or why not where bcc is missing) and exits."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    request = {"program": "", "cflags": [], "functions": [], "maps": []}
+    with parent, child:
+        result = subprocess.run(
+            [sys.executable, *CHILD_COMMAND],
+            input=json.dumps(request).encode(),
+            capture_output=True,
+            pass_fds=[child.fileno()],
+            env={**os.environ, SOCKET_FD_ENV: str(child.fileno())},
+            timeout=120,
+        )
+        parent.settimeout(5)
+        reply = json.loads(parent.recv(1 << 16))
+    assert result.returncode == 0, result.stderr
+    assert b"RuntimeWarning" not in result.stderr, result.stderr
+    assert reply["ok"] or "bcc" in reply["error"] or "compiling failed" in reply["error"]

@@ -3,13 +3,13 @@
 bcc compiles with clang and LLVM inside the calling process: importing bcc alone
 maps and relocates about 60 MB of LLVM, and a compile peaks well above that. A
 daemon that lives for months should not carry that for one start-up step, so the
-daemon runs this module as a child (`python -m pgslowlog.bpf.compiler`): it compiles,
+daemon runs this module's `child_main` in a child process (CHILD_COMMAND): it compiles,
 loads the programs into the kernel (the verifier runs here), creates the maps,
 and hands the program and map file descriptors back over a Unix socket
 (SCM_RIGHTS). The kernel objects outlive the child; the daemon attaches and
 reads them through libbcc_bpf, bcc's small syscall library without LLVM.
 
-Request (JSON on stdin): source, cflags, functions [[name, type], ...], maps.
+Request (JSON on stdin): program (the C text), cflags, functions [[name, type], ...], maps.
 Reply (one message on the socket, fds attached in the order named):
     {"ok": true, "functions": [...], "maps": [...], "peak_rss_mb": N}
 or  {"ok": false, "error": "..."}.
@@ -28,6 +28,12 @@ from dataclasses import dataclass
 REPLY_MAX_BYTES = 1 << 16
 # The fd number the daemon gives the child's end of the socket pair.
 SOCKET_FD_ENV = "PGSLOWLOG_COMPILER_FD"
+# Not `python -m pgslowlog.bpf.compiler`: importing the package imports this module
+# first, and runpy would warn that it runs a module already imported (and run it twice).
+CHILD_COMMAND = [
+    "-c",
+    "from pgslowlog.bpf.compiler import child_main; raise SystemExit(child_main())",
+]
 KPROBE, RAW_TRACEPOINT = "kprobe", "raw_tracepoint"
 COMPILE_TIMEOUT_S = 120  # a big program on a slow machine; never forever
 
@@ -52,19 +58,19 @@ class Compiled:
 
 
 def compile_program(
-    source: bytes, cflags: list[str], functions: list[tuple[str, str]], maps: list[str]
+    program_text: bytes, cflags: list[str], functions: list[tuple[str, str]], maps: list[str]
 ) -> Compiled:
-    """Compile `source` in a child; the fds of `functions` (name, type) and `maps`."""
+    """Compile `program_text` in a child; the fds of `functions` (name, type) and `maps`."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     request = {
-        "source": source.decode(),
+        "program": program_text.decode(),
         "cflags": cflags,
         "functions": functions,
         "maps": maps,
     }
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "pgslowlog.bpf.compiler"],
+            [sys.executable, *CHILD_COMMAND],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -121,7 +127,8 @@ def _peak_rss_mb() -> float:
     return int(match.group(1)) / 1024 if match else 0.0
 
 
-def _child() -> int:
+def child_main() -> int:
+    """The child: compile and load what the request on stdin asks, answer on the socket."""
     sock = socket.socket(fileno=int(os.environ[SOCKET_FD_ENV]))
     request = json.load(sys.stdin)
 
@@ -134,7 +141,7 @@ def _child() -> int:
     except ImportError:
         return answer({"ok": False, "error": "bcc's Python module is not importable"}, [])
     try:
-        bpf = bcc.BPF(text=request["source"].encode(), cflags=request["cflags"])
+        bpf = bcc.BPF(text=request["program"].encode(), cflags=request["cflags"])
     except Exception as error:
         return answer({"ok": False, "error": f"compiling failed ({error})"}, [])
     types = {KPROBE: bcc.BPF.KPROBE, RAW_TRACEPOINT: bcc.BPF.RAW_TRACEPOINT}
@@ -154,7 +161,3 @@ def _child() -> int:
     }
     # Sent while bpf still holds them; the kernel objects live on in the daemon.
     return answer(reply, [*fds, *map_fds])
-
-
-if __name__ == "__main__":
-    raise SystemExit(_child())
