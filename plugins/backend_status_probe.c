@@ -34,7 +34,7 @@ static __always_inline u64 realtime_ns(s64 postgres_us)
     return (u64)(postgres_us + POSTGRES_EPOCH_UNIX_US) * 1000;
 }
 
-/* CLOCK_MONOTONIC ns of a PostgreSQL timestamp. */
+/* CLOCK_MONOTONIC ns of a PostgreSQL timestamp, to compare with the kernel's own stamps. */
 static __always_inline u64 monotonic_ns(s64 postgres_us)
 {
     return realtime_ns(postgres_us) - setting(SETTING_REALTIME_OFFSET);
@@ -82,13 +82,14 @@ static __always_inline void report(struct slow_query *record, const char *entry,
     u64 duration = end_us > start_us ? (u64)(end_us - start_us) * 1000 : 0;
     if (!over_threshold(duration))
         return;
-    header->start_ns = monotonic_ns(start_us);
+    header->start_ns = realtime_ns(start_us);  /* PostgreSQL's clock: Unix time already */
+    header->start_clock = START_CLOCK_UNIX;
     header->pid = current_pid();
     header->kind = RECORD_STATEMENT;
     header->protocol = PROTOCOL;
     header->application_name[0] = 0;
     /* A cancel that arrived while the backend was idle cancelled nothing. */
-    cancelled = cancelled && record->cancel_ns >= header->start_ns;
+    cancelled = cancelled && record->cancel_ns >= monotonic_ns(start_us);
     header->outcome = exited || aborted ? (cancelled ? OUTCOME_CANCELLED : OUTCOME_ERROR)
                                         : OUTCOME_OK;
     record->running_reports = 0;  /* not seen: the protocol stays unknown */

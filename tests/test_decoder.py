@@ -14,6 +14,7 @@ import pytest
 from pgslowlog.bpf.decoder import (
     BIND_NAMES,
     HEADER,
+    START_CLOCKS,
     RecordDecoder,
     RecordKind,
     decode_text,
@@ -32,9 +33,10 @@ def record(
     pid: int = 42,
     outcome: int = 0,
     start_ns: int = 10,
+    clock: int = 0,  # START_CLOCKS: the kernel's own
 ) -> bytes:
     header = HEADER.pack(
-        start_ns, 300_000_000, pid, len(query), truncated, 0, kind, outcome, 2, b"app"
+        start_ns, 300_000_000, pid, len(query), truncated, 0, kind, outcome, 2, clock, b"app"
     )
     return header + query
 
@@ -50,12 +52,12 @@ def bind_section(formats: list[int], values: list[bytes | None]) -> bytes:
 
 def bind(pid: int, start_ns: int, name: str = "", *values: bytes | None) -> bytes:
     section = bind_section([0], list(values)) if values else b""
-    header = HEADER.pack(start_ns, 0, pid, 0, 0, 0, RecordKind.BIND, 0, 0, b"")
+    header = HEADER.pack(start_ns, 0, pid, 0, 0, 0, RecordKind.BIND, 0, 0, 0, b"")
     return header + BIND_NAMES.pack(b"portal", name.encode(), 0, len(section)) + section
 
 
-def decoder(max_binds: int = 32) -> RecordDecoder:
-    return RecordDecoder(max_binds)
+def decoder(max_backends: int = 16) -> RecordDecoder:
+    return RecordDecoder(max_backends)
 
 
 def statement(decode: RecordDecoder, pid: int, start_ns: int) -> RawStatement:
@@ -89,11 +91,17 @@ def test_the_kernel_clock_becomes_unix_time_once_per_batch():
     assert abs(realtime_offset_ns() - offset) < 50_000_000
 
 
+def test_a_start_already_in_unix_time_passes_through():
+    """backend_status reads PostgreSQL's own timestamps: its records say so."""
+    decode = decoder()
+    unix = START_CLOCKS.index("unix")
+    raw = decode.decode(record(start_ns=1_733_000_000_123_456_000, clock=unix))
+    assert isinstance(raw, RawStatement) and raw.start_unix_ns == 1_733_000_000_123_456_000
+
+
 def test_decode_backend_notice():
     exited = decoder().decode(record(b"", kind=RecordKind.BACKEND_EXITED, pid=7))
     assert exited == BackendNotice(NoticeKind.BACKEND_EXITED, 7)
-    # The kernel's record kinds and the notices' kinds are the same numbers.
-    assert RecordKind.BACKEND_STARTED == NoticeKind.BACKEND_STARTED
 
 
 @pytest.mark.parametrize(
@@ -176,7 +184,7 @@ def test_the_unnamed_statement_and_uncaptured_values():
 
 
 def test_unpaired_binds_are_bounded_when_exit_notices_are_lost():
-    decode = decoder(max_binds=32)
+    decode = decoder(max_backends=16)  # 32 kept at most
     for pid in range(1, 33):
         decode.decode(bind(pid, pid, f"s{pid}", b"v"))
     decode.decode(bind(1, 100, "again", b"w"))  # pid 1's next Bind: now the newest

@@ -8,6 +8,8 @@ stops every compile with the field's name, instead of misreading records.
 The kernel stamps records with bpf_ktime_get_ns() (CLOCK_MONOTONIC); records.py
 speaks Unix time. The decoder converts, with the offset between the two clocks
 taken once per batch (`sync_clock`): the one place a kernel time becomes wall time.
+A program that reads PostgreSQL's own timestamps (backend_status) stamps its records
+in Unix time already, and says so (start_clock): those pass through.
 A Bind message is held here until the statement it belongs to arrives, and goes out
 inside that statement's record.
 """
@@ -35,7 +37,8 @@ HEADER_LAYOUT = (
     ("kind", "B"),
     ("outcome", "B"),
     ("protocol", "B"),
-    ("reserved", "3x"),
+    ("start_clock", "B"),
+    ("reserved", "2x"),
     ("application_name", "64s"),
 )
 # struct bind_record after its header; then params_len bytes of the Bind message's
@@ -45,6 +48,7 @@ HEADER = struct.Struct("<" + "".join(code for _, code in HEADER_LAYOUT))
 BIND_NAMES = struct.Struct("<" + "".join(code for _, code in BIND_LAYOUT))
 OUTCOMES = ("ok", "error", "cancelled")  # enum outcome
 PROTOCOLS = (None, "simple", "extended")  # enum protocol
+START_CLOCKS = ("monotonic", "unix")  # enum start_clock
 
 
 class RecordKind(enum.IntEnum):
@@ -78,6 +82,7 @@ def layout_cflags() -> list[str]:
         f"-DPY_PROTOCOL_{(name or 'unknown').upper()}={value}"
         for value, name in enumerate(PROTOCOLS)
     ]
+    flags += [f"-DPY_START_CLOCK_{name.upper()}={value}" for value, name in enumerate(START_CLOCKS)]
     return flags
 
 
@@ -110,6 +115,7 @@ _STATEMENT = RecordKind.STATEMENT.value  # plain ints: compared once per record
 _BIND = RecordKind.BIND.value
 _FAILURE = RecordKind.FAILURE.value
 _EXITED = RecordKind.BACKEND_EXITED.value
+_UNIX = START_CLOCKS.index("unix")
 # Raw application_name field -> text. Few distinct names, one per statement: cached.
 _NAMES_CACHED = 1024
 
@@ -117,13 +123,13 @@ _NAMES_CACHED = 1024
 class RecordDecoder:
     """The decoder of one BPF source's records, used by its collector's thread only.
 
-    `max_binds` bounds the Bind messages held for statements still to come (their
-    backends' exit notices may have been lost too).
+    Bind messages held for statements still to come are bounded by twice the backends
+    the kernel tracks (`[daemon] max_backends`): their exit notices may be lost too.
     """
 
-    def __init__(self, max_binds: int) -> None:
+    def __init__(self, max_backends: int) -> None:
         self.offset_ns = realtime_offset_ns()
-        self._max_binds = max_binds
+        self._max_binds = 2 * max_backends
         self._binds: dict[int, _Bind] = {}  # pid -> its last Bind, oldest first
         self._names: dict[bytes, str] = {}
 
@@ -144,6 +150,7 @@ class RecordDecoder:
             kind,
             outcome,
             protocol,
+            clock,
             name,
         ) = HEADER.unpack_from(record)
         if kind != _STATEMENT:
@@ -172,7 +179,7 @@ class RecordDecoder:
                 self._names.clear()
             application_name = self._names[name] = _name(name)
         statement = RawStatement(
-            start_ns + self.offset_ns,
+            start_ns if clock == _UNIX else start_ns + self.offset_ns,
             duration_ns,
             pid,
             query,

@@ -59,9 +59,12 @@ enum record_kind {
 
 enum outcome { OUTCOME_OK = 0, OUTCOME_ERROR = 1, OUTCOME_CANCELLED = 2 };
 enum protocol { PROTOCOL_UNKNOWN = 0, PROTOCOL_SIMPLE = 1, PROTOCOL_EXTENDED = 2 };
+/* What start_ns counts: the kernel's clock, which user space turns into Unix time, or
+ * Unix time already (a program that reads PostgreSQL's own timestamps). */
+enum start_clock { START_CLOCK_MONOTONIC = 0, START_CLOCK_UNIX = 1 };
 
 struct record_header {
-    u64 start_ns;        /* bpf_ktime_get_ns() at statement start: CLOCK_MONOTONIC */
+    u64 start_ns;        /* statement start, as start_clock says: bpf_ktime_get_ns() mostly */
     u64 duration_ns;
     u32 pid;
     u32 query_len;       /* bytes of text that follow, without the NUL */
@@ -70,7 +73,8 @@ struct record_header {
     u8 kind;             /* enum record_kind */
     u8 outcome;          /* enum outcome */
     u8 protocol;         /* enum protocol */
-    u8 reserved[3];
+    u8 start_clock;      /* enum start_clock */
+    u8 reserved[2];
     char application_name[APPLICATION_NAME_BYTES];
 };
 
@@ -133,6 +137,7 @@ HEADER_FIELD(backend_exited);
 HEADER_FIELD(kind);
 HEADER_FIELD(outcome);
 HEADER_FIELD(protocol);
+HEADER_FIELD(start_clock);
 HEADER_FIELD(reserved);
 HEADER_FIELD(application_name);
 BIND_FIELD(portal);
@@ -150,6 +155,8 @@ SAME_AS_USER_SPACE(OUTCOME_CANCELLED, PY_OUTCOME_CANCELLED, "OUTCOME_CANCELLED")
 SAME_AS_USER_SPACE(PROTOCOL_UNKNOWN, PY_PROTOCOL_UNKNOWN, "PROTOCOL_UNKNOWN");
 SAME_AS_USER_SPACE(PROTOCOL_SIMPLE, PY_PROTOCOL_SIMPLE, "PROTOCOL_SIMPLE");
 SAME_AS_USER_SPACE(PROTOCOL_EXTENDED, PY_PROTOCOL_EXTENDED, "PROTOCOL_EXTENDED");
+SAME_AS_USER_SPACE(START_CLOCK_MONOTONIC, PY_START_CLOCK_MONOTONIC, "START_CLOCK_MONOTONIC");
+SAME_AS_USER_SPACE(START_CLOCK_UNIX, PY_START_CLOCK_UNIX, "START_CLOCK_UNIX");
 SAME_AS_USER_SPACE(COUNTER_STATEMENTS, PY_COUNTER_STATEMENTS, "COUNTER_STATEMENTS");
 SAME_AS_USER_SPACE(COUNTER_EMITTED, PY_COUNTER_EMITTED, "COUNTER_EMITTED");
 SAME_AS_USER_SPACE(COUNTER_UNTRACKED, PY_COUNTER_UNTRACKED, "COUNTER_UNTRACKED");
@@ -366,6 +373,7 @@ static __always_inline int statement_begin(struct pt_regs *ctx, const char *text
 
     struct record_header *header = &record->header;
     header->start_ns = bpf_ktime_get_ns();
+    header->start_clock = START_CLOCK_MONOTONIC;
     header->duration_ns = 0;
     header->pid = pid;
     header->backend_exited = 0;

@@ -61,8 +61,7 @@ class BpfSource:
         self._perf_fds: list[int] = []
         self._tracepoint_fd: int | None = None
         self._cpus = possible_cpus()
-        # Bind messages held for their statements: two per backend the kernel tracks.
-        self._max_binds = 2 * daemon.max_backends
+        self._max_backends = daemon.max_backends  # bounds what its decoder holds
         try:
             self.set_threshold_ns(round(daemon.threshold_ms * 1_000_000))
             self.sync_clock()
@@ -161,7 +160,8 @@ class BpfSource:
         """The ring buffers, read from their shared memory (ringbuf.py): events, spill."""
         fds = [self._compiled.maps[name] for name in RING_BUFFERS]
         return RingBufferReader(
-            [RingBuffer(fd, ring_buffer_fd_size(fd)) for fd in fds], RecordDecoder(self._max_binds)
+            [RingBuffer(fd, ring_buffer_fd_size(fd)) for fd in fds],
+            RecordDecoder(self._max_backends),
         )
 
     def detach(self) -> None:
