@@ -73,13 +73,14 @@ class Collector(threading.Thread):
         for record in records:
             try:
                 raw = decode(record)
-                # Statements first: at threshold 0 nearly every record is one.
-                if type(raw) is RawStatement:
+                # Statements first, by exact type: at threshold 0 nearly every record is one.
+                if type(raw) is RawStatement or isinstance(raw, RawStatement):
                     if (event := enrich(raw)) is not None:
                         events.append(event)
                 elif isinstance(raw, BackendNotice):
                     self.enricher.note(raw)
-                # None: nothing for the pipeline (a Bind, which its statement carries)
+                elif raw is not None:  # None: nothing for the pipeline (a Bind, say)
+                    raise TypeError(f"a reader decoded a record to {type(raw).__name__}")
             except DecodeError as error:
                 self.undecodable += 1
                 log.error("undecodable_record", source=self.source_name, error=str(error))

@@ -124,12 +124,12 @@ def load_config(path: str | Path) -> Config:
     return parse_config(data, str(path))
 
 
-def parse_config(data: dict[str, Any], source: str = "config") -> Config:
+def parse_config(data: dict[str, Any], config_path: str = "config") -> Config:
     try:
         config = msgspec.convert(data, Config)
     except msgspec.ValidationError as error:
-        raise config_error(source, error) from None
-    _check_semantics(config, source)
+        raise config_error(config_path, error) from None
+    _check_semantics(config, config_path)
     return config
 
 
@@ -139,7 +139,7 @@ _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<key>[^`]+)`$", re.DO
 _MISSING = re.compile(r"^Object missing required field `(?P<key>[^`]+)`$")
 
 
-def config_error(source: str, error: msgspec.ValidationError, prefix: str = "") -> UserError:
+def config_error(config_path: str, error: msgspec.ValidationError, prefix: str = "") -> UserError:
     """Turn msgspec's message into 'config X: <key path>: cause; fix'."""
     match = _AT.match(str(error))
     assert match is not None  # the pattern matches any string
@@ -150,55 +150,55 @@ def config_error(source: str, error: msgspec.ValidationError, prefix: str = "") 
         name = unknown["key"] if unknown["key"].isprintable() else repr(unknown["key"])
         key = f"{path}.{name}" if path else name
         return UserError(
-            f"config {source}: unknown key {key}",
+            f"config {config_path}: unknown key {key}",
             f"remove it or correct its spelling ({EXAMPLE})",
         )
     if missing := _MISSING.match(message):
         key = f"{path}.{missing['key']}" if path else missing["key"]
-        return UserError(f"config {source}: {key} is required", f"set it ({EXAMPLE})")
+        return UserError(f"config {config_path}: {key} is required", f"set it ({EXAMPLE})")
     where = path or "top level"
     message = message[:1].lower() + message[1:]  # "Expected ..." continues our sentence
-    return UserError(f"config {source}: {where}: {message}", f"correct the value ({EXAMPLE})")
+    return UserError(f"config {config_path}: {where}: {message}", f"correct the value ({EXAMPLE})")
 
 
-def _check_semantics(config: Config, source: str) -> None:
+def _check_semantics(config: Config, config_path: str) -> None:
     daemon = config.daemon
     if daemon.ring_buffer_mib & (daemon.ring_buffer_mib - 1):
         raise UserError(
-            f"config {source}: daemon.ring_buffer_mib = {daemon.ring_buffer_mib} is not a power "
-            "of two",
+            f"config {config_path}: daemon.ring_buffer_mib = {daemon.ring_buffer_mib} is not "
+            "a power of two",
             "use 1, 2, 4, 8, 16 ... (the kernel requires it)",
         )
     if daemon.log_level not in LOG_LEVELS:
         raise UserError(
-            f"config {source}: daemon.log_level = {daemon.log_level!r} is not a level",
+            f"config {config_path}: daemon.log_level = {daemon.log_level!r} is not a level",
             f"use one of {', '.join(LOG_LEVELS)}",
         )
     if not config.target:
         raise UserError(
-            f"config {source}: no [[target]] table",
+            f"config {config_path}: no [[target]] table",
             'add one: [[target]] binary = "/usr/lib/postgresql/15/bin/postgres"',
         )
     names = [target.name for target in config.target if target.name is not None]
     if len(names) != len(set(names)):
         raise UserError(
-            f"config {source}: two [[target]] tables have the same name",
+            f"config {config_path}: two [[target]] tables have the same name",
             "give each target its own name",
         )
     for index, target in enumerate(config.target):
         if (target.binary is None) == (target.pid is None):
             raise UserError(
-                f"config {source}: target[{index}] needs exactly one of binary or pid",
+                f"config {config_path}: target[{index}] needs exactly one of binary or pid",
                 'set binary = "/path/to/postgres" or pid = <postmaster pid>, not both',
             )
         if not target.probes:
             raise UserError(
-                f"config {source}: target[{index}].probes is empty",
+                f"config {config_path}: target[{index}].probes is empty",
                 'use ["auto"] or name the probes to attach',
             )
     if not config.sinks:
         raise UserError(
-            f"config {source}: no sink configured",
+            f"config {config_path}: no sink configured",
             'add one, for example [sinks.file] path = "/var/log/pgslowlog/slow.jsonl"',
         )
     if config.metrics is not None:
@@ -206,14 +206,14 @@ def _check_semantics(config: Config, source: str) -> None:
             listen_address(config.metrics.listen)
         except ValueError as error:
             raise UserError(
-                f"config {source}: metrics.listen = {config.metrics.listen!r} {error}",
+                f"config {config_path}: metrics.listen = {config.metrics.listen!r} {error}",
                 f'use "127.0.0.1:{METRICS_DEFAULT_PORT}", "[::1]:{METRICS_DEFAULT_PORT}" or '
                 f'":{METRICS_DEFAULT_PORT}" (every IPv4 address)',
             ) from None
     for name, options in config.sinks.items():
         if not isinstance(options, dict):
             raise UserError(
-                f"config {source}: sinks.{name} must be a table", f"write it as [sinks.{name}]"
+                f"config {config_path}: sinks.{name} must be a table", f"write it as [sinks.{name}]"
             )
 
 

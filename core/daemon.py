@@ -78,7 +78,8 @@ def run(config_path: str) -> int:
 
 
 class Daemon:
-    """The main loop over a started pipeline: signals, reload, watching, health."""
+    """A planned pipeline, run: its parts made here, started by run(); the main loop,
+    signals, reload, watching and health."""
 
     def __init__(
         self,

@@ -146,7 +146,7 @@ class _Lane:
             log.error(f"sink_{method}_failed", sink=self.name, error=str(error))
 
     def snapshot(self) -> SinkStats:
-        return SinkStats(**{**asdict(self.stats), "retried": getattr(self.sink, "retried", 0)})
+        return SinkStats(**{**asdict(self.stats), "retried": self.sink.retried})
 
 
 class Dispatcher:

@@ -14,6 +14,7 @@ import os
 import re
 import stat
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -67,6 +68,13 @@ class PostgresBinary:
     def function_offset(self, name: str) -> int | None:
         function = self.functions.get(name)
         return function.offset if function else None
+
+    def unexported(self, names: Iterable[str]) -> str | None:
+        """None if the binary exports every global in `names`, else which it does not."""
+        for name in names:
+            if name not in self.objects:
+                return f"no exported global {name} in {self.path}"
+        return None
 
     @property
     def symbols_kind(self) -> str:

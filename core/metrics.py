@@ -216,7 +216,8 @@ class ScrapeCollector(Collector):
     def _probes(self, health: HealthReporter) -> Iterator[Metric]:
         seen = CounterMetricFamily(
             "pgslowlog_statements_seen",
-            "Statements the definition saw end, slow or not (sampled: those seen at a look).",
+            "Statements the definition saw, slow or not (a BPF program counts each as it "
+            "begins; sampled, each it sees end).",
             labels=["target", "probe"],
         )
         lost = CounterMetricFamily(

@@ -180,13 +180,21 @@ EXPORTED_GLOBALS: dict[int, frozenset[str]] = {
 }
 
 
+def unverified(major: int) -> str | None:
+    """Why nothing here may be used for a PostgreSQL major, or None if it may."""
+    if major in LAYOUTS:
+        return None
+    verified = ", ".join(str(known) for known in sorted(LAYOUTS))
+    return (
+        f"PostgreSQL {major}'s struct layout is not known to pgslowlog "
+        f"(verified from real headers: {verified})"
+    )
+
+
 def layout_for(major: int) -> BackendStatusLayout:
     """The verified layout of a PostgreSQL major, or a UserError naming those there are."""
-    if (layout := LAYOUTS.get(major)) is None:
-        verified = ", ".join(str(known) for known in sorted(LAYOUTS))
+    if (reason := unverified(major)) is not None:
         raise UserError(
-            f"PostgreSQL {major}'s struct layout is not known to pgslowlog "
-            f"(verified from real headers: {verified})",
-            "run one of those majors, or use a probe that reads no PostgreSQL structs",
+            reason, "run one of those majors, or use a probe that reads no PostgreSQL structs"
         )
-    return layout
+    return LAYOUTS[major]

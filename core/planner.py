@@ -72,7 +72,7 @@ class Planner:
             raise
         return target, definitions
 
-    def plan(self, config: Config, source: str) -> Plan:
+    def plan(self, config: Config, config_path: str) -> Plan:
         """The plan, or a UserError naming the first thing that cannot be done."""
         the_plan = Plan(config=config, targets=[])
         try:
@@ -82,14 +82,14 @@ class Planner:
                     continue
                 target, definitions = self.resolve(target_config, index, config.daemon)
                 the_plan.targets.append(PlannedTarget(target, definitions))
-            the_plan.sink_options = self.parse_sinks(config, source)
+            the_plan.sink_options = self.parse_sinks(config, config_path)
         except BaseException:
             the_plan.close()
             raise
         return the_plan
 
     def parse_sinks(
-        self, config: Config, source: str
+        self, config: Config, config_path: str
     ) -> dict[str, tuple[CommonSinkOptions, object]]:
         """Each [sinks.NAME] table validated by its plugin's schema and check."""
         sink_types = self.plugins.sink_types
@@ -99,16 +99,16 @@ class Planner:
             if sink_type is None:
                 installed = ", ".join(sorted(sink_types)) or "none"
                 raise UserError(
-                    f"config {source}: no sink plugin named {name!r} (installed: {installed})",
+                    f"config {config_path}: no sink plugin named {name!r} (installed: {installed})",
                     "correct the [sinks.NAME] table or install the plugin",
                 )
-            sink_options[name] = sink_type.parse_options(raw, source)
+            sink_options[name] = sink_type.parse_options(raw, config_path)
             if sink_type.check is not None:
                 try:
                     sink_type.check(sink_options[name][1])
                 except ValueError as error:
                     raise UserError(
-                        f"config {source}: sinks.{name}.{error}",
+                        f"config {config_path}: sinks.{name}.{error}",
                         "fix that option, or the file or variable it names",
                     ) from None
         return sink_options

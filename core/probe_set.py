@@ -43,7 +43,7 @@ class RunningProbe:
     source: StatementSource
     collector: Collector
     attachments: int  # places it watched once attached (attached_count is 0 after detach)
-    handing_over: bool = False  # replaced on its target; stopped once `handed_over`
+    handing_over: bool = False  # replaced on its target; stopped once `handed_over()`
 
     @property
     def name(self) -> str:
@@ -51,7 +51,7 @@ class RunningProbe:
 
 
 class ProbeSetListener(Protocol):
-    def retiring(self, running: RunningProbe) -> None:
+    def retiring(self, running: RunningProbe, /) -> None:
         """`running` is stopped and drained, its counters still readable; it is freed next."""
 
 
@@ -166,7 +166,7 @@ class ProbeSet:
         done = [
             r
             for r in self._running
-            if r.handing_over and isinstance(r.source, HandsOver) and r.source.handed_over
+            if r.handing_over and isinstance(r.source, HandsOver) and r.source.handed_over()
         ]
         if done:
             self._stop(done)

@@ -27,20 +27,21 @@ class OpenSource(Protocol):
     raises sources.ProbeLoadError when the kernel or the compiler refuses."""
 
     def __call__(
-        self, definition: ProbeDefinition, target: Target, daemon: DaemonConfig
+        self, definition: ProbeDefinition, target: Target, daemon: DaemonConfig, /
     ) -> StatementSource: ...
 
 
 @runtime_checkable
 class ChecksBinary(Protocol):
-    """A factory that needs something of the binary: symbols to find, and a verdict."""
+    """A factory that needs something of the binary: symbols to find, and a verdict.
+    (isinstance() reads `symbols` on Python 3.9-3.11: keep it cheap and never raising.)"""
 
     @property
     def symbols(self) -> frozenset[str]:
         """Functions and exported globals to look up in the binary (elf.PostgresBinary
         .functions and .objects hold those found)."""
 
-    def unsupported_reason(self, binary: PostgresBinary) -> Optional[str]:
+    def unsupported_reason(self, binary: PostgresBinary, /) -> Optional[str]:
         """None if a source can be opened on `binary`, else why not, in a few words."""
 
 
@@ -62,7 +63,9 @@ class ProbeDefinition:
 
     name: str
     description: str
-    open: OpenSource
+    # Not compared: a definition is known by its name (the plugins refuse a second one
+    # of the same name), and a factory need not be hashable.
+    open: OpenSource = field(compare=False)
     priority: int = 0
     automatic: bool = True
     auto_floor_ms: Optional[Callable[[DaemonConfig], float]] = field(default=None, compare=False)

@@ -25,7 +25,7 @@ class Sink(Protocol):
     #: Deliveries the sink had to retry (it counts them; the dispatcher logs them).
     retried: int
 
-    def write(self, events: Sequence[SlowQuery]) -> None:
+    def write(self, events: Sequence[SlowQuery], /) -> None:
         """Deliver a batch. Raising counts the whole batch as failed; the next one still comes."""
 
     def reopen(self) -> None:
@@ -88,11 +88,11 @@ class SinkType:
     check: Callable[[Any], None] | None = None
 
     def parse_options(
-        self, raw: dict[str, Any], source: str
+        self, raw: dict[str, Any], config_path: str
     ) -> tuple[CommonSinkOptions, msgspec.Struct]:
         common = {key: value for key, value in raw.items() if key in COMMON_OPTIONS}
         own = {key: value for key, value in raw.items() if key not in COMMON_OPTIONS}
         try:
             return msgspec.convert(common, CommonSinkOptions), msgspec.convert(own, self.options)
         except msgspec.ValidationError as error:
-            raise config_error(source, error, prefix=f"sinks.{self.name}") from None
+            raise config_error(config_path, error, prefix=f"sinks.{self.name}") from None

@@ -20,7 +20,8 @@ from typing import Any, NamedTuple, Optional, Protocol, runtime_checkable
 from pgslowlog.records import Record
 
 # What every source counts, summed since it was opened (the health line, the loss
-# warnings and /metrics read them): statements that ended, slow ones emitted,
+# warnings and /metrics read them): statements seen (a BPF program counts each as it
+# begins, the sampler each it sees end), slow ones emitted,
 # statements that could not be tracked (no kernel memory), records dropped because
 # the buffer was full, slow statements PostgreSQL kept no record of. A source that
 # cannot know a figure leaves it out.
@@ -34,13 +35,14 @@ class ProbeLoadError(Exception):
 class RecordReader(Protocol):
     """The records of one source, read by its collector thread only."""
 
-    def wait(self, timeout_ms: int) -> None:
+    # Parameters before `/` are passed by position: an implementation may name them.
+    def wait(self, timeout_ms: int, /) -> None:
         """Sleep until records may be ready, or `timeout_ms` passed."""
 
-    def read(self, limit: int) -> list[Any]:
+    def read(self, limit: int, /) -> list[Any]:
         """Up to `limit` records, oldest first, in the source's own form."""
 
-    def decode(self, record: Any) -> Optional[Record]:
+    def decode(self, record: Any, /) -> Optional[Record]:
         """One record as a records.Record; None when it is not one for the pipeline
         (for example a Bind message kept for the statement that follows). Raises
         DecodeError if it cannot be read."""
@@ -70,7 +72,7 @@ class StatementSource(Protocol):
     def reader(self) -> RecordReader:
         """The reader its collector drains; called once, after attach()."""
 
-    def set_threshold_ns(self, threshold_ns: int) -> None:
+    def set_threshold_ns(self, threshold_ns: int, /) -> None:
         """The live threshold: only statements at or over it leave the source."""
 
     def tick(self) -> None:
@@ -90,18 +92,19 @@ class StatementSource(Protocol):
 # target's definition live (probe_set.ProbeSet.switch): the new source attaches
 # before the old one lets go. A source that reads PostgreSQL's own timestamps may
 # share out the statements around that moment exactly, so nothing is lost or twice:
+# Methods, not properties: isinstance() on a runtime-checkable protocol reads each member
+# (Python 3.9-3.11), and a property would run.
 @runtime_checkable
 class HandsOver(Protocol):
-    def take_over(self, at_ns: int) -> None:
+    def take_over(self, at_ns: int, /) -> None:
         """From now on report only statements that end at or after `at_ns` (Unix ns):
         the source it replaces reported the others. Called once attached, before its
         collector reads anything."""
 
-    def hand_over(self, at_ns: int) -> None:
+    def hand_over(self, at_ns: int, /) -> None:
         """Report only statements that began before `at_ns` (Unix ns): its successor
-        reports the others. It keeps running until `handed_over`."""
+        reports the others. It keeps running until `handed_over()`."""
 
-    @property
     def handed_over(self) -> bool:
         """No client statement that began before the hand-over is left running."""
 

@@ -9,7 +9,7 @@ from pgslowlog.bpf.attachments import Uprobe, WireProtocol
 from pgslowlog.bpf.program import BpfProgram
 from pgslowlog.elf import PostgresBinary
 from pgslowlog.hookspecs import hookimpl
-from pgslowlog.pg_layouts import LAYOUTS, layout_for
+from pgslowlog.pg_layouts import layout_for, unverified
 from pgslowlog.plugin_manager import RegisterProbe
 from pgslowlog.probes import ProbeDefinition
 
@@ -27,10 +27,9 @@ def backend_state_cflags(binary: PostgresBinary) -> list[str]:
 
 
 def backend_states_unknown(binary: PostgresBinary) -> Optional[str]:
-    if binary.major not in LAYOUTS:
-        verified = ", ".join(map(str, sorted(LAYOUTS)))
-        return f"PostgreSQL {binary.major}'s BackendState values are not verified ({verified} are)"
-    return None
+    """A wrong STATE_RUNNING would leave every statement unseen without a word: an
+    unverified major is refused, never guessed."""
+    return unverified(binary.major)
 
 
 ACTIVITY_PROGRAM = BpfProgram(

@@ -648,3 +648,19 @@ def test_wanted_symbols_are_the_definitions_and_the_shared_ones():
     )
     shared = {uprobe.symbol for uprobe in OUTCOME_UPROBES} | set(SHARED_GLOBALS)
     assert wanted == {"f_a", "f_common", "MyBEEntry"} | shared
+
+
+def test_activity_and_extended_refuse_a_major_whose_states_are_not_verified():
+    """A wrong STATE_RUNNING would leave every statement unseen: never guessed."""
+    from pgslowlog.plugins.activity_probe import ACTIVITY
+    from pgslowlog.plugins.extended_probe import EXTENDED
+
+    functions = ("pgstat_report_activity", "exec_parse_message", "exec_bind_message")
+    newer = binary(functions=(*functions, "exec_execute_message"), major=19)
+    reason = (
+        "PostgreSQL 19's struct layout is not known to pgslowlog "
+        "(verified from real headers: 13, 14, 15, 16, 17, 18)"
+    )
+    assert ACTIVITY.unsupported_reason(newer) == EXTENDED.unsupported_reason(newer) == reason
+    known = binary(functions=(*functions, "exec_execute_message"), major=18)
+    assert ACTIVITY.unsupported_reason(known) is EXTENDED.unsupported_reason(known) is None

@@ -20,6 +20,7 @@ from pgslowlog.config import DaemonConfig, TargetConfig, parse_config
 from pgslowlog.daemon import Daemon
 from pgslowlog.dispatcher import Dispatcher
 from pgslowlog.elf import BinaryFile, PostgresBinary
+from pgslowlog.errors import UserError
 from pgslowlog.health import HealthReporter
 from pgslowlog.live_config import merge_live, needs_restart
 from pgslowlog.planner import Plan, PlannedTarget, Planner
@@ -557,7 +558,6 @@ class HandingOverSource(FakeSource):
     def hand_over(self, at_ns: int) -> None:
         self.handed_over_at = at_ns
 
-    @property
     def handed_over(self) -> bool:
         return not self.still_running
 
@@ -636,3 +636,90 @@ def test_the_new_source_takes_over_before_its_collector_reads(harness, tmp_path)
 
     h.probes.switch(where, [h.define("early", Early)])
     assert h.opened[1].took_over_at is not None
+
+
+class FakePlanner:
+    """What follow_auto asks of the planner: the choice on the binary already read, then
+    the target resolved again (its file opened anew) when the choice changed."""
+
+    def __init__(self, choice: list[ProbeDefinition], resolved: Target | None = None) -> None:
+        self.choice = choice
+        self.resolved = resolved
+        self.refusal: UserError | None = None
+        self.resolves = 0
+
+    def choose(self, target_config, binary, label, daemon) -> list[ProbeDefinition]:
+        if self.refusal is not None:
+            raise self.refusal
+        return self.choice
+
+    def resolve(self, target_config, index, daemon) -> tuple[Target, list[ProbeDefinition]]:
+        self.resolves += 1
+        assert self.resolved is not None
+        return self.resolved, self.choice
+
+
+AUTO = parse_config(BASE)  # one target, probes = ["auto"]
+
+
+def reopened(where: Target) -> Target:
+    """The same file as `where`, opened again, as resolving the target does."""
+    return Target(where.index, where.binary, binary_file(Path(where.file.path)), where.name)
+
+
+def test_auto_switches_a_target_whose_choice_changed(harness, tmp_path):
+    h = harness()
+    where = target(tmp_path)
+    h.probes.start(where, [h.define("trapping")])
+    again = reopened(where)
+    assert h.probes.follow_auto(AUTO, FakePlanner([h.define("sampling")], again)) == [
+        "sampling@main"
+    ]
+    assert [r.name for r in h.probes] == ["sampling@main"] and h.opened[0].closed
+    with pytest.raises(ValueError, match="closed"):
+        _ = again.file.attach_path  # the file opened to switch is closed again
+
+
+def test_auto_leaves_a_target_whose_choice_is_the_same(harness, tmp_path):
+    h = harness()
+    trapping = h.define("trapping")
+    h.probes.start(target(tmp_path), [trapping])
+    planner = FakePlanner([trapping])
+    assert h.probes.follow_auto(AUTO, planner) == [] and planner.resolves == 0
+    assert [r.name for r in h.probes] == ["trapping@main"]
+
+
+def test_auto_waits_for_a_hand_over_before_switching_again(harness, tmp_path):
+    h = harness()
+    where = target(tmp_path)
+    h.probes.start(where, [h.define("sampling", HandingOverSource)])
+    switched = h.probes.follow_auto(AUTO, FakePlanner([h.define("trapping")], reopened(where)))
+    assert switched == ["trapping@main"] and h.probes.handing_over
+    # The threshold moves again while sampling still hands over: decided later.
+    third = FakePlanner([h.define("third")], reopened(where))
+    assert h.probes.follow_auto(AUTO, third) == [] and h.probes.auto_pending
+    h.opened[0].still_running = False
+    h.probes.tick()  # the hand-over is done: sampling stops
+    assert not h.probes.handing_over
+    assert h.probes.follow_auto(AUTO, third) == ["third@main"] and not h.probes.auto_pending
+    assert [r.name for r in h.probes] == ["third@main"]
+
+
+def test_auto_does_not_switch_onto_a_replaced_binary(harness, tmp_path):
+    h = harness()
+    h.probes.start(target(tmp_path, 0), [h.define("trapping")])
+    other = target(tmp_path, 1)  # the path now holds another file: the watcher's job
+    assert h.probes.follow_auto(AUTO, FakePlanner([h.define("sampling")], other)) == []
+    assert [r.name for r in h.probes] == ["trapping@main"]
+
+
+def test_auto_that_cannot_choose_says_so_and_keeps_what_runs(harness, tmp_path):
+    h = harness()
+    h.probes.start(target(tmp_path), [h.define("trapping")])
+    planner = FakePlanner([])
+    planner.refusal = UserError("target[0]: no probe can attach", "point the target elsewhere")
+    with capture_logs() as logs:
+        assert h.probes.follow_auto(AUTO, planner) == []
+    (failed,) = [entry for entry in logs if entry["event"] == "probe_switch_failed"]
+    assert failed["target"] == "main" and "no probe can attach" in failed["error"]
+    assert [r.name for r in h.probes] == ["trapping@main"]

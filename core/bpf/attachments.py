@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass
 from typing import Union
 
+from pgslowlog.elf import PostgresBinary
+
 
 @dataclass(frozen=True)
 class Uprobe:
@@ -47,6 +49,13 @@ OUTCOME_UPROBES = (
     Uprobe(symbol="StatementCancelHandler", function="on_cancel_request"),
     Uprobe(symbol="AbortCurrentTransaction", function="on_transaction_abort"),
 )
+
+
+def outcome_uprobes(binary: PostgresBinary) -> list[Uprobe]:
+    """The outcome uprobes this binary can take (it exports their functions)."""
+    return [u for u in OUTCOME_UPROBES if binary.function_offset(u.symbol) is not None]
+
+
 # proc_exit(code), exported by every build: how a backend left (sampled/outcomes.c).
 EXIT_UPROBE = Uprobe(symbol="proc_exit", function="on_backend_exit")
 

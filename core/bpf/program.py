@@ -16,7 +16,14 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Optional
 
-from pgslowlog.bpf.attachments import OUTCOME_UPROBES, Attachment, Uprobe, Usdt, WireProtocol
+from pgslowlog.bpf.attachments import (
+    OUTCOME_UPROBES,
+    Attachment,
+    Uprobe,
+    Usdt,
+    WireProtocol,
+    outcome_uprobes,
+)
 from pgslowlog.bpf.compiler import KPROBE, RAW_TRACEPOINT, CompileError, compile_program
 from pgslowlog.bpf.decoder import layout_cflags
 from pgslowlog.bpf.source import (
@@ -33,7 +40,7 @@ from pgslowlog.probes import ProbeDefinition
 from pgslowlog.sources import COUNTERS, ProbeLoadError
 from pgslowlog.targets import Target
 
-SHARED_SOURCE = files("pgslowlog.bpf") / "slow_query.h"
+SHARED_C_FILE = files("pgslowlog.bpf") / "slow_query.h"
 # Exported globals the shared code reads where the binary has them (plain C types).
 SHARED_GLOBALS = ("application_name",)
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -100,10 +107,7 @@ class BpfProgram:
                     else "the function is inlined or absent in this build"
                 )
                 return f"no function {attachment.symbol} in {binary.path} ({why})"
-        for name in self.globals:
-            if name not in binary.objects:
-                return f"no exported global {name} in {binary.path}"
-        return self.requirement(binary)
+        return binary.unexported(self.globals) or self.requirement(binary)
 
     # probes.OpenSource
     def __call__(
@@ -130,8 +134,7 @@ class BpfProgram:
     def attachments_on(self, target: Target) -> list[Attachment]:
         """Its own attachments, and the outcome uprobes this binary can take (it exports
         their functions)."""
-        shared = [u for u in OUTCOME_UPROBES if target.binary.function_offset(u.symbol) is not None]
-        return [*self.attachments, *shared]
+        return [*self.attachments, *outcome_uprobes(target.binary)]
 
     def text(self) -> bytes:
         """The shared part, then the program's own files: one translation unit for bcc.
@@ -139,7 +142,7 @@ class BpfProgram:
         bcc rewrites map calls only in the main file, so the shared code cannot be an
         #include. The #line directives keep compiler messages pointing at the real files.
         """
-        parts = [SHARED_SOURCE, *self.extra_c_files, self.c_file]
+        parts = [SHARED_C_FILE, *self.extra_c_files, self.c_file]
         return "\n".join(f'#line 1 "{path}"\n{path.read_text()}' for path in parts).encode()
 
     def cflags_for(self, target: Target, daemon: DaemonConfig) -> list[str]:

@@ -13,7 +13,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from pathlib import Path
 
-from pgslowlog.bpf.attachments import EXIT_UPROBE, OUTCOME_UPROBES
+from pgslowlog.bpf.attachments import EXIT_UPROBE, outcome_uprobes
 from pgslowlog.bpf.decoder import Failure
 from pgslowlog.bpf.program import BpfProgram
 from pgslowlog.elf import PostgresBinary
@@ -38,10 +38,7 @@ OUTCOMES_PROGRAM = BpfProgram(
 def reports_outcomes(binary: PostgresBinary) -> bool:
     """Whether the binary exports proc_exit and the failure paths (every build seen
     does): where it does not, outcomes are what the looks could read."""
-    exports = binary.function_offset
-    return exports(EXIT_UPROBE.symbol) is not None and any(
-        exports(uprobe.symbol) is not None for uprobe in OUTCOME_UPROBES
-    )
+    return binary.function_offset(EXIT_UPROBE.symbol) is not None and bool(outcome_uprobes(binary))
 
 
 class OutcomeMatcher:

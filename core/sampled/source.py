@@ -19,7 +19,7 @@ from pgslowlog.bpf.ringbuf import RingBufferReader
 from pgslowlog.bpf.source import BpfSource
 from pgslowlog.config import DaemonConfig
 from pgslowlog.elf import PostgresBinary
-from pgslowlog.pg_layouts import EXPORTED_GLOBALS, LAYOUTS, SAMPLER_GLOBALS, layout_for
+from pgslowlog.pg_layouts import EXPORTED_GLOBALS, SAMPLER_GLOBALS, layout_for, unverified
 from pgslowlog.probes import ProbeDefinition
 from pgslowlog.records import BackendNotice, NoticeKind, RawStatement, Record
 from pgslowlog.sampled.discovery import DISCOVER_EVERY_S, Discovery
@@ -121,7 +121,6 @@ class SampledSource:
         # began after this.
         self._window.hand_over(pg_us(at_ns), self._looks_begun)
 
-    @property
     def handed_over(self) -> bool:
         running = list(self._tracker.in_flight.values())  # one copy: the collector changes it
         return self._window.done(running, self._background, self._looks_done)
@@ -366,17 +365,11 @@ class OpenSampled:
         return frozenset(SAMPLER_GLOBALS) | OUTCOMES_PROGRAM.symbols
 
     def unsupported_reason(self, binary: PostgresBinary) -> Optional[str]:
-        if binary.major not in LAYOUTS:
-            return (
-                f"PostgreSQL {binary.major}'s struct layout is not verified "
-                f"(verified: {', '.join(map(str, sorted(LAYOUTS)))})"
-            )
+        if (reason := unverified(binary.major)) is not None:
+            return reason
         if "MyBEEntry" not in EXPORTED_GLOBALS[binary.major]:
             return f"PostgreSQL {binary.major} does not export MyBEEntry"
-        for name in SAMPLER_GLOBALS:
-            if name not in binary.objects:
-                return f"no exported global {name} in {binary.path}"
-        return None
+        return binary.unexported(SAMPLER_GLOBALS)
 
     def __call__(
         self, definition: ProbeDefinition, target: Target, daemon: DaemonConfig

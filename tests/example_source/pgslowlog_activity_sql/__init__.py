@@ -85,6 +85,7 @@ class ActivityOverSql:
         self._running: dict[int, tuple[int, str, str]] = {}
         self._seen: set[int] = set()  # backends announced to the pipeline
         self._counts = dict.fromkeys(("statements", "emitted"), 0)
+        self._pending: list[Record] = []  # made by a look, beyond what `read` was asked for
         self._next_look = 0.0
         self._final_look = False
 
@@ -133,15 +134,16 @@ class ActivityOverSql:
         time.sleep(max(0.0, min(self._next_look - time.monotonic(), timeout_ms / 1000)))
 
     def read(self, limit: int) -> list[Record]:
-        if time.monotonic() < self._next_look and not self._final_look:
-            return []
-        self._final_look = False
-        self._next_look = time.monotonic() + LOOK_INTERVAL_S
-        rows = []
-        for connection in self._connections:
-            if not connection.closed:
-                rows += connection.execute(ACTIVITY).fetchall()
-        return self._records(rows)[:limit]
+        if not self._pending and (time.monotonic() >= self._next_look or self._final_look):
+            self._final_look = False
+            self._next_look = time.monotonic() + LOOK_INTERVAL_S
+            rows = []
+            for connection in self._connections:
+                if not connection.closed:
+                    rows += connection.execute(ACTIVITY).fetchall()
+            self._pending = self._records(rows)
+        taken, self._pending = self._pending[:limit], self._pending[limit:]
+        return taken
 
     def decode(self, record: Record) -> Optional[Record]:
         return record  # made as records already
