@@ -1,6 +1,6 @@
 """The benchmark keeps working: a short run prints every condition and loses nothing silently.
 
-The figures themselves are not asserted (they are for reading; see the README table).
+The figures themselves are not asserted (they are for reading; see the table in docs/probes.md).
 """
 
 from __future__ import annotations

@@ -81,7 +81,8 @@ def test_a_failing_plugin_does_not_stop_the_others():
     plugins.probe_definitions.clear()
     plugins._collect()
     assert "file" in plugins.sink_types
-    assert {"activity", "simple_query", "usdt"} <= set(plugins.probe_definitions)
+    shipped = {"activity", "backend_status", "extended", "sampled", "simple_query", "usdt"}
+    assert shipped <= set(plugins.probe_definitions)
     assert any("broken failed in pgslowlog_register_sinks: boom" in f for f in plugins.failures)
     assert any("misspelled was rejected" in f for f in plugins.failures)
 
