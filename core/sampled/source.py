@@ -109,7 +109,7 @@ class SampledSource:
         self._attached = True
         # A first look now: what runs at this moment is known before attach() returns,
         # which a definition switch relies on (take_over).
-        self._primed = self._read(0)
+        self._primed = self.read(0)
         self._next_look = 0.0
 
     # sources.HandsOver
@@ -166,13 +166,10 @@ class SampledSource:
             time.sleep(min(delay, timeout_ms / 1000))
 
     def read(self, limit: int) -> list[Record]:
+        """One look's records (a look yields few; `limit` is never reached)."""
         if self._primed:
             primed, self._primed = self._primed, []
             return primed
-        return self._read(limit)
-
-    def _read(self, limit: int) -> list[Record]:
-        """One look's records (a look yields few; `limit` is never reached)."""
         now = time.monotonic()
         if not self._attached:
             if not self._final_look:
