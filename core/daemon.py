@@ -78,8 +78,8 @@ def run(config_path: str) -> int:
 
 
 class Daemon:
-    """A planned pipeline, run: its parts made here, started by run(); the main loop,
-    signals, reload, watching and health."""
+    """A planned pipeline, given its dispatcher and metrics; its probe set, health and
+    watcher made here; started by run(plan): the main loop, signals, reload."""
 
     def __init__(
         self,

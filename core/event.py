@@ -23,7 +23,7 @@ class SlowQuery(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     database: Optional[str]
     client: Optional[str]  # "10.1.2.3(50312)" or "[local]"
     application_name: Optional[str] = None
-    outcome: str = "ok"  # "ok", "error" or "cancelled"
+    outcome: str = "ok"  # "ok", "error", "cancelled", or "unknown" where it cannot be told
     protocol: Optional[str] = None  # "simple" or "extended"
     statement_name: Optional[str] = None  # prepared statement, where the probe sees Bind
     params: Optional[list[Optional[str]]] = None  # bound values, with capture_params
@@ -35,8 +35,9 @@ class SlowQuery(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     # the next one, as in a pipeline); every trapped duration is exact.
     duration_exact: bool = True
     query_id: Optional[int] = None  # pg_stat_statements.queryid, where the definition reads it
-    # What a sampled statement was doing at each look: wait event type ("Lock", "IO",
-    # "Timeout", ...) or "CPU" -> number of looks. None for trapped statements.
+    # What a sampled statement was doing at each look, as pg_stat_activity names it
+    # ("Lock:transactionid", "Timeout:PgSleep", ...) or "CPU" -> number of looks. None
+    # for trapped statements.
     waits: Optional[dict[str, int]] = None
 
     def to_json(self) -> bytes:

@@ -216,8 +216,8 @@ class ScrapeCollector(Collector):
     def _probes(self, health: HealthReporter) -> Iterator[Metric]:
         seen = CounterMetricFamily(
             "pgslowlog_statements_seen",
-            "Statements the definition saw, slow or not (a BPF program counts each as it "
-            "begins; sampled, each it sees end).",
+            "Statements the definition saw, slow or not (a trapping program counts each as "
+            "it begins; backend_status and sampled, each as it ends).",
             labels=["target", "probe"],
         )
         lost = CounterMetricFamily(

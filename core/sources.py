@@ -20,8 +20,8 @@ from typing import Any, NamedTuple, Optional, Protocol, runtime_checkable
 from pgslowlog.records import Record
 
 # What every source counts, summed since it was opened (the health line, the loss
-# warnings and /metrics read them): statements seen (a BPF program counts each as it
-# begins, the sampler each it sees end), slow ones emitted,
+# warnings and /metrics read them): statements seen (a trapping program counts each
+# as it begins; backend_status and the sampler each as it ends), slow ones emitted,
 # statements that could not be tracked (no kernel memory), records dropped because
 # the buffer was full, slow statements PostgreSQL kept no record of. A source that
 # cannot know a figure leaves it out.
@@ -91,11 +91,12 @@ class StatementSource(Protocol):
 # When a SIGHUP moves the threshold across a definition's floor, "auto" switches the
 # target's definition live (probe_set.ProbeSet.switch): the new source attaches
 # before the old one lets go. A source that reads PostgreSQL's own timestamps may
-# share out the statements around that moment exactly, so nothing is lost or twice:
-# Methods, not properties: isinstance() on a runtime-checkable protocol reads each member
-# (Python 3.9-3.11), and a property would run.
+# share out the statements around that moment exactly, so nothing is lost or twice.
 @runtime_checkable
 class HandsOver(Protocol):
+    """Methods, not properties: isinstance() on a runtime-checkable protocol reads each
+    member (Python 3.9-3.11), and a property would run."""
+
     def take_over(self, at_ns: int, /) -> None:
         """From now on report only statements that end at or after `at_ns` (Unix ns):
         the source it replaces reported the others. Called once attached, before its

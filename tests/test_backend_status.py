@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 
 import psycopg
 import pytest
@@ -28,9 +29,10 @@ FAILING = "do $$ begin perform pg_sleep(0.3); raise exception 'boom'; end $$ /* 
 def test_simple_statement_timed_from_postgresql_own_timestamps(cluster, start_daemon):
     daemon = start_daemon(cluster, probes=PROBE)
     before = datetime.now(timezone.utc)
-    cluster.psql("select 1 /* bs fast */", "select pg_sleep(0.3) /* bs slow */", check=True)
+    slow = "select extract(epoch from statement_timestamp())::text, pg_sleep(0.3) /* bs slow */"
+    output = cluster.psql("select 1 /* bs fast */", slow, check=True).stdout
     (event,) = daemon.wait_for_events("/* bs slow */", 1)
-    assert event["query"] == "select pg_sleep(0.3) /* bs slow */"
+    assert event["query"] == slow
     assert abs(event["duration_ms"] - 300) < 20
     assert (event["probe"], event["outcome"], event["protocol"]) == ("backend_status", "ok", None)
     assert (event["user"], event["database"], event["application_name"]) == (
@@ -41,6 +43,10 @@ def test_simple_statement_timed_from_postgresql_own_timestamps(cluster, start_da
     assert event["query_truncated"] is False and event["backend_exited"] is False
     started = datetime.fromisoformat(event["ts"])
     assert before - timedelta(seconds=1) < started < datetime.now(timezone.utc)
+    # The start is PostgreSQL's own, to the microsecond: no clock was converted and back.
+    stamped = Decimal(output.splitlines()[-1].split("|")[0])
+    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    assert (started - epoch) // timedelta(microseconds=1) == int(stamped * 1_000_000)
     assert daemon.stop() == 0
     assert daemon.events("/* bs fast */") == []
 

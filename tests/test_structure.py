@@ -115,4 +115,7 @@ def test_the_compiler_child_starts_cleanly():
         reply = json.loads(parent.recv(1 << 16))
     assert result.returncode == 0, result.stderr
     assert b"RuntimeWarning" not in result.stderr, result.stderr
-    assert reply["ok"] or "bcc" in reply["error"] or "compiling failed" in reply["error"]
+    if reply["ok"]:  # bcc compiled nothing, as asked
+        assert (reply["functions"], reply["maps"]) == ([], [])
+    else:  # a machine without bcc, or one that cannot compile for this user
+        assert reply["error"].startswith(("bcc's Python module", "compiling failed")), reply

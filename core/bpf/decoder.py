@@ -167,8 +167,8 @@ class RecordDecoder:
         text = record[HEADER.size : HEADER.size + query_len]
         if len(text) != query_len:
             raise DecodeError(f"record announces {query_len} bytes of text but has {len(text)}")
-        if outcome >= len(OUTCOMES) or protocol >= len(PROTOCOLS):
-            raise DecodeError(f"unknown outcome {outcome} or protocol {protocol}")
+        if outcome >= len(OUTCOMES) or protocol >= len(PROTOCOLS) or clock >= len(START_CLOCKS):
+            raise DecodeError(f"unknown outcome {outcome}, protocol {protocol} or clock {clock}")
         try:
             query = text.decode()
         except UnicodeDecodeError:

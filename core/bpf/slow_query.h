@@ -108,7 +108,7 @@ struct bind_record {
 
 /* Counters read (and logged when they move) by pgslowlog/bpf/source.py. */
 enum counter {
-    COUNTER_STATEMENTS = 0,     /* statements that began */
+    COUNTER_STATEMENTS = 0,     /* statements seen: as they begin (backend_status: end) */
     COUNTER_EMITTED = 1,        /* slow statements sent to user space */
     COUNTER_UNTRACKED = 2,      /* a statement could not be tracked: no kernel memory */
     COUNTER_RINGBUF_FULL = 3,   /* a record was dropped: the ring buffer refused it twice */
@@ -149,6 +149,7 @@ SAME_AS_USER_SPACE(RECORD_STATEMENT, PY_RECORD_STATEMENT, "RECORD_STATEMENT");
 SAME_AS_USER_SPACE(RECORD_BACKEND_STARTED, PY_RECORD_BACKEND_STARTED, "RECORD_BACKEND_STARTED");
 SAME_AS_USER_SPACE(RECORD_BACKEND_EXITED, PY_RECORD_BACKEND_EXITED, "RECORD_BACKEND_EXITED");
 SAME_AS_USER_SPACE(RECORD_BIND, PY_RECORD_BIND, "RECORD_BIND");
+SAME_AS_USER_SPACE(RECORD_FAILURE, PY_RECORD_FAILURE, "RECORD_FAILURE");
 SAME_AS_USER_SPACE(OUTCOME_OK, PY_OUTCOME_OK, "OUTCOME_OK");
 SAME_AS_USER_SPACE(OUTCOME_ERROR, PY_OUTCOME_ERROR, "OUTCOME_ERROR");
 SAME_AS_USER_SPACE(OUTCOME_CANCELLED, PY_OUTCOME_CANCELLED, "OUTCOME_CANCELLED");
