@@ -42,7 +42,8 @@ from pgslowlog.targets import Target
 
 SHARED_C_FILE = files("pgslowlog.bpf") / "slow_query.h"
 # Exported globals the shared code reads where the binary has them (plain C types).
-SHARED_GLOBALS = ("application_name",)
+APPLICATION_NAME = "application_name"
+SHARED_GLOBALS = (APPLICATION_NAME,)
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -162,7 +163,7 @@ class BpfProgram:
             f"-DMAX_BACKENDS={daemon.max_backends}",
             f"-DREPORT_BACKEND_EXIT={int(self.report_backend_exit)}",
             f"-DPROTOCOL={int(self.protocol)}",
-            f"-DAPPLICATION_NAME_VADDR={binary.objects.get('application_name', 0):#x}ULL",
+            f"-DAPPLICATION_NAME_VADDR={binary.objects.get(APPLICATION_NAME, 0):#x}ULL",
             f"-DCAPTURE_PARAMS={int(daemon.capture_params)}",
             *sorted(set(anchors)),
             *shared_layout_cflags(),

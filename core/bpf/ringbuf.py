@@ -20,6 +20,8 @@ from __future__ import annotations
 import mmap
 import select
 import struct
+from collections.abc import Callable
+from typing import Optional
 
 from pgslowlog.bpf.decoder import RecordDecoder
 from pgslowlog.records import Record
@@ -111,9 +113,14 @@ class RingBufferReader:
     refused, rare) is read at every look.
     """
 
+    # The decoder's own method, not one that calls it: the collector calls it once a
+    # record, and at threshold 0 that is every statement.
+    decode: Callable[[bytes], Optional[Record]]
+
     def __init__(self, rings: list[RingBuffer], decoder: RecordDecoder) -> None:
         self._rings = rings
         self.decoder = decoder
+        self.decode = decoder.decode
 
     def wait(self, timeout_ms: int) -> None:
         self._rings[0].wait(timeout_ms)
@@ -125,9 +132,6 @@ class RingBufferReader:
             if len(records) < limit:
                 records += ring.read(limit - len(records))
         return records
-
-    def decode(self, record: bytes) -> Record | None:
-        return self.decoder.decode(record)
 
     def close(self) -> None:
         for ring in self._rings:
