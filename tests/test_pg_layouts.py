@@ -61,6 +61,7 @@ def test_the_compiler_agrees_with_the_table(name):
     derived = derive("headers", include)
     assert derived.pop("major") == major, derived["version"]
     del derived["include"], derived["version"]  # the minor may move on; the layout may not
+    derived["locktag_types"] = tuple(derived["locktag_types"])  # JSON has no tuples
     assert dataclasses.asdict(LAYOUTS[major]) == {"major": major, **derived}
 
 
