@@ -50,6 +50,11 @@ class DaemonConfig(_Strict):
     # How often the `sampled` definition looks at every backend's pg_stat_activity
     # entry. It sees every statement of at least threshold + 2 intervals.
     sample_interval_ms: Annotated[float, msgspec.Meta(ge=1, le=1000)] = 10.0
+    # Why a sampled statement was slow: who blocked it (walks the lock table of a
+    # backend seen waiting on a lock), and what it read, wrote and spent on CPU (the
+    # backend's counters at its first look and at its end).
+    blocked_by: bool = True
+    resources: bool = True
 
 
 class TargetConfig(_Strict):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 from pgslowlog.compat import SLOTS
 from pgslowlog.event import SlowQuery
@@ -151,4 +152,21 @@ class Enricher:
             duration_exact=raw.duration_exact,
             query_id=raw.query_id,
             waits=raw.waits,
+            blocked_by=self._blockers(raw.blocked_by),
+            lock_wait_start=_timestamp(raw.lock_wait_start_unix_ns),
+            resources=raw.resources,
+            resources_exact=raw.resources_exact,
         )
+
+    def _blockers(self, blockers: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        """A blocker's statement is query text like any other: redacted the same way."""
+        if not self.redact or not blockers:
+            return blockers
+        return [
+            {**entry, "query": redact_literals(entry["query"])} if entry.get("query") else entry
+            for entry in blockers
+        ]
+
+
+def _timestamp(unix_ns: int | None) -> datetime | None:
+    return None if unix_ns is None else datetime.fromtimestamp(unix_ns / 1e9, timezone.utc)

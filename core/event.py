@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Optional
+from typing import Any, Optional
 
 import msgspec
 
@@ -39,6 +39,16 @@ class SlowQuery(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     # ("Lock:transactionid", "Timeout:PgSleep", ...) or "CPU" -> number of looks. None
     # for trapped statements.
     waits: Optional[dict[str, int]] = None
+    # Who blocked it, when it waited on a heavyweight lock: the direct blockers first,
+    # then theirs, to the chain's roots (docs/how-it-works.md has the fields). [] when it
+    # was seen and never waited on a lock; None when the definition cannot tell.
+    blocked_by: Optional[list[dict[str, Any]]] = None
+    lock_wait_start: Optional[datetime] = None  # when its last lock wait began (14+)
+    # What it read and wrote: buffer, WAL, CPU and I/O figures; None where unknown.
+    resources: Optional[dict[str, Optional[float]]] = None
+    # False: the figures start at the first look that saw the statement, not at its
+    # start (lower bounds). None with `resources`.
+    resources_exact: Optional[bool] = None
 
     def to_json(self) -> bytes:
         return terminal_safe(_encoder.encode(self))

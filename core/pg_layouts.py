@@ -10,9 +10,9 @@ from its real server binaries by `.ci/pg-layouts binary`; tests/test_pg_layouts.
 A major missing here was not verified and is refused, never guessed. Layouts are fixed
 within a major (PostgreSQL keeps its ABI across minor releases).
 
-Sources, all checked 2026-12-03 (the lock and usage fields, and the rest again,
-2026-12-07 from the same sets, 14.23.0 and 16.15.0 wheels for 14 and 16); each major's layout came out identical from every set of
-headers listed for it:
+Sources, all checked 2026-12-03 (the lock and usage fields, and the rest again, on
+2026-12-07 from the same sets, with the 14.23.0 and 16.15.0 wheels for 14 and 16);
+each major's layout came out identical from every set of headers listed for it:
 
 - 13: Debian 11 (bullseye) postgresql-server-dev-13 13.16-0+deb11u1,
   /usr/include/postgresql/13/server (pgstat.h holds PgBackendStatus in 13). Binaries:
@@ -206,7 +206,7 @@ _TABLE: dict[str, tuple[Any, ...]] = {
     "proclock_holdMask": (24, 24, 24, 24, 24, 24),
     "proclock_lockLink": (32, 32, 32, 32, 32, 32),
     "list_next": (8, 8, 8, 8, 8, 8),
-    "locktag_types": (_LOCKTAGS_13,) * 3 + (_LOCKTAGS_13 + ("applytransaction",),) * 3,
+    "locktag_types": (_LOCKTAGS_13,) * 3 + ((*_LOCKTAGS_13, "applytransaction"),) * 3,
     "bu_shared_blks_hit": (0, 0, 0, 0, 0, 0),
     "bu_shared_blks_read": (8, 8, 8, 8, 8, 8),
     "bu_shared_blks_dirtied": (16, 16, 16, 16, 16, 16),

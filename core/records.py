@@ -12,7 +12,7 @@ earlier version keeps working: construct records by keyword.
 from __future__ import annotations
 
 import enum
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import msgspec
 
@@ -46,6 +46,11 @@ class RawStatement(msgspec.Struct, frozen=True, gc=False):
     # Known to a source that sees the Bind message (extended protocol):
     statement_name: Optional[str] = None  # the prepared statement; "" for the unnamed one
     params: Optional[list[BoundParameter]] = None  # None: values were not captured
+    # Why it was slow, where the source can tell (None: it cannot):
+    blocked_by: Optional[list[dict[str, Any]]] = None  # see event.SlowQuery
+    lock_wait_start_unix_ns: Optional[int] = None
+    resources: Optional[dict[str, Optional[float]]] = None
+    resources_exact: Optional[bool] = None
 
 
 class NoticeKind(enum.IntEnum):

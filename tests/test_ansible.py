@@ -150,7 +150,7 @@ def test_every_daemon_key_is_a_role_variable_with_the_daemons_default(tmp_path):
     from pgslowlog.config import DaemonConfig, load_config
 
     keys = [f.name for f in msgspec.structs.fields(DaemonConfig)]
-    assert len(keys) == 12
+    assert len(keys) == 14
     defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
     for key in keys:
         assert defaults[f"pgslowlog_{key}"] == getattr(DaemonConfig(), key), key
@@ -174,6 +174,8 @@ def test_every_daemon_key_is_a_role_variable_with_the_daemons_default(tmp_path):
         "params_max_length": 64,
         "redact_literals": True,
         "sample_interval_ms": 20.0,
+        "blocked_by": False,
+        "resources": False,
     }
     assert sorted(others) == sorted(keys)
     changed = _render(

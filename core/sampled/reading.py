@@ -20,9 +20,10 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from itertools import compress
 from operator import ne
+from typing import Any
 
 from pgslowlog.elf import PostgresBinary
-from pgslowlog.pg_layouts import SAMPLER_GLOBALS, BackendStatusLayout
+from pgslowlog.pg_layouts import SAMPLER_GLOBALS, USAGE_GLOBALS, BackendStatusLayout
 from pgslowlog.pg_wait_events import wait_event_name
 from pgslowlog.process_memory import (
     MemoryReadError,
@@ -32,7 +33,10 @@ from pgslowlog.process_memory import (
     read_c_string,
     read_pointer,
 )
+from pgslowlog.sampled.blockers import LockReader, Proc
+from pgslowlog.sampled.pg_time import pg_now_us
 from pgslowlog.sampled.procfs import children_of, is_child
+from pgslowlog.sampled.resources import UsageReader
 from pgslowlog.sampled.statements import BackendSample
 
 NAMEDATALEN = 64
@@ -108,6 +112,26 @@ class ClusterMemory:
         self._wait_at: dict[int, int] = {}  # slot -> offset of its wait word in a look
         self._last_count: list[int] = [-1] * self.slot_count  # per slot, at its last look
         self._strangers: dict[int, int] = {}  # slot -> start of a process that is not ours
+        # Why a statement was slow: the lock table (shared, read through the
+        # postmaster) and each backend's own counters (at the same address in all).
+        self.locks = LockReader(postmaster, layout)
+        self.usage: UsageReader | None = None
+        if all(name in binary.objects for name in USAGE_GLOBALS):
+            buffers, wal = (bias + binary.objects[name] for name in USAGE_GLOBALS)
+            self.usage = UsageReader(layout, buffers, wal)
+        self._state_names = {
+            value: name
+            for value, name in (
+                (layout.state_starting, "starting"),
+                (layout.state_idle, "idle"),
+                (layout.state_running, "active"),
+                (layout.state_idleintransaction, "idle in transaction"),
+                (layout.state_fastpath, "fastpath function call"),
+                (layout.state_idleintransaction_aborted, "idle in transaction (aborted)"),
+                (layout.state_disabled, "disabled"),
+            )
+            if value is not None
+        }
 
     def children(self) -> set[int]:
         return children_of(self.pid)
@@ -352,3 +376,33 @@ class ClusterMemory:
         except MemoryReadError:
             return ""
         return name.decode(errors="replace")
+
+    def describe(self, proc: Proc) -> dict[str, Any]:
+        """A lock holder as pg_stat_activity shows it: its state, its current or last
+        statement (PostgreSQL's copy, cut at track_activity_query_size), and how long
+        its transaction has been open. Nulls for a prepared transaction (no backend)
+        and for a process this cluster's looks do not follow."""
+        found: dict[str, Any] = {"state": None, "query": None, "xact_age_s": None}
+        backend = None
+        if proc.pid:
+            backend = next((b for b in self.backends.values() if b.proc == proc.address), None)
+        entry = self._entry(backend) if backend is not None else None
+        if entry is None:
+            return found
+        layout = self.layout
+        if _INT.unpack_from(entry, layout.st_procpid)[0] != proc.pid:
+            return found  # its slot moved on meanwhile
+        state = _INT.unpack_from(entry, layout.st_state)[0]
+        found["state"] = self._state_names.get(state)
+        address = _UINT64.unpack_from(entry, layout.st_activity_raw)[0]
+        try:
+            text = read_c_string(self.pid, address, self.query_size) if address else None
+        except MemoryReadError:
+            text = None
+        if text is not None:
+            found["query"] = text.decode(errors="replace")
+            found["query_truncated"] = len(text) >= self.query_size - 1
+        xact_start = _INT64.unpack_from(entry, layout.st_xact_start_timestamp)[0]
+        if xact_start:
+            found["xact_age_s"] = round((pg_now_us() - xact_start) / 1e6, 3)
+        return found

@@ -13,20 +13,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Optional
+from typing import Any, Optional
 
 from pgslowlog.bpf.ringbuf import RingBufferReader
 from pgslowlog.bpf.source import BpfSource
 from pgslowlog.config import DaemonConfig
 from pgslowlog.elf import PostgresBinary
-from pgslowlog.pg_layouts import EXPORTED_GLOBALS, SAMPLER_GLOBALS, layout_for, unverified
+from pgslowlog.pg_layouts import (
+    EXPORTED_GLOBALS,
+    SAMPLER_GLOBALS,
+    USAGE_GLOBALS,
+    layout_for,
+    unverified,
+)
 from pgslowlog.probes import ProbeDefinition
 from pgslowlog.records import BackendNotice, NoticeKind, RawStatement, Record
+from pgslowlog.sampled.blockers import blocked_by
 from pgslowlog.sampled.discovery import DISCOVER_EVERY_S, Discovery
 from pgslowlog.sampled.hand_over import HandOverWindow
 from pgslowlog.sampled.outcomes import OUTCOMES_PROGRAM, OutcomeMatcher, reports_outcomes
 from pgslowlog.sampled.pg_time import pg_now_us, pg_us, unix_ns
 from pgslowlog.sampled.reading import ClusterMemory, SampledBackend
+from pgslowlog.sampled.resources import statement_resources
 from pgslowlog.sampled.statements import BackendSample, Finished, InFlight, StatementTracker
 from pgslowlog.sampled.thresholds import ThresholdHistory
 from pgslowlog.sources import COUNTERS, DecodeError, LossCause, ProbeLoadError
@@ -41,6 +49,15 @@ TEXT_MARGIN_INTERVALS = 3
 # threshold (and flagged an upper bound). Below it, a uprobe definition times exactly.
 AUTO_FLOOR_INTERVALS = 5
 FAILURES_PER_LOOK = 4096  # failure reports taken at once: far more than a look brings
+# A backend waiting on a lock has its blockers read again at most this often, and a
+# look walks the lock table for at most this many waiters (those walked longest ago
+# first): a hundred backends queued on one lock must not make every look slow.
+WALK_EVERY_US = 100_000
+WALKS_PER_LOOK = 8
+# A statement old enough to be reported has its backend's counters read again this
+# often: the end figures, should the backend exit before a look sees the end (a
+# client that disconnects at once, as psql does) and its memory can no longer be read.
+USAGE_EVERY_US = 50_000
 
 
 def auto_floor_ms(daemon: DaemonConfig) -> float:
@@ -66,6 +83,8 @@ class SampledSource:
         self._interval_s = daemon.sample_interval_ms / 1000
         self._query_max_bytes = daemon.query_max_bytes
         self._include_background = daemon.include_background
+        self._read_blockers = daemon.blocked_by
+        self._read_usage = daemon.resources
         self._thresholds = ThresholdHistory(round(daemon.threshold_ms * 1000))
         self._tracker = StatementTracker()
         self._window = HandOverWindow()
@@ -196,6 +215,7 @@ class SampledSource:
             self._next_scan = time.monotonic() + DISCOVER_EVERY_S
             self._reap(records, now_us)
         text_age_us = self._thresholds.current_us - TEXT_MARGIN_INTERVALS * self._interval_s * 1e6
+        waiting: list[tuple[ClusterMemory, SampledBackend, InFlight]] = []
         for cluster in self._discovery.clusters.values():
             if scan or cluster.base is None:
                 # The status array shows new backends and exits by itself; the children
@@ -223,11 +243,42 @@ class SampledSource:
                 finished = self._tracker.observe(sample, now_us)
                 self._emit(finished, records, cluster, backend)
                 running = self._tracker.in_flight.get(backend.pid)
-                if running is not None and running.text is None:
-                    if now_us - running.start_us >= text_age_us:
-                        self._read_text(cluster, backend, running)
+                if running is None:
+                    continue
+                if running.text is None and now_us - running.start_us >= text_age_us:
+                    self._read_text(cluster, backend, running)
+                if self._read_usage and cluster.usage:
+                    if running.usage_start is None:
+                        # Its baseline: the first look that sees it running.
+                        running.usage_start = cluster.usage.read(backend.pid)
+                        running.usage_read_us = now_us
+                    elif now_us - running.start_us >= text_age_us:
+                        if now_us - running.usage_read_us >= USAGE_EVERY_US:
+                            running.usage_last = cluster.usage.read(backend.pid)
+                            running.usage_read_us = now_us
+                if self._read_blockers and sample.wait.startswith("Lock:"):
+                    if now_us - running.walked_us >= WALK_EVERY_US:
+                        waiting.append((cluster, backend, running))
+            self._walk_locks(waiting, now_us)
         self._matcher.keep_only(self._tracker.in_flight.keys())
         return records
+
+    def _walk_locks(
+        self, waiting: list[tuple[ClusterMemory, SampledBackend, InFlight]], now_us: int
+    ) -> None:
+        """Who blocks the backends this look saw waiting on a heavyweight lock."""
+        waiting.sort(key=lambda found: found[2].walked_us)
+        for cluster, backend, running in waiting[:WALKS_PER_LOOK]:
+            running.walked_us = now_us
+            walked = cluster.locks.chain(backend.proc)
+            if walked is None:
+                continue  # not waiting any more, or torn: the last walk stands
+            waiter, links = walked
+            if not links and running.blocked_by:
+                continue  # the lock just went free: who held it is the answer
+            running.blocked_by = blocked_by(links, cluster.layout, cluster.describe)
+            running.lock_wait_start_us = waiter.wait_start_us
+        waiting.clear()
 
     def _take_failures(self) -> None:
         if self._failure_reader is None:
@@ -330,8 +381,31 @@ class SampledSource:
                 duration_exact=finished.exact,
                 query_id=finished.query_id,
                 waits=finished.waits,
+                **self._why(cluster, finished),
             )
         )
+
+    def _why(self, cluster: ClusterMemory, finished: Finished) -> dict[str, Any]:
+        """The event's blocked_by and resources: what the looks gathered while it ran,
+        and the backend's counters now that its end is seen."""
+        why: dict[str, Any] = {}
+        if self._read_blockers:
+            waited = any(wait.startswith("Lock:") for wait in finished.waits)
+            # [] for a statement seen never waiting on a lock; None for one that did,
+            # whose blockers no walk could read.
+            why["blocked_by"] = finished.blocked_by or (None if waited else [])
+            if finished.lock_wait_start_us is not None:
+                why["lock_wait_start_unix_ns"] = unix_ns(finished.lock_wait_start_us)
+        usage, start = cluster.usage, finished.usage_start
+        if self._read_usage and usage and start:
+            # Read now that its end is seen; when the backend is gone, its last reading
+            # while it ran (a lower bound, as the baseline's figures are anyway).
+            end = None if finished.backend_exited else usage.read(finished.pid)
+            end = end or finished.usage_last
+            if end is not None:
+                why["resources"] = statement_resources(start, end)
+                why["resources_exact"] = False  # the baseline is the first look's
+        return why
 
 
 class _Looking:
@@ -359,7 +433,7 @@ class OpenSampled:
 
     @property
     def symbols(self) -> frozenset[str]:
-        return frozenset(SAMPLER_GLOBALS) | OUTCOMES_PROGRAM.symbols
+        return frozenset((*SAMPLER_GLOBALS, *USAGE_GLOBALS)) | OUTCOMES_PROGRAM.symbols
 
     def unsupported_reason(self, binary: PostgresBinary) -> Optional[str]:
         if (reason := unverified(binary.major)) is not None:

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from pgslowlog.compat import SLOTS
+from pgslowlog.sampled.resources import Usage
 
 
 @dataclass(frozen=True, **SLOTS)
@@ -40,6 +42,13 @@ class InFlight:
     waits: Counter[str] = field(default_factory=Counter)
     text: bytes | None = None  # read by the sampler while the statement runs
     text_truncated: bool = False
+    # Why it is slow, as the sampler reads it while the statement runs:
+    usage_start: Optional[Usage] = None  # the backend's counters at the first look
+    usage_last: Optional[Usage] = None  # ... at a later look: the end if it exits
+    usage_read_us: int = 0  # when usage_last was read
+    blocked_by: Optional[list[dict[str, Any]]] = None  # the last walk of its lock wait
+    lock_wait_start_us: Optional[int] = None  # PGPROC.waitStart at that walk
+    walked_us: int = 0  # when its lock wait was last walked
 
 
 @dataclass(frozen=True, **SLOTS)
@@ -56,6 +65,10 @@ class Finished:
     waits: dict[str, int]
     text: bytes | None
     text_truncated: bool
+    usage_start: Optional[Usage] = None
+    usage_last: Optional[Usage] = None
+    blocked_by: Optional[list[dict[str, Any]]] = None
+    lock_wait_start_us: Optional[int] = None
 
     @property
     def duration_us(self) -> int:
@@ -139,4 +152,8 @@ class StatementTracker:
             waits=dict(statement.waits),
             text=statement.text,
             text_truncated=statement.text_truncated,
+            usage_start=statement.usage_start,
+            usage_last=statement.usage_last,
+            blocked_by=statement.blocked_by,
+            lock_wait_start_us=statement.lock_wait_start_us,
         )

@@ -1,0 +1,267 @@
+"""Who blocks a backend that waits on a heavyweight lock, read from shared memory.
+
+pg_blocking_pids() answers the same question inside the server, taking every lock
+partition's LWLock to do it. This reads the same structures from outside and takes
+no lock at all:
+- the waiter's PGPROC says which LOCK it sleeps on (waitLock) and in which mode
+  (waitLockMode);
+- the LOCK's procLocks list holds a PROCLOCK per process that holds or awaits it: one
+  whose holdMask conflicts with the waited mode (the lock method's conflict table)
+  blocks it ("hard"); one ahead of it in the LOCK's wait queue (waitProcs) that awaits
+  a conflicting mode blocks it too ("soft");
+- members of the waiter's own lock group (a parallel query's leader and workers) never
+  block it;
+- a prepared transaction holds its locks through a PGPROC of pid 0.
+Then each blocker that waits itself is asked the same, up to the chain's roots.
+
+The lists change under us: every walk is capped, and the waiter is read again after
+the walk; a walk that saw its waiter move on is thrown away (the caller keeps the last
+good one).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from pgslowlog.pg_layouts import BackendStatusLayout
+from pgslowlog.process_memory import MemoryReadError, read
+
+# lockdefs.h: the modes, numbered 1-8, as pg_locks.mode names them.
+LOCK_MODES = (
+    "NoLock",
+    "AccessShareLock",
+    "RowShareLock",
+    "RowExclusiveLock",
+    "ShareUpdateExclusiveLock",
+    "ShareLock",
+    "ShareRowExclusiveLock",
+    "ExclusiveLock",
+    "AccessExclusiveLock",
+)
+
+
+def _bits(*modes: int) -> int:
+    return sum(1 << mode for mode in modes)
+
+
+# lock.c LockConflicts, the table of both lock methods (DEFAULT and USER, i.e.
+# advisory locks): for each mode, the modes it conflicts with. Unchanged since 8.2.
+CONFLICTS = (
+    0,
+    _bits(8),
+    _bits(7, 8),
+    _bits(5, 6, 7, 8),
+    _bits(4, 5, 6, 7, 8),
+    _bits(3, 4, 6, 7, 8),
+    _bits(3, 4, 5, 6, 7, 8),
+    _bits(2, 3, 4, 5, 6, 7, 8),
+    _bits(1, 2, 3, 4, 5, 6, 7, 8),
+)
+MAX_LIST_NODES = 10_000  # more PROCLOCKs on one lock than a torn list could be told from
+MAX_BLOCKERS = 64  # entries of one chain
+MAX_LEVELS = 16
+
+_PTR = struct.Struct("<Q")
+_INT = struct.Struct("<i")
+_UINT32 = struct.Struct("<I")
+_UINT16 = struct.Struct("<H")
+_INT64 = struct.Struct("<q")
+
+
+class TornRead(Exception):
+    """A list or pointer that does not hold together: PostgreSQL changed it meanwhile."""
+
+
+@dataclass(frozen=True)
+class Proc:
+    """A PGPROC, read at one moment."""
+
+    address: int
+    pid: int  # 0: a prepared transaction's
+    xid: Optional[int]
+    wait_lock: int  # the LOCK it sleeps on; 0: none
+    wait_mode: int
+    wait_start_us: Optional[int]  # PostgreSQL's microseconds; 14+
+    group: int  # its lock group's leader, itself when it has none
+
+
+@dataclass(frozen=True)
+class Link:
+    """One blocker: which PGPROC, whom it blocks, and on which lock in which mode."""
+
+    proc: Proc
+    blocks: int  # the pid it blocks
+    level: int  # 1: blocks the statement's backend itself
+    tag: bytes  # the LOCKTAG
+    mode: int
+    granted: bool  # holds the mode (hard), or awaits it ahead in the queue (soft)
+    leader_pid: Optional[int]  # a parallel worker's: its lock group leader's pid
+
+
+class LockReader:
+    """Reads the lock table of one cluster through one of its processes' memory."""
+
+    def __init__(self, pid: int, layout: BackendStatusLayout) -> None:
+        self._pid = pid
+        self._layout = layout
+        self._node = max(layout.proclock_lockLink, layout.proclock_holdMask) + 16
+
+    def proc(self, address: int) -> Proc:
+        layout = self._layout
+        raw = read(self._pid, address, layout.proc_size)
+        leader = _PTR.unpack_from(raw, layout.proc_lockGroupLeader)[0]
+        start = None
+        if layout.proc_waitStart is not None:
+            start = _INT64.unpack_from(raw, layout.proc_waitStart)[0] or None
+        return Proc(
+            address=address,
+            pid=_INT.unpack_from(raw, layout.proc_pid)[0],
+            xid=None if layout.proc_xid is None else _UINT32.unpack_from(raw, layout.proc_xid)[0],
+            wait_lock=_PTR.unpack_from(raw, layout.proc_waitLock)[0],
+            wait_mode=_INT.unpack_from(raw, layout.proc_waitLockMode)[0],
+            wait_start_us=start,
+            group=leader or address,
+        )
+
+    def _walk(self, head: int, link_offset: int) -> list[int]:
+        """The addresses of a list's elements (the list's node sits `link_offset` into
+        each). SHM_QUEUE (13-15) and dlist (16+) link the same way: `next` of the head,
+        round to the head again; a dlist never used may hold NULL."""
+        found: list[int] = []
+        node = _PTR.unpack_from(read(self._pid, head + self._layout.list_next, 8))[0]
+        while node and node != head:
+            if len(found) >= MAX_LIST_NODES:
+                raise TornRead(f"list at {head:#x} does not end")
+            found.append(node - link_offset)
+            node = _PTR.unpack_from(read(self._pid, node + self._layout.list_next, 8))[0]
+        return found
+
+    def direct(self, waiter: Proc) -> tuple[bytes, list[tuple[int, int, bool]]]:
+        """The LOCKTAG the waiter sleeps on, and who blocks it there: (PGPROC, mode,
+        granted), as pg_blocking_pids() decides."""
+        layout = self._layout
+        lock = waiter.wait_lock
+        tag = read(self._pid, lock + layout.lock_tag, 16)
+        mode = waiter.wait_mode
+        if not 0 < mode < len(CONFLICTS):
+            raise TornRead(f"waiting in mode {mode}")
+        conflicts = CONFLICTS[mode]
+        blockers: list[tuple[int, int, bool]] = []
+        queued = self._walk(lock + layout.lock_waitProcs, layout.proc_links)
+        ahead = set(queued[: queued.index(waiter.address)] if waiter.address in queued else ())
+        for proclock in self._walk(lock + layout.lock_procLocks, layout.proclock_lockLink):
+            raw = read(self._pid, proclock, self._node)
+            holder = _PTR.unpack_from(raw, layout.proclock_myProc)[0]
+            group = _PTR.unpack_from(raw, layout.proclock_groupLeader)[0]
+            if not holder or holder == waiter.address or group == waiter.group:
+                continue  # itself, or its own lock group: never a blocker
+            held = _INT.unpack_from(raw, layout.proclock_holdMask)[0] & conflicts
+            if held:
+                blockers.append((holder, held.bit_length() - 1, True))  # its strongest
+            elif holder in ahead:
+                other = self.proc(holder)
+                if other.wait_lock == lock and conflicts & (1 << other.wait_mode):
+                    blockers.append((holder, other.wait_mode, False))
+        return tag, blockers
+
+    def chain(self, address: int) -> tuple[Proc, list[Link]] | None:
+        """The PGPROC at `address` and its blockers, nearest first, then theirs; None
+        when it does not wait on a lock, or the lock table changed under the walk."""
+        try:
+            waiter = self.proc(address)
+            if not waiter.wait_lock:
+                return None
+            links: list[Link] = []
+            seen = {waiter.address}
+            level_procs = [waiter]
+            for level in range(1, MAX_LEVELS + 1):
+                following: list[Proc] = []
+                for blocked in level_procs:
+                    tag, direct = self.direct(blocked)
+                    for holder, mode, granted in direct:
+                        if holder in seen or len(links) >= MAX_BLOCKERS:
+                            continue
+                        seen.add(holder)
+                        proc = self.proc(holder)
+                        leader = None
+                        if proc.group != proc.address:
+                            leader = self.proc(proc.group).pid
+                        link = Link(proc, blocked.pid, level, tag, mode, granted, leader)
+                        links.append(link)
+                        if proc.wait_lock:
+                            following.append(proc)
+                if not following:
+                    break
+                level_procs = following
+            # Read again: a waiter that got its lock (or another) meanwhile makes the
+            # walk a mix of two moments.
+            again = self.proc(address)
+        except (MemoryReadError, TornRead, struct.error):
+            return None
+        if (again.wait_lock, again.wait_mode) != (waiter.wait_lock, waiter.wait_mode):
+            return None
+        return waiter, links
+
+
+def describe_tag(tag: bytes, layout: BackendStatusLayout) -> dict[str, Any]:
+    """A LOCKTAG as pg_locks shows it: its type and the columns that type fills."""
+    field1 = _UINT32.unpack_from(tag, layout.locktag_field1)[0]
+    field2 = _UINT32.unpack_from(tag, layout.locktag_field2)[0]
+    field3 = _UINT32.unpack_from(tag, layout.locktag_field3)[0]
+    field4 = _UINT16.unpack_from(tag, layout.locktag_field4)[0]
+    kind = tag[layout.locktag_type]
+    name = layout.locktag_types[kind] if kind < len(layout.locktag_types) else str(kind)
+    found: dict[str, Any] = {"type": name}
+    if name in ("relation", "extend", "page", "tuple"):
+        found.update(database=field1, relation=field2, relation_name=None)
+        if name in ("page", "tuple"):
+            found["page"] = field3
+        if name == "tuple":
+            found["tuple"] = field4
+    elif name == "frozenid":
+        found["database"] = field1
+    elif name == "transactionid":
+        found["transactionid"] = field1
+    elif name == "virtualxid":
+        found["virtualxid"] = f"{field1}/{field2}"
+    elif name == "spectoken":
+        found.update(transactionid=field1, objid=field2)
+    else:  # object, advisory, userlock, applytransaction
+        found.update(database=field1, classid=field2, objid=field3, objsubid=field4)
+    return found
+
+
+# What the caller knows of a blocker's backend, by pid: its pg_stat_activity entry.
+Describe = Callable[[Proc], dict[str, Any]]
+
+
+def blocked_by(
+    links: list[Link], layout: BackendStatusLayout, describe: Describe
+) -> list[dict[str, Any]]:
+    """The event's `blocked_by`: one object per blocker, nearest first."""
+    entries = []
+    for link in links:
+        proc = link.proc
+        entry: dict[str, Any] = {
+            "pid": proc.pid,
+            "level": link.level,
+            "blocks": link.blocks,
+            **describe(proc),
+            "lock": {
+                **describe_tag(link.tag, layout),
+                "mode": LOCK_MODES[link.mode],
+                "granted": link.granted,
+            },
+            "waiting": bool(proc.wait_lock),
+        }
+        if link.leader_pid is not None:
+            entry["lock_group_leader"] = link.leader_pid
+        if proc.pid == 0:
+            # A prepared transaction: its gid is in TwoPhaseState, which no process
+            # exports; its xid finds it in pg_prepared_xacts.
+            entry["prepared"] = {"transaction": proc.xid, "gid": None}
+        entries.append(entry)
+    return entries
