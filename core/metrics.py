@@ -41,6 +41,7 @@ from pgslowlog.event import SlowQuery
 from pgslowlog.health import LOSS_CAUSES, HealthReporter, sum_per_target
 from pgslowlog.log import get_logger
 from pgslowlog.machine import Finding
+from pgslowlog.pg_layouts import WAIT_EVENT_TYPES
 from pgslowlog.probe_set import ProbeSet
 from pgslowlog.targets import target_name
 
@@ -56,6 +57,17 @@ UNKNOWN = "unknown"  # the backend exited before its user and database were read
 # Records lost, by cause: the sources' loss counters, and records the daemon could
 # not decode or handle.
 LOST_CAUSES = (*LOSS_CAUSES, "undecodable")
+# The wait event types of every major (pg_layouts), and CPU for none: a bounded label.
+WAIT_CLASSES = frozenset(
+    {"CPU"} | {name for names in WAIT_EVENT_TYPES.values() for name in names.values()}
+)
+
+
+def _wait_class(wait: str) -> str:
+    """ "Lock:transactionid" -> "Lock"; a type PostgreSQL does not have (a third party's
+    source may say anything) -> "other", so the label stays bounded."""
+    kind = wait.partition(":")[0]
+    return kind if kind in WAIT_CLASSES else OTHER
 
 
 class LabelFolder:
@@ -97,6 +109,7 @@ class SlowStatementCounts:
         self._statements: dict[tuple[str, str, str, str], int] = {}
         self._durations: dict[tuple[str, str], _Histogram] = {}
         self._wait_s: dict[tuple[str, str], float] = {}
+        self._main_wait: dict[tuple[str, str], int] = {}  # target, wait event type
 
     def observe(self, events: Sequence[SlowQuery]) -> None:
         with self._lock:
@@ -121,8 +134,10 @@ class SlowStatementCounts:
         if looks <= 0:
             return  # a third-party source's empty counts: nothing to share out
         for wait, count in waits.items():
-            key = (target, wait.partition(":")[0])
+            key = (target, _wait_class(wait))
             self._wait_s[key] = self._wait_s.get(key, 0.0) + seconds * count / looks
+        main = (target, _wait_class(max(waits.items(), key=lambda item: item[1])[0]))
+        self._main_wait[main] = self._main_wait.get(main, 0) + 1
 
     @staticmethod
     def _fold(folders: dict[str, LabelFolder], limit: int, target: str) -> LabelFolder:
@@ -137,13 +152,16 @@ class SlowStatementCounts:
                 key: _Histogram(list(value.buckets), value.sum_s)
                 for key, value in self._durations.items()
             }
-            return CountsSnapshot(dict(self._statements), durations, dict(self._wait_s))
+            return CountsSnapshot(
+                dict(self._statements), durations, dict(self._wait_s), dict(self._main_wait)
+            )
 
 
 class CountsSnapshot(NamedTuple):
     statements: dict[tuple[str, str, str, str], int]  # target, database, user, outcome
     durations: dict[tuple[str, str], _Histogram]  # target, database
     wait_s: dict[tuple[str, str], float]  # target, wait event type
+    main_wait: dict[tuple[str, str], int]  # target, wait event type seen most
 
 
 @dataclass
@@ -182,7 +200,7 @@ class ScrapeCollector(Collector):
             yield from self._sinks(state.dispatcher)
 
     def _slow_statements(self) -> Iterator[Metric]:
-        statements, durations, waits = self.state.counts.snapshot()
+        statements, durations, waits, main_waits = self.state.counts.snapshot()
         total = CounterMetricFamily(
             "pgslowlog_slow_statements",
             "Slow statements handed to the sinks.",
@@ -212,6 +230,15 @@ class ScrapeCollector(Collector):
         for what, seconds in sorted(waits.items()):
             wait.add_metric(list(what), seconds)
         yield wait
+        by_wait = CounterMetricFamily(
+            "pgslowlog_slow_statements_by_wait",
+            "Slow statements by the wait event type the sampled definition saw them in "
+            "most (CPU: none; a type PostgreSQL does not have: other).",
+            labels=["target", "wait_event_type"],
+        )
+        for what, count in sorted(main_waits.items()):
+            by_wait.add_metric(list(what), count)
+        yield by_wait
 
     def _probes(self, health: HealthReporter) -> Iterator[Metric]:
         seen = CounterMetricFamily(

@@ -97,11 +97,12 @@ def test_counts_fold_per_target_bucket_and_share_out_waits():
             # exactly on a bucket bound
             slow(target="main", user=None, database=None, duration_ms=10),
             slow(**APP_ON_MAIN, duration_ms=1000, waits={"Lock:transactionid": 3, "CPU": 1}),
+            slow(**APP_ON_MAIN, duration_ms=300, waits={"Madeup:thing": 2, "IO:DataFileRead": 1}),
         ]
     )
-    statements, durations, waits = counts.snapshot()
+    statements, durations, waits, main_waits = counts.snapshot()
     assert statements == {
-        ("main", "shop", "app", "ok"): 2,
+        ("main", "shop", "app", "ok"): 3,
         ("main", OTHER, "app", "error"): 1,
         ("other-cluster", "ledger", "app", "ok"): 1,
         ("main", UNKNOWN, UNKNOWN, "ok"): 1,
@@ -109,16 +110,23 @@ def test_counts_fold_per_target_bucket_and_share_out_waits():
     shop = durations["main", "shop"]
     assert shop.buckets[DURATION_BUCKETS_S.index(0.25)] == 1  # 150 ms: in (0.1, 0.25]
     assert shop.buckets[DURATION_BUCKETS_S.index(1.0)] == 1  # 1 s: le="1.0" includes it
-    assert shop.sum_s == pytest.approx(1.15)
+    assert shop.sum_s == pytest.approx(1.45)
     assert durations["main", UNKNOWN].buckets[0] == 1  # 10 ms: le="0.01"
     assert durations["main", OTHER].buckets[DURATION_BUCKETS_S.index(30.0)] == 1
-    assert waits == {("main", "Lock"): pytest.approx(0.75), ("main", "CPU"): pytest.approx(0.25)}
+    assert waits == {
+        ("main", "Lock"): pytest.approx(0.75),
+        ("main", "CPU"): pytest.approx(0.25),
+        ("main", OTHER): pytest.approx(0.2),
+        ("main", "IO"): pytest.approx(0.1),
+    }
+    # Counted once each, by the type seen most; a type no PostgreSQL has is "other".
+    assert main_waits == {("main", "Lock"): 1, ("main", OTHER): 1}
 
 
 def test_waits_with_no_looks_are_not_shared_out():
     counts = SlowStatementCounts(max_databases=5, max_users=5)
     counts.observe([slow(waits={"CPU": 0})])  # a third-party source's empty counts
-    assert counts.snapshot().wait_s == {}
+    assert counts.snapshot().wait_s == {} == counts.snapshot().main_wait
     assert sum(counts.snapshot().statements.values()) == 1
 
 

@@ -309,3 +309,37 @@ def test_tls_verification_off_is_warned_about(pg18, start_daemon):
     warning = daemon.process.wait_for_log("webhook_tls_verification_off", timeout=5)
     assert warning["level"] == "warning"
     assert daemon.stop() == 0
+
+
+def test_the_console_says_why_in_one_line_and_nothing_when_it_cannot():
+    from pgslowlog.plugins.console_sink import format_line
+
+    holder = {
+        "pid": 4243,
+        "level": 1,
+        "blocks": 4242,
+        "state": "idle in transaction",
+        "query": "UPDATE accounts SET balance = balance - 100 WHERE id = 7 AND branch = 3",
+        "xact_age_s": 41.2,
+        "lock": {"type": "transactionid", "mode": "ExclusiveLock", "granted": True},
+        "waiting": False,
+    }
+    event = slow(
+        duration_ms=42_000.0,
+        waits={"Lock:transactionid": 92, "CPU": 8},
+        blocked_by=[holder, {**holder, "pid": 4244, "state": "active"}],
+        resources={"cpu_ms": 3.4, "shared_blks_hit": 1200, "shared_blks_read": 0},
+        resources_exact=False,
+    )
+    first, why = format_line(event).split("\n")
+    assert "pid 4242" in first and "select pg_sleep(0.3)" in first
+    assert why.strip() == (
+        "why: waited 92% Lock:transactionid, blocked by pid 4243 (idle in transaction 41 s:"
+        " UPDATE accounts SET balance = balance - …) and 1 more; CPU 3 ms, 1,200 blocks hit"
+    )
+    # A prepared transaction has no backend, and a trapped statement tells nothing.
+    prepared = slow(blocked_by=[{**holder, "pid": 0, "state": None, "query": None}])
+    assert format_line(prepared).split("\n")[1].strip() == (
+        "why: blocked by a prepared transaction (41 s)"
+    )
+    assert "\n" not in format_line(slow())

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from conftest import DEBIAN_PG15
@@ -23,7 +24,7 @@ from waiting import wait_until
 
 from pgslowlog.demo import embedded_bindir
 from pgslowlog.sampled.source import WALK_EVERY_US
-from pgslowlog.testing.cluster import Cluster
+from pgslowlog.testing.cluster import Cluster, free_port
 
 pytestmark = pytest.mark.ebpf  # needs root: it reads the servers' memory
 
@@ -146,7 +147,10 @@ def direct(event: dict[str, Any]) -> set[int]:
 @pytest.mark.parametrize("major", MAJORS)
 def test_blockers_are_those_pg_blocking_pids_names(servers, start_daemon, major):
     cluster = servers(major)
-    daemon = start_daemon(cluster, **SAMPLED)
+    port = free_port()
+    daemon = start_daemon(
+        cluster, **SAMPLED, sinks={"console": {}}, metrics={"listen": f"127.0.0.1:{port}"}
+    )
     relation = int(cluster.psql("select 'why_t'::regclass::oid", check=True).stdout.strip())
 
     # A row lock held by a session idle in its transaction.
@@ -171,6 +175,11 @@ def test_blockers_are_those_pg_blocking_pids_names(servers, start_daemon, major)
     assert isinstance(entry["lock"]["transactionid"], int)
     # The wait began after the statement did, and before it ended.
     assert row["lock_wait_start"] is not None and row["lock_wait_start"] >= row["ts"]
+    # /metrics counts it by the wait it was seen in most.
+    scraped = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert 'pgslowlog_slow_statements_by_wait_total{target="target0",wait_event_type="Lock"}' in (
+        scraped
+    )
 
     # LOCK TABLE: a relation lock, named by its oid.
     with sessions(cluster) as s:
@@ -253,6 +262,11 @@ def test_blockers_are_those_pg_blocking_pids_names(servers, start_daemon, major)
     (free,) = daemon.wait_for_events("why free", 1)
     assert free["blocked_by"] == [] and free["lock_wait_start"] is None
     assert daemon.stop() == 0
+    # The console's "why" line under the statement's own.
+    lines = [entry["line"] for entry in daemon.process.logs if "line" in entry]
+    why = lines[lines.index(next(line for line in lines if "why row" in line)) + 1]
+    assert why.strip().startswith("why: waited "), why
+    assert f"Lock:transactionid, blocked by pid {row['blocked_by'][0]['pid']} (idle in " in why
 
 
 @pytest.mark.parametrize("major", (15, 18))
