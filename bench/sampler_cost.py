@@ -5,15 +5,22 @@ Starts a throwaway Debian PostgreSQL 15 cluster per case (max_connections = back
 while at the default interval and prints the CPU the looking thread used, as a share of
 one core, and how many looks a second it managed (at 10 ms it should be near 100).
 Idle backends are psycopg connections; busy ones are pgbench -S clients, whose entries
-change at every look (the worst case: every slot decoded every time).
+change at every look (the worst case: every slot decoded every time), or with --tpcb
+pgbench TPC-B clients at scale 1, which queue on the same rows (the worst case for
+walking the lock table: many backends seen waiting on a lock at every look).
 
-    .venv/bin/python bench/sampler_cost.py [--backends 100 1000] [--seconds 10] [--busy]
+With --compare-why, each case runs `--rounds` times with the "why" readings (blocked_by
+and resources) off and on, interleaved, and prints the medians side by side.
+
+    .venv/bin/python bench/sampler_cost.py [--backends 100 1000] [--seconds 10] \
+        [--busy | --tpcb] [--compare-why --rounds 7]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -30,11 +37,13 @@ from pgslowlog.testing.cluster import Cluster
 BINDIR = Path("/usr/lib/postgresql/15/bin")
 
 
-def measure(cluster: Cluster, seconds: float, interval_ms: float) -> tuple[float, float, int]:
+def measure(
+    cluster: Cluster, seconds: float, interval_ms: float, why: bool = True
+) -> tuple[float, float, int]:
     """(share of one core, looks per second, backends seen) for `seconds` of looking."""
     config = TargetConfig(binary=str(cluster.postgres), probes=["sampled"])
     target, (definition,) = Planner(Plugins.load()).resolve(config, 0)
-    daemon = DaemonConfig(sample_interval_ms=interval_ms)
+    daemon = DaemonConfig(sample_interval_ms=interval_ms, blocked_by=why, resources=why)
     source = definition.open(definition, target, daemon)
     assert isinstance(source, SampledSource)
     source.attach()  # through the open binary: its failure uprobes
@@ -57,8 +66,10 @@ def measure(cluster: Cluster, seconds: float, interval_ms: float) -> tuple[float
     return cpu / elapsed, looks / elapsed, seen
 
 
-def busy_clients(cluster: Cluster, clients: int, seconds: float) -> subprocess.Popen[bytes]:
-    """pgbench -S with `clients` connections, once they are all connected."""
+def busy_clients(
+    cluster: Cluster, clients: int, seconds: float, tpcb: bool = False
+) -> subprocess.Popen[bytes]:
+    """pgbench -S (or TPC-B) with `clients` connections, once they are all connected."""
     subprocess.run(
         [str(BINDIR / "pgbench"), "-i", "-q", "-s", "1", cluster.dsn()],
         check=True,
@@ -68,7 +79,7 @@ def busy_clients(cluster: Cluster, clients: int, seconds: float) -> subprocess.P
         [
             str(BINDIR / "pgbench"),
             "-n",
-            "-S",
+            *([] if tpcb else ["-S"]),
             "-c",
             str(clients),
             "-j",
@@ -98,17 +109,22 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--interval-ms", type=float, default=10)
     parser.add_argument("--busy", action="store_true", help="pgbench -S clients, not idle ones")
+    parser.add_argument("--tpcb", action="store_true", help="pgbench TPC-B clients, scale 1")
+    parser.add_argument("--compare-why", action="store_true", help="why readings off vs on")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of each, interleaved")
     arguments = parser.parse_args()
+    busy = arguments.busy or arguments.tpcb
+    kind = "TPC-B clients" if arguments.tpcb else "pgbench -S clients" if busy else "idle clients"
     if os.geteuid() != 0:
         print("sampler_cost: needs root (it reads the servers' memory)", file=sys.stderr)
         return 2
     interval = f"{arguments.interval_ms:g} ms"
+    settings = [False, True] if arguments.compare_why else [True]
     print(
-        f"| backends ({'pgbench -S clients' if arguments.busy else 'idle clients'}) "
-        f"| max_connections | looked at | CPU of one core "
-        f"| looks/s at {interval} |"
+        f"| backends ({kind}) | max_connections | looked at | why readings "
+        f"| CPU of one core (median) | looks/s at {interval} (median) | rounds |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for wanted in sorted(arguments.backends):
         # Sized as an operator would size it: the look copies every slot, used or not.
         slots = wanted + 20
@@ -116,12 +132,27 @@ def main() -> int:
         connections: list[psycopg.Connection] = []
         bench: subprocess.Popen[bytes] | None = None
         try:
-            if arguments.busy:
-                bench = busy_clients(cluster, wanted, arguments.seconds + 30)
-            while not arguments.busy and len(connections) < wanted:
+            if busy:
+                total = (arguments.seconds + 3) * arguments.rounds * len(settings) + 30
+                bench = busy_clients(cluster, wanted, total, arguments.tpcb)
+            while not busy and len(connections) < wanted:
                 connections.append(psycopg.connect(cluster.dsn(), autocommit=True))
-            share, rate, seen = measure(cluster, arguments.seconds, arguments.interval_ms)
-            print(f"| {wanted} | {slots} | {seen} | {share:.1%} | {rate:.0f} |")
+            figures: dict[bool, list[tuple[float, float, int]]] = {why: [] for why in settings}
+            for round_number in range(arguments.rounds):
+                # Each round starts with the other setting: neither always runs first.
+                order = settings if round_number % 2 == 0 else settings[::-1]
+                for why in order:
+                    figures[why].append(
+                        measure(cluster, arguments.seconds, arguments.interval_ms, why)
+                    )
+            for why in settings:
+                share = statistics.median(f[0] for f in figures[why])
+                rate = statistics.median(f[1] for f in figures[why])
+                seen = max(f[2] for f in figures[why])
+                print(
+                    f"| {wanted} | {slots} | {seen} | {'on' if why else 'off'} | {share:.2%} "
+                    f"| {rate:.0f} | {arguments.rounds} |"
+                )
         finally:
             for connection in connections:
                 connection.close()

@@ -440,6 +440,22 @@ def test_redaction_replaces_literals_and_bound_values(titles):
         assert event.params == [*expected_params, None]
 
 
+def test_a_blocker_s_statement_is_redacted_like_the_event_s_own(titles):
+    blocker = {"pid": 7, "level": 1, "query": "update t set v = 'secret' where id = 3"}
+    prepared = {"pid": 0, "level": 1, "query": None}
+    for redact, expected in [
+        (True, "update t set v = $1 where id = $2"),
+        (False, "update t set v = 'secret' where id = 3"),
+    ]:
+        event = enricher(redact=redact).enrich(
+            statement(101, blocked_by=[blocker, prepared], lock_wait_start_unix_ns=10**18)
+        )
+        assert event is not None and event.blocked_by is not None
+        assert [entry["query"] for entry in event.blocked_by] == [expected, None]
+        assert event.lock_wait_start == datetime.fromtimestamp(10**9, timezone.utc)
+    assert blocker["query"] == "update t set v = 'secret' where id = 3"  # not changed in place
+
+
 def test_the_event_starts_when_the_record_says_in_utc(titles):
     start = datetime(2026, 12, 7, 10, 30, 15, 250_000, tzinfo=timezone.utc)
     event = enricher().enrich(statement(101, start_ns=int(start.timestamp()) * 10**9 + 250_000_000))

@@ -173,3 +173,47 @@ def test_handed_over_it_owns_what_began_before_and_waits_for_it():
     assert not window.done([before, after], set(), looks_done=11)
     # A walsender's or worker's endless "statement" is not waited for.
     assert window.done([before, after], {PID}, looks_done=11)
+
+
+def test_the_lock_conflict_table_is_postgresql_s():
+    from pgslowlog.sampled.blockers import CONFLICTS, LOCK_MODES
+
+    # lock.c LockConflicts is symmetric: A conflicts with B exactly when B with A.
+    for a in range(1, 9):
+        for b in range(1, 9):
+            assert bool(CONFLICTS[a] & (1 << b)) == bool(CONFLICTS[b] & (1 << a)), (a, b)
+    names = dict(zip(LOCK_MODES, CONFLICTS))
+    # The documented pairs (the table in the manual's "Explicit Locking" chapter).
+    assert names["AccessShareLock"] == 1 << LOCK_MODES.index("AccessExclusiveLock")
+    assert not names["RowExclusiveLock"] & (1 << LOCK_MODES.index("RowExclusiveLock"))
+    assert names["ShareUpdateExclusiveLock"] & (1 << LOCK_MODES.index("ShareUpdateExclusiveLock"))
+    assert not names["ShareLock"] & (1 << LOCK_MODES.index("ShareLock"))
+    assert bin(names["AccessExclusiveLock"]).count("1") == 8
+
+
+def test_a_lock_tag_reads_as_pg_locks_shows_it():
+    import struct
+
+    from pgslowlog.pg_layouts import LAYOUTS
+    from pgslowlog.sampled.blockers import describe_tag
+
+    layout = LAYOUTS[16]
+
+    def tag(kind: str, f1: int, f2: int, f3: int, f4: int, method: int = 1) -> bytes:
+        return struct.pack("<IIIHBB", f1, f2, f3, f4, layout.locktag_types.index(kind), method)
+
+    assert describe_tag(tag("relation", 5, 16384, 0, 0), layout) == {
+        "type": "relation",
+        "database": 5,
+        "relation": 16384,
+        "relation_name": None,
+    }
+    assert describe_tag(tag("tuple", 5, 16384, 7, 3), layout)["tuple"] == 3
+    assert describe_tag(tag("transactionid", 731, 0, 0, 0), layout) == {
+        "type": "transactionid",
+        "transactionid": 731,
+    }
+    advisory = describe_tag(tag("advisory", 5, 0, 4242, 1, method=2), layout)
+    assert (advisory["objid"], advisory["objsubid"]) == (4242, 1)
+    assert describe_tag(tag("applytransaction", 5, 1, 2, 3), layout)["type"] == "applytransaction"
+    assert describe_tag(tag("virtualxid", 3, 17, 0, 0), layout)["virtualxid"] == "3/17"
