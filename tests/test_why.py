@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -472,3 +473,45 @@ def test_a_parallel_leader_counts_its_workers_buffers_once_they_finish(
     assert within(figures["shared_blks_hit"] + figures["shared_blks_read"], pages), figures
     assert direct(event) == {pids["holder"]}
     assert daemon.stop() == 0
+
+
+def test_postgresql_18_s_io_workers_read_for_the_backend(start_daemon):
+    """io_method = worker (18's default): the backend counts the blocks it asked for,
+    but I/O workers do the reads, so its own read_bytes are a small part of them;
+    io_method = sync: the backend reads itself. The page cache is dropped before each
+    scan, and the server restarted, so both are cold reads from disk."""
+    cluster = Cluster(embedded_bindir())
+    try:
+        cluster.start()
+        cluster.psql(
+            "create table why_cold as"
+            " select g, repeat('x', 200) pad from generate_series(1, 100000) g",
+            "create function why_after_sleep(sql text) returns bigint language plpgsql as"
+            " $$ declare n bigint; begin perform pg_sleep(0.3); execute sql into n;"
+            " return n; end $$",
+            check=True,
+        )
+        pages = int(
+            cluster.psql("select pg_relation_size('why_cold') / 8192", check=True).stdout.strip()
+        )
+        figures = {}
+        for method in ("worker", "sync"):
+            cluster.psql(f"alter system set io_method = '{method}'", check=True)
+            cluster.restart()
+            daemon = start_daemon(cluster, **SAMPLED)
+            with psycopg.connect(cluster.dsn(), autocommit=True) as connection:
+                connection.execute("select 1")  # the catalogs, before the cache is dropped
+                subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True)
+                connection.execute(
+                    f"select why_after_sleep('select count(*) from why_cold') /* why {method} */"
+                )
+                (event,) = daemon.wait_for_events(f"why {method}", 1)
+            assert daemon.stop() == 0
+            figures[method] = event["resources"]
+    finally:
+        cluster.stop()
+    for method, resources in figures.items():
+        assert within(resources["shared_blks_read"], pages), (method, resources, pages)
+    size = pages * 8192
+    assert figures["sync"]["read_bytes"] >= 0.8 * size, figures
+    assert figures["worker"]["read_bytes"] < 0.5 * size, figures
