@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from pgslowlog.pg_layouts import BackendStatusLayout
-from pgslowlog.process_memory import MemoryReadError, read
+from pgslowlog.process_memory import MemoryReadError, Peeker
 
 # lockdefs.h: the modes, numbered 1-8, as pg_locks.mode names them.
 LOCK_MODES = (
@@ -101,22 +101,44 @@ class Link:
     leader_pid: Optional[int]  # a parallel worker's: its lock group leader's pid
 
 
+@dataclass(frozen=True)
+class _Lock:
+    """A LOCK as one walk read it: its tag, its PROCLOCKs, its wait queue."""
+
+    tag: bytes
+    holders: list[tuple[int, int, int]]  # (PGPROC, its lock group's leader, holdMask)
+    queue: list[int]  # PGPROCs waiting, in queue order
+
+
 class LockReader:
-    """Reads the lock table of one cluster through one of its processes' memory."""
+    """Reads the lock table of one cluster through one of its processes' memory.
+
+    What one look reads is kept for that look only (`new_look`): when many backends
+    queue on one lock, each walk finds its LOCK and the PGPROCs in it already read,
+    and a pile-up of a hundred costs about what one waiter does.
+    """
 
     def __init__(self, pid: int, layout: BackendStatusLayout) -> None:
-        self._pid = pid
+        self._peeker = Peeker(pid)
         self._layout = layout
         self._node = max(layout.proclock_lockLink, layout.proclock_holdMask) + 16
+        self._procs: dict[int, Proc] = {}
+        self._locks: dict[int, _Lock] = {}
 
-    def proc(self, address: int) -> Proc:
+    def new_look(self) -> None:
+        self._procs.clear()
+        self._locks.clear()
+
+    def proc(self, address: int, fresh: bool = False) -> Proc:
+        if not fresh and (known := self._procs.get(address)) is not None:
+            return known
         layout = self._layout
-        raw = read(self._pid, address, layout.proc_size)
+        raw = self._peeker.read(address, layout.proc_size)
         leader = _PTR.unpack_from(raw, layout.proc_lockGroupLeader)[0]
         start = None
         if layout.proc_waitStart is not None:
             start = _INT64.unpack_from(raw, layout.proc_waitStart)[0] or None
-        return Proc(
+        proc = Proc(
             address=address,
             pid=_INT.unpack_from(raw, layout.proc_pid)[0],
             xid=None if layout.proc_xid is None else _UINT32.unpack_from(raw, layout.proc_xid)[0],
@@ -125,53 +147,76 @@ class LockReader:
             wait_start_us=start,
             group=leader or address,
         )
+        self._procs[address] = proc
+        return proc
 
-    def _walk(self, head: int, link_offset: int) -> list[int]:
-        """The addresses of a list's elements (the list's node sits `link_offset` into
-        each). SHM_QUEUE (13-15) and dlist (16+) link the same way: `next` of the head,
-        round to the head again; a dlist never used may hold NULL."""
-        found: list[int] = []
-        node = _PTR.unpack_from(read(self._pid, head + self._layout.list_next, 8))[0]
-        while node and node != head:
-            if len(found) >= MAX_LIST_NODES:
-                raise TornRead(f"list at {head:#x} does not end")
-            found.append(node - link_offset)
-            node = _PTR.unpack_from(read(self._pid, node + self._layout.list_next, 8))[0]
+    def _lock(self, address: int) -> _Lock:
+        """One LOCK, its lists read with one read per element (the element holds the
+        pointer to the next). SHM_QUEUE (13-15) and dlist (16+) link the same way:
+        `next` of the head, round to the head again; a dlist never used may hold NULL."""
+        if (known := self._locks.get(address)) is not None:
+            return known
+        layout = self._layout
+        head = self._peeker.read(address, layout.lock_waitProcs + 16)
+        tag = head[layout.lock_tag : layout.lock_tag + 16]
+        holders: list[tuple[int, int, int]] = []
+        start = address + layout.lock_procLocks
+        node = _PTR.unpack_from(head, layout.lock_procLocks + layout.list_next)[0]
+        while node and node != start:
+            if len(holders) >= MAX_LIST_NODES:
+                raise TornRead(f"the PROCLOCKs of {address:#x} do not end")
+            proclock = node - layout.proclock_lockLink
+            raw = self._peeker.read(proclock, self._node)
+            holders.append(
+                (
+                    _PTR.unpack_from(raw, layout.proclock_myProc)[0],
+                    _PTR.unpack_from(raw, layout.proclock_groupLeader)[0],
+                    _INT.unpack_from(raw, layout.proclock_holdMask)[0],
+                )
+            )
+            node = _PTR.unpack_from(raw, layout.proclock_lockLink + layout.list_next)[0]
+        queue: list[int] = []
+        start = address + layout.lock_waitProcs
+        node = _PTR.unpack_from(head, layout.lock_waitProcs + layout.list_next)[0]
+        while node and node != start:
+            if len(queue) >= MAX_LIST_NODES:
+                raise TornRead(f"the wait queue of {address:#x} does not end")
+            waiting = node - layout.proc_links
+            queue.append(waiting)
+            raw = self._peeker.read(node + layout.list_next, 8)
+            node = _PTR.unpack_from(raw)[0]
+        found = _Lock(tag, holders, queue)
+        self._locks[address] = found
         return found
 
     def direct(self, waiter: Proc) -> tuple[bytes, list[tuple[int, int, bool]]]:
         """The LOCKTAG the waiter sleeps on, and who blocks it there: (PGPROC, mode,
         granted), as pg_blocking_pids() decides."""
-        layout = self._layout
-        lock = waiter.wait_lock
-        tag = read(self._pid, lock + layout.lock_tag, 16)
+        lock = self._lock(waiter.wait_lock)
         mode = waiter.wait_mode
         if not 0 < mode < len(CONFLICTS):
             raise TornRead(f"waiting in mode {mode}")
         conflicts = CONFLICTS[mode]
-        blockers: list[tuple[int, int, bool]] = []
-        queued = self._walk(lock + layout.lock_waitProcs, layout.proc_links)
+        queued = lock.queue
         ahead = set(queued[: queued.index(waiter.address)] if waiter.address in queued else ())
-        for proclock in self._walk(lock + layout.lock_procLocks, layout.proclock_lockLink):
-            raw = read(self._pid, proclock, self._node)
-            holder = _PTR.unpack_from(raw, layout.proclock_myProc)[0]
-            group = _PTR.unpack_from(raw, layout.proclock_groupLeader)[0]
+        blockers: list[tuple[int, int, bool]] = []
+        for holder, group, hold_mask in lock.holders:
             if not holder or holder == waiter.address or group == waiter.group:
                 continue  # itself, or its own lock group: never a blocker
-            held = _INT.unpack_from(raw, layout.proclock_holdMask)[0] & conflicts
+            held = hold_mask & conflicts
             if held:
                 blockers.append((holder, held.bit_length() - 1, True))  # its strongest
             elif holder in ahead:
                 other = self.proc(holder)
-                if other.wait_lock == lock and conflicts & (1 << other.wait_mode):
+                if other.wait_lock == waiter.wait_lock and conflicts & (1 << other.wait_mode):
                     blockers.append((holder, other.wait_mode, False))
-        return tag, blockers
+        return lock.tag, blockers
 
     def chain(self, address: int) -> tuple[Proc, list[Link]] | None:
         """The PGPROC at `address` and its blockers, nearest first, then theirs; None
         when it does not wait on a lock, or the lock table changed under the walk."""
         try:
-            waiter = self.proc(address)
+            waiter = self.proc(address, fresh=True)
             if not waiter.wait_lock:
                 return None
             links: list[Link] = []
@@ -198,7 +243,7 @@ class LockReader:
                 level_procs = following
             # Read again: a waiter that got its lock (or another) meanwhile makes the
             # walk a mix of two moments.
-            again = self.proc(address)
+            again = self.proc(address, fresh=True)
         except (MemoryReadError, TornRead, struct.error):
             return None
         if (again.wait_lock, again.wait_mode) != (waiter.wait_lock, waiter.wait_mode):

@@ -8,23 +8,25 @@ take differences of the same totals. The kernel keeps the process's CPU time
 read_bytes and write_bytes count what reached the block layer; a read served from the
 page cache is in neither).
 
-The sampler reads them once when it first sees a statement running (its baseline) and
-once when it sees the statement over; the difference is the statement's. The baseline
-is taken at the first look, not at the statement's start: what the statement did
-before that look is missing, so the figures are lower bounds (`resources_exact`
-false). A parallel query's leader adds its workers' buffer and WAL counters to its own
-when they finish; its /proc figures never include theirs.
+The sampler reads the counters and the CPU clock when it first sees a statement running
+(its baseline), /proc's figures at the next look if it still runs, and all of them
+when it sees the statement over; the difference is the statement's. The baseline is
+taken at the first look, not at the statement's start: what the statement did before
+that look is missing, so the figures are lower bounds (`resources_exact` false). A
+parallel query's leader adds its workers' buffer and WAL counters to its own when they
+finish; its /proc figures never include theirs.
 """
 
 from __future__ import annotations
 
 import struct
+import time
 from typing import Optional
 
 import msgspec
 
 from pgslowlog.pg_layouts import BackendStatusLayout
-from pgslowlog.process_memory import MemoryReadError, read_ranges
+from pgslowlog.process_memory import MemoryReadError, RangeReader
 
 _INT64 = struct.Struct("<q")
 _UINT64 = struct.Struct("<Q")
@@ -42,8 +44,8 @@ class Usage(msgspec.Struct, frozen=True, gc=False):
     wal_records: int
     wal_fpi: int
     wal_bytes: int
-    cpu_ns: Optional[int]  # /proc/PID/schedstat: on a CPU
-    cpu_wait_ns: Optional[int]  # runnable, waiting for a CPU
+    cpu_ns: Optional[int]  # on a CPU: its CPU clock, as /proc/PID/schedstat's first figure
+    cpu_wait_ns: Optional[int]  # runnable, waiting for a CPU (/proc/PID/schedstat)
     read_bytes: Optional[int]  # /proc/PID/io
     write_bytes: Optional[int]
 
@@ -76,9 +78,18 @@ def statement_resources(start: Usage, end: Usage) -> dict[str, float | int | Non
     return figures
 
 
+def _cpu_clock(pid: int) -> int:
+    """The process's CPU-time clock (clock_getcpuclockid(3): MAKE_PROCESS_CPUCLOCK with
+    CPUCLOCK_SCHED): its on-CPU time in ns, the first figure of /proc/PID/schedstat,
+    for one system call and no file."""
+    return ((~pid) << 3) | 2
+
+
 class UsageReader:
-    """Reads one backend's totals: one process_vm_readv of its two usage globals, and
-    /proc/PID/schedstat and /proc/PID/io (a few hundred bytes each)."""
+    """Reads one backend's totals. `counters`: one process_vm_readv of its two usage
+    globals and its CPU clock, a few microseconds, for every statement a look first
+    sees running. `read`: those, and /proc/PID/schedstat (run-queue time) and
+    /proc/PID/io (a few hundred bytes each), for statements that last."""
 
     def __init__(self, layout: BackendStatusLayout, buffer_usage: int, wal_usage: int) -> None:
         """`buffer_usage`, `wal_usage`: where pgBufferUsage and pgWalUsage are in every
@@ -86,22 +97,22 @@ class UsageReader:
         buffer_fields = [getattr(layout, f"bu_{name}") for name in _BUFFER_FIELDS]
         wal_fields = [getattr(layout, f"wu_{name}") for name in _WAL_FIELDS]
         self._buffer_at = buffer_fields
-        self._wal_at = wal_fields
-        self._ranges = [
-            (buffer_usage, max(buffer_fields) + 8),
-            (wal_usage, max(wal_fields) + 8),
-        ]
+        wal_base = max(buffer_fields) + 8  # where the WAL counters start in a reading
+        self._wal_at = [wal_base + at for at in wal_fields]
+        # The same two ranges in every backend: one reader, pointed at each in turn.
+        self._reader = RangeReader(
+            0, [(buffer_usage, max(buffer_fields) + 8), (wal_usage, max(wal_fields) + 8)]
+        )
 
-    def read(self, pid: int) -> Usage | None:
-        """None when the backend's memory cannot be read (it exited)."""
+    def counters(self, pid: int) -> Usage | None:
+        """Its buffer and WAL counters and on-CPU time; None when it is gone."""
+        self._reader.pid = pid
         try:
-            buffers, wal = read_ranges(pid, self._ranges)
-        except MemoryReadError:
+            raw = self._reader.read()
+            cpu_ns = time.clock_gettime_ns(_cpu_clock(pid))
+        except (MemoryReadError, OSError):
             return None
-        cpu_ns, cpu_wait_ns = _schedstat(pid)
-        read_bytes, write_bytes = _io(pid)
-        counts = [_INT64.unpack_from(buffers, at)[0] for at in self._buffer_at]
-        records, fpi = (_INT64.unpack_from(wal, at)[0] for at in self._wal_at[:2])
+        counts = [_INT64.unpack_from(raw, at)[0] for at in self._buffer_at]
         return Usage(
             shared_blks_hit=counts[0],
             shared_blks_read=counts[1],
@@ -109,14 +120,27 @@ class UsageReader:
             shared_blks_written=counts[3],
             temp_blks_read=counts[4],
             temp_blks_written=counts[5],
-            wal_records=records,
-            wal_fpi=fpi,
-            wal_bytes=_UINT64.unpack_from(wal, self._wal_at[2])[0],
+            wal_records=_INT64.unpack_from(raw, self._wal_at[0])[0],
+            wal_fpi=_INT64.unpack_from(raw, self._wal_at[1])[0],
+            wal_bytes=_UINT64.unpack_from(raw, self._wal_at[2])[0],
             cpu_ns=cpu_ns,
-            cpu_wait_ns=cpu_wait_ns,
-            read_bytes=read_bytes,
-            write_bytes=write_bytes,
+            cpu_wait_ns=None,
+            read_bytes=None,
+            write_bytes=None,
         )
+
+    def with_proc(self, pid: int, usage: Usage) -> Usage:
+        """`usage` with the run-queue time and block I/O /proc says now."""
+        cpu_wait_ns = _schedstat(pid)[1]
+        read_bytes, write_bytes = _io(pid)
+        return msgspec.structs.replace(
+            usage, cpu_wait_ns=cpu_wait_ns, read_bytes=read_bytes, write_bytes=write_bytes
+        )
+
+    def read(self, pid: int) -> Usage | None:
+        """Everything: None when the backend's memory cannot be read (it exited)."""
+        usage = self.counters(pid)
+        return None if usage is None else self.with_proc(pid, usage)
 
 
 def _schedstat(pid: int) -> tuple[int | None, int | None]:

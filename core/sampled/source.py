@@ -34,7 +34,7 @@ from pgslowlog.sampled.hand_over import HandOverWindow
 from pgslowlog.sampled.outcomes import OUTCOMES_PROGRAM, OutcomeMatcher, reports_outcomes
 from pgslowlog.sampled.pg_time import pg_now_us, pg_us, unix_ns
 from pgslowlog.sampled.reading import ClusterMemory, SampledBackend
-from pgslowlog.sampled.resources import statement_resources
+from pgslowlog.sampled.resources import UsageReader, statement_resources
 from pgslowlog.sampled.statements import BackendSample, Finished, InFlight, StatementTracker
 from pgslowlog.sampled.thresholds import ThresholdHistory
 from pgslowlog.sources import COUNTERS, DecodeError, LossCause, ProbeLoadError
@@ -51,9 +51,17 @@ AUTO_FLOOR_INTERVALS = 5
 FAILURES_PER_LOOK = 4096  # failure reports taken at once: far more than a look brings
 # A backend waiting on a lock has its blockers read again at most this often, and a
 # look walks the lock table for at most this many waiters (those walked longest ago
-# first): a hundred backends queued on one lock must not make every look slow.
+# first).
 WALK_EVERY_US = 100_000
 WALKS_PER_LOOK = 8
+# The "why" readings that can wait (lock walks, /proc figures after the baseline,
+# the counters of long statements read again) spend at most this share of a core,
+# saved up to WHY_BURST_S: a hundred backends queued on one row, each walk reading a
+# hundred PROCLOCKs, must not make the looks cost a tenth of a core. What waits is
+# read at a later look (the walk's answer is then older; a /proc baseline later, a
+# lower bound as the rest).
+WHY_SHARE = 0.005
+WHY_BURST_S = 0.02
 # A statement old enough to be reported has its backend's counters read again this
 # often: the end figures, should the backend exit before a look sees the end (a
 # client that disconnects at once, as psql does) and its memory can no longer be read.
@@ -62,6 +70,26 @@ USAGE_EVERY_US = 50_000
 
 def auto_floor_ms(daemon: DaemonConfig) -> float:
     return AUTO_FLOOR_INTERVALS * daemon.sample_interval_ms
+
+
+class _Budget:
+    """Time the readings that can wait may spend: `share` of a core, saved up to `burst`."""
+
+    def __init__(self, share: float, burst: float) -> None:
+        self._share, self._burst = share, burst
+        self._credit = burst
+        self._last = time.monotonic()
+
+    def refill(self) -> None:
+        now = time.monotonic()
+        self._credit = min(self._burst, self._credit + (now - self._last) * self._share)
+        self._last = now
+
+    def allows(self) -> bool:
+        return self._credit > 0
+
+    def spend(self, since: float) -> None:
+        self._credit -= time.monotonic() - since
 
 
 class SampledSource:
@@ -85,6 +113,7 @@ class SampledSource:
         self._include_background = daemon.include_background
         self._read_blockers = daemon.blocked_by
         self._read_usage = daemon.resources
+        self._budget = _Budget(WHY_SHARE, WHY_BURST_S)
         self._thresholds = ThresholdHistory(round(daemon.threshold_ms * 1000))
         self._tracker = StatementTracker()
         self._window = HandOverWindow()
@@ -216,6 +245,7 @@ class SampledSource:
             self._reap(records, now_us)
         text_age_us = self._thresholds.current_us - TEXT_MARGIN_INTERVALS * self._interval_s * 1e6
         waiting: list[tuple[ClusterMemory, SampledBackend, InFlight]] = []
+        self._budget.refill()
         for cluster in self._discovery.clusters.values():
             if scan or cluster.base is None:
                 # The status array shows new backends and exits by itself; the children
@@ -248,14 +278,7 @@ class SampledSource:
                 if running.text is None and now_us - running.start_us >= text_age_us:
                     self._read_text(cluster, backend, running)
                 if self._read_usage and cluster.usage:
-                    if running.usage_start is None:
-                        # Its baseline: the first look that sees it running.
-                        running.usage_start = cluster.usage.read(backend.pid)
-                        running.usage_read_us = now_us
-                    elif now_us - running.start_us >= text_age_us:
-                        if now_us - running.usage_read_us >= USAGE_EVERY_US:
-                            running.usage_last = cluster.usage.read(backend.pid)
-                            running.usage_read_us = now_us
+                    self._read_usage_of(cluster.usage, backend.pid, running, now_us, text_age_us)
                 if self._read_blockers and sample.wait.startswith("Lock:"):
                     if now_us - running.walked_us >= WALK_EVERY_US:
                         waiting.append((cluster, backend, running))
@@ -263,22 +286,56 @@ class SampledSource:
         self._matcher.keep_only(self._tracker.in_flight.keys())
         return records
 
+    def _read_usage_of(
+        self, usage: UsageReader, pid: int, running: InFlight, now_us: int, text_age_us: float
+    ) -> None:
+        """The statement's baseline at the first look that sees it running: the
+        backend's counters and CPU clock, a few microseconds (OLTP statements are first
+        seen by the thousand). Its /proc figures at the next look, if it still runs.
+        And for one old enough to be reported, the counters again now and then: its
+        end, should the backend be gone when the end is seen."""
+        if running.usage_start is None:
+            running.usage_start = usage.counters(pid)
+            running.usage_read_us = now_us
+            return
+        if not self._budget.allows():
+            return
+        started = time.monotonic()
+        if not running.usage_proc_read:
+            running.usage_start = usage.with_proc(pid, running.usage_start)
+            running.usage_proc_read = True
+        elif now_us - running.start_us >= text_age_us:
+            if now_us - running.usage_read_us >= USAGE_EVERY_US:
+                running.usage_last = usage.counters(pid)
+                running.usage_read_us = now_us
+        self._budget.spend(started)
+
     def _walk_locks(
         self, waiting: list[tuple[ClusterMemory, SampledBackend, InFlight]], now_us: int
     ) -> None:
         """Who blocks the backends this look saw waiting on a heavyweight lock."""
         waiting.sort(key=lambda found: found[2].walked_us)
+        for cluster, _, _ in waiting:
+            cluster.locks.new_look()  # what this look reads of the lock table, shared
         for cluster, backend, running in waiting[:WALKS_PER_LOOK]:
+            if not self._budget.allows():
+                break  # the rest at a later look, before those walked now
+            started = time.monotonic()
             running.walked_us = now_us
-            walked = cluster.locks.chain(backend.proc)
-            if walked is None:
-                continue  # not waiting any more, or torn: the last walk stands
-            waiter, links = walked
-            if not links and running.blocked_by:
-                continue  # the lock just went free: who held it is the answer
-            running.blocked_by = blocked_by(links, cluster.layout, cluster.describe)
-            running.lock_wait_start_us = waiter.wait_start_us
+            self._walk(cluster, backend, running)
+            self._budget.spend(started)
         waiting.clear()
+
+    @staticmethod
+    def _walk(cluster: ClusterMemory, backend: SampledBackend, running: InFlight) -> None:
+        walked = cluster.locks.chain(backend.proc)
+        if walked is None:
+            return  # not waiting any more, or torn: the last walk stands
+        waiter, links = walked
+        if not links and running.blocked_by:
+            return  # the lock just went free: who held it is the answer
+        running.blocked_by = blocked_by(links, cluster.layout, cluster.describe)
+        running.lock_wait_start_us = waiter.wait_start_us
 
     def _take_failures(self) -> None:
         if self._failure_reader is None:
@@ -399,7 +456,8 @@ class SampledSource:
         usage, start = cluster.usage, finished.usage_start
         if self._read_usage and usage and start:
             # Read now that its end is seen; when the backend is gone, its last reading
-            # while it ran (a lower bound, as the baseline's figures are anyway).
+            # while it ran (a lower bound, as the baseline's figures are anyway; its
+            # /proc figures are then unknown).
             end = None if finished.backend_exited else usage.read(finished.pid)
             end = end or finished.usage_last
             if end is not None:

@@ -46,6 +46,7 @@ class InFlight:
     usage_start: Optional[Usage] = None  # the backend's counters at the first look
     usage_last: Optional[Usage] = None  # ... at a later look: the end if it exits
     usage_read_us: int = 0  # when usage_last was read
+    usage_proc_read: bool = False  # usage_start has its /proc figures
     blocked_by: Optional[list[dict[str, Any]]] = None  # the last walk of its lock wait
     lock_wait_start_us: Optional[int] = None  # PGPROC.waitStart at that walk
     walked_us: int = 0  # when its lock wait was last walked
