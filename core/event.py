@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Optional
+from typing import Any, Optional
 
 import msgspec
 
 
-# gc=False: an event refers only to strings, numbers, a datetime and a list of
-# strings, never back to itself, so it cannot be part of a cycle; at threshold 0
+# gc=False: an event refers only to strings, numbers, a datetime, lists and dicts
+# (a plan) made for it alone, never back to itself, so it cannot be part of a cycle; at threshold 0
 # tens of thousands a second would otherwise keep the cycle collector busy.
 class SlowQuery(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     ts: datetime  # statement start, UTC
@@ -39,6 +39,13 @@ class SlowQuery(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     # ("Lock:transactionid", "Timeout:PgSleep", ...) or "CPU" -> number of looks. None
     # for trapped statements.
     waits: Optional[dict[str, int]] = None
+    # pglast's fingerprint of the text: equal for texts that differ only in constants
+    # (query_id is null unless compute_query_id is on). None if the text does not parse.
+    fingerprint: Optional[str] = None
+    # With [explain]: EXPLAIN (FORMAT JSON)'s result as PostgreSQL returns it (a list of
+    # one object with "Plan"), or why there is none (docs/explain.md).
+    plan: Optional[list[dict[str, Any]]] = None
+    plan_error: Optional[str] = None
 
     def to_json(self) -> bytes:
         return terminal_safe(_encoder.encode(self))

@@ -1,0 +1,80 @@
+"""What may be explained, and the fingerprint every event carries. Pure: pglast only.
+
+The text comes from users, so it is parsed before anything is sent: it must be one
+statement, of a kind EXPLAIN plans without running anything else (SELECT, VALUES,
+TABLE, WITH; INSERT, UPDATE, DELETE, MERGE, which planning checks privileges for).
+The text explained is the redacted one (constants become $n, redaction.py), so the
+plan's constants are placeholders too.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Union
+
+from pglast import parser
+
+from pgslowlog.redaction import redact_literals
+
+# What EXPLAIN plans: the node names of the parse tree's statements.
+PLANNABLE = {
+    "SelectStmt": "SELECT",  # also VALUES, TABLE and WITH ... SELECT
+    "InsertStmt": "INSERT",
+    "UpdateStmt": "UPDATE",
+    "DeleteStmt": "DELETE",
+    "MergeStmt": "MERGE",
+}
+
+
+@functools.lru_cache(maxsize=4096)  # texts repeat: one parse per distinct text
+def fingerprint(text: str) -> Optional[str]:
+    """pglast's fingerprint: the same for texts that differ only in constants, $n,
+    whitespace and comments. None for a text that does not parse (cut, say)."""
+    try:
+        return str(parser.fingerprint(text))
+    except parser.ParseError:
+        return None
+
+
+class Plannable(NamedTuple):
+    text: str  # what is sent after EXPLAIN: redacted, constants as $n
+    kind: str  # "SELECT", "UPDATE", ...
+    parameters: int  # the highest $n in the text (0: none)
+
+
+def highest_parameter(text: str) -> int:
+    numbers = [
+        int(text[token.start + 1 : token.end + 1])
+        for token in parser.scan(text)
+        if token.name == "PARAM" and text[token.start + 1 : token.end + 1].isdigit()
+    ]
+    return max(numbers, default=0)
+
+
+@functools.lru_cache(maxsize=4096)
+def plannable(text: str, truncated: bool = False) -> Union[Plannable, str]:
+    """The statement to explain, or why none is (a one-line reason for plan_error)."""
+    if truncated:
+        return "not explained: the text was cut at query_max_bytes"
+    try:
+        statements = parser.parse_sql(text)
+    except parser.ParseError as error:
+        return f"not explained: the text does not parse: {error.args[0]}"
+    if len(statements) != 1:
+        return f"not explained: {len(statements)} statements in one text"
+    node = statements[0].stmt
+    name = type(node).__name__
+    if name not in PLANNABLE:
+        return f"not explained: {name} is not a plannable statement"
+    if getattr(node, "intoClause", None) is not None:
+        return "not explained: SELECT INTO creates a table"
+    redacted = redact_literals(text)
+    try:
+        again = parser.parse_sql(redacted)
+    except parser.ParseError as error:
+        # Some constants are no longer SQL once they are $n (a typed one in a place
+        # only a literal may stand, say).
+        return f"not explained: the redacted text does not parse: {error.args[0]}"
+    if len(again) != 1 or type(again[0].stmt).__name__ != name:
+        return "not explained: the redacted text is another statement"
+    return Plannable(redacted, PLANNABLE[name], highest_parameter(redacted))
