@@ -90,3 +90,80 @@ def test_enricher_gives_every_event_a_fingerprint_and_drops_its_own_explains() -
     )
     assert enricher.enrich(own) is None
     assert enricher.own == 1
+
+
+# --------------------------------------------------------------------------------
+# The [explain] table
+
+
+def config_with(explain: dict[str, object] | None) -> dict[str, object]:
+    data: dict[str, object] = {
+        "target": [{"binary": "/usr/lib/postgresql/15/bin/postgres"}],
+        "sinks": {"file": {"path": "/tmp/x"}},
+    }
+    if explain is not None:
+        data["explain"] = explain
+    return data
+
+
+def test_explain_is_on_when_its_table_is_present() -> None:
+    from pgslowlog.config import parse_config
+
+    assert not parse_config(config_with(None)).explaining
+    config = parse_config(config_with({}))
+    assert config.explaining and config.explain is not None
+    assert (config.explain.user, config.explain.passfile) == ("pgslowlog", None)
+    assert not parse_config(config_with({"enabled": False})).explaining
+
+
+@pytest.mark.parametrize(
+    ("explain", "message"),
+    [
+        (
+            {"statement_timeout_ms": 2000},
+            "explain.statement_timeout_ms = 2000 is not below timeout_ms = 2000: events would "
+            "stop waiting before EXPLAIN does; lower statement_timeout_ms or raise timeout_ms",
+        ),
+        ({"lock_timeout_ms": 1500}, "explain.lock_timeout_ms = 1500 is above"),
+        ({"passfile": "pgpass"}, "explain.passfile = 'pgpass' is not an absolute path"),
+        ({"user": "a'b"}, 'explain.user = "a\'b" has a quote'),
+        ({"user": ""}, "explain.user: expected `str` of length >= 1"),
+        ({"password": "x"}, "unknown key explain.password"),
+        ({"max_per_second": 0}, "explain.max_per_second: expected `float` > 0.0"),
+    ],
+)
+def test_explain_mistakes_are_one_line_errors(explain: dict[str, object], message: str) -> None:
+    from pgslowlog.config import parse_config
+    from pgslowlog.errors import UserError
+
+    with pytest.raises(UserError) as raised:
+        parse_config(config_with(explain))
+    assert message in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_a_change_of_explain_waits_for_a_restart() -> None:
+    from pgslowlog.config import parse_config
+    from pgslowlog.live_config import needs_restart
+
+    before, after = parse_config(config_with({})), parse_config(config_with({"user": "x"}))
+    assert needs_restart(before, after) == ["explain"]
+
+
+def test_check_says_when_explain_is_set_but_psycopg_is_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    from pgslowlog.config import parse_config
+    from pgslowlog.preflight import explain_finding
+
+    config = parse_config(config_with({}))
+    assert explain_finding(config).ok
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg raises ImportError
+    finding = explain_finding(config)
+    assert not finding.ok
+    assert "psycopg is missing; install the extra: pip install 'pgslowlog[explain]'" in str(finding)
+    missing = parse_config(config_with({"passfile": "/nonexistent/pgpass"}))
+    monkeypatch.delitem(sys.modules, "psycopg")
+    assert "explain.passfile /nonexistent/pgpass is not readable" in str(explain_finding(missing))
