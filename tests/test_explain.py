@@ -7,9 +7,23 @@ texts with $n) and the wheel's PostgreSQL 18: plans, errors, limits, delivery.
 
 from __future__ import annotations
 
-import pytest
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import psycopg
+import pytest
+import structlog
+from conftest import SERVERS, bindir
+from events import slow
+
+from pgslowlog.config import ExplainConfig
+from pgslowlog.event import SlowQuery
+from pgslowlog.explain import APPLICATION_NAME
+from pgslowlog.explain.explainer import Explainer
 from pgslowlog.explain.statements import Plannable, fingerprint, plannable
+from pgslowlog.testing.cluster import Cluster
 
 
 @pytest.mark.parametrize(
@@ -167,3 +181,326 @@ def test_check_says_when_explain_is_set_but_psycopg_is_missing(
     missing = parse_config(config_with({"passfile": "/nonexistent/pgpass"}))
     monkeypatch.delitem(sys.modules, "psycopg")
     assert "explain.passfile /nonexistent/pgpass is not readable" in str(explain_finding(missing))
+
+
+# --------------------------------------------------------------------------------
+# Finding a backend's server
+
+
+def test_postmaster_pid_gives_the_socket_directory_and_port() -> None:
+    from pgslowlog.explain.servers import Server, parse_postmaster_pid
+
+    text = (
+        "13818\n/d/data\n1796620032\n57543\n/run/postgresql\n127.0.0.1\n  2147437 524343\nready\n"
+    )
+    assert parse_postmaster_pid(text, 13818) == Server(13818, "/run/postgresql", 57543)
+    no_socket = text.replace("/run/postgresql", "")
+    assert parse_postmaster_pid(no_socket, 13818) == Server(13818, "127.0.0.1", 57543)
+    assert parse_postmaster_pid(no_socket.replace("127.0.0.1", "*"), 13818).host == "127.0.0.1"
+    with pytest.raises(ValueError, match="not this postmaster's"):
+        parse_postmaster_pid(text, 4242)
+
+
+def test_a_gone_backend_has_no_server() -> None:
+    from pgslowlog.explain.servers import server_of
+
+    with pytest.raises(ValueError, match="backend 999999999 exited before its server"):
+        server_of(999_999_999)
+
+
+# --------------------------------------------------------------------------------
+# The Explainer against real servers: PostgreSQL 15 (Debian's) and 18 (the wheel's)
+
+SETUP = (
+    "create role pgslowlog login",
+    "create role app login",
+    "create database shop owner app",
+    "create database locked",
+    "revoke connect on database locked from public",
+)
+SHOP_SETUP = (
+    "create table t (id int primary key, v int not null)",
+    "insert into t select g, 0 from generate_series(1, 1000) g",
+    "analyze t",
+    "create table secret (a int)",
+    "grant select, update on t to pgslowlog",
+    # planning folds immutable functions of constants: it runs them, as the explain role
+    "create function slow_immutable() returns int immutable language plpgsql"
+    " as $$ begin perform pg_sleep(5); return 1; end $$",
+    "create function failing_immutable() returns int immutable language plpgsql as $$ begin"
+    " raise exception E'secret line one\\nsecret line two' using detail = 'secret detail'; end $$",
+    # which statements the explain connections send, in the server's log
+    "alter system set log_line_prefix = '%m [%p] %a: '",
+    "alter role pgslowlog set log_statement = 'all'",
+    "select pg_reload_conf()",
+)
+
+
+class Served:
+    """A server set up for explaining, and a live backend on `shop` for events' pid."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+        cluster.psql(*SETUP, check=True)
+        cluster.psql(*SHOP_SETUP, check=True, dsn=cluster.dsn("shop"))
+        self.app = psycopg.connect(cluster.dsn("shop", "app"), autocommit=True)
+        self.pid = self.app.info.backend_pid
+        self.admin = psycopg.connect(cluster.dsn("shop"), autocommit=True)
+
+    def event(self, query: str, **fields: Any) -> SlowQuery:
+        return slow(
+            **{"pid": self.pid, "database": "shop", "user": "app", "query": query, **fields}
+        )
+
+    def close(self) -> None:
+        self.app.close()
+        self.admin.close()
+
+
+class Collected:
+    """The dispatcher's side: what the Explainer hands on, batch by batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[SlowQuery]] = []
+
+    def dispatch_many(self, events: list[SlowQuery]) -> None:
+        self.batches.append(list(events))
+
+    @property
+    def events(self) -> list[SlowQuery]:
+        return [event for batch in self.batches for event in batch]
+
+
+def explain_all(
+    batches: list[list[SlowQuery]], **config: Any
+) -> tuple[list[SlowQuery], dict[str, int]]:
+    collected = Collected()
+    explainer = Explainer(ExplainConfig(**config), collected).start()
+    for batch in batches:
+        explainer.dispatch_many(batch)
+    stats = explainer.close()
+    return collected.events, stats
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def served(request: pytest.FixtureRequest) -> Iterator[Served]:
+    cluster = Cluster(bindir(request.param)).start()
+    try:
+        server = Served(cluster)
+        yield server
+        server.close()
+    finally:
+        cluster.stop()
+
+
+def top_plan(event: SlowQuery) -> dict[str, Any]:
+    assert event.plan is not None, event.plan_error
+    plan: dict[str, Any] = event.plan[0]["Plan"]
+    return plan
+
+
+@pytest.mark.system
+def test_a_select_with_constants_gets_a_generic_plan(served: Served) -> None:
+    (event, plain), stats = explain_all(
+        [[served.event("select * from t where id = 42"), served.event("select count(*) from t")]]
+    )
+    plan = top_plan(event)
+    assert (plan["Node Type"], plan["Relation Name"]) == ("Index Scan", "t")
+    assert plan["Index Cond"] == "(id = $1)"  # the redacted text's placeholder, not 42
+    assert event.plan_error is None
+    assert top_plan(plain)["Node Type"] == "Aggregate"
+    assert stats["explained"] == 2
+
+
+@pytest.mark.system
+def test_captured_values_give_a_custom_plan(served: Served) -> None:
+    query = "select * from t where id = $1"
+    (event, redacted), _ = explain_all(
+        [
+            [
+                served.event(query, protocol="extended", params=["7"]),
+                served.event(query + " ", protocol="extended", params=["\\x07"]),  # binary
+            ]
+        ],
+        per_fingerprint_interval_s=0,
+    )
+    assert top_plan(event)["Index Cond"] == "(id = 7)"
+    assert top_plan(redacted)["Index Cond"] == "(id = $1)"  # not sent back: generic
+
+
+def server_statements(cluster: Cluster) -> list[str]:
+    """What the explain connections sent, as log_statement = all logged it."""
+    sent = []
+    for line in cluster.logfile.read_text().splitlines():
+        if f"{APPLICATION_NAME}: LOG:  " in line:
+            message = line.split(f"{APPLICATION_NAME}: LOG:  ", 1)[1]
+            sent.append(message.split(": ", 1)[1] if ": " in message else message)
+    return sent
+
+
+ALLOWED = ("BEGIN READ ONLY", "SET LOCAL ", "EXPLAIN (FORMAT JSON) ", "PREPARE ", "DEALLOCATE ")
+
+
+@pytest.mark.system
+def test_an_update_is_planned_and_never_run(served: Served) -> None:
+    before = served.admin.execute("select v, xmin::text from t where id = 7").fetchone()
+    (event,), _ = explain_all([[served.event("update t set v = v + 1 where id = 7")]])
+    plan = top_plan(event)
+    assert (plan["Node Type"], plan["Operation"]) == ("ModifyTable", "Update")
+    assert served.admin.execute("select v, xmin::text from t where id = 7").fetchone() == before
+    sent = server_statements(served.cluster)
+    # a generic plan: PREPARE's $n, planned for any value (NULLs given to EXECUTE)
+    assert "PREPARE pgslowlog_explain AS update t set v = v + $1 where id = $2" in sent
+    assert "EXPLAIN (FORMAT JSON) EXECUTE pgslowlog_explain(NULL, NULL)" in sent
+    assert sent and all(s.startswith(ALLOWED) or s == "ROLLBACK" for s in sent), sent
+
+
+@pytest.mark.system
+def test_what_cannot_be_planned_says_why(served: Served) -> None:
+    (utility, denied, failing, slow_function), stats = explain_all(
+        [
+            [
+                served.event("create table x (a int)"),
+                served.event("select * from secret"),
+                served.event("select failing_immutable()"),
+                served.event("select slow_immutable()"),
+            ]
+        ],
+        statement_timeout_ms=300,
+    )
+    assert utility.plan is None
+    assert utility.plan_error == "not explained: CreateStmt is not a plannable statement"
+    assert denied.plan_error == "42501: permission denied for table secret"
+    # a function's error: its SQLSTATE and first line, never the rest
+    assert failing.plan_error == "P0001: secret line one"
+    assert slow_function.plan_error == "57014: canceling statement due to statement timeout"
+    assert (stats["explained"], stats["failed"]) == (0, 3)
+
+
+@pytest.mark.system
+def test_explain_gives_up_behind_a_lock(served: Served) -> None:
+    with psycopg.connect(served.cluster.dsn("shop")) as holder:
+        holder.execute("lock table t in access exclusive mode")
+        started = time.monotonic()
+        (event,), _ = explain_all([[served.event("select * from t where id = 3")]])
+        waited = time.monotonic() - started
+        holder.rollback()
+    assert event.plan_error == "55P03: canceling statement due to lock timeout"
+    assert waited < 1.0  # lock_timeout_ms = 100, not the event's 2 s
+
+
+@pytest.mark.system
+def test_connection_failures_warn_once_per_cause(served: Served) -> None:
+    with structlog.testing.capture_logs() as logs:
+        events, _ = explain_all(
+            [
+                [
+                    served.event("select 1 from t"),
+                    served.event("select 2 from t limit 1"),
+                ]
+            ],
+            user="nobody_here",
+        )
+        (other_database, locked), _ = explain_all(
+            [
+                [
+                    served.event("select 3", database="nosuch"),
+                    served.event("select 4", database="locked"),
+                ]
+            ]
+        )
+    assert [event.plan_error for event in events] == [
+        'cannot connect as nobody_here: role "nobody_here" does not exist'
+    ] * 2
+    assert other_database.plan_error == (
+        'cannot connect as pgslowlog: database "nosuch" does not exist'
+    )
+    assert locked.plan_error is not None
+    assert "permission denied for database" in locked.plan_error
+    warnings = [
+        (entry["cause"], entry["database"]) for entry in logs if entry["log_level"] == "warning"
+    ]
+    # one per cause and explainer: the second event of the unknown role is not said again
+    assert warnings == [("role", "shop"), ("database", "nosuch")], logs
+
+
+@pytest.mark.system
+def test_fingerprint_interval_rate_and_queue_bound_the_explains(served: Served) -> None:
+    same = [served.event(f"select * from t where id = {n}") for n in range(3)]
+    events, stats = explain_all([same])
+    assert [top_plan(event)["Node Type"] for event in events] == ["Index Scan"] * 3
+    assert (stats["explained"], stats["shared"]) == (1, 2)
+
+    distinct = [served.event(f"select {n} from t where id = 1") for n in ("id", "v", "id, v")]
+    events, stats = explain_all([distinct], max_per_second=1, per_fingerprint_interval_s=0)
+    assert events[0].plan is not None
+    assert [e.plan_error for e in events[1:]] == [
+        "not explained: explain.max_per_second was reached"
+    ] * 2
+
+    events, stats = explain_all([distinct], queue_size=1, per_fingerprint_interval_s=0)
+    assert [e.plan_error for e in events[1:]] == [
+        "not explained: the explain queue was full (explain.queue_size)"
+    ] * 2
+
+
+@pytest.mark.system
+def test_events_wait_at_most_the_timeout_and_keep_their_order(served: Served) -> None:
+    first = [
+        served.event("select slow_immutable()"),
+        served.event("select slow_immutable() from t"),
+    ]
+    second = [served.event("vacuum t")]  # needs no plan, but comes after the first batch
+    started = time.monotonic()
+    events, stats = explain_all(
+        [first, second], timeout_ms=400, statement_timeout_ms=300, lock_timeout_ms=100
+    )
+    assert time.monotonic() - started < 2
+    assert [event.query for event in events] == [event.query for event in first + second]
+    assert events[0].plan_error == "57014: canceling statement due to statement timeout"
+    assert events[1].plan_error == "no plan within explain.timeout_ms (400 ms)"  # queued
+    assert events[2].plan_error == "not explained: VacuumStmt is not a plannable statement"
+    assert stats["timed_out"] == 1
+
+
+@pytest.mark.system
+def test_a_server_at_max_connections_costs_no_event() -> None:
+    # 5 connections, 3 of them kept for superusers: Served's two sessions fill the rest
+    cluster = Cluster(bindir("pg15"), max_connections=5).start()
+    try:
+        served = Served(cluster)
+        with structlog.testing.capture_logs() as logs:
+            (event,), _ = explain_all([[served.event("select * from t")]])
+        served.close()
+    finally:
+        cluster.stop()
+    assert event.plan_error is not None
+    assert event.plan_error.startswith("cannot connect as pgslowlog: remaining connection slots")
+    assert [entry["cause"] for entry in logs if entry["log_level"] == "warning"] == [
+        "max_connections"
+    ]
+
+
+@pytest.mark.system
+def test_password_from_a_passfile(served: Served, tmp_path: Path) -> None:
+    hba = served.cluster.data / "pg_hba.conf"
+    trusting = hba.read_text()
+    served.admin.execute("alter role pgslowlog password 'right'")
+    hba.write_text("local all pgslowlog scram-sha-256\n" + trusting)
+    served.admin.execute("select pg_reload_conf()")
+    try:
+        results = {}
+        for password in ("wrong", "right"):
+            passfile = tmp_path / password
+            passfile.write_text(f"*:*:*:pgslowlog:{password}\n")
+            passfile.chmod(0o600)
+            (results[password],), _ = explain_all(
+                [[served.event("select * from t where id = 1")]], passfile=str(passfile)
+            )
+    finally:
+        hba.write_text(trusting)
+        served.admin.execute("select pg_reload_conf()")
+    assert results["wrong"].plan_error == (
+        'cannot connect as pgslowlog: password authentication failed for user "pgslowlog"'
+    )
+    assert top_plan(results["right"])["Node Type"] == "Index Scan"
