@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import asdict
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from pgslowlog.config import Config, TargetConfig, load_config
 from pgslowlog.dispatcher import Dispatcher, start_sinks
@@ -35,6 +36,9 @@ from pgslowlog.probes import ProbeDefinition
 from pgslowlog.sources import ProbeLoadError
 from pgslowlog.target_watch import WATCH_INTERVAL_S, TargetWatcher
 from pgslowlog.targets import Target, target_name
+
+if TYPE_CHECKING:
+    from pgslowlog.explain.explainer import Explainer
 
 log = get_logger(__name__)
 LOSS_CHECK_INTERVAL_S = 10.0  # loss counters are checked at least this often
@@ -71,10 +75,33 @@ def run(config_path: str) -> int:
             metrics.close()
         raise
     try:
-        return Daemon(config_path, config, planner, dispatcher, metrics).run(the_plan)
+        explainer = start_explainer(config, dispatcher)
+    except BaseException:
+        the_plan.close()
+        if metrics is not None:
+            metrics.close()
+        raise
+    try:
+        return Daemon(config_path, config, planner, dispatcher, metrics, explainer).run(the_plan)
     finally:
         if metrics is not None:
             metrics.close()
+
+
+def start_explainer(config: Config, dispatcher: Dispatcher) -> Explainer | None:
+    """With [explain]: the Explainer between the collectors and the dispatcher (not yet
+    running). psycopg is the optional extra's: imported only then."""
+    if not config.explaining:
+        return None
+    assert config.explain is not None
+    try:
+        from pgslowlog.explain.explainer import Explainer
+    except ImportError:
+        raise UserError(
+            "[explain] is set but psycopg is missing",
+            "pip install 'pgslowlog[explain]', or remove the [explain] table",
+        ) from None
+    return Explainer(config.explain, dispatcher, config.daemon.redact_literals)
 
 
 class Daemon:
@@ -88,12 +115,15 @@ class Daemon:
         planner: Planner,
         dispatcher: Dispatcher,
         metrics: Metrics | None = None,
+        explainer: Explainer | None = None,
     ) -> None:
         self.config_path = config_path
         self.config = config  # what is in effect: a reload changes only the live keys
         self.planner = planner
         self.dispatcher = dispatcher
-        self.probes = ProbeSet(dispatcher, config.daemon, self._fail)
+        # With [explain], events pass through the explainer on their way to the sinks.
+        self.explainer = explainer
+        self.probes = ProbeSet(explainer or dispatcher, config.daemon, self._fail)
         self.health = HealthReporter(self.probes, dispatcher)
         self.probes.add_listener(self.health)
         self.watcher = TargetWatcher(self._resolve, self.probes)
@@ -107,6 +137,8 @@ class Daemon:
     def run(self, the_plan: Plan) -> int:
         """Attach what the plan says, serve until a signal, stop; the exit status."""
         self.dispatcher.start()
+        if self.explainer is not None:
+            self.explainer.start()
         self._install_signal_handlers()
         try:
             if not self._attach(the_plan):
@@ -221,6 +253,9 @@ class Daemon:
 
     def _shutdown(self) -> None:
         stopped = self.health.stopped(self.probes.stop_all())
+        if self.explainer is not None:
+            # Every event still waiting for its plan goes on (within timeout_ms) first.
+            stopped["explain"] = self.explainer.close()
         sink_stats = self.dispatcher.close()
         log.info(
             "stopped",

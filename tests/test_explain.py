@@ -7,8 +7,9 @@ texts with $n) and the wheel's PostgreSQL 18: plans, errors, limits, delivery.
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 import structlog
 from conftest import SERVERS, bindir
 from events import slow
+from waiting import wait_for_count
 
 from pgslowlog.config import ExplainConfig
 from pgslowlog.event import SlowQuery
@@ -504,3 +506,147 @@ def test_password_from_a_passfile(served: Served, tmp_path: Path) -> None:
         'cannot connect as pgslowlog: password authentication failed for user "pgslowlog"'
     )
     assert top_plan(results["right"])["Node Type"] == "Index Scan"
+
+
+@pytest.mark.system
+def test_the_pipeline_holds_events_for_their_plans_and_loses_none(
+    served: Served, tmp_path: Path
+) -> None:
+    """Collector, enricher, explainer, dispatcher: a fake source's statements of a real
+    backend, stopped in the daemon's order (probes drained, then the explainer, then
+    the sinks). The enricher reads the backend's real process title."""
+    from test_supervisor import FakeSource, ListSink
+    from test_supervisor import target as fake_target
+
+    from pgslowlog.config import DaemonConfig
+    from pgslowlog.dispatcher import Dispatcher
+    from pgslowlog.probe_set import ProbeSet
+    from pgslowlog.probes import ProbeDefinition
+    from pgslowlog.records import RawStatement
+
+    sink = ListSink()
+    dispatcher = Dispatcher()
+    dispatcher.add_sink("list", sink, 1000, 5.0)
+    dispatcher.start()
+    explainer = Explainer(ExplainConfig(), dispatcher).start()
+    failures: list[str] = []
+    probes = ProbeSet(explainer, DaemonConfig(), failures.append)
+    opened: list[FakeSource] = []
+
+    def open_fake(definition: ProbeDefinition, target: Any, daemon: Any) -> FakeSource:
+        opened.append(FakeSource(definition, target))
+        return opened[-1]
+
+    try:
+        probes.start(fake_target(tmp_path), [ProbeDefinition("fake", "fake", open_fake)])
+        (source,) = opened
+        source.emit("select v from t where id = 5 /* one */", pid=served.pid)
+        source.emit("vacuum t /* two */", pid=served.pid)
+        with source.reader().lock:  # an explain connection's statement: never reported
+            source.reader().records.append(
+                RawStatement(
+                    start_unix_ns=0,
+                    duration_ns=300_000_000,
+                    pid=served.pid,
+                    query="EXPLAIN (FORMAT JSON) select 1",
+                    application_name=APPLICATION_NAME,
+                )
+            )
+        source.emit("select count(*) from t /* three */", pid=served.pid)
+    finally:
+        probes.stop_all()
+        stats = explainer.close()
+        dispatcher.close()
+        for fake in opened:
+            fake.reader().close()
+    assert not failures
+    events = sink.events
+    assert [event.query.rsplit("/* ", 1)[1] for event in events] == ["one */", "two */", "three */"]
+    assert [(event.user, event.database) for event in events] == [("app", "shop")] * 3
+    assert top_plan(events[0])["Node Type"] == "Index Scan"
+    assert events[1].plan_error == "not explained: VacuumStmt is not a plannable statement"
+    assert top_plan(events[2])["Node Type"] == "Aggregate"
+    assert all(event.fingerprint for event in events)
+    assert stats["explained"] == 2
+
+
+# --------------------------------------------------------------------------------
+# End to end through the daemon (root, real probes): run by the eBPF lane only
+
+E2E_SETUP = (
+    "create role pgslowlog login",
+    "create table counter (id int primary key, n int not null)",
+    "insert into counter values (1, 0)",
+    "grant select, update on counter to pgslowlog",
+)
+
+
+@pytest.mark.ebpf
+def test_daemon_plans_a_slow_update_that_ran_once(
+    own_pg15: Callable[..., Cluster], start_daemon: Callable[..., Any]
+) -> None:
+    server = own_pg15(*E2E_SETUP)
+    daemon = start_daemon(
+        server,
+        threshold_ms=0,  # every statement: the explain connection's own would show here
+        probes=["activity"],
+        target_pid=server.postmaster_pid,
+        explain={"timeout_ms": 3000},
+    )
+    marker = "explain-e2e-update"
+    server.psql(
+        f"update counter set n = n + 1 where id = 1 and pg_sleep(0.3) is not null /* {marker} */",
+        check=True,
+    )
+    daemon.wait_for_events(marker, 1)
+    assert daemon.stop() == 0
+    (event,) = daemon.events(marker)
+    assert event["plan_error"] is None, event
+    plan = event["plan"][0]["Plan"]
+    assert (plan["Node Type"], plan["Operation"]) == ("ModifyTable", "Update")
+    assert event["fingerprint"]
+    assert server.psql("select n from counter", check=True).stdout.strip() == "1"  # ran once
+    assert not [e for e in daemon.events() if e["application_name"] == APPLICATION_NAME]
+
+
+@pytest.mark.ebpf
+def test_daemon_jsonlog_plan_line_is_read_by_pgbadger(
+    own_pg15: Callable[..., Cluster], start_daemon: Callable[..., Any], tmp_path: Path
+) -> None:
+    from test_pgbadger import pgbadger_json, slowest
+
+    server = own_pg15(*E2E_SETUP)
+    log = tmp_path / "log" / "slow.jsonlog"
+    daemon = start_daemon(
+        server,
+        threshold_ms=200,
+        probes=["activity"],
+        target_pid=server.postmaster_pid,
+        file_path=log,
+        file_options={"format": "jsonlog"},
+        explain={},
+    )
+    marker = "explain-e2e-jsonlog"
+    server.psql(f"select n, pg_sleep(0.3) from counter where id = 1 /* {marker} */", check=True)
+    server.psql(f"vacuum counter /* {marker} */", check=True)  # fast: under the threshold
+    wait_for_count(
+        lambda: (
+            [line for line in log.read_text().splitlines() if marker in line]
+            if log.exists()
+            else []
+        ),
+        1,
+        f"jsonlog lines with {marker!r}",
+        15,
+    )
+    assert daemon.stop() == 0
+    lines = [json.loads(line) for line in log.read_text().splitlines() if marker in line]
+    assert len(lines) == 1
+    assert lines[0]["message"].startswith("duration: ")
+    assert (
+        'ms  plan:\n{\n  "Query Text": "select n, pg_sleep($1) from counter' in lines[0]["message"]
+    )
+    report = pgbadger_json(log, tmp_path)
+    assert report["overall_stat"]["queries_number"] == 1
+    ((_, query, database, _),) = slowest(report)
+    assert '"Node Type": "Index Scan"' in query and database == "postgres"

@@ -37,7 +37,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Optional, Protocol, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import msgspec
 from psycopg import pq
@@ -45,6 +45,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg.pq.abc import PGconn, PGresult
 
 from pgslowlog.config import ExplainConfig
+from pgslowlog.dispatcher import HandsEventsOn
 from pgslowlog.event import SlowQuery
 from pgslowlog.explain import APPLICATION_NAME
 from pgslowlog.explain.servers import Server, parent_pid, server_of
@@ -57,10 +58,6 @@ STATEMENT_NAME = "pgslowlog_explain"
 MAX_CONNECTIONS = 8  # kept open at once; the least recently used is closed beyond
 RECONNECT_AFTER_S = 10.0  # after a failed connection, its events fail fast this long
 MAX_REMEMBERED = 10_000  # (server, database, fingerprint) results kept for the interval
-
-
-class HandsEventsOn(Protocol):
-    def dispatch_many(self, events: list[SlowQuery], /) -> None: ...
 
 
 class ExplainFailed(Exception):
