@@ -59,6 +59,7 @@ def run(config_path: str) -> int:
     """The daemon's whole life: check, plan, listen, start, serve, stop. Its exit status."""
     config = load_config(config_path)
     require_machine()  # privileges, bcc, headers...: one line naming what is missing
+    explainer_type = explainer_class(config)  # psycopg, if [explain] wants it
     configure_logging(config.daemon.log_level)
     planner = Planner(Plugins.load())
     the_plan = planner.plan(config, config_path)
@@ -74,13 +75,10 @@ def run(config_path: str) -> int:
         if metrics is not None:
             metrics.close()
         raise
-    try:
-        explainer = start_explainer(config, dispatcher)
-    except BaseException:
-        the_plan.close()
-        if metrics is not None:
-            metrics.close()
-        raise
+    explainer = None
+    if explainer_type is not None:
+        assert config.explain is not None
+        explainer = explainer_type(config.explain, dispatcher, config.daemon.redact_literals)
     try:
         return Daemon(config_path, config, planner, dispatcher, metrics, explainer).run(the_plan)
     finally:
@@ -88,12 +86,11 @@ def run(config_path: str) -> int:
             metrics.close()
 
 
-def start_explainer(config: Config, dispatcher: Dispatcher) -> Explainer | None:
-    """With [explain]: the Explainer between the collectors and the dispatcher (not yet
-    running). psycopg is the optional extra's: imported only then."""
+def explainer_class(config: Config) -> type[Explainer] | None:
+    """With [explain]: the Explainer, which goes between the collectors and the
+    dispatcher. psycopg is the optional extra's: imported only then."""
     if not config.explaining:
         return None
-    assert config.explain is not None
     try:
         from pgslowlog.explain.explainer import Explainer
     except ImportError:
@@ -101,7 +98,7 @@ def start_explainer(config: Config, dispatcher: Dispatcher) -> Explainer | None:
             "[explain] is set but psycopg is missing",
             "pip install 'pgslowlog[explain]', or remove the [explain] table",
         ) from None
-    return Explainer(config.explain, dispatcher, config.daemon.redact_literals)
+    return Explainer
 
 
 class Daemon:

@@ -650,3 +650,18 @@ def test_daemon_jsonlog_plan_line_is_read_by_pgbadger(
     assert report["overall_stat"]["queries_number"] == 1
     ((_, query, database, _),) = slowest(report)
     assert '"Node Type": "Index Scan"' in query and database == "postgres"
+
+
+def test_run_refuses_explain_without_psycopg_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from pgslowlog.config import parse_config
+    from pgslowlog.daemon import explainer_class
+    from pgslowlog.errors import UserError
+
+    assert explainer_class(parse_config(config_with(None))) is None
+    assert explainer_class(parse_config(config_with({}))) is Explainer
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    monkeypatch.delitem(sys.modules, "pgslowlog.explain.explainer")
+    with pytest.raises(UserError, match=r"\[explain\] is set but psycopg is missing; pip install"):
+        explainer_class(parse_config(config_with({})))
