@@ -75,6 +75,21 @@ def test_unplannable_statements_say_why(text: str, reason: str) -> None:
     assert result.startswith(f"not explained: {reason}")
 
 
+def test_hostile_text_costs_no_event() -> None:
+    assert fingerprint("\udcff select") is None  # a lone surrogate
+    assert (
+        plannable("\udcff select") == "not explained: the text cannot be parsed: UnicodeEncodeError"
+    )
+    assert plannable("select 1\x00; drop table t") == (
+        "not explained: the text holds a NUL character"
+    )
+    deep = "select " + "(" * 100_000 + "1" + ")" * 100_000
+    assert fingerprint(deep) is None
+    assert plannable(deep) == (
+        'not explained: the text does not parse: memory exhausted at or near "("'
+    )
+
+
 def test_cut_text_is_not_explained() -> None:
     assert plannable("select 1", truncated=True) == (
         "not explained: the text was cut at query_max_bytes"

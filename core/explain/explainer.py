@@ -186,7 +186,13 @@ class Explainer:
             out = list(events)
             waiting: list[tuple[int, _Request]] = []
             for index, event in enumerate(out):
-                decided = self._decide(event, now)
+                try:
+                    decided = self._decide(event, now)
+                except Exception as error:  # a bug must never cost the event
+                    log.exception("explain_decision_failed")
+                    decided = msgspec.structs.replace(
+                        event, plan_error=f"not explained: {type(error).__name__}"
+                    )
                 if isinstance(decided, _Request):
                     waiting.append((index, decided))
                 else:

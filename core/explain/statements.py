@@ -32,7 +32,7 @@ def fingerprint(text: str) -> Optional[str]:
     whitespace and comments. None for a text that does not parse (cut, say)."""
     try:
         return str(parser.fingerprint(text))
-    except parser.ParseError:
+    except (parser.ParseError, ValueError, RecursionError):  # a lone surrogate: ValueError
         return None
 
 
@@ -56,10 +56,14 @@ def plannable(text: str, truncated: bool = False) -> Union[Plannable, str]:
     """The statement to explain, or why none is (a one-line reason for plan_error)."""
     if truncated:
         return "not explained: the text was cut at query_max_bytes"
+    if "\0" in text:  # the parser would stop there, and the server never sees one
+        return "not explained: the text holds a NUL character"
     try:
         statements = parser.parse_sql(text)
     except parser.ParseError as error:
         return f"not explained: the text does not parse: {error.args[0]}"
+    except (ValueError, RecursionError) as error:  # a lone surrogate, say
+        return f"not explained: the text cannot be parsed: {type(error).__name__}"
     if len(statements) != 1:
         return f"not explained: {len(statements)} statements in one text"
     node = statements[0].stmt
@@ -68,10 +72,10 @@ def plannable(text: str, truncated: bool = False) -> Union[Plannable, str]:
         return f"not explained: {name} is not a plannable statement"
     if getattr(node, "intoClause", None) is not None:
         return "not explained: SELECT INTO creates a table"
-    redacted = redact_literals(text)
     try:
+        redacted = redact_literals(text)
         again = parser.parse_sql(redacted)
-    except parser.ParseError as error:
+    except (parser.ParseError, ValueError, RecursionError) as error:
         # Some constants are no longer SQL once they are $n (a typed one in a place
         # only a literal may stand, say).
         return f"not explained: the redacted text does not parse: {error.args[0]}"
