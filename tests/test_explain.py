@@ -680,3 +680,34 @@ def test_run_refuses_explain_without_psycopg_in_one_line(monkeypatch: pytest.Mon
     monkeypatch.delitem(sys.modules, "pgslowlog.explain.explainer")
     with pytest.raises(UserError, match=r"\[explain\] is set but psycopg is missing; pip install"):
         explainer_class(parse_config(config_with({})))
+
+
+@pytest.mark.system  # the servers .ci/bootstrap provides: wheels, Debian trees (chroot)
+@pytest.mark.parametrize("major", [13, 14, 15, 16, 17, 18])
+def test_every_major_gets_generic_and_plain_plans(major: int) -> None:
+    """13 and 17 run chrooted in a mount namespace of their own (Debian 11 and 13 trees):
+    their socket directory is reached through /proc/<postmaster>/root."""
+    from test_versions import _start
+
+    cluster = _start(major)
+    try:
+        served = Served(cluster)
+        try:
+            generic, plain, update = explain_all(
+                [
+                    [
+                        served.event("select * from t where id = 5"),
+                        served.event("select count(*) from t"),
+                        served.event("update t set v = 1 where id = 5"),
+                    ]
+                ]
+            )[0]
+            row = served.admin.execute("select v from t where id = 5").fetchone()
+        finally:
+            served.close()
+    finally:
+        cluster.stop()
+    assert top_plan(generic)["Index Cond"] == "(id = $1)"
+    assert top_plan(plain)["Node Type"] == "Aggregate"
+    assert top_plan(update)["Operation"] == "Update"
+    assert row == (0,)  # planned, never run
