@@ -65,8 +65,6 @@ def test_plannable_statements(text: str, kind: str, parameters: int) -> None:
         ("select 1 into x", "SELECT INTO creates a table"),
         ("", "0 statements in one text"),
         ("select (", "the text does not parse: syntax error at end of input"),
-        # a constant where only a literal may stand is no longer SQL once redacted
-        ("select a::varchar(10) from t", "the redacted text does not parse"),
     ],
 )
 def test_unplannable_statements_say_why(text: str, reason: str) -> None:

@@ -205,28 +205,41 @@ class Explainer:
 
     def _decide(self, event: SlowQuery, now: float) -> Union[SlowQuery, _Request]:
         """The event settled (plan_error, or an earlier plan), or the request it waits for."""
-        statement = plannable(event.query, event.query_truncated)
-        if isinstance(statement, str):
-            self.stats["not_plannable"] += 1
-            return msgspec.structs.replace(event, plan_error=statement)
         if event.database is None:
             return msgspec.structs.replace(
                 event,
                 plan_error="not explained: the backend's database is unknown "
                 "(it exited before its process title was read)",
             )
-        try:
-            server = self._server(event.pid)
-        except ValueError as error:
-            return msgspec.structs.replace(event, plan_error=f"not explained: {error}")
-        key = (server.host, server.port, event.database, event.fingerprint or statement.text)
-        earlier = self._recent.get(key)
-        interval = self.config.per_fingerprint_interval_s
-        if earlier is not None and (not earlier.done or now - earlier.finished_at < interval):
-            self.stats["shared"] += 1
-            if not earlier.done:
-                return earlier
-            return msgspec.structs.replace(event, plan=earlier.plan, plan_error=earlier.error)
+        # A fingerprint seen within the interval shares its result, before any parsing.
+        # (A cut text, or one with a NUL, is fingerprinted by what comes before: not that.)
+        fingerprint = event.fingerprint
+        if event.query_truncated or "\0" in event.query:
+            fingerprint = None
+        server = None
+        if fingerprint is not None:
+            try:
+                server = self._server(event.pid)
+            except ValueError:
+                pass  # said below, if the text is plannable
+            if server is not None:
+                shared = self._shared(server, event, fingerprint, now)
+                if shared is not None:
+                    return shared
+        statement = plannable(event.query, event.query_truncated)
+        if isinstance(statement, str):
+            self.stats["not_plannable"] += 1
+            return msgspec.structs.replace(event, plan_error=statement)
+        if server is None:
+            try:
+                server = self._server(event.pid)
+            except ValueError as error:
+                return msgspec.structs.replace(event, plan_error=f"not explained: {error}")
+        key = (server.host, server.port, event.database, fingerprint or statement.text)
+        if fingerprint is None:
+            shared = self._shared(server, event, statement.text, now)
+            if shared is not None:
+                return shared
         self._tokens = min(
             max(1.0, self.config.max_per_second),
             self._tokens + (now - self._refilled) * self.config.max_per_second,
@@ -250,6 +263,21 @@ class Explainer:
         while len(self._recent) > MAX_REMEMBERED:
             self._recent.popitem(last=False)
         return request
+
+    def _shared(
+        self, server: Server, event: SlowQuery, key_text: str, now: float
+    ) -> Union[SlowQuery, _Request, None]:
+        """The earlier request of this key, pending or fresh, as _decide returns it."""
+        assert event.database is not None
+        earlier = self._recent.get((server.host, server.port, event.database, key_text))
+        if earlier is None:
+            return None
+        if earlier.done and now - earlier.finished_at >= self.config.per_fingerprint_interval_s:
+            return None
+        self.stats["shared"] += 1
+        if not earlier.done:
+            return earlier
+        return msgspec.structs.replace(event, plan=earlier.plan, plan_error=earlier.error)
 
     def _server(self, pid: int) -> Server:
         postmaster = parent_pid(pid)
