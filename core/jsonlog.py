@@ -150,6 +150,7 @@ def remote(client: Optional[str]) -> tuple[Optional[str], Optional[int]]:
 
 def jsonlog_line(event: SlowQuery) -> JsonLogLine:
     host, port = remote(event.client)
+    text = message(event)
     return JsonLogLine(
         timestamp=log_time(event),
         user=event.user,
@@ -158,10 +159,12 @@ def jsonlog_line(event: SlowQuery) -> JsonLogLine:
         remote_host=host,
         remote_port=port,
         error_severity="LOG",
-        message=message(event),
-        # A plan line's $n map to themselves: pgBadger would put the values (or,
-        # given none, empty strings) into the plan's text as well.
-        detail=parameters_detail(None if event.plan else event.params, event.query),
+        message=text,
+        # A plan line's $n (the plan's are the redacted text's) map to themselves:
+        # pgBadger would put the values, or given none empty strings, into the plan.
+        detail=parameters_detail(event.params, event.query)
+        if not event.plan
+        else parameters_detail(None, text),
         application_name=event.application_name,
         query_id=event.query_id,
         # Only what is known to have failed: "unknown" (sampled, when no failure uprobe

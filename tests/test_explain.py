@@ -709,3 +709,28 @@ def test_every_major_gets_generic_and_plain_plans(major: int) -> None:
     assert top_plan(plain)["Node Type"] == "Aggregate"
     assert top_plan(update)["Operation"] == "Update"
     assert row == (0,)  # planned, never run
+
+
+@pytest.mark.system  # Debian's pgBadger
+def test_real_plans_reach_pgbadger_once_each(served: Served, tmp_path: Path) -> None:
+    from test_pgbadger import pgbadger_json, slowest
+
+    from pgslowlog.jsonlog import jsonlog_lines
+
+    events, _ = explain_all(
+        [
+            [
+                served.event("select * from t where id = 42 /* planned */", duration_ms=900),
+                served.event("vacuum t /* utility */", duration_ms=400),
+            ]
+        ]
+    )
+    log = tmp_path / "slow.jsonlog"
+    log.write_bytes(jsonlog_lines(events))
+    report = pgbadger_json(log, tmp_path)
+    assert report["overall_stat"]["queries_number"] == 2
+    (planned, *_), (utility, *_) = (row[1:] for row in slowest(report))
+    # the event's text (redact_literals is off); the plan's, redacted: $1 kept whole
+    assert '"Query Text": "select * from t where id = 42 /* planned */"' in planned
+    assert '"Index Cond": "(id = $1)"' in planned
+    assert utility == "vacuum t /* utility */;"

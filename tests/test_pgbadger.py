@@ -404,6 +404,10 @@ def test_a_planned_statement_is_auto_explains_json_line() -> None:
     # $n map to themselves: pgBadger would put values (or empty strings) into the plan
     bound = slow(protocol="extended", query="select $1", params=["7"], plan=PLAN)
     assert line_of(bound)["detail"] == line["detail"] == "parameters: $1 = $1"
+    # the plan's $n too, where the event's text has its constants (redact_literals off)
+    assert line_of(slow(query="select * from t where id = 42", plan=PLAN))["detail"] == (
+        "parameters: $1 = $1"
+    )
 
 
 def test_a_statement_without_its_plan_says_why() -> None:
