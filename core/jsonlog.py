@@ -134,6 +134,16 @@ def parameters_detail(params: Optional[list[Optional[str]]], query: str) -> Opti
     return "parameters: " + ", ".join(parts) if parts else None
 
 
+def plan_detail(text: str) -> Optional[str]:
+    """$1 = $1 up to the highest $n of a plan line: a plan shows only the $n its nodes
+    use ("(id = $2)" alone for "set v = $1 where id = $2"), so gaps are usual there."""
+    highest = max((int(n) for n in _PLACEHOLDER.findall(text)), default=0)
+    if not 0 < highest <= MAX_PLAN_PLACEHOLDERS:
+        return None
+    return "parameters: " + ", ".join(f"${n} = ${n}" for n in range(1, highest + 1))
+
+
+MAX_PLAN_PLACEHOLDERS = 1000  # a "$99999" in a comment must not make a huge detail
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 _CLIENT = re.compile(r"(.*)\((\d+)\)\Z", re.DOTALL)
 
@@ -164,7 +174,7 @@ def jsonlog_line(event: SlowQuery) -> JsonLogLine:
         # pgBadger would put the values, or given none empty strings, into the plan.
         detail=parameters_detail(event.params, event.query)
         if not event.plan
-        else parameters_detail(None, text),
+        else plan_detail(text),
         application_name=event.application_name,
         query_id=event.query_id,
         # Only what is known to have failed: "unknown" (sampled, when no failure uprobe

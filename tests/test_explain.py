@@ -721,6 +721,7 @@ def test_real_plans_reach_pgbadger_once_each(served: Served, tmp_path: Path) -> 
         [
             [
                 served.event("select * from t where id = 42 /* planned */", duration_ms=900),
+                served.event("update t set v = v + 1 where id = 7", duration_ms=650),
                 served.event("vacuum t /* utility */", duration_ms=400),
             ]
         ]
@@ -728,8 +729,9 @@ def test_real_plans_reach_pgbadger_once_each(served: Served, tmp_path: Path) -> 
     log = tmp_path / "slow.jsonlog"
     log.write_bytes(jsonlog_lines(events))
     report = pgbadger_json(log, tmp_path)
-    assert report["overall_stat"]["queries_number"] == 2
-    (planned, *_), (utility, *_) = (row[1:] for row in slowest(report))
+    assert report["overall_stat"]["queries_number"] == 3
+    (planned, *_), (update, *_), (utility, *_) = (row[1:] for row in slowest(report))
+    assert '"Index Cond": "(id = $2)"' in update  # the only $n its plan shows
     # the event's text (redact_literals is off); the plan's, redacted: $1 kept whole
     assert '"Query Text": "select * from t where id = 42 /* planned */"' in planned
     assert '"Index Cond": "(id = $1)"' in planned

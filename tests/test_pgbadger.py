@@ -408,6 +408,12 @@ def test_a_planned_statement_is_auto_explains_json_line() -> None:
     assert line_of(slow(query="select * from t where id = 42", plan=PLAN))["detail"] == (
         "parameters: $1 = $1"
     )
+    # a plan shows only the $n its nodes use: gaps are usual
+    gap = [{"Plan": {"Node Type": "Index Scan", "Index Cond": "(id = $2)"}}]
+    assert line_of(slow(query="update t set v = v + 1 where id = 7", plan=gap))["detail"] == (
+        "parameters: $1 = $1, $2 = $2"
+    )
+    assert "detail" not in line_of(slow(query="select 1 /* $99999 */", plan=gap))
 
 
 def test_a_statement_without_its_plan_says_why() -> None:
