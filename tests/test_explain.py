@@ -736,3 +736,43 @@ def test_real_plans_reach_pgbadger_once_each(served: Served, tmp_path: Path) -> 
     assert '"Query Text": "select * from t where id = 42 /* planned */"' in planned
     assert '"Index Cond": "(id = $1)"' in planned
     assert utility == "vacuum t /* utility */;"
+
+
+@pytest.mark.system
+def test_a_short_connections_statement_finds_the_one_server_of_its_binary(
+    served: Served, tmp_path: Path
+) -> None:
+    """The backend is gone when its event arrives: the one process running the event's
+    binary is taken for its postmaster. Other clusters of the same binaries may run on
+    this machine (another engineer's tests), so the "binary" here is a copy of sleep of
+    its own, whose postmaster.pid names the served cluster's socket and port."""
+    import shutil
+    import subprocess
+
+    binary = tmp_path / "postgres"
+    shutil.copy("/bin/sleep", binary)
+    data = tmp_path / "data"
+    data.mkdir()
+    postmaster = subprocess.Popen([str(binary), "60"], cwd=data)
+    try:
+        cluster = served.cluster
+        (data / "postmaster.pid").write_text(
+            f"{postmaster.pid}\n{data}\n0\n{cluster.port}\n{cluster.base}\n127.0.0.1\n"
+        )
+        gone = 999_999_999  # the backend exited before the event reached the explainer
+        (found, nowhere), _ = explain_all(
+            [
+                [
+                    served.event("select * from t where id = 1", pid=gone, binary=str(binary)),
+                    served.event("select v from t", pid=gone, binary="/nonexistent/postgres"),
+                ]
+            ]
+        )
+    finally:
+        postmaster.kill()
+        postmaster.wait()
+    assert top_plan(found)["Node Type"] == "Index Scan"
+    assert nowhere.plan_error == (
+        f"not explained: backend {gone} exited before its server could be found, "
+        "and 0 servers run /nonexistent/postgres"
+    )

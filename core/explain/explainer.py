@@ -48,7 +48,7 @@ from pgslowlog.config import ExplainConfig
 from pgslowlog.dispatcher import HandsEventsOn
 from pgslowlog.event import SlowQuery
 from pgslowlog.explain import APPLICATION_NAME
-from pgslowlog.explain.servers import Server, parent_pid, server_of
+from pgslowlog.explain.servers import Server, only_server_of, parent_pid, server_of
 from pgslowlog.explain.statements import Plannable, plannable
 from pgslowlog.log import get_logger
 from pgslowlog.redaction import REDACTED_PARAMETER
@@ -58,6 +58,7 @@ STATEMENT_NAME = "pgslowlog_explain"
 MAX_CONNECTIONS = 8  # kept open at once; the least recently used is closed beyond
 RECONNECT_AFTER_S = 10.0  # after a failed connection, its events fail fast this long
 MAX_REMEMBERED = 10_000  # (server, database, fingerprint) results kept for the interval
+ONLY_SERVER_FOR_S = 5.0  # how long "the one server of a binary" is believed
 
 
 class ExplainFailed(Exception):
@@ -151,6 +152,7 @@ class Explainer:
         self._tokens = max(1.0, config.max_per_second)
         self._refilled = time.monotonic()
         self._postmasters: dict[int, Server] = {}
+        self._only: dict[str, tuple[float, Union[Server, str]]] = {}  # binary -> until, server
         self._closing = False
         self._stopping = False
         self.stats = {
@@ -219,7 +221,7 @@ class Explainer:
         server = None
         if fingerprint is not None:
             try:
-                server = self._server(event.pid)
+                server = self._server(event)
             except ValueError:
                 pass  # said below, if the text is plannable
             if server is not None:
@@ -232,7 +234,7 @@ class Explainer:
             return msgspec.structs.replace(event, plan_error=statement)
         if server is None:
             try:
-                server = self._server(event.pid)
+                server = self._server(event)
             except ValueError as error:
                 return msgspec.structs.replace(event, plan_error=f"not explained: {error}")
         key = (server.host, server.port, event.database, fingerprint or statement.text)
@@ -279,15 +281,37 @@ class Explainer:
             return earlier
         return msgspec.structs.replace(event, plan=earlier.plan, plan_error=earlier.error)
 
-    def _server(self, pid: int) -> Server:
-        postmaster = parent_pid(pid)
+    def _server(self, event: SlowQuery) -> Server:
+        postmaster = parent_pid(event.pid)
         server = self._postmasters.get(postmaster) if postmaster is not None else None
-        if server is None:
-            server = server_of(pid)
-            if len(self._postmasters) > 64:
-                self._postmasters.clear()
-            self._postmasters[server.postmaster] = server
+        if server is not None:
+            return server
+        try:
+            server = server_of(event.pid)
+        except ValueError as error:
+            # A short connection is often gone by now: the one server of its binary.
+            try:
+                server = self._only_server(event.binary)
+            except ValueError as why:
+                raise ValueError(f"{error}, and {why}") from None
+        if len(self._postmasters) > 64:
+            self._postmasters.clear()
+        self._postmasters[server.postmaster] = server
         return server
+
+    def _only_server(self, binary: str) -> Server:
+        """only_server_of, remembered a few seconds: it reads every process's exe."""
+        now = time.monotonic()
+        known = self._only.get(binary)
+        if known is None or now >= known[0]:
+            try:
+                known = (now + ONLY_SERVER_FOR_S, only_server_of(binary))
+            except ValueError as error:
+                known = (now + ONLY_SERVER_FOR_S, str(error))
+            self._only[binary] = known
+        if isinstance(known[1], str):
+            raise ValueError(known[1])
+        return known[1]
 
     def _values(self, event: SlowQuery, statement: Plannable) -> Optional[list[Optional[bytes]]]:
         """The captured values, where they are whole and the text has no other $n; else

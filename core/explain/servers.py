@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 from typing import NamedTuple, Optional
 
+from pgslowlog.elf import file_identity
+from pgslowlog.sampled.discovery import postmasters
+
 
 class Server(NamedTuple):
     postmaster: int
@@ -52,6 +55,10 @@ def server_of(backend_pid: int) -> Server:
     postmaster = parent_pid(backend_pid)
     if postmaster is None or postmaster <= 1:
         raise ValueError(f"backend {backend_pid} exited before its server could be found")
+    return server_of_postmaster(postmaster)
+
+
+def server_of_postmaster(postmaster: int) -> Server:
     try:
         with open(f"/proc/{postmaster}/cwd/postmaster.pid") as file:
             text = file.read(4096)
@@ -63,6 +70,16 @@ def server_of(backend_pid: int) -> Server:
     if server.host.startswith("/") and not _same_root(postmaster):
         server = server._replace(host=f"/proc/{postmaster}/root{server.host}")
     return server
+
+
+def only_server_of(binary: str) -> Server:
+    """The one server that runs `binary` (for a backend gone before it could be asked:
+    a short connection); ValueError when there are none or several."""
+    identity = file_identity(binary)
+    running = postmasters(identity) if identity is not None else []
+    if len(running) != 1:
+        raise ValueError(f"{len(running)} servers run {binary}")
+    return server_of_postmaster(running[0])
 
 
 def _same_root(pid: int) -> bool:
