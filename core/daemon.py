@@ -207,7 +207,8 @@ class Daemon:
                     log.info("probes_switched", probes=switched)
             self.health.report_losses()
             if time.monotonic() >= next_health:
-                log.info("health", **self.health.health())
+                explain = {"explain": dict(self.explainer.stats)} if self.explainer else {}
+                log.info("health", **self.health.health(), **explain)
                 next_health = time.monotonic() + stats_interval
 
     def _fail(self, reason: str) -> None:

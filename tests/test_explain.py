@@ -777,3 +777,21 @@ def test_a_short_connections_statement_finds_the_one_server_of_its_binary(
         f"not explained: backend {gone} exited before its server could be found, "
         "and 0 servers run /nonexistent/postgres"
     )
+
+
+@pytest.mark.system
+def test_a_thousand_events_in_forty_batches_arrive_once_each_in_order(served: Served) -> None:
+    batches = [
+        [
+            served.event(
+                f"select {n} as c{n} from t where id = 1" if n % 3 else f"vacuum t /* {n} */"
+            )
+            for n in range(start, start + 25)
+        ]
+        for start in range(0, 1000, 25)
+    ]
+    events, stats = explain_all(batches, max_per_second=20)
+    assert [event.query for event in events] == [e.query for batch in batches for e in batch]
+    assert all(event.plan is not None or event.plan_error for event in events)
+    assert stats["explained"] >= 20  # a burst of max_per_second, then one each 50 ms
+    assert stats["rate_limited"] + stats["explained"] + stats["not_plannable"] == 1000
