@@ -10,9 +10,10 @@ from typing import Any, Optional
 import msgspec
 
 
-# gc=False: an event refers only to strings, numbers, a datetime, lists and dicts
-# (a plan) made for it alone, never back to itself, so it cannot be part of a cycle; at threshold 0
-# tens of thousands a second would otherwise keep the cycle collector busy.
+# gc=False: an event refers only to strings, numbers, a datetime and a list of
+# strings, never back to itself, so it cannot be part of a cycle; at threshold 0
+# tens of thousands a second would otherwise keep the cycle collector busy. (A plan,
+# lists and dicts that events of one fingerprint may share, never refers to one.)
 class SlowQuery(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     ts: datetime  # statement start, UTC
     duration_ms: float
