@@ -795,3 +795,27 @@ def test_a_thousand_events_in_forty_batches_arrive_once_each_in_order(served: Se
     assert all(event.plan is not None or event.plan_error for event in events)
     assert stats["explained"] >= 20  # a burst of max_per_second, then one each 50 ms
     assert stats["rate_limited"] + stats["explained"] + stats["not_plannable"] == 1000
+
+
+@pytest.mark.system
+def test_a_failure_after_prepare_leaves_nothing_for_the_next_explain(served: Served) -> None:
+    # PREPARE only parses; planning at EXPLAIN EXECUTE runs the function, which fails
+    (failed, planned), _ = explain_all(
+        [
+            [
+                served.event("select failing_immutable() where 1 = 1"),
+                served.event("select * from t where id = 9 and v = 0"),
+            ]
+        ]
+    )
+    assert failed.plan_error == "P0001: secret line one"
+    assert top_plan(planned)["Node Type"] == "Index Scan"  # no "already exists"
+    sent = server_statements(served.cluster)
+    last_begin = max(i for i, s in enumerate(sent) if s == "BEGIN READ ONLY")
+    assert sent[last_begin : last_begin + 5] == [
+        "BEGIN READ ONLY",
+        "DEALLOCATE pgslowlog_explain",  # the failed one's, inside the read-only transaction
+        "SET LOCAL statement_timeout = 1000",
+        "SET LOCAL lock_timeout = 100",
+        "PREPARE pgslowlog_explain AS select * from t where id = $1 and v = $2",
+    ]

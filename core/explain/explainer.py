@@ -412,6 +412,7 @@ class Explainer:
         if connection is not None:
             connection.finish()
             del self._connections[key]
+            self._leftover.discard(key)  # went with the connection
         refused = self._refused.get(key)
         if refused is not None and time.monotonic() < refused[0]:
             raise ExplainFailed(refused[1])
@@ -452,8 +453,9 @@ class Explainer:
         connection.notice_handler = _ignore_notice
         self._connections[key] = connection
         while len(self._connections) > MAX_CONNECTIONS:
-            _, oldest = self._connections.popitem(last=False)
+            oldest_key, oldest = self._connections.popitem(last=False)
             oldest.finish()
+            self._leftover.discard(oldest_key)
         return connection
 
     def _explain(self, request: _Request) -> list[dict[str, Any]]:
