@@ -681,11 +681,19 @@ def test_run_refuses_explain_without_psycopg_in_one_line(monkeypatch: pytest.Mon
         explainer_class(parse_config(config_with({})))
 
 
-@pytest.mark.system  # the servers .ci/bootstrap provides: wheels, Debian trees (chroot)
-@pytest.mark.parametrize("major", [13, 14, 15, 16, 17, 18])
+# 13 and 17 run chrooted (Debian 11 and 13 trees), which needs root: the root lane's,
+# as in test_versions.py.
+CHROOTED = pytest.mark.ebpf
+
+
+@pytest.mark.system  # the servers .ci/bootstrap provides: wheels, Debian trees
+@pytest.mark.parametrize(
+    "major",
+    [pytest.param(13, marks=CHROOTED), 14, 15, 16, pytest.param(17, marks=CHROOTED), 18],
+)
 def test_every_major_gets_generic_and_plain_plans(major: int) -> None:
-    """13 and 17 run chrooted in a mount namespace of their own (Debian 11 and 13 trees):
-    their socket directory is reached through /proc/<postmaster>/root."""
+    """13 and 17 run chrooted in a mount namespace of their own: their socket directory
+    is reached through /proc/<postmaster>/root."""
     from test_versions import _start
 
     cluster = _start(major)
@@ -819,3 +827,39 @@ def test_a_failure_after_prepare_leaves_nothing_for_the_next_explain(served: Ser
         "SET LOCAL lock_timeout = 100",
         "PREPARE pgslowlog_explain AS select * from t where id = $1 and v = $2",
     ]
+
+
+@pytest.mark.ebpf  # needs root (a mount namespace), as the root lane does; no probe
+def test_a_socket_in_a_tmp_hidden_from_the_daemon_is_reached_through_proc(served: Served) -> None:
+    """systemd's PrivateTmp (the unit sets it) hides the host's /tmp from the daemon;
+    the test servers' sockets are there. A process with an empty /tmp of its own still
+    finds the server, through /proc/<postmaster>/root, and connects."""
+    import subprocess
+    import sys
+
+    inner = (
+        "import sys, psycopg; from pgslowlog.explain.servers import server_of; "
+        "s = server_of(int(sys.argv[1])); print(s.host); "
+        "c = psycopg.connect(host=s.host, port=s.port, user='postgres', dbname='shop'); "
+        "print(c.execute('select 1').fetchone()[0])"
+    )
+    result = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f'mount -t tmpfs none /tmp && exec "$0" -c "{inner}" {served.pid}',
+            sys.executable,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    host, one = result.stdout.split()
+    postmaster = served.cluster.postmaster_pid
+    assert host == f"/proc/{postmaster}/root{served.cluster.base}"
+    assert one == "1"

@@ -3,7 +3,8 @@
 A backend's parent is its postmaster, whose working directory is the data directory.
 postmaster.pid holds, one a line: the pid, the data directory, the start time, the
 port, the first socket directory and the first listen address. A server in a mount
-namespace of its own (a container) is reached through /proc/PID/root.
+namespace of its own (a container), or a socket in a /tmp that systemd's PrivateTmp
+hides from the daemon, is reached through /proc/PID/root.
 """
 
 from __future__ import annotations
@@ -67,8 +68,12 @@ def server_of_postmaster(postmaster: int) -> Server:
             f"cannot read the postmaster.pid of pid {postmaster}: {error.strerror}"
         ) from None
     server = parse_postmaster_pid(text, postmaster)
-    if server.host.startswith("/") and not _same_root(postmaster):
-        server = server._replace(host=f"/proc/{postmaster}/root{server.host}")
+    if server.host.startswith("/"):
+        # Through the postmaster's own root where ours differs (a container), or where
+        # its socket is not visible from here: the unit's PrivateTmp hides /tmp.
+        socket = f"{server.host}/.s.PGSQL.{server.port}"
+        if not _same_root(postmaster) or not os.path.exists(socket):
+            server = server._replace(host=f"/proc/{postmaster}/root{server.host}")
     return server
 
 
