@@ -312,7 +312,7 @@ def test_explain_variables_reach_the_file_and_default_to_off(tmp_path):
     ).explaining
 
 
-@pytest.mark.system  # Debian's PostgreSQL 15
+@pytest.mark.ebpf  # root (the role runs psql through runuser), as the root lane has; no probe
 def test_role_creates_the_explain_role_once_with_only_the_grants_listed(tmp_path):
     from conftest import DEBIAN_PG15
 
