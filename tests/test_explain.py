@@ -238,6 +238,10 @@ SHOP_SETUP = (
     "insert into t select g, 0 from generate_series(1, 1000) g",
     "analyze t",
     "create table secret (a int)",
+    "create table p (id int, v int) partition by range (id)",
+    "create table p1 partition of p for values from (0) to (100)",
+    "create table p2 partition of p for values from (100) to (200)",
+    "grant select on p to pgslowlog",
     "grant select, update on t to pgslowlog",
     # planning folds immutable functions of constants: it runs them, as the explain role
     "create function slow_immutable() returns int immutable language plpgsql"
@@ -325,6 +329,15 @@ def test_a_select_with_constants_gets_a_generic_plan(served: Served) -> None:
     assert event.plan_error is None
     assert top_plan(plain)["Node Type"] == "Aggregate"
     assert stats["explained"] == 2
+
+
+@pytest.mark.system
+def test_a_generic_plan_shows_every_partition(served: Served) -> None:
+    # with NULLs for $1, run-time pruning would have removed both and shown none
+    (event,), _ = explain_all([[served.event("select * from p where id = 150")]])
+    plan = top_plan(event)
+    assert plan["Node Type"] == "Append"
+    assert sorted(scan["Relation Name"] for scan in plan["Plans"]) == ["p1", "p2"]
 
 
 @pytest.mark.system

@@ -18,6 +18,7 @@ statement per Parse: a text holding `COMMIT; ...` fails to parse there):
     DEALLOCATE pgslowlog_explain                           only after an earlier failure
     PREPARE pgslowlog_explain AS <text>
     SET LOCAL plan_cache_mode = force_generic_plan
+    SET LOCAL enable_partition_pruning = off
     EXPLAIN (FORMAT JSON) EXECUTE pgslowlog_explain(NULL, ...)
     DEALLOCATE pgslowlog_explain
     ROLLBACK
@@ -27,7 +28,9 @@ the extended protocol the server counts the text's $n as the EXPLAIN's own
 parameters and wants a value for each in Bind, and values bound there are planned
 with as constants (a NULL made PostgreSQL 18 plan `id = $1` as a one-time false
 Result). PREPARE's parameters belong to the prepared statement instead, so the same
-path serves 13-18; its caveat is that run-time partition pruning sees the NULLs.
+path serves 13-18. Its NULLs would let run-time partition pruning remove every
+partition from the plan shown (Subplans Removed: all): pruning is off for it, so the
+partitions show as GENERIC_PLAN shows them.
 """
 
 from __future__ import annotations
@@ -478,6 +481,9 @@ class Explainer:
                 run(f"PREPARE {STATEMENT_NAME} AS {statement.text}")
                 prepared = True
                 run("SET LOCAL plan_cache_mode = force_generic_plan")
+                # The NULLs would prune every partition at executor start-up, and the
+                # plan would show none: shown all, as EXPLAIN (GENERIC_PLAN) does.
+                run("SET LOCAL enable_partition_pruning = off")
                 nulls = ", ".join(["NULL"] * statement.parameters)
                 result = run(f"EXPLAIN (FORMAT JSON) EXECUTE {STATEMENT_NAME}({nulls})")
                 run(f"DEALLOCATE {STATEMENT_NAME}")
