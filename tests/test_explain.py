@@ -835,9 +835,9 @@ def test_a_failure_after_prepare_leaves_nothing_for_the_next_explain(served: Ser
     last_begin = max(i for i, s in enumerate(sent) if s == "BEGIN READ ONLY")
     assert sent[last_begin : last_begin + 5] == [
         "BEGIN READ ONLY",
-        "DEALLOCATE pgslowlog_explain",  # the failed one's, inside the read-only transaction
         "SET LOCAL statement_timeout = 1000",
         "SET LOCAL lock_timeout = 100",
+        "DEALLOCATE pgslowlog_explain",  # the failed one's, inside the read-only transaction
         "PREPARE pgslowlog_explain AS select * from t where id = $1 and v = $2",
     ]
 

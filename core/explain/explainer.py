@@ -470,14 +470,14 @@ class Explainer:
         prepared = False
         try:
             run("BEGIN READ ONLY")
-            if key in self._leftover:
-                run(f"DEALLOCATE {STATEMENT_NAME}")  # not transactional: it stays done
-                self._leftover.discard(key)
             run(f"SET LOCAL statement_timeout = {config.statement_timeout_ms}")
             run(f"SET LOCAL lock_timeout = {config.lock_timeout_ms}")
             if statement.parameters == 0 or request.values is not None:
                 result = run(f"EXPLAIN (FORMAT JSON) {statement.text}", request.values)
             else:
+                if key in self._leftover:
+                    run(f"DEALLOCATE {STATEMENT_NAME}")  # not transactional: it stays done
+                    self._leftover.discard(key)
                 run(f"PREPARE {STATEMENT_NAME} AS {statement.text}")
                 prepared = True
                 run("SET LOCAL plan_cache_mode = force_generic_plan")
