@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from pgslowlog.dispatcher import Dispatcher
+from pgslowlog.dispatcher import HandsEventsOn
 from pgslowlog.enrichment import Enricher
 from pgslowlog.log import get_logger
 from pgslowlog.records import BackendNotice, RawStatement
@@ -30,7 +30,7 @@ class Collector(threading.Thread):
         name: str,
         reader: RecordReader,
         enricher: Enricher,
-        dispatcher: Dispatcher,
+        dispatcher: HandsEventsOn,
         on_failure: Callable[[str], None],
     ) -> None:
         super().__init__(name=f"collector-{name}", daemon=True)

@@ -78,11 +78,37 @@ class MetricsConfig(_Strict):
     max_users: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 20
 
 
+class ExplainConfig(_Strict):
+    """[explain]: plans of slow statements (docs/explain.md). On when the table is
+    present, unless enabled = false."""
+
+    enabled: bool = True
+    user: Annotated[str, msgspec.Meta(min_length=1, max_length=63)] = "pgslowlog"
+    # A libpq password file (host:port:database:user:password); none: peer authentication.
+    passfile: Optional[str] = None
+    # How long an event waits for its plan before it goes on with plan_error.
+    timeout_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 2000
+    # SET LOCAL for each EXPLAIN: planning stops after this, and waits no longer for a lock.
+    statement_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 1000
+    lock_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 100
+    connect_timeout_s: Annotated[int, msgspec.Meta(ge=1, le=60)] = 2
+    # At most one EXPLAIN per fingerprint (and database) in this many seconds; the
+    # statements of that fingerprint in between get its plan.
+    per_fingerprint_interval_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 60.0
+    max_per_second: Annotated[float, msgspec.Meta(gt=0, le=10_000)] = 5.0
+    queue_size: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 100
+
+
 class Config(_Strict):
     daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
     target: list[TargetConfig] = msgspec.field(default_factory=list)
     sinks: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     metrics: Optional[MetricsConfig] = None
+    explain: Optional[ExplainConfig] = None
+
+    @property
+    def explaining(self) -> bool:
+        return self.explain is not None and self.explain.enabled
 
     @property
     def threshold_ns(self) -> int:
@@ -215,11 +241,39 @@ def _check_semantics(config: Config, config_path: str) -> None:
                 f'use "127.0.0.1:{METRICS_DEFAULT_PORT}", "[::1]:{METRICS_DEFAULT_PORT}" or '
                 f'":{METRICS_DEFAULT_PORT}" (every IPv4 address)',
             ) from None
+    if config.explain is not None:
+        _check_explain(config.explain, config_path)
     for name, options in config.sinks.items():
         if not isinstance(options, dict):
             raise UserError(
                 f"config {config_path}: sinks.{name} must be a table", f"write it as [sinks.{name}]"
             )
+
+
+def _check_explain(explain: ExplainConfig, config_path: str) -> None:
+    where = f"config {config_path}: explain"
+    if explain.statement_timeout_ms >= explain.timeout_ms:
+        raise UserError(
+            f"{where}.statement_timeout_ms = {explain.statement_timeout_ms} is not below "
+            f"timeout_ms = {explain.timeout_ms}: events would stop waiting before EXPLAIN does",
+            "lower statement_timeout_ms or raise timeout_ms",
+        )
+    if explain.lock_timeout_ms > explain.statement_timeout_ms:
+        raise UserError(
+            f"{where}.lock_timeout_ms = {explain.lock_timeout_ms} is above "
+            f"statement_timeout_ms = {explain.statement_timeout_ms}",
+            "keep lock_timeout_ms short (100): EXPLAIN must not queue behind a lock",
+        )
+    if explain.passfile is not None and not explain.passfile.startswith("/"):
+        raise UserError(
+            f"{where}.passfile = {explain.passfile!r} is not an absolute path",
+            'write the full path, for example "/etc/pgslowlog/pgpass"',
+        )
+    if not all(char.isprintable() and char not in "'\\" for char in explain.user):
+        raise UserError(
+            f"{where}.user = {explain.user!r} has a quote, backslash or control character",
+            "use the role's plain name",
+        )
 
 
 def listen_address(text: str) -> tuple[str, int]:

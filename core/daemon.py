@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import asdict
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from pgslowlog.config import Config, TargetConfig, load_config
 from pgslowlog.dispatcher import Dispatcher, start_sinks
@@ -35,6 +36,9 @@ from pgslowlog.probes import ProbeDefinition
 from pgslowlog.sources import ProbeLoadError
 from pgslowlog.target_watch import WATCH_INTERVAL_S, TargetWatcher
 from pgslowlog.targets import Target, target_name
+
+if TYPE_CHECKING:
+    from pgslowlog.explain.explainer import Explainer
 
 log = get_logger(__name__)
 LOSS_CHECK_INTERVAL_S = 10.0  # loss counters are checked at least this often
@@ -55,6 +59,7 @@ def run(config_path: str) -> int:
     """The daemon's whole life: check, plan, listen, start, serve, stop. Its exit status."""
     config = load_config(config_path)
     require_machine()  # privileges, bcc, headers...: one line naming what is missing
+    explainer_type = explainer_class(config)  # psycopg, if [explain] wants it
     configure_logging(config.daemon.log_level)
     planner = Planner(Plugins.load())
     the_plan = planner.plan(config, config_path)
@@ -70,11 +75,30 @@ def run(config_path: str) -> int:
         if metrics is not None:
             metrics.close()
         raise
+    explainer = None
+    if explainer_type is not None:
+        assert config.explain is not None
+        explainer = explainer_type(config.explain, dispatcher, config.daemon.redact_literals)
     try:
-        return Daemon(config_path, config, planner, dispatcher, metrics).run(the_plan)
+        return Daemon(config_path, config, planner, dispatcher, metrics, explainer).run(the_plan)
     finally:
         if metrics is not None:
             metrics.close()
+
+
+def explainer_class(config: Config) -> type[Explainer] | None:
+    """With [explain]: the Explainer, which goes between the collectors and the
+    dispatcher. psycopg is the optional extra's: imported only then."""
+    if not config.explaining:
+        return None
+    try:
+        from pgslowlog.explain.explainer import Explainer
+    except ImportError:
+        raise UserError(
+            "[explain] is set but psycopg is missing",
+            "pip install 'pgslowlog[explain]', or remove the [explain] table",
+        ) from None
+    return Explainer
 
 
 class Daemon:
@@ -88,12 +112,15 @@ class Daemon:
         planner: Planner,
         dispatcher: Dispatcher,
         metrics: Metrics | None = None,
+        explainer: Explainer | None = None,
     ) -> None:
         self.config_path = config_path
         self.config = config  # what is in effect: a reload changes only the live keys
         self.planner = planner
         self.dispatcher = dispatcher
-        self.probes = ProbeSet(dispatcher, config.daemon, self._fail)
+        # With [explain], events pass through the explainer on their way to the sinks.
+        self.explainer = explainer
+        self.probes = ProbeSet(explainer or dispatcher, config.daemon, self._fail)
         self.health = HealthReporter(self.probes, dispatcher)
         self.probes.add_listener(self.health)
         self.watcher = TargetWatcher(self._resolve, self.probes)
@@ -107,6 +134,8 @@ class Daemon:
     def run(self, the_plan: Plan) -> int:
         """Attach what the plan says, serve until a signal, stop; the exit status."""
         self.dispatcher.start()
+        if self.explainer is not None:
+            self.explainer.start()
         self._install_signal_handlers()
         try:
             if not self._attach(the_plan):
@@ -178,7 +207,8 @@ class Daemon:
                     log.info("probes_switched", probes=switched)
             self.health.report_losses()
             if time.monotonic() >= next_health:
-                log.info("health", **self.health.health())
+                explain = {"explain": dict(self.explainer.stats)} if self.explainer else {}
+                log.info("health", **self.health.health(), **explain)
                 next_health = time.monotonic() + stats_interval
 
     def _fail(self, reason: str) -> None:
@@ -221,6 +251,9 @@ class Daemon:
 
     def _shutdown(self) -> None:
         stopped = self.health.stopped(self.probes.stop_all())
+        if self.explainer is not None:
+            # Every event still waiting for its plan goes on (within timeout_ms) first.
+            stopped["explain"] = self.explainer.close()
         sink_stats = self.dispatcher.close()
         log.info(
             "stopped",

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 from pgslowlog.errors import UserError
 from pgslowlog.event import SlowQuery
@@ -147,6 +148,12 @@ class _Lane:
 
     def snapshot(self) -> SinkStats:
         return SinkStats(**{**asdict(self.stats), "retried": self.sink.retried})
+
+
+class HandsEventsOn(Protocol):
+    """What a collector hands its events to: the Dispatcher, or the Explainer before it."""
+
+    def dispatch_many(self, events: list[SlowQuery], /) -> None: ...
 
 
 class Dispatcher:

@@ -18,6 +18,8 @@ from typing import Any
 
 from pgslowlog.compat import SLOTS
 from pgslowlog.event import SlowQuery
+from pgslowlog.explain import APPLICATION_NAME as EXPLAIN_APPLICATION_NAME
+from pgslowlog.explain.statements import fingerprint
 from pgslowlog.records import BackendNotice, BoundParameter, NoticeKind, RawStatement
 from pgslowlog.redaction import redact_literals, redact_parameters
 
@@ -97,6 +99,7 @@ class Enricher:
         self.redact = redact
         self.include_background = include_background
         self.filtered = 0
+        self.own = 0  # the daemon's own EXPLAIN statements, never reported
         # pid -> who it runs for, oldest first. Bounded in case exit notices were lost.
         self._backends: dict[int, BackendIdentity] = {}
         self._max_cached = 2 * max_backends
@@ -126,7 +129,11 @@ class Enricher:
         return redact_parameters(values) if self.redact else values
 
     def enrich(self, raw: RawStatement) -> SlowQuery | None:
-        """The event, or None for a non-client process when those are not wanted."""
+        """The event, or None for a non-client process when those are not wanted, and
+        for the daemon's own EXPLAIN connections (explain/)."""
+        if raw.application_name == EXPLAIN_APPLICATION_NAME:
+            self.own += 1
+            return None
         backend = self._backends.get(raw.pid) or self._lookup(raw.pid)
         if backend is not None and backend.kind != "client" and not self.include_background:
             self.filtered += 1
@@ -156,6 +163,7 @@ class Enricher:
             lock_wait_start=_timestamp(raw.lock_wait_start_unix_ns),
             resources=raw.resources,
             resources_exact=raw.resources_exact,
+            fingerprint=fingerprint(raw.query),
         )
 
     def _blockers(self, blockers: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:

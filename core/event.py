@@ -12,7 +12,8 @@ import msgspec
 
 # gc=False: an event refers only to strings, numbers, a datetime and a list of
 # strings, never back to itself, so it cannot be part of a cycle; at threshold 0
-# tens of thousands a second would otherwise keep the cycle collector busy.
+# tens of thousands a second would otherwise keep the cycle collector busy. (A plan,
+# lists and dicts that events of one fingerprint may share, never refers to one.)
 class SlowQuery(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     ts: datetime  # statement start, UTC
     duration_ms: float
@@ -49,6 +50,13 @@ class SlowQuery(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     # False: the figures start at the first look that saw the statement, not at its
     # start (lower bounds). None with `resources`.
     resources_exact: Optional[bool] = None
+    # pglast's fingerprint of the text: equal for texts that differ only in constants
+    # (query_id is null unless compute_query_id is on). None if the text does not parse.
+    fingerprint: Optional[str] = None
+    # With [explain]: EXPLAIN (FORMAT JSON)'s result as PostgreSQL returns it (a list of
+    # one object with "Plan"), or why there is none (docs/explain.md).
+    plan: Optional[list[dict[str, Any]]] = None
+    plan_error: Optional[str] = None
 
     def to_json(self) -> bytes:
         return terminal_safe(_encoder.encode(self))

@@ -34,11 +34,17 @@ file as if the server had logged it. What was decided, and why:
   adds ``"query_truncated": true``. No ERROR line is made up: the error's message
   and SQLSTATE are unknown, and one fed to pgBadger beside the server's own log
   would count the error twice.
+- With [explain], an event that has its plan is written as auto_explain writes one
+  with ``log_format = json``: ``duration: N ms  plan:`` and the plan as a JSON object
+  (``"Query Text"`` first, then ``"Plan"``), in place of the statement line, so
+  pgBadger counts the statement once and shows its plan. An event without one keeps
+  its statement line and says why in ``"plan_error"``, a key pgBadger ignores.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import re
 import time
 from collections.abc import Sequence
@@ -67,6 +73,7 @@ class JsonLogLine(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     query_id: Optional[int] = None
     outcome: Optional[str] = None  # only when not "ok"
     query_truncated: bool = False
+    plan_error: Optional[str] = None  # [explain]: why the line has no plan
 
 
 def log_time(event: SlowQuery) -> str:
@@ -87,11 +94,22 @@ def _utc_seconds(seconds: int) -> str:
 
 
 def message(event: SlowQuery) -> str:
+    if event.plan:
+        return plan_message(event)
     if event.protocol == "extended":
         action = f"execute {event.statement_name or UNNAMED}"
     else:
         action = "statement"
     return f"duration: {event.duration_ms:.3f} ms  {action}: {event.query}"
+
+
+def plan_message(event: SlowQuery) -> str:
+    """auto_explain's line with log_format = json: the duration, then the plan as one
+    JSON object, indented as PostgreSQL indents it, "Query Text" first."""
+    assert event.plan  # EXPLAIN (FORMAT JSON) gives a list of one object
+    explained = {"Query Text": event.query, **event.plan[0]}
+    text = json.dumps(explained, indent=2, ensure_ascii=False)
+    return f"duration: {event.duration_ms:.3f} ms  plan:\n{text}"
 
 
 def parameters_detail(params: Optional[list[Optional[str]]], query: str) -> Optional[str]:
@@ -116,6 +134,16 @@ def parameters_detail(params: Optional[list[Optional[str]]], query: str) -> Opti
     return "parameters: " + ", ".join(parts) if parts else None
 
 
+def plan_detail(text: str) -> Optional[str]:
+    """$1 = $1 up to the highest $n of a plan line: a plan shows only the $n its nodes
+    use ("(id = $2)" alone for "set v = $1 where id = $2"), so gaps are usual there."""
+    highest = max((int(n) for n in _PLACEHOLDER.findall(text)), default=0)
+    if not 0 < highest <= MAX_PLAN_PLACEHOLDERS:
+        return None
+    return "parameters: " + ", ".join(f"${n} = ${n}" for n in range(1, highest + 1))
+
+
+MAX_PLAN_PLACEHOLDERS = 1000  # a "$99999" in a comment must not make a huge detail
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 _CLIENT = re.compile(r"(.*)\((\d+)\)\Z", re.DOTALL)
 
@@ -132,6 +160,7 @@ def remote(client: Optional[str]) -> tuple[Optional[str], Optional[int]]:
 
 def jsonlog_line(event: SlowQuery) -> JsonLogLine:
     host, port = remote(event.client)
+    text = message(event)
     return JsonLogLine(
         timestamp=log_time(event),
         user=event.user,
@@ -140,14 +169,19 @@ def jsonlog_line(event: SlowQuery) -> JsonLogLine:
         remote_host=host,
         remote_port=port,
         error_severity="LOG",
-        message=message(event),
-        detail=parameters_detail(event.params, event.query),
+        message=text,
+        # A plan line's $n (the plan's are the redacted text's) map to themselves:
+        # pgBadger would put the values, or given none empty strings, into the plan.
+        detail=parameters_detail(event.params, event.query)
+        if not event.plan
+        else plan_detail(text),
         application_name=event.application_name,
         query_id=event.query_id,
         # Only what is known to have failed: "unknown" (sampled, when no failure uprobe
         # could tell) is no news to a reader of a slow-query log.
         outcome=event.outcome if event.outcome in FAILED else None,
         query_truncated=event.query_truncated,
+        plan_error=event.plan_error,
     )
 
 

@@ -29,6 +29,8 @@ def needs_restart(running: Config, new: Config) -> list[str]:
         changed.append("sinks")
     if new.metrics != running.metrics:
         changed.append("metrics")
+    if new.explain != running.explain:
+        changed.append("explain")
     return changed
 
 

@@ -6,6 +6,7 @@ any check failed, so an installer can use it as a validate step.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 from pgslowlog.config import Config, DaemonConfig, load_config
@@ -33,6 +34,9 @@ def run_checks(config_path: str) -> list[Finding]:
         except UserError as error:
             findings.append(Finding(False, str(error)))
 
+    if config.explaining:
+        findings.append(explain_finding(config))
+
     machine = machine_findings()
     findings += machine
 
@@ -52,6 +56,27 @@ def run_checks(config_path: str) -> list[Finding]:
     finally:
         the_plan.close()
     return findings
+
+
+def explain_finding(config: Config) -> Finding:
+    """[explain] needs the optional extra's driver, psycopg; and its passfile, if named."""
+    try:
+        import psycopg  # noqa: F401  # only whether it is installed
+    except ImportError:
+        return Finding(
+            False,
+            "[explain] is set but psycopg is missing; install the extra: "
+            "pip install 'pgslowlog[explain]' (or remove [explain])",
+        )
+    assert config.explain is not None
+    passfile = config.explain.passfile
+    if passfile is not None and not os.access(passfile, os.R_OK):
+        return Finding(
+            False,
+            f"explain.passfile {passfile} is not readable; create it (mode 0600, owned by "
+            "the daemon's user) or remove the key to use peer authentication",
+        )
+    return Finding(True, f"[explain] explains as role {config.explain.user} (psycopg installed)")
 
 
 def _load_findings(config: Config, targets: list[PlannedTarget]) -> list[Finding]:

@@ -18,7 +18,7 @@ from typing import Optional, Protocol
 
 from pgslowlog.collector import Collector
 from pgslowlog.config import Config, DaemonConfig
-from pgslowlog.dispatcher import Dispatcher
+from pgslowlog.dispatcher import HandsEventsOn
 from pgslowlog.enrichment import Enricher
 from pgslowlog.errors import UserError
 from pgslowlog.log import get_logger
@@ -57,7 +57,7 @@ class ProbeSetListener(Protocol):
 
 class ProbeSet:
     def __init__(
-        self, dispatcher: Dispatcher, daemon: DaemonConfig, on_failure: Callable[[str], None]
+        self, dispatcher: HandsEventsOn, daemon: DaemonConfig, on_failure: Callable[[str], None]
     ) -> None:
         self._dispatcher = dispatcher
         self._daemon = daemon

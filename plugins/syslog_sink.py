@@ -149,7 +149,8 @@ class SyslogSink(BaseSink):
 
 
 def fit_event(event: SlowQuery, limit: int) -> bytes:
-    """The event as JSON in at most `limit` bytes, shortening only the query text.
+    """The event as JSON in at most `limit` bytes, shortening only the query text
+    (and leaving out a plan that would not fit even without it).
 
     JSON escaping makes the encoded size of a prefix hard to predict (a quote or a
     newline takes two bytes, a control character six), so search for the longest
@@ -158,6 +159,16 @@ def fit_event(event: SlowQuery, limit: int) -> bytes:
     encoded = event.to_json()
     if len(encoded) <= limit:
         return encoded
+    if event.plan is not None:
+        # A plan ([explain]) can be far longer than any text: if the event does not fit
+        # even with no text, the plan is left out and plan_error says why.
+        if len(msgspec.structs.replace(event, query="").to_json()) > limit:
+            event = msgspec.structs.replace(
+                event, plan=None, plan_error="plan left out: over max_message_bytes"
+            )
+            encoded = event.to_json()
+            if len(encoded) <= limit:
+                return encoded
 
     def encode(length: int) -> bytes:
         shorter = msgspec.structs.replace(event, query=event.query[:length], query_truncated=True)

@@ -182,6 +182,7 @@ class DaemonUnderTest:
         # more keys of [sinks.file] than its path, e.g. {"format": "jsonlog"}
         self.file_options = daemon_options.pop("file_options", {})
         self.metrics = daemon_options.pop("metrics", None)  # the [metrics] table
+        self.explain = daemon_options.pop("explain", None)  # the [explain] table
         self.write_config(**daemon_options)
         self.process = RunningDaemon(self.config, env=env, wrapper=wrapper)
 
@@ -198,6 +199,8 @@ class DaemonUnderTest:
             lines += [f"[sinks.{name}]", *assignments(options)]
         if self.metrics is not None:
             lines += ["", "[metrics]", *assignments(self.metrics)]
+        if self.explain is not None:
+            lines += ["", "[explain]", *assignments(self.explain)]
         self.config.write_text("\n".join(lines))
 
     def events(self, marker: str | None = None) -> list[dict[str, Any]]:

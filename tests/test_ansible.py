@@ -293,3 +293,71 @@ def test_daemon_works_within_the_units_capabilities(pg18, start_daemon):
     assert not bounding_now & (1 << 1)  # CAP_DAC_OVERRIDE is gone: the wrapper applied
     pg18.psql("select pg_sleep(0.3) /* within the unit's capabilities */", check=True)
     assert len(daemon.wait_for_events("within the unit's capabilities", 1)) == 1
+
+
+def test_explain_variables_reach_the_file_and_default_to_off(tmp_path):
+    from pgslowlog.config import ExplainConfig, load_config
+
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    defaults["_pgslowlog_found_targets"] = [{"name": "main", "pid": 1}]
+    assert load_config(_render(tmp_path, defaults)).explain is None
+    explaining = {
+        **defaults,
+        "pgslowlog_explain": True,
+        "pgslowlog_explain_options": {"user": "planner", "timeout_ms": 3000},
+    }
+    assert load_config(_render(tmp_path, explaining)).explain == ExplainConfig(
+        user="planner", timeout_ms=3000
+    )
+    assert load_config(
+        _render(tmp_path, {**explaining, "pgslowlog_explain_options": {}})
+    ).explaining
+
+
+@pytest.mark.ebpf  # root (the role runs psql through runuser), as the root lane has; no probe
+def test_role_creates_the_explain_role_once_with_only_the_grants_listed(tmp_path):
+    from conftest import DEBIAN_PG15
+
+    from pgslowlog.testing.cluster import Cluster
+
+    cluster = Cluster(DEBIAN_PG15).start()
+    try:
+        cluster.psql("create table orders (id int)", "create table secret (id int)", check=True)
+        play = [
+            {
+                "name": "The role's explain tasks against a throwaway server",
+                "hosts": "localhost",
+                "gather_facts": False,
+                # not whatever python3 interpreter discovery would find first on PATH
+                "vars": {"ansible_python_interpreter": sys.executable},
+                "tasks": [
+                    {
+                        "name": "Explain role",
+                        "ansible.builtin.include_role": {
+                            "name": str(ROLE),
+                            "tasks_from": "explain",
+                        },
+                        "vars": {
+                            "pgslowlog_explain": True,
+                            "pgslowlog_explain_socket_directory": str(cluster.base),
+                            "pgslowlog_explain_port": cluster.port,
+                            "pgslowlog_explain_grants": ["GRANT SELECT ON orders TO pgslowlog"],
+                        },
+                    }
+                ],
+            }
+        ]
+        first, second = play_locally(tmp_path, play), play_locally(tmp_path, play)
+        rights = cluster.psql(
+            "select rolsuper, rolcanlogin, has_table_privilege('pgslowlog', 'orders', 'select'),"
+            " has_table_privilege('pgslowlog', 'secret', 'select')"
+            " from pg_roles where rolname = 'pgslowlog'",
+            check=True,
+        ).stdout.strip()
+    finally:
+        cluster.stop()
+    assert first.returncode == 0 and second.returncode == 0, first.stdout + second.stdout
+    assert "changed=1" in first.stdout and "changed=0" in second.stdout, (
+        first.stdout + second.stdout
+    )
+    assert rights == "f|t|t|f"

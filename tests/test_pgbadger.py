@@ -373,3 +373,78 @@ def test_log_time_rounds_through_the_float_exactly() -> None:
         start = base + timedelta(microseconds=us)
         expected = f"{start:%Y-%m-%d %H:%M:%S}.{us // 1000:03d} UTC"
         assert line_of(slow(ts=start, duration_ms=0))["timestamp"] == expected
+
+
+# ---------------------------------------------------------------------------------
+# [explain]: an event with its plan is auto_explain's line (log_format = json)
+
+PLAN = [
+    {
+        "Plan": {
+            "Node Type": "Index Scan",
+            "Index Name": "t_pkey",
+            "Relation Name": "t",
+            "Startup Cost": 0.28,
+            "Total Cost": 8.29,
+            "Index Cond": "(id = $1)",
+        }
+    }
+]
+
+
+def test_a_planned_statement_is_auto_explains_json_line() -> None:
+    event = slow(query="select * from t where id = $1", plan=PLAN, fingerprint="0a42922fab0bd73f")
+    line = line_of(event)
+    head, plan = line["message"].split("\n", 1)
+    assert head == "duration: 300.500 ms  plan:"
+    # as auto_explain writes it: one object, "Query Text" first, indented by two
+    assert json.loads(plan) == {"Query Text": "select * from t where id = $1", **PLAN[0]}
+    assert plan.startswith('{\n  "Query Text": "select * from t where id = $1",\n  "Plan": {\n')
+    assert "plan_error" not in line
+    # $n map to themselves: pgBadger would put values (or empty strings) into the plan
+    bound = slow(protocol="extended", query="select $1", params=["7"], plan=PLAN)
+    assert line_of(bound)["detail"] == line["detail"] == "parameters: $1 = $1"
+    # the plan's $n too, where the event's text has its constants (redact_literals off)
+    assert line_of(slow(query="select * from t where id = 42", plan=PLAN))["detail"] == (
+        "parameters: $1 = $1"
+    )
+    # a plan shows only the $n its nodes use: gaps are usual
+    gap = [{"Plan": {"Node Type": "Index Scan", "Index Cond": "(id = $2)"}}]
+    assert line_of(slow(query="update t set v = v + 1 where id = 7", plan=gap))["detail"] == (
+        "parameters: $1 = $1, $2 = $2"
+    )
+    assert "detail" not in line_of(slow(query="select 1 /* $99999 */", plan=gap))
+
+
+def test_a_statement_without_its_plan_says_why() -> None:
+    line = line_of(slow(query="vacuum t", plan_error="not explained: VacuumStmt is not ..."))
+    assert line["message"] == "duration: 300.500 ms  statement: vacuum t"
+    assert line["plan_error"] == "not explained: VacuumStmt is not ..."
+
+
+@pytest.mark.system  # Debian's pgBadger
+def test_pgbadger_counts_a_planned_statement_once_and_shows_its_plan(tmp_path: Path) -> None:
+    """pgBadger 12 reads auto_explain's JSON lines in jsonlog as the statement's text:
+    the report shows the query text and the plan together, as it does for
+    PostgreSQL's own auto_explain lines (log_destination = jsonlog)."""
+    events = [
+        slow(duration_ms=700, query="select * from t where id = $1 /* planned */", plan=PLAN),
+        slow(duration_ms=300, pid=4244, query="vacuum t", plan_error="not explained: ..."),
+    ]
+    log = tmp_path / "slow.jsonlog"
+    log.write_bytes(jsonlog_lines(events))
+    report = pgbadger_json(log, tmp_path)
+    assert report["overall_stat"]["queries_number"] == 2  # once each
+    (planned, *_), (utility, *_) = (row[1:] for row in slowest(report))
+    assert '"Query Text": "select * from t where id = $1 /* planned */"' in planned
+    assert '"Node Type": "Index Scan"' in planned and '"Index Cond": "(id = $1)"' in planned
+    assert utility == "vacuum t;"
+    html = tmp_path / "report.html"
+    result = subprocess.run(
+        [PGBADGER, "-q", "-f", "jsonlog", "-o", str(html), str(log)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Index Scan" in html.read_text()

@@ -86,6 +86,22 @@ def test_syslog_message_over_the_limit_arrives_whole(pg18, start_daemon, rsyslog
     assert len(message["event"]["query"]) > 100
 
 
+def test_fit_event_leaves_out_a_plan_too_long_for_the_limit():
+    # [explain]: a plan can be longer than any text; the event still arrives, whole JSON
+    plan = [{"Plan": {"Node Type": "Append", "Plans": [{"Node Type": "Seq Scan"}] * 400}}]
+    event = slow(query="select * from parts", plan=plan)
+    assert len(event.to_json()) > 8000
+    decoded = json.loads(fit_event(event, 8000))
+    assert (decoded["plan"], decoded["plan_error"]) == (
+        None,
+        "plan left out: over max_message_bytes",
+    )
+    assert (decoded["query"], decoded["query_truncated"]) == ("select * from parts", False)
+    small = slow(plan=[{"Plan": {"Node Type": "Result"}}], query="x" * 9000)
+    kept = json.loads(fit_event(small, 8000))  # a plan that fits stays; the text is cut
+    assert kept["plan"] == [{"Plan": {"Node Type": "Result"}}] and kept["query_truncated"]
+
+
 @pytest.mark.parametrize("text", ["x" * 5000, '"\n' * 2000, "日本" * 2000, "\x01" * 2000])
 def test_fit_event_stays_valid_json_under_the_limit(text):
     # The event with an empty text is the least any limit must leave room for.
