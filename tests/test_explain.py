@@ -672,11 +672,12 @@ def test_daemon_jsonlog_plan_line_is_read_by_pgbadger(
     (line,) = [json.loads(text) for text in lines()]
     assert line["message"].startswith("duration: ")
     assert 'ms  plan:\n{\n  "Query Text": "select n, pg_sleep(0.3) from counter' in line["message"]
-    assert '"Index Cond": "(id = $2)"' in line["message"]  # the redacted text's plan
+    # The redacted text's plan (an index or a sequential scan: the table has one row)
+    assert 'Cond": "(id = $2)"' in line["message"] or '"Filter": "(id = $2)"' in line["message"]
     report = pgbadger_json(log, tmp_path)
     assert report["overall_stat"]["queries_number"] == 1
     ((_, query, database, _),) = slowest(report)
-    assert '"Node Type": "Index Scan"' in query and database == "postgres"
+    assert '"Node Type": "' in query and "(id = $2)" in query and database == "postgres"
 
 
 def test_run_refuses_explain_without_psycopg_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
