@@ -18,7 +18,7 @@ from typing import Any
 
 from pgslowlog.compat import SLOTS
 from pgslowlog.event import SlowQuery
-from pgslowlog.explain import APPLICATION_NAME as EXPLAIN_APPLICATION_NAME
+from pgslowlog.explain import OWN_PIDS as EXPLAIN_PIDS
 from pgslowlog.explain.statements import fingerprint
 from pgslowlog.records import BackendNotice, BoundParameter, NoticeKind, RawStatement
 from pgslowlog.redaction import redact_literals, redact_parameters
@@ -131,7 +131,7 @@ class Enricher:
     def enrich(self, raw: RawStatement) -> SlowQuery | None:
         """The event, or None for a non-client process when those are not wanted, and
         for the daemon's own EXPLAIN connections (explain/)."""
-        if raw.application_name == EXPLAIN_APPLICATION_NAME:
+        if raw.pid in EXPLAIN_PIDS:
             self.own += 1
             return None
         backend = self._backends.get(raw.pid) or self._lookup(raw.pid)

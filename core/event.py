@@ -47,8 +47,9 @@ class SlowQuery(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     lock_wait_start: Optional[datetime] = None  # when its last lock wait began (14+)
     # What it read and wrote: buffer, WAL, CPU and I/O figures; None where unknown.
     resources: Optional[dict[str, Optional[float]]] = None
-    # False: the figures start at the first look that saw the statement, not at its
-    # start (lower bounds). None with `resources`.
+    # False: the figures run from the first look that saw the statement to the look
+    # that saw its end, not from its start to its end (docs/why.md). None with
+    # `resources`.
     resources_exact: Optional[bool] = None
     # pglast's fingerprint of the text: equal for texts that differ only in constants
     # (query_id is null unless compute_query_id is on). None if the text does not parse.

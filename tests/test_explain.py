@@ -22,7 +22,7 @@ from waiting import wait_for_count
 
 from pgslowlog.config import ExplainConfig
 from pgslowlog.event import SlowQuery
-from pgslowlog.explain import APPLICATION_NAME
+from pgslowlog.explain import APPLICATION_NAME, OWN_PIDS
 from pgslowlog.explain.explainer import Explainer
 from pgslowlog.explain.statements import Plannable, fingerprint, plannable
 from pgslowlog.testing.cluster import Cluster
@@ -114,11 +114,24 @@ def test_enricher_gives_every_event_a_fingerprint_and_drops_its_own_explains() -
     )
     event = enricher.enrich(statement)
     assert event is not None and event.fingerprint == fingerprint("select 2")
-    own = RawStatement(
-        start_unix_ns=1, duration_ns=2, pid=1, query="select 1", application_name=APPLICATION_NAME
-    )
-    assert enricher.enrich(own) is None
+    from pgslowlog.explain import OWN_PIDS
+
+    OWN_PIDS.add(999_999_998)  # an explain connection's backend
+    try:
+        own = RawStatement(start_unix_ns=1, duration_ns=2, pid=999_999_998, query="select 1")
+        assert enricher.enrich(own) is None
+    finally:
+        OWN_PIDS.discard(999_999_998)
     assert enricher.own == 1
+    # Dropped by pid: a client that takes the explain connections' name is still seen.
+    named = RawStatement(
+        start_unix_ns=1,
+        duration_ns=2,
+        pid=999_999_997,
+        query="select 1",
+        application_name=APPLICATION_NAME,
+    )
+    assert enricher.enrich(named) is not None
 
 
 # --------------------------------------------------------------------------------
@@ -568,18 +581,20 @@ def test_the_pipeline_holds_events_for_their_plans_and_loses_none(
         (source,) = opened
         source.emit("select v from t where id = 5 /* one */", pid=served.pid)
         source.emit("vacuum t /* two */", pid=served.pid)
-        with source.reader().lock:  # an explain connection's statement: never reported
+        OWN_PIDS.add(999_999_998)  # an explain connection's backend: never reported
+        with source.reader().lock:
             source.reader().records.append(
                 RawStatement(
                     start_unix_ns=0,
                     duration_ns=300_000_000,
-                    pid=served.pid,
+                    pid=999_999_998,
                     query="EXPLAIN (FORMAT JSON) select 1",
                     application_name=APPLICATION_NAME,
                 )
             )
         source.emit("select count(*) from t /* three */", pid=served.pid)
     finally:
+        OWN_PIDS.discard(999_999_998)
         probes.stop_all()
         stats = explainer.close()
         dispatcher.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from pgslowlog.bpf.decoder import Failure
 from pgslowlog.sampled.hand_over import HandOverWindow
 from pgslowlog.sampled.outcomes import FAILURE_SLACK_US, OutcomeMatcher
@@ -215,5 +217,203 @@ def test_a_lock_tag_reads_as_pg_locks_shows_it():
     }
     advisory = describe_tag(tag("advisory", 5, 0, 4242, 1, method=2), layout)
     assert (advisory["objid"], advisory["objsubid"]) == (4242, 1)
-    assert describe_tag(tag("applytransaction", 5, 1, 2, 3), layout)["type"] == "applytransaction"
+    assert describe_tag(tag("applytransaction", 5, 16400, 731, 3), layout) == {
+        "type": "applytransaction",
+        "database": 5,
+        "objid": 16400,  # the subscription
+        "transactionid": 731,  # the remote transaction
+        "objsubid": 3,
+    }
     assert describe_tag(tag("virtualxid", 3, 17, 0, 0), layout)["virtualxid"] == "3/17"
+
+
+# -- the lock walk, over a fake address space --------------------------------------------
+
+
+class FakeLockTable:
+    """PGPROCs, LOCKs and PROCLOCKs laid out as PostgreSQL 16 lays them out (dlist), in
+    a dict of address -> bytearray that LockReader reads through its Peeker."""
+
+    def __init__(self) -> None:
+        from pgslowlog.pg_layouts import LAYOUTS
+
+        self.layout = LAYOUTS[16]
+        self.blocks: dict[int, bytearray] = {}
+        self._next = 0x10000
+
+    def _alloc(self, size: int) -> int:
+        address = self._next
+        self._next += (size + 0xFFF) & ~0xFFF
+        self.blocks[address] = bytearray(size)
+        return address
+
+    def put(self, address: int, fmt: str, value: int) -> None:
+        import struct
+
+        for base, block in self.blocks.items():
+            if base <= address < base + len(block):
+                struct.pack_into(fmt, block, address - base, value)
+                return
+        raise AssertionError(f"{address:#x} is not mapped")
+
+    def read(self, address: int, size: int) -> bytes:
+        from pgslowlog.process_memory import MemoryReadError
+
+        for base, block in self.blocks.items():
+            if base <= address and address + size <= base + len(block):
+                return bytes(block[address - base : address - base + size])
+        raise MemoryReadError(14, f"{address:#x} is not mapped")
+
+    def proc(self, pid: int) -> int:
+        layout = self.layout
+        address = self._alloc(layout.proc_size)
+        self.put(address + layout.proc_pid, "<i", pid)
+        return address
+
+    def wait(self, proc: int, lock: int, mode: int) -> None:
+        self.put(proc + self.layout.proc_waitLock, "<Q", lock)
+        self.put(proc + self.layout.proc_waitLockMode, "<i", mode)
+
+    def group(self, proc: int, leader: int) -> None:
+        self.put(proc + self.layout.proc_lockGroupLeader, "<Q", leader)
+
+    def lock(self, kind: str, field1: int, holders: list, queue: list[int]) -> int:
+        """holders: (PGPROC, group leader or 0, holdMask); queue: PGPROCs in order."""
+        layout = self.layout
+        lock = self._alloc(layout.lock_waitProcs + 24)
+        self.put(lock + layout.lock_tag + layout.locktag_field1, "<I", field1)
+        self.put(
+            lock + layout.lock_tag + layout.locktag_type, "<B", layout.locktag_types.index(kind)
+        )
+        nodes = []
+        for proc, leader, mask in holders:
+            proclock = self._alloc(layout.proclock_lockLink + 16)
+            self.put(proclock + layout.proclock_myProc, "<Q", proc)
+            self.put(proclock + layout.proclock_groupLeader, "<Q", leader or proc)
+            self.put(proclock + layout.proclock_holdMask, "<i", mask)
+            nodes.append(proclock + layout.proclock_lockLink)
+        self._link(lock + layout.lock_procLocks, nodes)
+        self._link(lock + layout.lock_waitProcs, [proc + layout.proc_links for proc in queue])
+        return lock
+
+    def _link(self, head: int, nodes: list[int]) -> None:
+        chain = [head, *nodes, head]
+        for here, following in zip(chain, chain[1:]):
+            self.put(here + self.layout.list_next, "<Q", following)
+
+
+@pytest.fixture
+def fake_locks(monkeypatch: pytest.MonkeyPatch) -> FakeLockTable:
+    from pgslowlog.process_memory import Peeker
+
+    table = FakeLockTable()
+    monkeypatch.setattr(Peeker, "read", lambda self, address, size: table.read(address, size))
+    return table
+
+
+def _walk(table: FakeLockTable, proc: int):
+    from pgslowlog.sampled.blockers import LockReader
+
+    reader = LockReader(1, table.layout)
+    reader.new_look()
+    return reader.chain(proc)
+
+
+def _chain(walked) -> list[tuple[int, int, int, str, bool]]:
+    from pgslowlog.sampled.blockers import LOCK_MODES
+
+    _, links = walked
+    return [(ln.proc.pid, ln.level, ln.blocks, LOCK_MODES[ln.mode], ln.granted) for ln in links]
+
+
+def test_a_hard_blocker_and_a_soft_one_ahead_in_the_queue(fake_locks):
+    t = fake_locks
+    holder, ahead, waiter = t.proc(10), t.proc(11), t.proc(12)
+    # holder has AccessShareLock; ahead awaits AccessExclusiveLock (queued first, so a
+    # soft blocker); waiter awaits RowExclusiveLock, which only ahead's request blocks.
+    lock = t.lock(
+        "relation", 5, [(holder, 0, 1 << 1), (ahead, 0, 0), (waiter, 0, 0)], [ahead, waiter]
+    )
+    t.wait(ahead, lock, 8)
+    t.wait(waiter, lock, 3)
+    assert _chain(_walk(t, waiter)) == [
+        (11, 1, 12, "AccessExclusiveLock", False),
+        (10, 2, 11, "AccessShareLock", True),
+    ]
+    assert _chain(_walk(t, ahead)) == [(10, 1, 11, "AccessShareLock", True)]
+
+
+def test_its_own_lock_group_never_blocks_it_and_a_prepared_xact_is_pid_0(fake_locks):
+    t = fake_locks
+    leader, worker, waiter, prepared = t.proc(20), t.proc(21), t.proc(22), t.proc(0)
+    t.group(leader, leader)
+    t.group(worker, leader)
+    lock = t.lock(
+        "relation", 5, [(worker, leader, 1 << 8), (prepared, 0, 1 << 7), (leader, 0, 0)], [leader]
+    )
+    t.wait(leader, lock, 8)
+    # The worker's AccessExclusiveLock is its group's: only the prepared xact blocks.
+    assert _chain(_walk(t, leader)) == [(0, 1, 20, "ExclusiveLock", True)]
+    t.lock("relation", 5, [(worker, leader, 1 << 8), (waiter, 0, 0)], [waiter])
+    lock2 = t.lock("relation", 6, [(worker, leader, 1 << 8), (waiter, 0, 0)], [waiter])
+    t.wait(waiter, lock2, 1)
+    walked = _walk(t, waiter)
+    assert _chain(walked) == [(21, 1, 22, "AccessExclusiveLock", True)]
+    assert walked[1][0].leader_pid == 20  # a worker, named with its leader
+
+
+def test_a_deadlock_cycle_ends_and_a_torn_list_is_no_answer(fake_locks):
+    t = fake_locks
+    a, b = t.proc(30), t.proc(31)
+    lock_a = t.lock("transactionid", 700, [(a, 0, 1 << 7), (b, 0, 0)], [b])
+    lock_b = t.lock("transactionid", 701, [(b, 0, 1 << 7), (a, 0, 0)], [a])
+    t.wait(b, lock_a, 5)
+    t.wait(a, lock_b, 5)
+    assert _chain(_walk(t, a)) == [(31, 1, 30, "ExclusiveLock", True)]  # not back to a
+    # A list whose last node points at itself, not back to its head: capped, no answer.
+    layout = t.layout
+    first = int.from_bytes(t.read(lock_b + layout.lock_procLocks + layout.list_next, 8), "little")
+    t.put(first + layout.list_next, "<Q", first)
+    assert _walk(t, a) is None
+
+
+def test_a_waiter_that_moved_on_or_an_impossible_mode_is_no_answer(fake_locks):
+    t = fake_locks
+    holder, other, waiter = t.proc(40), t.proc(41), t.proc(42)
+    lock = t.lock("tuple", 5, [(holder, 0, 1 << 7), (other, 0, 0), (waiter, 0, 0)], [other, waiter])
+    t.wait(other, lock, -3)  # read mid-change: never a soft blocker, never a crash
+    t.wait(waiter, lock, 7)
+    assert _chain(_walk(t, waiter)) == [(40, 1, 42, "ExclusiveLock", True)]
+    t.wait(waiter, lock, 99)
+    assert _walk(t, waiter) is None
+    # Not in its lock's queue (granted between the two reads): no answer, not "nobody".
+    t.wait(waiter, t.lock("tuple", 5, [(holder, 0, 1 << 7)], []), 7)
+    assert _walk(t, waiter) is None
+    t.wait(waiter, 0, 0)
+    assert _walk(t, waiter) is None  # not waiting at all
+
+
+def test_a_figure_that_could_not_be_read_or_went_backwards_is_null_never_0():
+    from pgslowlog.sampled.resources import Usage, statement_resources
+
+    fields = dict.fromkeys(Usage.__struct_fields__, 100)
+    start = Usage(**{**fields, "read_bytes": None, "write_bytes": None, "cpu_wait_ns": None})
+    end = Usage(**{**fields, "shared_blks_hit": 130, "cpu_ns": 2_600_100, "wal_records": 90})
+    figures = statement_resources(start, end)
+    assert figures["shared_blks_hit"] == 30 and figures["shared_blks_read"] == 0
+    assert figures["cpu_ms"] == 2.6
+    # No /proc figures at the baseline: unknown, not 0; a counter that went back: unknown.
+    assert figures["read_bytes"] is figures["cpu_wait_ms"] is figures["wal_records"] is None
+
+
+def test_the_cpu_clock_is_the_process_s_own():
+    import os
+    import time
+
+    from pgslowlog.sampled.resources import _cpu_clock
+
+    # clock_getcpuclockid(3) of this process: the same clock as CLOCK_PROCESS_CPUTIME_ID.
+    before = time.clock_gettime_ns(time.CLOCK_PROCESS_CPUTIME_ID)
+    ours = time.clock_gettime_ns(_cpu_clock(os.getpid()))
+    after = time.clock_gettime_ns(time.CLOCK_PROCESS_CPUTIME_ID)
+    assert before <= ours <= after

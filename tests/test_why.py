@@ -242,15 +242,18 @@ def test_blockers_are_those_pg_blocking_pids_names(servers, start_daemon, major)
     with sessions(cluster) as s:
         watcher, holder, waiter = s.open(True), s.open(), s.open(True)
         holder.execute("update why_t set v = v + 1 where id = 5")
-        holder.execute("prepare transaction 'why_gid'")
-        xid = watcher.execute(
-            "select transaction::text::bigint from pg_prepared_xacts where gid = 'why_gid'"
-        ).fetchone()
         try:
+            holder.execute("prepare transaction 'why_gid'")
+            xid = watcher.execute(
+                "select transaction::text::bigint from pg_prepared_xacts where gid = 'why_gid'"
+            ).fetchone()
             s.in_background(waiter, "update why_t set v = v + 1 where id = 5 /* why prepared */")
             expected = wait_blocked(watcher, waiter.info.backend_pid)
         finally:
-            watcher.execute("commit prepared 'why_gid'")
+            # Never left behind on the module's server, whatever failed above.
+            left = "select 1 from pg_prepared_xacts where gid = 'why_gid'"
+            if watcher.execute(left).fetchone():
+                watcher.execute("commit prepared 'why_gid'")
         s.join()
     (prepared,) = daemon.wait_for_events("why prepared", 1)
     assert direct(prepared) == expected == {0}
@@ -414,7 +417,10 @@ def test_resources_agree_with_postgresql_s_own_figures(servers, start_daemon, ma
     assert within(wal["wal_records"], theirs["wal_records"]), theirs
 
     cpu = by_marker["cpu"]
-    assert cpu["resources"]["cpu_ms"] >= 0.7 * cpu["duration_ms"], cpu
+    # On a CPU for 70% of it at least, or runnable and waiting for one (the machine is
+    # shared: the run queue is not the statement's doing).
+    spent = cpu["resources"]["cpu_ms"] + cpu["resources"]["cpu_wait_ms"]
+    assert spent >= 0.7 * cpu["duration_ms"] and cpu["resources"]["cpu_ms"] > 0, cpu
     sleep = by_marker["sleep"]
     assert sleep["resources"]["cpu_ms"] < 0.1 * sleep["duration_ms"], sleep
 
@@ -424,11 +430,56 @@ def test_resources_agree_with_postgresql_s_own_figures(servers, start_daemon, ma
     cluster.psql("select why_insert(3000) /* why gone */", check=True)
     (gone,) = daemon.wait_for_events("why gone", 1)
     assert gone["resources_exact"] is False
-    assert 0 <= gone["resources"]["wal_records"] and gone["resources"]["cpu_ms"] is not None
+    figures = gone["resources"]
+    assert figures is not None, gone
+    assert figures["wal_records"] is not None and figures["cpu_ms"] is not None, figures
     assert daemon.stop() == 0
 
 
 @pytest.mark.parametrize("major", (15, 18))
+@pytest.mark.parametrize("major", (15, 18))
+def test_workers_blocked_while_their_leader_waits_for_them(servers, start_daemon, major):
+    """With parallel_leader_participation off only the workers run the scan, and the
+    function in it reads a table another session has locked: the workers wait on the
+    lock, the leader in IPC. pg_blocking_pids() of the leader names the holder, and so
+    does blocked_by, from a worker's walk."""
+    cluster = servers(major)
+    cluster.psql(
+        "create table if not exists why_par as select g from generate_series(1, 1200) g",
+        "create table if not exists why_side (v int)",
+        "create or replace function why_peek() returns bool language plpgsql parallel safe"
+        " as $$ begin perform 1 from why_side limit 1; return true; end $$",
+        check=True,
+    )
+    daemon = start_daemon(cluster, **SAMPLED)
+    with sessions(cluster) as s:
+        watcher, holder, leader = s.open(True), s.open(), s.open(True)
+        pids = pids_of(holder=holder, leader=leader)
+        for setting in (*FORCED_PARALLEL, "parallel_leader_participation = off"):
+            leader.execute(f"set {setting}")
+        holder.execute("lock table why_side in access exclusive mode")
+        s.in_background(leader, "select count(*) from why_par where why_peek() /* why workers */")
+        expected = wait_blocked(watcher, pids["leader"])
+        holder.commit()
+        s.join()
+        (event,) = daemon.wait_for_events("why workers", 1)
+    assert expected == {pids["holder"]}
+    assert not any(wait.startswith("Lock:") for wait in event["waits"]), event["waits"]
+    assert direct(event) == expected, event["blocked_by"]
+    entry = event["blocked_by"][0]
+    assert entry["blocks"] != pids["leader"]  # a worker's pid: the one that waited
+    assert (entry["lock"]["type"], entry["lock"]["mode"]) == ("relation", "AccessExclusiveLock")
+    assert daemon.stop() == 0
+
+
+FORCED_PARALLEL = (
+    "parallel_setup_cost = 0",
+    "parallel_tuple_cost = 0",
+    "min_parallel_table_scan_size = 0",
+    "max_parallel_workers_per_gather = 2",
+)
+
+
 def test_a_parallel_leader_counts_its_workers_buffers_once_they_finish(
     servers, start_daemon, major
 ):
@@ -479,7 +530,9 @@ def test_postgresql_18_s_io_workers_read_for_the_backend(start_daemon):
     """io_method = worker (18's default): the backend counts the blocks it asked for,
     but I/O workers do the reads, so its own read_bytes are a small part of them;
     io_method = sync: the backend reads itself. The page cache is dropped before each
-    scan, and the server restarted, so both are cold reads from disk."""
+    scan, and the server restarted, so both are cold reads from disk. Dropping the page
+    cache is felt by the whole machine (the next reads of every program go to disk):
+    a test VM's, once or twice per run."""
     cluster = Cluster(embedded_bindir())
     try:
         cluster.start()

@@ -7,6 +7,10 @@ connections (psycopg, the optional extra `pgslowlog[explain]`, imported only the
 and the events that wait for their plan.
 """
 
-# The explain connections name themselves so: the enricher drops their statements,
-# whatever the threshold, so that an EXPLAIN is never itself reported (or explained).
+# The explain connections name themselves so, for an operator's pg_stat_activity.
 APPLICATION_NAME = "pgslowlog explain"
+# The backend pids of the explain connections open now: the enricher drops their
+# statements, whatever the threshold, so that an EXPLAIN is never itself reported (or
+# explained). By pid, not by application_name, which any client may set to hide. Set
+# operations are atomic: the explainer's thread adds and removes, collectors ask.
+OWN_PIDS: set[int] = set()

@@ -50,7 +50,7 @@ from psycopg.pq.abc import PGconn, PGresult
 from pgslowlog.config import ExplainConfig
 from pgslowlog.dispatcher import HandsEventsOn
 from pgslowlog.event import SlowQuery
-from pgslowlog.explain import APPLICATION_NAME
+from pgslowlog.explain import APPLICATION_NAME, OWN_PIDS
 from pgslowlog.explain.servers import Server, only_server_of, parent_pid, server_of
 from pgslowlog.explain.statements import Plannable, plannable
 from pgslowlog.log import get_logger
@@ -393,7 +393,7 @@ class Explainer:
                     self._changed.notify_all()
         finally:
             for connection in self._connections.values():
-                connection.finish()
+                _finish(connection)
             self._connections.clear()
 
     def _too_late(self, request: _Request) -> bool:
@@ -413,7 +413,7 @@ class Explainer:
             self._connections.move_to_end(key)
             return connection
         if connection is not None:
-            connection.finish()
+            _finish(connection)
             del self._connections[key]
             self._leftover.discard(key)  # went with the connection
         refused = self._refused.get(key)
@@ -434,7 +434,7 @@ class Explainer:
         connection = pq.PGconn.connect(make_conninfo(**options).encode())
         if connection.status != pq.ConnStatus.OK:
             message = connection.get_error_message()
-            connection.finish()
+            _finish(connection)
             cause, fix = connect_cause(message)
             reason = f"cannot connect as {config.user}: {fatal_line(message)}"
             if cause not in self._warned:
@@ -452,12 +452,13 @@ class Explainer:
             self._refused[key] = (time.monotonic() + RECONNECT_AFTER_S, reason)
             raise ExplainFailed(reason)
         self._refused.pop(key, None)
+        OWN_PIDS.add(connection.backend_pid)  # its statements are never reported
         # NOTICEs raised while planning (a user's function) go nowhere, not to stderr.
         connection.notice_handler = _ignore_notice
         self._connections[key] = connection
         while len(self._connections) > MAX_CONNECTIONS:
             oldest_key, oldest = self._connections.popitem(last=False)
-            oldest.finish()
+            _finish(oldest)
             self._leftover.discard(oldest_key)
         return connection
 
@@ -499,7 +500,7 @@ class Explainer:
             else:
                 self._connections.pop(key, None)
                 self._leftover.discard(key)
-                connection.finish()
+                _finish(connection)
 
     # ---------------------------------------------------------------- stopping
 
@@ -545,3 +546,9 @@ class _Runner:
         # Only the SQLSTATE and the first line: planning may run the user's functions,
         # and their errors' detail is theirs.
         raise ExplainFailed(f"{sqlstate}: {first_line(primary.decode(errors='replace'))}")
+
+
+def _finish(connection: PGconn) -> None:
+    """Close a connection, and stop treating its backend's pid as ours."""
+    OWN_PIDS.discard(connection.backend_pid)
+    connection.finish()

@@ -198,7 +198,9 @@ class LockReader:
             raise TornRead(f"waiting in mode {mode}")
         conflicts = CONFLICTS[mode]
         queued = lock.queue
-        ahead = set(queued[: queued.index(waiter.address)] if waiter.address in queued else ())
+        if waiter.address not in queued:
+            raise TornRead("the waiter is not in its lock's queue")  # granted meanwhile?
+        ahead = set(queued[: queued.index(waiter.address)])
         blockers: list[tuple[int, int, bool]] = []
         for holder, group, hold_mask in lock.holders:
             if not holder or holder == waiter.address or group == waiter.group:
@@ -208,7 +210,11 @@ class LockReader:
                 blockers.append((holder, held.bit_length() - 1, True))  # its strongest
             elif holder in ahead:
                 other = self.proc(holder)
-                if other.wait_lock == waiter.wait_lock and conflicts & (1 << other.wait_mode):
+                if (
+                    other.wait_lock == waiter.wait_lock
+                    and 0 < other.wait_mode < len(CONFLICTS)
+                    and conflicts & (1 << other.wait_mode)
+                ):
                     blockers.append((holder, other.wait_mode, False))
         return lock.tag, blockers
 
@@ -244,8 +250,8 @@ class LockReader:
             # Read again: a waiter that got its lock (or another) meanwhile makes the
             # walk a mix of two moments.
             again = self.proc(address, fresh=True)
-        except (MemoryReadError, TornRead, struct.error):
-            return None
+        except (MemoryReadError, TornRead, struct.error, ValueError, IndexError):
+            return None  # a field read mid-change: the next walk
         if (again.wait_lock, again.wait_mode) != (waiter.wait_lock, waiter.wait_mode):
             return None
         return waiter, links
@@ -274,7 +280,9 @@ def describe_tag(tag: bytes, layout: BackendStatusLayout) -> dict[str, Any]:
         found["virtualxid"] = f"{field1}/{field2}"
     elif name == "spectoken":
         found.update(transactionid=field1, objid=field2)
-    else:  # object, advisory, userlock, applytransaction
+    elif name == "applytransaction":  # lockfuncs.c pg_lock_status, as it shows one
+        found.update(database=field1, objid=field2, transactionid=field3, objsubid=field4)
+    else:  # object, advisory, userlock
         found.update(database=field1, classid=field2, objid=field3, objsubid=field4)
     return found
 

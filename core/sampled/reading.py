@@ -115,6 +115,7 @@ class ClusterMemory:
         # Why a statement was slow: the lock table (shared, read through the
         # postmaster) and each backend's own counters (at the same address in all).
         self.locks = LockReader(postmaster, layout)
+        self._by_proc: dict[int, SampledBackend] | None = None  # PGPROC -> backend
         self.usage: UsageReader | None = None
         if all(name in binary.objects for name in USAGE_GLOBALS):
             buffers, wal = (bias + binary.objects[name] for name in USAGE_GLOBALS)
@@ -167,6 +168,7 @@ class ClusterMemory:
             return None  # not where its number says: torn, or not what we think it is
         backend = SampledBackend(pid, entry, proc, started, slot)
         self.backends[pid] = backend
+        self._by_proc = None
         if slot is not None:
             self._own(slot, backend)
         return backend
@@ -182,6 +184,7 @@ class ClusterMemory:
     def _own(self, slot: int, backend: SampledBackend) -> None:
         if (former := self.slots.get(slot)) is not None and former is not backend:
             self.backends.pop(former.pid, None)
+            self._by_proc = None
         self.slots[slot] = backend
         self._reader = None  # the span of PGPROCs to read changed
 
@@ -272,6 +275,7 @@ class ClusterMemory:
 
     def forget(self, pid: int) -> None:
         backend = self.backends.pop(pid, None)
+        self._by_proc = None
         if backend is not None and backend.slot is not None:
             if self.slots.get(backend.slot) is backend:
                 del self.slots[backend.slot]
@@ -377,15 +381,19 @@ class ClusterMemory:
             return ""
         return name.decode(errors="replace")
 
+    def backend_at(self, proc: int) -> SampledBackend | None:
+        """The followed backend whose PGPROC is at `proc`."""
+        if self._by_proc is None:
+            self._by_proc = {backend.proc: backend for backend in self.backends.values()}
+        return self._by_proc.get(proc)
+
     def describe(self, proc: Proc) -> dict[str, Any]:
         """A lock holder as pg_stat_activity shows it: its state, its current or last
         statement (PostgreSQL's copy, cut at track_activity_query_size), and how long
         its transaction has been open. Nulls for a prepared transaction (no backend)
         and for a process this cluster's looks do not follow."""
         found: dict[str, Any] = {"state": None, "query": None, "xact_age_s": None}
-        backend = None
-        if proc.pid:
-            backend = next((b for b in self.backends.values() if b.proc == proc.address), None)
+        backend = self.backend_at(proc.address) if proc.pid else None
         entry = self._entry(backend) if backend is not None else None
         if entry is None:
             return found

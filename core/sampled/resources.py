@@ -11,8 +11,9 @@ page cache is in neither).
 The sampler reads the counters and the CPU clock when it first sees a statement running
 (its baseline), /proc's figures at the next look if it still runs, and all of them
 when it sees the statement over; the difference is the statement's. The baseline is
-taken at the first look, not at the statement's start: what the statement did before
-that look is missing, so the figures are lower bounds (`resources_exact` false). A
+taken at the first look, not at the statement's start, and the end at the look that
+sees it over: the figures are approximate by up to an interval at each end
+(`resources_exact` false; docs/why.md). A
 parallel query's leader adds its workers' buffer and WAL counters to its own when they
 finish; its /proc figures never include theirs.
 """

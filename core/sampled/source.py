@@ -11,6 +11,7 @@ not told.
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -27,6 +28,7 @@ from pgslowlog.pg_layouts import (
     unverified,
 )
 from pgslowlog.probes import ProbeDefinition
+from pgslowlog.process_memory import MemoryReadError
 from pgslowlog.records import BackendNotice, NoticeKind, RawStatement, Record
 from pgslowlog.sampled.blockers import blocked_by
 from pgslowlog.sampled.discovery import DISCOVER_EVERY_S, Discovery
@@ -54,14 +56,14 @@ FAILURES_PER_LOOK = 4096  # failure reports taken at once: far more than a look 
 # first).
 WALK_EVERY_US = 100_000
 WALKS_PER_LOOK = 8
-# The "why" readings that can wait (lock walks, /proc figures after the baseline,
-# the counters of long statements read again) spend at most this share of a core,
-# saved up to WHY_BURST_S: a hundred backends queued on one row, each walk reading a
-# hundred PROCLOCKs, must not make the looks cost a tenth of a core. What waits is
-# read at a later look (the walk's answer is then older; a /proc baseline later, a
-# lower bound as the rest).
-WHY_SHARE = 0.005
-WHY_BURST_S = 0.02
+# The "why" readings that can wait spend at most this share of a core each (in this
+# thread's CPU time), saved up to WHY_BURST_S: the lock walks, and the /proc baselines
+# and counters of long statements read again. A hundred backends queued on one row,
+# each walk reading a hundred PROCLOCKs, must not make the looks cost a tenth of a
+# core. What waits is read at a later look (the walk's answer is then older, a /proc
+# baseline later).
+WHY_SHARE = 0.0025  # each of the two budgets: lock walks, and counters read again
+WHY_BURST_S = 0.01
 # A statement old enough to be reported has its backend's counters read again this
 # often: the end figures, should the backend exit before a look sees the end (a
 # client that disconnects at once, as psql does) and its memory can no longer be read.
@@ -73,7 +75,9 @@ def auto_floor_ms(daemon: DaemonConfig) -> float:
 
 
 class _Budget:
-    """Time the readings that can wait may spend: `share` of a core, saved up to `burst`."""
+    """CPU time the readings that can wait may spend: `share` of a core, saved up to
+    `burst`. Spent in this thread's CPU time (time.thread_time), so that being
+    preempted on a busy machine is not charged as work."""
 
     def __init__(self, share: float, burst: float) -> None:
         self._share, self._burst = share, burst
@@ -89,7 +93,8 @@ class _Budget:
         return self._credit > 0
 
     def spend(self, since: float) -> None:
-        self._credit -= time.monotonic() - since
+        """`since`: time.thread_time() when the work began."""
+        self._credit -= time.thread_time() - since
 
 
 class SampledSource:
@@ -113,7 +118,10 @@ class SampledSource:
         self._include_background = daemon.include_background
         self._read_blockers = daemon.blocked_by
         self._read_usage = daemon.resources
-        self._budget = _Budget(WHY_SHARE, WHY_BURST_S)
+        # Each kind of reading that can wait has its own budget: neither starves the other.
+        self._walk_budget = _Budget(WHY_SHARE, WHY_BURST_S)
+        self._usage_budget = _Budget(WHY_SHARE, WHY_BURST_S)
+        self._text_age_us = 0.0  # a statement this old may be reported: read its text
         self._thresholds = ThresholdHistory(round(daemon.threshold_ms * 1000))
         self._tracker = StatementTracker()
         self._window = HandOverWindow()
@@ -244,8 +252,10 @@ class SampledSource:
             self._next_scan = time.monotonic() + DISCOVER_EVERY_S
             self._reap(records, now_us)
         text_age_us = self._thresholds.current_us - TEXT_MARGIN_INTERVALS * self._interval_s * 1e6
+        self._text_age_us = text_age_us
         waiting: list[tuple[ClusterMemory, SampledBackend, InFlight]] = []
-        self._budget.refill()
+        self._walk_budget.refill()
+        self._usage_budget.refill()
         for cluster in self._discovery.clusters.values():
             if scan or cluster.base is None:
                 # The status array shows new backends and exits by itself; the children
@@ -266,6 +276,9 @@ class SampledSource:
             for backend, sample in look.samples:
                 if sample is None:
                     continue  # caught mid-write: look again next time
+                locked = sample.wait.startswith("Lock:")
+                if locked and not sample.client and self._read_blockers:
+                    self._group_member_waits(cluster, backend, waiting, now_us)
                 if not sample.client:
                     if not self._include_background:
                         continue  # autovacuum, walsenders, parallel workers: not asked for
@@ -278,16 +291,38 @@ class SampledSource:
                 if running.text is None and now_us - running.start_us >= text_age_us:
                     self._read_text(cluster, backend, running)
                 if self._read_usage and cluster.usage:
-                    self._read_usage_of(cluster.usage, backend.pid, running, now_us, text_age_us)
-                if self._read_blockers and sample.wait.startswith("Lock:"):
+                    self._read_usage_of(cluster.usage, backend.pid, running, now_us, locked)
+                if self._read_blockers and locked:
                     if now_us - running.walked_us >= WALK_EVERY_US:
                         waiting.append((cluster, backend, running))
-            self._walk_locks(waiting, now_us)
+        self._walk_locks(waiting, now_us)
         self._matcher.keep_only(self._tracker.in_flight.keys())
         return records
 
+    def _group_member_waits(
+        self,
+        cluster: ClusterMemory,
+        member: SampledBackend,
+        waiting: list[tuple[ClusterMemory, SampledBackend, InFlight]],
+        now_us: int,
+    ) -> None:
+        """A parallel worker waits on a lock while its leader waits for the workers:
+        the leader's statement is the one blocked (pg_blocking_pids() of the leader
+        names its workers' blockers too). The worker's walk answers for it."""
+        try:
+            group = cluster.locks.proc(member.proc, fresh=True).group
+        except (MemoryReadError, struct.error):
+            return
+        leader = cluster.backend_at(group) if group != member.proc else None
+        running = self._tracker.in_flight.get(leader.pid) if leader is not None else None
+        if running is None:
+            return
+        running.group_waited = True
+        if now_us - running.walked_us >= WALK_EVERY_US:
+            waiting.append((cluster, member, running))
+
     def _read_usage_of(
-        self, usage: UsageReader, pid: int, running: InFlight, now_us: int, text_age_us: float
+        self, usage: UsageReader, pid: int, running: InFlight, now_us: int, locked: bool
     ) -> None:
         """The statement's baseline at the first look that sees it running: the
         backend's counters and CPU clock, a few microseconds (OLTP statements are first
@@ -298,17 +333,23 @@ class SampledSource:
             running.usage_start = usage.counters(pid)
             running.usage_read_us = now_us
             return
-        if not self._budget.allows():
-            return
-        started = time.monotonic()
+        budget = self._usage_budget
         if not running.usage_proc_read:
-            running.usage_start = usage.with_proc(pid, running.usage_start)
-            running.usage_proc_read = True
-        elif now_us - running.start_us >= text_age_us:
-            if now_us - running.usage_read_us >= USAGE_EVERY_US:
+            if budget.allows():
+                started = time.thread_time()
+                running.usage_start = usage.with_proc(pid, running.usage_start)
+                running.usage_proc_read = True
+                budget.spend(started)
+            return
+        # Again now and then once it may be reported; not while it waits on a lock (its
+        # counters do not move then: a hundred sessions queued on one row cost nothing).
+        due = now_us - running.usage_read_us >= USAGE_EVERY_US
+        if due and not locked and now_us - running.start_us >= self._text_age_us:
+            if budget.allows():
+                started = time.thread_time()
                 running.usage_last = usage.counters(pid)
                 running.usage_read_us = now_us
-        self._budget.spend(started)
+                budget.spend(started)
 
     def _walk_locks(
         self, waiting: list[tuple[ClusterMemory, SampledBackend, InFlight]], now_us: int
@@ -318,12 +359,12 @@ class SampledSource:
         for cluster, _, _ in waiting:
             cluster.locks.new_look()  # what this look reads of the lock table, shared
         for cluster, backend, running in waiting[:WALKS_PER_LOOK]:
-            if not self._budget.allows():
+            if not self._walk_budget.allows():
                 break  # the rest at a later look, before those walked now
-            started = time.monotonic()
+            started = time.thread_time()
             running.walked_us = now_us
             self._walk(cluster, backend, running)
-            self._budget.spend(started)
+            self._walk_budget.spend(started)
         waiting.clear()
 
     @staticmethod
@@ -447,7 +488,7 @@ class SampledSource:
         and the backend's counters now that its end is seen."""
         why: dict[str, Any] = {}
         if self._read_blockers:
-            waited = any(wait.startswith("Lock:") for wait in finished.waits)
+            waited = finished.group_waited or any(w.startswith("Lock:") for w in finished.waits)
             # [] for a statement seen never waiting on a lock; None for one that did,
             # whose blockers no walk could read.
             why["blocked_by"] = finished.blocked_by or (None if waited else [])
@@ -456,8 +497,7 @@ class SampledSource:
         usage, start = cluster.usage, finished.usage_start
         if self._read_usage and usage and start:
             # Read now that its end is seen; when the backend is gone, its last reading
-            # while it ran (a lower bound, as the baseline's figures are anyway; its
-            # /proc figures are then unknown).
+            # while it ran (its last moments missing; its /proc figures unknown).
             end = None if finished.backend_exited else usage.read(finished.pid)
             end = end or finished.usage_last
             if end is not None:

@@ -50,6 +50,7 @@ class InFlight:
     blocked_by: Optional[list[dict[str, Any]]] = None  # the last walk of its lock wait
     lock_wait_start_us: Optional[int] = None  # PGPROC.waitStart at that walk
     walked_us: int = 0  # when its lock wait was last walked
+    group_waited: bool = False  # a parallel worker of its backend was seen waiting on a lock
 
 
 @dataclass(frozen=True, **SLOTS)
@@ -70,6 +71,7 @@ class Finished:
     usage_last: Optional[Usage] = None
     blocked_by: Optional[list[dict[str, Any]]] = None
     lock_wait_start_us: Optional[int] = None
+    group_waited: bool = False
 
     @property
     def duration_us(self) -> int:
@@ -157,4 +159,5 @@ class StatementTracker:
             usage_last=statement.usage_last,
             blocked_by=statement.blocked_by,
             lock_wait_start_us=statement.lock_wait_start_us,
+            group_waited=statement.group_waited,
         )
