@@ -12,9 +12,7 @@ drain the sources and the sink queues, exit 0.
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import threading
 import time
 from dataclasses import asdict
@@ -24,6 +22,7 @@ from typing import TYPE_CHECKING
 from pgslowlog.config import Config, TargetConfig, load_config
 from pgslowlog.dispatcher import Dispatcher, start_sinks
 from pgslowlog.errors import UserError
+from pgslowlog.explain.start import explainer_for
 from pgslowlog.health import HealthReporter
 from pgslowlog.live_config import merge_live, needs_restart
 from pgslowlog.log import configure_logging, get_logger
@@ -34,6 +33,7 @@ from pgslowlog.plugin_manager import Plugins
 from pgslowlog.probe_set import ProbeSet
 from pgslowlog.probes import ProbeDefinition
 from pgslowlog.sources import ProbeLoadError
+from pgslowlog.systemd import sd_notify
 from pgslowlog.target_watch import WATCH_INTERVAL_S, TargetWatcher
 from pgslowlog.targets import Target, target_name
 
@@ -44,22 +44,11 @@ log = get_logger(__name__)
 LOSS_CHECK_INTERVAL_S = 10.0  # loss counters are checked at least this often
 
 
-def sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) about readiness; a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.sendto(state.encode(), address)
-
-
 def run(config_path: str) -> int:
     """The daemon's whole life: check, plan, listen, start, serve, stop. Its exit status."""
     config = load_config(config_path)
     require_machine()  # privileges, bcc, headers...: one line naming what is missing
-    explainer_type = explainer_class(config)  # psycopg, if [explain] wants it
+    start_explainer = explainer_for(config)  # psycopg, if [explain] wants it
     configure_logging(config.daemon.log_level)
     planner = Planner(Plugins.load())
     the_plan = planner.plan(config, config_path)
@@ -75,30 +64,12 @@ def run(config_path: str) -> int:
         if metrics is not None:
             metrics.close()
         raise
-    explainer = None
-    if explainer_type is not None:
-        assert config.explain is not None
-        explainer = explainer_type(config.explain, dispatcher, config.daemon.redact_literals)
+    explainer = start_explainer(dispatcher) if start_explainer is not None else None
     try:
         return Daemon(config_path, config, planner, dispatcher, metrics, explainer).run(the_plan)
     finally:
         if metrics is not None:
             metrics.close()
-
-
-def explainer_class(config: Config) -> type[Explainer] | None:
-    """With [explain]: the Explainer, which goes between the collectors and the
-    dispatcher. psycopg is the optional extra's: imported only then."""
-    if not config.explaining:
-        return None
-    try:
-        from pgslowlog.explain.explainer import Explainer
-    except ImportError:
-        raise UserError(
-            "[explain] is set but psycopg is missing",
-            "pip install 'pgslowlog[explain]', or remove the [explain] table",
-        ) from None
-    return Explainer
 
 
 class Daemon:
@@ -118,10 +89,9 @@ class Daemon:
         self.config = config  # what is in effect: a reload changes only the live keys
         self.planner = planner
         self.dispatcher = dispatcher
-        # With [explain], events pass through the explainer on their way to the sinks.
-        self.explainer = explainer
+        self.explainer = explainer  # with [explain], events pass it on their way to the sinks
         self.probes = ProbeSet(explainer or dispatcher, config.daemon, self._fail)
-        self.health = HealthReporter(self.probes, dispatcher)
+        self.health = HealthReporter(self.probes, dispatcher, getattr(explainer, "stats", None))
         self.probes.add_listener(self.health)
         self.watcher = TargetWatcher(self._resolve, self.probes)
         if metrics is not None:
@@ -134,8 +104,6 @@ class Daemon:
     def run(self, the_plan: Plan) -> int:
         """Attach what the plan says, serve until a signal, stop; the exit status."""
         self.dispatcher.start()
-        if self.explainer is not None:
-            self.explainer.start()
         self._install_signal_handlers()
         try:
             if not self._attach(the_plan):
@@ -207,8 +175,7 @@ class Daemon:
                     log.info("probes_switched", probes=switched)
             self.health.report_losses()
             if time.monotonic() >= next_health:
-                explain = {"explain": dict(self.explainer.stats)} if self.explainer else {}
-                log.info("health", **self.health.health(), **explain)
+                log.info("health", **self.health.health())
                 next_health = time.monotonic() + stats_interval
 
     def _fail(self, reason: str) -> None:
@@ -251,8 +218,7 @@ class Daemon:
 
     def _shutdown(self) -> None:
         stopped = self.health.stopped(self.probes.stop_all())
-        if self.explainer is not None:
-            # Every event still waiting for its plan goes on (within timeout_ms) first.
+        if self.explainer is not None:  # events waiting for their plan go on first
             stopped["explain"] = self.explainer.close()
         sink_stats = self.dispatcher.close()
         log.info(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from pgslowlog.dispatcher import Dispatcher
@@ -103,9 +103,12 @@ class HealthReporter:
     """Reads the probe set's sources from the main loop, and hears from the probe set
     (a probe_set.ProbeSetListener) when a probe retires."""
 
-    def __init__(self, probes: ProbeSet, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self, probes: ProbeSet, dispatcher: Dispatcher, explain: Mapping[str, int] | None = None
+    ) -> None:
         self._probes = probes
         self._dispatcher = dispatcher
+        self._explain = explain  # the Explainer's counts, live, with [explain]
         # Records filtered by probes already closed, kept for the totals.
         self._filtered_retired = 0
         # Each running probe's figures (and undecodable records) at the last look: a
@@ -191,6 +194,7 @@ class HealthReporter:
             "targets": sum_per_target(totals),
             "sinks": {name: asdict(stats) for name, stats in self._dispatcher.stats().items()},
             "undecodable_records": _undecodable(totals),
+            **({"explain": dict(self._explain)} if self._explain is not None else {}),
         }
 
     def stopped(self, stopped: list[RunningProbe]) -> dict[str, object]:

@@ -699,15 +699,15 @@ def test_run_refuses_explain_without_psycopg_in_one_line(monkeypatch: pytest.Mon
     import sys
 
     from pgslowlog.config import parse_config
-    from pgslowlog.daemon import explainer_class
     from pgslowlog.errors import UserError
+    from pgslowlog.explain.start import explainer_for
 
-    assert explainer_class(parse_config(config_with(None))) is None
-    assert explainer_class(parse_config(config_with({}))) is Explainer
+    assert explainer_for(parse_config(config_with(None))) is None
+    assert callable(explainer_for(parse_config(config_with({}))))
     monkeypatch.setitem(sys.modules, "psycopg", None)
     monkeypatch.delitem(sys.modules, "pgslowlog.explain.explainer")
     with pytest.raises(UserError, match=r"\[explain\] is set but psycopg is missing; pip install"):
-        explainer_class(parse_config(config_with({})))
+        explainer_for(parse_config(config_with({})))
 
 
 # 13 and 17 run chrooted (Debian 11 and 13 trees), which needs root: the root lane's,

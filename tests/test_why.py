@@ -437,7 +437,6 @@ def test_resources_agree_with_postgresql_s_own_figures(servers, start_daemon, ma
 
 
 @pytest.mark.parametrize("major", (15, 18))
-@pytest.mark.parametrize("major", (15, 18))
 def test_workers_blocked_while_their_leader_waits_for_them(servers, start_daemon, major):
     """With parallel_leader_participation off only the workers run the scan, and the
     function in it reads a table another session has locked: the workers wait on the
@@ -480,6 +479,7 @@ FORCED_PARALLEL = (
 )
 
 
+@pytest.mark.parametrize("major", (15, 18))
 def test_a_parallel_leader_counts_its_workers_buffers_once_they_finish(
     servers, start_daemon, major
 ):

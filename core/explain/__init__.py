@@ -7,6 +7,8 @@ connections (psycopg, the optional extra `pgslowlog[explain]`, imported only the
 and the events that wait for their plan.
 """
 
+from __future__ import annotations
+
 # The explain connections name themselves so, for an operator's pg_stat_activity.
 APPLICATION_NAME = "pgslowlog explain"
 # The backend pids of the explain connections open now: the enricher drops their
