@@ -594,8 +594,8 @@ def test_the_pipeline_holds_events_for_their_plans_and_loses_none(
             )
         source.emit("select count(*) from t /* three */", pid=served.pid)
     finally:
+        probes.stop_all()  # its collector drains: the explain record is enriched by now
         OWN_PIDS.discard(999_999_998)
-        probes.stop_all()
         stats = explainer.close()
         dispatcher.close()
         for fake in opened:
