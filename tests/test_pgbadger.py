@@ -216,6 +216,19 @@ def pgbadger_json(log: Path, workdir: Path) -> dict[str, Any]:
     return report
 
 
+def pgbadger_html(log: Path, workdir: Path) -> str:
+    """pgBadger's HTML report of a jsonlog file (kept as report.html in `workdir`)."""
+    html = workdir / "report.html"
+    result = subprocess.run(
+        [PGBADGER, "-q", "-f", "jsonlog", "-o", str(html), str(log)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return html.read_text()
+
+
 def slowest(report: dict[str, Any]) -> list[tuple[float, str, str | None, str | None]]:
     """(duration, query, database, user) of pgBadger's slowest queries, slowest first."""
     # pgBadger files everything under "postgres" unless asked for a report per database
@@ -353,15 +366,7 @@ def test_pgbadger_reports_what_ran(
     assert report["overall_stat"]["errors_number"] == 0
     assert set(report["host_info"]["postgres"]) == {"127.0.0.1"}
 
-    html = tmp_path / "report.html"
-    result = subprocess.run(
-        [PGBADGER, "-q", "-f", "jsonlog", "-o", str(html), str(log)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert f"{MARKER} top" in html.read_text()
+    assert f"{MARKER} top" in pgbadger_html(log, tmp_path)
     if keep := os.environ.get("PGSLOWLOG_KEEP_PGBADGER"):  # to look at it in a browser
         shutil.copytree(tmp_path, keep, dirs_exist_ok=True)
 
@@ -439,12 +444,4 @@ def test_pgbadger_counts_a_planned_statement_once_and_shows_its_plan(tmp_path: P
     assert '"Query Text": "select * from t where id = $1 /* planned */"' in planned
     assert '"Node Type": "Index Scan"' in planned and '"Index Cond": "(id = $1)"' in planned
     assert utility == "vacuum t;"
-    html = tmp_path / "report.html"
-    result = subprocess.run(
-        [PGBADGER, "-q", "-f", "jsonlog", "-o", str(html), str(log)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "Index Scan" in html.read_text()
+    assert "Index Scan" in pgbadger_html(log, tmp_path)

@@ -22,7 +22,7 @@ good one).
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -159,35 +159,49 @@ class LockReader:
         layout = self._layout
         head = self._peeker.read(address, layout.lock_waitProcs + 16)
         tag = head[layout.lock_tag : layout.lock_tag + 16]
-        holders: list[tuple[int, int, int]] = []
-        start = address + layout.lock_procLocks
-        node = _PTR.unpack_from(head, layout.lock_procLocks + layout.list_next)[0]
-        while node and node != start:
-            if len(holders) >= MAX_LIST_NODES:
-                raise TornRead(f"the PROCLOCKs of {address:#x} do not end")
-            proclock = node - layout.proclock_lockLink
-            raw = self._peeker.read(proclock, self._node)
-            holders.append(
-                (
-                    _PTR.unpack_from(raw, layout.proclock_myProc)[0],
-                    _PTR.unpack_from(raw, layout.proclock_groupLeader)[0],
-                    _INT.unpack_from(raw, layout.proclock_holdMask)[0],
-                )
+        holders = [
+            (
+                _PTR.unpack_from(raw, layout.proclock_myProc)[0],
+                _PTR.unpack_from(raw, layout.proclock_groupLeader)[0],
+                _INT.unpack_from(raw, layout.proclock_holdMask)[0],
             )
-            node = _PTR.unpack_from(raw, layout.proclock_lockLink + layout.list_next)[0]
-        queue: list[int] = []
-        start = address + layout.lock_waitProcs
-        node = _PTR.unpack_from(head, layout.lock_waitProcs + layout.list_next)[0]
-        while node and node != start:
-            if len(queue) >= MAX_LIST_NODES:
-                raise TornRead(f"the wait queue of {address:#x} does not end")
-            waiting = node - layout.proc_links
-            queue.append(waiting)
-            raw = self._peeker.read(node + layout.list_next, 8)
-            node = _PTR.unpack_from(raw)[0]
+            for _, raw in self._follow(
+                address,
+                head,
+                layout.lock_procLocks,
+                layout.proclock_lockLink,
+                self._node,
+                "PROCLOCKs",
+            )
+        ]
+        queue = [
+            waiting
+            for waiting, _ in self._follow(
+                address, head, layout.lock_waitProcs, layout.proc_links, 0, "wait queue"
+            )
+        ]
         found = _Lock(tag, holders, queue)
         self._locks[address] = found
         return found
+
+    def _follow(
+        self, lock: int, head: bytes, list_at: int, link_at: int, size: int, what: str
+    ) -> Iterator[tuple[int, bytes]]:
+        """The elements of one of the LOCK's lists (the list at `list_at` in the LOCK,
+        its link at `link_at` in each element), and at least `size` bytes read at each:
+        the PROCLOCK itself; nothing more of a waiting PGPROC than its link."""
+        layout = self._layout
+        start = lock + list_at
+        node = _PTR.unpack_from(head, list_at + layout.list_next)[0]
+        count = 0
+        while node and node != start:
+            count += 1
+            if count > MAX_LIST_NODES:
+                raise TornRead(f"the {what} of {lock:#x} do not end")
+            element = node - link_at
+            raw = self._peeker.read(element, max(size, link_at + layout.list_next + 8))
+            yield element, raw
+            node = _PTR.unpack_from(raw, link_at + layout.list_next)[0]
 
     def direct(self, waiter: Proc) -> tuple[bytes, list[tuple[int, int, bool]]]:
         """The LOCKTAG the waiter sleeps on, and who blocks it there: (PGPROC, mode,
