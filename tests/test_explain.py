@@ -379,7 +379,10 @@ def server_statements(cluster: Cluster) -> list[str]:
     return sent
 
 
-ALLOWED = ("BEGIN READ ONLY", "SET LOCAL ", "EXPLAIN (FORMAT JSON) ", "PREPARE ", "DEALLOCATE ")
+ALLOWED = (
+    *("BEGIN READ ONLY", "SET LOCAL ", "EXPLAIN (FORMAT JSON) ", "PREPARE ", "DEALLOCATE "),
+    "EXPLAIN (VERBOSE, FORMAT JSON) SELECT '",  # a blocker's relation named: see below
+)
 
 
 @pytest.mark.system
@@ -394,6 +397,32 @@ def test_an_update_is_planned_and_never_run(served: Served) -> None:
     assert "PREPARE pgslowlog_explain AS update t set v = v + $1 where id = $2" in sent
     assert "EXPLAIN (FORMAT JSON) EXECUTE pgslowlog_explain(NULL, NULL)" in sent
     assert sent and all(s.startswith(ALLOWED) or s == "ROLLBACK" for s in sent), sent
+
+
+@pytest.mark.system
+def test_a_blocker_s_relation_is_named_by_explain_verbose_alone(served: Served) -> None:
+    """blocked_by names a relation lock by oid; with [explain] the connection to the
+    statement's database names it too: EXPLAIN (VERBOSE) shows a regclass constant by
+    its name, and runs nothing."""
+    row = served.admin.execute("select 't'::regclass::oid::bigint").fetchone()
+    assert row is not None
+    oid = row[0]
+    lock = {"type": "relation", "database": 1, "relation": oid, "relation_name": None}
+    blocker = {"pid": 1, "level": 1, "blocks": served.pid, "lock": lock}
+    gone = {**blocker, "pid": 2, "lock": {**lock, "relation": 4_000_000_000}}  # no such
+    xact = {**blocker, "pid": 3, "lock": {"type": "transactionid", "transactionid": 5}}
+    (event,), stats = explain_all(
+        [[served.event("vacuum t /* named */", blocked_by=[blocker, gone, xact])]]
+    )
+    assert event.blocked_by is not None
+    assert [entry["lock"].get("relation_name") for entry in event.blocked_by] == ["t", None, None]
+    assert event.plan_error == "not explained: VacuumStmt is not a plannable statement"
+    assert stats["relations_named"] == 1
+    sent = server_statements(served.cluster)
+    assert f"EXPLAIN (VERBOSE, FORMAT JSON) SELECT '{oid}'::regclass, '4000000000'::regclass" in (
+        sent
+    )
+    assert all(s.startswith(ALLOWED) or s == "ROLLBACK" for s in sent), sent
 
 
 @pytest.mark.system

@@ -568,3 +568,23 @@ def test_postgresql_18_s_io_workers_read_for_the_backend(start_daemon):
     size = pages * 8192
     assert figures["sync"]["read_bytes"] >= 0.8 * size, figures
     assert figures["worker"]["read_bytes"] < 0.5 * size, figures
+
+
+def test_with_explain_a_blocking_relation_lock_names_its_table(servers, start_daemon):
+    """[explain]'s connection to the statement's database names the relation of a
+    lock by EXPLAIN (VERBOSE) alone; the event has its plan besides."""
+    cluster = servers(15)
+    daemon = start_daemon(cluster, **SAMPLED, explain={"user": "postgres"})
+    with sessions(cluster) as s:
+        watcher, holder, waiter = s.open(True), s.open(), s.open(True)
+        holder.execute("lock table why_t in access exclusive mode")
+        s.in_background(waiter, "select count(*) from why_t /* why named */")
+        wait_blocked(watcher, waiter.info.backend_pid)
+        holder.commit()
+        s.join()
+        (event,) = daemon.wait_for_events("why named", 1)
+    (entry,) = event["blocked_by"]
+    assert (entry["lock"]["type"], entry["lock"]["relation_name"]) == ("relation", "why_t")
+    assert event["plan"][0]["Plan"]["Node Type"] == "Aggregate", event["plan_error"]
+    assert event["fingerprint"]
+    assert daemon.stop() == 0

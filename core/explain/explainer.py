@@ -81,7 +81,7 @@ class _Request:
         self,
         server: Server,
         database: str,
-        statement: Plannable,
+        statement: Optional[Plannable],  # None: a _Naming
         values: Optional[list[Optional[bytes]]],
     ) -> None:
         self.server = server
@@ -92,6 +92,19 @@ class _Request:
         self.plan: Optional[list[dict[str, Any]]] = None
         self.error: Optional[str] = None
         self.finished_at = 0.0
+
+
+class _Naming(_Request):
+    """The relations of one event's blockers, named over the connection to its
+    database: EXPLAIN (VERBOSE) of their regclass constants shows each by its name, and
+    runs nothing (the connection runs nothing but EXPLAIN and SET LOCAL here too)."""
+
+    __slots__ = ("names", "oids")
+
+    def __init__(self, server: Server, database: str, oids: tuple[int, ...]) -> None:
+        super().__init__(server, database, None, None)
+        self.oids = oids
+        self.names: dict[int, str] = {}
 
 
 class _Batch(NamedTuple):
@@ -166,7 +179,10 @@ class Explainer:
             "rate_limited": 0,
             "queue_full": 0,
             "timed_out": 0,  # events that went on without waiting longer
+            "relations_named": 0,  # lookups of blockers' relation names (EXPLAIN VERBOSE)
         }
+        # (host, port, database, relation oid) -> its name, as the explain role sees it
+        self._names: OrderedDict[tuple[str, int, str, int], str] = OrderedDict()
         # Touched by the worker thread only:
         self._connections: OrderedDict[tuple[str, int, str], PGconn] = OrderedDict()
         self._refused: dict[tuple[str, int, str], tuple[float, str]] = {}
@@ -202,6 +218,15 @@ class Explainer:
                     waiting.append((index, decided))
                 else:
                     out[index] = decided
+                try:
+                    named = self._name_relations(out[index])
+                except Exception:  # a bug must never cost the event
+                    log.exception("explain_naming_failed")
+                    named = None
+                if isinstance(named, _Naming):
+                    waiting.append((index, named))
+                elif named is not None:
+                    out[index] = named
             if not waiting and not self._held:
                 self._dispatcher.dispatch_many(out)  # under the lock: order is kept
                 return
@@ -268,6 +293,32 @@ class Explainer:
         while len(self._recent) > MAX_REMEMBERED:
             self._recent.popitem(last=False)
         return request
+
+    def _name_relations(self, event: SlowQuery) -> Union[SlowQuery, _Naming, None]:
+        """The event with its blockers' relations named from what is known, or the
+        lookup it waits for; None when there is nothing to name (or no way to)."""
+        oids = {
+            entry["lock"]["relation"]
+            for entry in event.blocked_by or ()
+            if isinstance(entry.get("lock"), dict) and "relation" in entry["lock"]
+        }
+        if not oids or event.database is None:
+            return None
+        try:
+            server = self._server(event)
+        except ValueError:
+            return None
+        key = (server.host, server.port, event.database)
+        known = {oid: name for oid in oids if (name := self._names.get((*key, oid)))}
+        missing = tuple(sorted(oids - set(known)))
+        if not missing:
+            return _with_names(event, known)
+        if len(self._queue) >= self.config.queue_size:
+            return None  # named by oid only: the queue is the plans' first
+        naming = _Naming(server, event.database, missing)
+        naming.names.update(known)
+        self._queue.append(naming)
+        return naming
 
     def _shared(
         self, server: Server, event: SlowQuery, key_text: str, now: float
@@ -351,6 +402,10 @@ class Explainer:
     def _hand_on(self, batch: _Batch) -> None:
         events = batch.events
         for index, request in batch.waiting:
+            if isinstance(request, _Naming):
+                if request.names:  # else: by oid only, as without [explain]
+                    events[index] = _with_names(events[index], request.names)
+                continue
             if request.done:
                 events[index] = msgspec.structs.replace(
                     events[index], plan=request.plan, plan_error=request.error
@@ -379,7 +434,11 @@ class Explainer:
                     if self._too_late(request):
                         continue
                 try:
-                    plan: Optional[list[dict[str, Any]]] = self._explain(request)
+                    plan: Optional[list[dict[str, Any]]] = None
+                    if isinstance(request, _Naming):
+                        request.names.update(self._name(request))
+                    else:
+                        plan = self._explain(request)
                     error = None
                 except ExplainFailed as failure:
                     plan, error = None, str(failure)
@@ -389,7 +448,10 @@ class Explainer:
                 with self._changed:
                     request.plan, request.error, request.done = plan, error, True
                     request.finished_at = time.monotonic()
-                    self.stats["explained" if error is None else "failed"] += 1
+                    if isinstance(request, _Naming):
+                        self._remember_names(request)
+                    else:
+                        self.stats["explained" if error is None else "failed"] += 1
                     self._changed.notify_all()
         finally:
             for connection in self._connections.values():
@@ -462,9 +524,41 @@ class Explainer:
             self._leftover.discard(oldest_key)
         return connection
 
+    def _remember_names(self, request: _Naming) -> None:
+        self.stats["relations_named"] += 1
+        key = (request.server.host, request.server.port, request.database)
+        for oid, name in request.names.items():
+            self._names[(*key, oid)] = name
+        while len(self._names) > MAX_REMEMBERED:
+            self._names.popitem(last=False)
+
+    def _name(self, request: _Naming) -> dict[int, str]:
+        """Each oid's name in the request's database: EXPLAIN (VERBOSE) shows a regclass
+        constant by the name regclassout gives it (schema-qualified where the role's
+        search_path does not find it); an oid that names nothing stays a number."""
+        connection = self._connect(request.server, request.database)
+        run = _Runner(connection)
+        constants = ", ".join(f"'{int(oid)}'::regclass" for oid in request.oids)
+        try:
+            run("BEGIN READ ONLY")
+            run(f"SET LOCAL statement_timeout = {self.config.statement_timeout_ms}")
+            result = run(f"EXPLAIN (VERBOSE, FORMAT JSON) SELECT {constants}")
+            shown = json.loads(result.get_value(0, 0) or b"[]")[0]["Plan"].get("Output", [])
+        finally:
+            if connection.status == pq.ConnStatus.OK:
+                if connection.transaction_status != pq.TransactionStatus.IDLE:
+                    connection.exec_params(b"ROLLBACK", [])
+        names = {}
+        for oid, output in zip(request.oids, shown):
+            name = _regclass_literal(output)
+            if name is not None and name != str(oid):
+                names[oid] = name
+        return names
+
     def _explain(self, request: _Request) -> list[dict[str, Any]]:
         connection = self._connect(request.server, request.database)
         statement = request.statement
+        assert statement is not None  # a _Naming is _name's
         config = self.config
         key = (request.server.host, request.server.port, request.database)
         run = _Runner(connection)
@@ -552,3 +646,26 @@ def _finish(connection: PGconn) -> None:
     """Close a connection, and stop treating its backend's pid as ours."""
     OWN_PIDS.discard(connection.backend_pid)
     connection.finish()
+
+
+def _regclass_literal(output: str) -> Optional[str]:
+    """ "'public.accounts'::regclass" -> "public.accounts" (a SQL string literal)."""
+    if not output.endswith("::regclass"):
+        return None
+    literal = output[: -len("::regclass")]
+    if len(literal) < 2 or literal[0] != "'" or literal[-1] != "'":
+        return None
+    return literal[1:-1].replace("''", "'")
+
+
+def _with_names(event: SlowQuery, names: dict[int, str]) -> SlowQuery:
+    """The event, its blockers' relation locks named where the name is known."""
+    if not event.blocked_by:
+        return event
+    blocked_by = []
+    for entry in event.blocked_by:
+        lock = entry.get("lock")
+        if isinstance(lock, dict) and lock.get("relation") in names:
+            entry = {**entry, "lock": {**lock, "relation_name": names[lock["relation"]]}}
+        blocked_by.append(entry)
+    return msgspec.structs.replace(event, blocked_by=blocked_by)
