@@ -542,6 +542,10 @@ def test_postgresql_18_s_io_workers_read_for_the_backend(start_daemon):
             "create function why_after_sleep(sql text) returns bigint language plpgsql as"
             " $$ declare n bigint; begin perform pg_sleep(0.3); execute sql into n;"
             " return n; end $$",
+            # Hint bits set now and written out: the scans below dirty no page, so no
+            # page of the table is left in the OS cache for drop_caches to keep.
+            "vacuum (freeze, analyze) why_cold",
+            "checkpoint",
             check=True,
         )
         pages = int(
@@ -566,8 +570,9 @@ def test_postgresql_18_s_io_workers_read_for_the_backend(start_daemon):
     for method, resources in figures.items():
         assert within(resources["shared_blks_read"], pages), (method, resources, pages)
     size = pages * 8192
-    assert figures["sync"]["read_bytes"] >= 0.8 * size, figures
-    assert figures["worker"]["read_bytes"] < 0.5 * size, figures
+    # sync: the backend read (most of) the table itself; worker: a small part of that.
+    assert figures["sync"]["read_bytes"] >= 0.6 * size, figures
+    assert figures["worker"]["read_bytes"] < 0.5 * figures["sync"]["read_bytes"], figures
 
 
 def test_with_explain_a_blocking_relation_lock_names_its_table(servers, start_daemon):
