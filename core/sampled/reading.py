@@ -356,7 +356,11 @@ class ClusterMemory:
             return None
         if _INT64.unpack_from(entry, layout.st_activity_start_timestamp)[0] != start_us:
             return None
-        address = _UINT64.unpack_from(entry, layout.st_activity_raw)[0]
+        return self._activity_copy(entry)
+
+    def _activity_copy(self, entry: bytes) -> tuple[bytes, bool] | None:
+        """The text an entry's st_activity_raw points at, and whether it was cut."""
+        address = _UINT64.unpack_from(entry, self.layout.st_activity_raw)[0]
         if not address:
             return None
         try:
@@ -402,14 +406,9 @@ class ClusterMemory:
             return found  # its slot moved on meanwhile
         state = _INT.unpack_from(entry, layout.st_state)[0]
         found["state"] = self._state_names.get(state)
-        address = _UINT64.unpack_from(entry, layout.st_activity_raw)[0]
-        try:
-            text = read_c_string(self.pid, address, self.query_size) if address else None
-        except MemoryReadError:
-            text = None
-        if text is not None:
-            found["query"] = text.decode(errors="replace")
-            found["query_truncated"] = len(text) >= self.query_size - 1
+        if (copy := self._activity_copy(entry)) is not None:
+            found["query"] = copy[0].decode(errors="replace")
+            found["query_truncated"] = copy[1]
         xact_start = _INT64.unpack_from(entry, layout.st_xact_start_timestamp)[0]
         if xact_start:
             found["xact_age_s"] = round((pg_now_us() - xact_start) / 1e6, 3)

@@ -132,7 +132,7 @@ class UsageReader:
 
     def with_proc(self, pid: int, usage: Usage) -> Usage:
         """`usage` with the run-queue time and block I/O /proc says now."""
-        cpu_wait_ns = _schedstat(pid)[1]
+        cpu_wait_ns = _run_queue_ns(pid)
         read_bytes, write_bytes = _io(pid)
         return msgspec.structs.replace(
             usage, cpu_wait_ns=cpu_wait_ns, read_bytes=read_bytes, write_bytes=write_bytes
@@ -144,14 +144,14 @@ class UsageReader:
         return None if usage is None else self.with_proc(pid, usage)
 
 
-def _schedstat(pid: int) -> tuple[int | None, int | None]:
-    """On-CPU and run-queue time in ns; (None, None) without CONFIG_SCHED_INFO."""
+def _run_queue_ns(pid: int) -> int | None:
+    """Time runnable but waiting for a CPU, in ns: /proc/PID/schedstat's second figure
+    (the first, on-CPU time, comes from the CPU clock); None without CONFIG_SCHED_INFO."""
     try:
         with open(f"/proc/{pid}/schedstat", "rb") as handle:
-            fields = handle.read().split()
-        return int(fields[0]), int(fields[1])
+            return int(handle.read().split()[1])
     except (OSError, ValueError, IndexError):
-        return None, None
+        return None
 
 
 def _io(pid: int) -> tuple[int | None, int | None]:

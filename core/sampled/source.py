@@ -121,7 +121,6 @@ class SampledSource:
         # Each kind of reading that can wait has its own budget: neither starves the other.
         self._walk_budget = _Budget(WHY_SHARE, WHY_BURST_S)
         self._usage_budget = _Budget(WHY_SHARE, WHY_BURST_S)
-        self._text_age_us = 0.0  # a statement this old may be reported: read its text
         self._thresholds = ThresholdHistory(round(daemon.threshold_ms * 1000))
         self._tracker = StatementTracker()
         self._window = HandOverWindow()
@@ -252,7 +251,6 @@ class SampledSource:
             self._next_scan = time.monotonic() + DISCOVER_EVERY_S
             self._reap(records, now_us)
         text_age_us = self._thresholds.current_us - TEXT_MARGIN_INTERVALS * self._interval_s * 1e6
-        self._text_age_us = text_age_us
         waiting: list[tuple[ClusterMemory, SampledBackend, InFlight]] = []
         self._walk_budget.refill()
         self._usage_budget.refill()
@@ -291,7 +289,9 @@ class SampledSource:
                 if running.text is None and now_us - running.start_us >= text_age_us:
                     self._read_text(cluster, backend, running)
                 if self._read_usage and cluster.usage:
-                    self._read_usage_of(cluster.usage, backend.pid, running, now_us, locked)
+                    self._read_usage_of(
+                        cluster.usage, backend.pid, running, now_us, locked, text_age_us
+                    )
                 if self._read_blockers and locked:
                     if now_us - running.walked_us >= WALK_EVERY_US:
                         waiting.append((cluster, backend, running))
@@ -322,7 +322,13 @@ class SampledSource:
             waiting.append((cluster, member, running))
 
     def _read_usage_of(
-        self, usage: UsageReader, pid: int, running: InFlight, now_us: int, locked: bool
+        self,
+        usage: UsageReader,
+        pid: int,
+        running: InFlight,
+        now_us: int,
+        locked: bool,
+        text_age_us: float,
     ) -> None:
         """The statement's baseline at the first look that sees it running: the
         backend's counters and CPU clock, a few microseconds (OLTP statements are first
@@ -344,7 +350,7 @@ class SampledSource:
         # Again now and then once it may be reported; not while it waits on a lock (its
         # counters do not move then: a hundred sessions queued on one row cost nothing).
         due = now_us - running.usage_read_us >= USAGE_EVERY_US
-        if due and not locked and now_us - running.start_us >= self._text_age_us:
+        if due and not locked and now_us - running.start_us >= text_age_us:
             if budget.allows():
                 started = time.thread_time()
                 running.usage_last = usage.counters(pid)
@@ -356,7 +362,7 @@ class SampledSource:
     ) -> None:
         """Who blocks the backends this look saw waiting on a heavyweight lock."""
         waiting.sort(key=lambda found: found[2].walked_us)
-        for cluster, _, _ in waiting:
+        for cluster in {cluster for cluster, _, _ in waiting}:
             cluster.locks.new_look()  # what this look reads of the lock table, shared
         for cluster, backend, running in waiting[:WALKS_PER_LOOK]:
             if not self._walk_budget.allows():
