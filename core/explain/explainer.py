@@ -39,7 +39,8 @@ import json
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NamedTuple, Optional, Union
 
 import msgspec
@@ -532,22 +533,35 @@ class Explainer:
         while len(self._names) > MAX_REMEMBERED:
             self._names.popitem(last=False)
 
-    def _name(self, request: _Naming) -> dict[int, str]:
-        """Each oid's name in the request's database: EXPLAIN (VERBOSE) shows a regclass
-        constant by the name regclassout gives it (schema-qualified where the role's
-        search_path does not find it); an oid that names nothing stays a number."""
+    @contextmanager
+    def _read_only(self, request: _Request) -> Iterator[_Runner]:
+        """One read-only transaction, with statement_timeout, on the connection to the
+        request's database: rolled back after, or the connection dropped if it was lost
+        (with what was left prepared on it)."""
         connection = self._connect(request.server, request.database)
         run = _Runner(connection)
-        constants = ", ".join(f"'{int(oid)}'::regclass" for oid in request.oids)
         try:
             run("BEGIN READ ONLY")
             run(f"SET LOCAL statement_timeout = {self.config.statement_timeout_ms}")
-            result = run(f"EXPLAIN (VERBOSE, FORMAT JSON) SELECT {constants}")
-            shown = json.loads(result.get_value(0, 0) or b"[]")[0]["Plan"].get("Output", [])
+            yield run
         finally:
             if connection.status == pq.ConnStatus.OK:
                 if connection.transaction_status != pq.TransactionStatus.IDLE:
                     connection.exec_params(b"ROLLBACK", [])
+            else:
+                key = (request.server.host, request.server.port, request.database)
+                self._connections.pop(key, None)
+                self._leftover.discard(key)
+                _finish(connection)
+
+    def _name(self, request: _Naming) -> dict[int, str]:
+        """Each oid's name in the request's database: EXPLAIN (VERBOSE) shows a regclass
+        constant by the name regclassout gives it (schema-qualified where the role's
+        search_path does not find it); an oid that names nothing stays a number."""
+        constants = ", ".join(f"'{int(oid)}'::regclass" for oid in request.oids)
+        with self._read_only(request) as run:
+            result = run(f"EXPLAIN (VERBOSE, FORMAT JSON) SELECT {constants}")
+            shown = json.loads(result.get_value(0, 0) or b"[]")[0]["Plan"].get("Output", [])
         names = {}
         for oid, output in zip(request.oids, shown):
             name = _regclass_literal(output)
@@ -556,45 +570,36 @@ class Explainer:
         return names
 
     def _explain(self, request: _Request) -> list[dict[str, Any]]:
-        connection = self._connect(request.server, request.database)
         statement = request.statement
         assert statement is not None  # a _Naming is _name's
-        config = self.config
         key = (request.server.host, request.server.port, request.database)
-        run = _Runner(connection)
-        prepared = False
-        try:
-            run("BEGIN READ ONLY")
-            run(f"SET LOCAL statement_timeout = {config.statement_timeout_ms}")
-            run(f"SET LOCAL lock_timeout = {config.lock_timeout_ms}")
-            if statement.parameters == 0 or request.values is not None:
-                result = run(f"EXPLAIN (FORMAT JSON) {statement.text}", request.values)
-            else:
-                if key in self._leftover:
-                    run(f"DEALLOCATE {STATEMENT_NAME}")  # not transactional: it stays done
-                    self._leftover.discard(key)
-                run(f"PREPARE {STATEMENT_NAME} AS {statement.text}")
-                prepared = True
-                run("SET LOCAL plan_cache_mode = force_generic_plan")
-                # The NULLs would prune every partition at executor start-up, and the
-                # plan would show none: shown all, as EXPLAIN (GENERIC_PLAN) does.
-                run("SET LOCAL enable_partition_pruning = off")
-                nulls = ", ".join(["NULL"] * statement.parameters)
-                result = run(f"EXPLAIN (FORMAT JSON) EXECUTE {STATEMENT_NAME}({nulls})")
-                run(f"DEALLOCATE {STATEMENT_NAME}")
-                prepared = False
-            plan: list[dict[str, Any]] = json.loads(result.get_value(0, 0) or b"[]")
-            return plan
-        finally:
-            if connection.status == pq.ConnStatus.OK:
-                if connection.transaction_status != pq.TransactionStatus.IDLE:
-                    connection.exec_params(b"ROLLBACK", [])
-                if prepared:  # not undone by ROLLBACK: the next EXPLAIN here deallocates
+        with self._read_only(request) as run:
+            prepared = False
+            try:
+                run(f"SET LOCAL lock_timeout = {self.config.lock_timeout_ms}")
+                if statement.parameters == 0 or request.values is not None:
+                    result = run(f"EXPLAIN (FORMAT JSON) {statement.text}", request.values)
+                else:
+                    if key in self._leftover:
+                        run(f"DEALLOCATE {STATEMENT_NAME}")  # not transactional: stays done
+                        self._leftover.discard(key)
+                    run(f"PREPARE {STATEMENT_NAME} AS {statement.text}")
+                    prepared = True
+                    run("SET LOCAL plan_cache_mode = force_generic_plan")
+                    # The NULLs would prune every partition at executor start-up, and the
+                    # plan would show none: shown all, as EXPLAIN (GENERIC_PLAN) does.
+                    run("SET LOCAL enable_partition_pruning = off")
+                    nulls = ", ".join(["NULL"] * statement.parameters)
+                    result = run(f"EXPLAIN (FORMAT JSON) EXECUTE {STATEMENT_NAME}({nulls})")
+                    run(f"DEALLOCATE {STATEMENT_NAME}")
+                    prepared = False
+                plan: list[dict[str, Any]] = json.loads(result.get_value(0, 0) or b"[]")
+                return plan
+            finally:
+                # Not undone by ROLLBACK: the next EXPLAIN on this connection deallocates
+                # (a lost connection takes it along: _read_only forgets it then).
+                if prepared and run.connection.status == pq.ConnStatus.OK:
                     self._leftover.add(key)
-            else:
-                self._connections.pop(key, None)
-                self._leftover.discard(key)
-                _finish(connection)
 
     # ---------------------------------------------------------------- stopping
 
