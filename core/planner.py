@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pgslowlog.config import Config, DaemonConfig, TargetConfig
+from pgslowlog.containers import ContainerServer
 from pgslowlog.elf import PostgresBinary, file_identity
 from pgslowlog.errors import UserError
 from pgslowlog.plugin_manager import Plugins
@@ -58,12 +59,17 @@ class Planner:
         )
 
     def resolve(
-        self, target_config: TargetConfig, index: int, daemon: DaemonConfig | None = None
+        self,
+        target_config: TargetConfig,
+        index: int,
+        daemon: DaemonConfig | None = None,
+        server: ContainerServer | None = None,
     ) -> tuple[Target, list[ProbeDefinition]]:
-        """One [[target]]: its binary opened and read, and the definitions that attach
-        to it. The caller closes `target.file`."""
+        """One [[target]] (one container's `server`, for containers = true): its binary
+        opened and read, and the definitions that attach to it. The caller closes
+        `target.file`."""
         target = resolve_target(
-            target_config, index, wanted_symbols(self.plugins.probe_definitions.values())
+            target_config, index, wanted_symbols(self.plugins.probe_definitions.values()), server
         )
         try:
             definitions = self.choose(target_config, target.binary, target.label, daemon)
@@ -77,6 +83,8 @@ class Planner:
         the_plan = Plan(config=config, targets=[])
         try:
             for index, target_config in enumerate(config.target):
+                if target_config.containers:
+                    continue  # its servers are found while running (container_watch)
                 if target_config.binary is not None and file_identity(target_config.binary) is None:
                     the_plan.pending.append(index)
                     continue

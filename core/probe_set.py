@@ -33,6 +33,8 @@ NEVER_NS = 2**63 - 1  # a threshold nothing reaches
 
 def probe_label(definition: ProbeDefinition, target: Target) -> str:
     """What logs call a definition on a target: definition@target."""
+    if target.container is not None:
+        return f"{definition.name}@{target.name}[{target.container}]"
     return f"{definition.name}@{target.name}"
 
 
@@ -150,6 +152,7 @@ class ProbeSet:
             target=target.name,
             binary=target.binary.path,
             postgres_version=target.binary.version,
+            **({"container": target.container} if target.container is not None else {}),
             **source.describe(),
         )
         return running
@@ -189,9 +192,7 @@ class ProbeSet:
         the mark is taken once the new uprobes are live: a statement that begins
         between the two is reported by both, never by neither.
         """
-        running = [
-            r for r in self._running if r.target.index == target.index and not r.handing_over
-        ]
+        running = [r for r in self._running if r.target.key == target.key and not r.handing_over]
         current = {r.definition for r in running}
         leaving = [r for r in running if r.definition not in definitions]
         handing = [r for r in leaving if isinstance(r.source, HandsOver)]
@@ -224,19 +225,18 @@ class ProbeSet:
         handing over from an earlier switch is left for later (`auto_pending`)."""
         switched: list[str] = []
         self.auto_pending = False
-        running = {r.target.index: r.target for r in self._running if not r.handing_over}
-        handing_over = {r.target.index for r in self._running if r.handing_over}
-        for index, target_config in enumerate(config.target):
-            if AUTO not in target_config.probes or index not in running:
+        # One per instance: a containers = true target has one per container.
+        running = {r.target.key: r.target for r in self._running if not r.handing_over}
+        handing_over = {r.target.key for r in self._running if r.handing_over}
+        for key, current in running.items():
+            target_config = config.target[current.index]
+            if AUTO not in target_config.probes:
                 continue
-            if index in handing_over:
+            if key in handing_over:
                 self.auto_pending = True  # decided again once that switch is done
                 continue
-            current = running[index]
             active = {
-                r.definition
-                for r in self._running
-                if r.target.index == index and not r.handing_over
+                r.definition for r in self._running if r.target.key == key and not r.handing_over
             }
             try:
                 # Decided on the binary already read: a reload (logrotate sends one a
@@ -244,7 +244,9 @@ class ProbeSet:
                 wanted = planner.choose(target_config, current.binary, current.label, config.daemon)
                 if set(wanted) == active:
                     continue
-                target, definitions = planner.resolve(target_config, index, config.daemon)
+                target, definitions = planner.resolve(
+                    target_config, current.index, config.daemon, current.server
+                )
             except UserError as error:
                 log.error("probe_switch_failed", target=current.name, error=str(error))
                 continue
@@ -259,9 +261,11 @@ class ProbeSet:
             switched += [r.name for r in started]
         return switched
 
-    def stop_target(self, index: int) -> list[RunningProbe]:
-        """Stop one target's probes; the listeners see each before it is freed."""
-        return self._stop([r for r in self._running if r.target.index == index])
+    def stop_target(self, index: int, container: str | None = None) -> list[RunningProbe]:
+        """Stop one target's probes (of one container's instance, for a containers =
+        true target); the listeners see each before it is freed."""
+        key = (index, container)
+        return self._stop([r for r in self._running if r.target.key == key])
 
     def stop_all(self) -> list[RunningProbe]:
         return self._stop(list(self._running))

@@ -7,9 +7,10 @@ backends already running and those forked later, with no per-pid set-up.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pgslowlog.config import TargetConfig
+from pgslowlog.containers import ContainerServer, PidNamespace, own_pid_namespace, pid_namespace
 from pgslowlog.elf import BinaryFile, PostgresBinary, file_identity, identity_of, open_binary
 from pgslowlog.errors import UserError
 
@@ -20,10 +21,30 @@ class Target:
     binary: PostgresBinary  # what was read from `file`
     file: BinaryFile  # the open file that was read: probes attach through it
     name: str  # what events carry as `target`
+    # Whose processes it traces: the servers of one pid namespace (the daemon's own for
+    # a `binary =` target, the server's for `pid =` or a container's instance).
+    scope: PidNamespace = field(default_factory=own_pid_namespace)
+    server: ContainerServer | None = None  # the container's server, for an instance
 
     @property
     def label(self) -> str:
+        if self.server is not None:
+            return f"target[{self.index}] in {self.server.name}"
         return f"target[{self.index}]"
+
+    @property
+    def key(self) -> tuple[int, str | None]:
+        """One per traced instance: a containers = true target has one per container."""
+        return self.index, self.server.name if self.server is not None else None
+
+    @property
+    def container(self) -> str | None:
+        return self.server.name if self.server is not None else None
+
+    @property
+    def foreign(self) -> bool:
+        """Its servers' pids are not ours: they are mapped (containers.inner_pid)."""
+        return self.scope != own_pid_namespace()
 
 
 def resolve_binary_path(config: TargetConfig, index: int) -> str:
@@ -70,11 +91,33 @@ def binary_of_pid(pid: int, index: int) -> str:
     )
 
 
-def resolve_target(config: TargetConfig, index: int, wanted_symbols: frozenset[str]) -> Target:
-    """The target's binary, opened and read; the caller closes `target.file`."""
-    path = resolve_binary_path(config, index)
-    binary_file, binary = open_binary(path, wanted_symbols, label=f"target[{index}] binary")
-    return Target(index=index, binary=binary, file=binary_file, name=target_name(config, index))
+def resolve_target(
+    config: TargetConfig,
+    index: int,
+    wanted_symbols: frozenset[str],
+    server: ContainerServer | None = None,
+) -> Target:
+    """The target's binary, opened and read (for a containers = true target, that of
+    one container's `server`); the caller closes `target.file`."""
+    if server is not None:
+        path = binary_of_pid(server.host_pid, index)
+        scope = server.namespace
+        label = f"target[{index}] binary in {server.name}"
+    else:
+        path = resolve_binary_path(config, index)
+        scope = own_pid_namespace()
+        if config.pid is not None:
+            scope = pid_namespace(config.pid) or scope  # gone meanwhile: its binary was read
+        label = f"target[{index}] binary"
+    binary_file, binary = open_binary(path, wanted_symbols, label=label)
+    return Target(
+        index=index,
+        binary=binary,
+        file=binary_file,
+        name=target_name(config, index),
+        scope=scope,
+        server=server,
+    )
 
 
 def target_name(config: TargetConfig, index: int) -> str:

@@ -100,6 +100,8 @@ static __always_inline void report(struct slow_query *record, const char *entry,
 /* The backend state for this call, with the binary's load bias worked out. */
 static __always_inline struct slow_query *backend_here(struct pt_regs *ctx, u64 anchor_vaddr)
 {
+    if (!in_scope())
+        return 0;
     struct slow_query *record = backend_state(1);
     if (!record) {
         count(COUNTER_UNTRACKED);

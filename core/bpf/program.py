@@ -165,6 +165,8 @@ class BpfProgram:
             f"-DPROTOCOL={int(self.protocol)}",
             f"-DAPPLICATION_NAME_VADDR={binary.objects.get(APPLICATION_NAME, 0):#x}ULL",
             f"-DCAPTURE_PARAMS={int(daemon.capture_params)}",
+            f"-DPID_NS_DEV={target.scope.device}ULL",
+            f"-DPID_NS_INO={target.scope.inode}ULL",
             *sorted(set(anchors)),
             *shared_layout_cflags(),
             *self.cflags(binary),

@@ -320,6 +320,23 @@ static __always_inline long ring_output(void *data, u64 size, u64 flags)
     return spill.ringbuf_output(data, size, BPF_RB_NO_WAKEUP);
 }
 
+/*
+ * A uprobe fires in every process that maps the file, in whatever container it runs:
+ * several containers of one image share it. Each program traces one pid namespace
+ * (PID_NS_DEV/PID_NS_INO: a container's instance, or the daemon's own for a host
+ * target), so each statement reaches its own instance, and only one. The helper
+ * compares the current task's namespace; it costs a few tens of nanoseconds, paid
+ * where a statement or a failure begins.
+ */
+#ifndef PID_NS_INO
+#error "bpf/program.py passes PID_NS_DEV and PID_NS_INO as cflags"
+#endif
+static __always_inline int in_scope(void)
+{
+    struct bpf_pidns_info ns = {};
+    return bpf_get_ns_current_pid_tgid(PID_NS_DEV, PID_NS_INO, &ns, sizeof(ns)) == 0;
+}
+
 /* Urgent when a backend starts: user space reads its process title while it lives. */
 static __always_inline void notify_backend(u32 pid, u8 kind)
 {
@@ -357,6 +374,8 @@ static __always_inline void read_query_text(struct slow_query *record, const cha
 static __always_inline int statement_begin(struct pt_regs *ctx, const char *text,
                                            int keep_running, u64 anchor_vaddr)
 {
+    if (!in_scope())
+        return 0;
     u32 pid = current_pid();
     struct slow_query *record = backend_state(1);
     if (!record) {
@@ -411,6 +430,8 @@ static __always_inline void read_application_name(struct slow_query *record)
  */
 static __always_inline int statement_add_bind(const char *message, int message_len)
 {
+    if (!in_scope())
+        return 0;
     struct bind_record *bind = backend_bind(1);
     if (!bind)
         return 0;
@@ -527,6 +548,8 @@ static __always_inline int statement_end(int backend_exited)
  * times by other means (its pid, and a time between the statement's start and end). */
 static __always_inline int report_failure(u8 outcome)
 {
+    if (!in_scope())
+        return 0;
     struct record_header failure = {};
     failure.start_ns = bpf_ktime_get_ns();
     failure.pid = current_pid();

@@ -17,6 +17,8 @@
  */
 int on_backend_exit(struct pt_regs *ctx)
 {
+    if (!in_scope())
+        return 0;
     struct record_header exit = {};
     exit.start_ns = bpf_ktime_get_ns();
     exit.pid = current_pid();

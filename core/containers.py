@@ -1,0 +1,149 @@
+"""Where a process runs: its pid namespace, its pid there, and the container around it.
+
+PostgreSQL in a container reports the pids of its own pid namespace (pg_stat_activity,
+its log, PGPROC and PgBackendStatus), while /proc, process_vm_readv and the kernel's
+tgid speak in the host's. /proc/PID/status lists a process's pid in every namespace
+from the reader's down to its own (NSpid): the last one is PostgreSQL's.
+
+Which container a process is in is the runtime's business, written into the cgroup
+path it makes for it (cgroup v1 and v2 alike): Docker's `docker-<id>.scope` or
+`/docker/<id>`, Podman's `libpod-<id>`, containerd's and CRI-O's under kubepods with
+the pod's uid, systemd-nspawn's `machine-<name>.scope`. Where none says, the pid
+namespace's inode names it. All of it is read from /proc: never setns, which the unit
+forbids.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import dataclass
+
+HOSTNAME_MAX_BYTES = 256
+
+
+@dataclass(frozen=True)
+class PidNamespace:
+    """A pid namespace, as bpf_get_ns_current_pid_tgid() names one: nsfs device and inode."""
+
+    device: int
+    inode: int
+
+
+def pid_namespace(pid: int | str) -> PidNamespace | None:
+    """The pid namespace of `pid` ("self": the daemon's); None if it is gone or unreadable."""
+    try:
+        status = os.stat(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+    return PidNamespace(status.st_dev, status.st_ino)
+
+
+@functools.lru_cache(maxsize=1)
+def own_pid_namespace() -> PidNamespace:
+    namespace = pid_namespace("self")
+    assert namespace is not None  # /proc/self always answers
+    return namespace
+
+
+def namespace_pids(pid: int) -> list[int] | None:
+    """The NSpid line: the pid as seen from here first, PostgreSQL's own last."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as file:
+            for line in file:
+                if line.startswith(b"NSpid:"):
+                    return [int(word) for word in line.split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def inner_pid(pid: int) -> int | None:
+    """`pid` (a pid here) as its own pid namespace knows it; None if it is gone."""
+    pids = namespace_pids(pid)
+    return pids[-1] if pids else None
+
+
+@dataclass(frozen=True)
+class Container:
+    """A container as its runtime names it: `runtime://id` (or machine://name for
+    systemd-nspawn, pidns://inode where no runtime's cgroup says), and the pod's uid
+    under Kubernetes."""
+
+    name: str
+    pod_uid: str | None = None
+
+
+_HEX_ID = r"(?P<id>[0-9a-f]{64})"
+# (pattern on one cgroup path, runtime); the first that matches any line wins.
+_RUNTIMES = (
+    (re.compile(rf"(?:^|/)cri-containerd-{_HEX_ID}\.scope(?:/|$)"), "containerd"),
+    (re.compile(rf"(?:^|/)crio-{_HEX_ID}\.scope(?:/|$)"), "cri-o"),
+    (re.compile(rf"(?:^|/)docker-{_HEX_ID}\.scope(?:/|$)"), "docker"),
+    (re.compile(rf"(?:^|/)libpod-{_HEX_ID}\.scope(?:/|$)"), "podman"),
+    (re.compile(rf"(?:^|/)libpod-{_HEX_ID}(?:/|$)"), "podman"),
+    (re.compile(rf"(?:^|/)docker/{_HEX_ID}(?:/|$)"), "docker"),
+    # kubepods with the cgroupfs driver, /kubepods/<qos>/pod<uid>/<id>: which runtime
+    # made it, the path does not say.
+    (re.compile(rf"(?:^|/)kubepods/(?:[a-z]+/)?pod[0-9a-f-]{{36}}/{_HEX_ID}(?:/|$)"), "cri"),
+)
+_UUID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}"
+_POD_UID = re.compile(rf"pod(?P<uid>{_UUID})")
+_MACHINE = re.compile(r"(?:^|/)machine-(?P<name>[^/]+)\.scope(?:/|$)")
+
+
+def container_of(pid: int, namespace: PidNamespace | None = None) -> Container:
+    """The container `pid` runs in, from its cgroup paths (v1 and v2 lines alike)."""
+    try:
+        with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="replace") as file:
+            paths = [line.rstrip("\n").split(":", 2)[-1] for line in file]
+    except OSError:
+        paths = []
+    return container_from_cgroups(paths, namespace or pid_namespace(pid))
+
+
+def container_from_cgroups(paths: list[str], namespace: PidNamespace | None) -> Container:
+    for pattern, runtime in _RUNTIMES:
+        for path in paths:
+            if match := pattern.search(path):
+                pod = next((m for p in paths if (m := _POD_UID.search(p))), None)
+                uid = pod["uid"].replace("_", "-") if pod and "kubepods" in path else None
+                return Container(f"{runtime}://{match['id']}", uid)
+    for path in paths:
+        if match := _MACHINE.search(path):
+            return Container(f"machine://{_systemd_unescape(match['name'])}")
+    inode = namespace.inode if namespace is not None else "unknown"
+    return Container(f"pidns://{inode}")
+
+
+def _systemd_unescape(name: str) -> str:
+    """systemd writes "-" in a unit name as \\x2d (machine-pg\\x2dtest.scope)."""
+    return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m[1], 16)), name)
+
+
+def container_hostname(pid: int) -> str | None:
+    """The container's /etc/hostname, as runtimes write it, read through its root
+    (/proc/PID/root: no setns). None where there is none or it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/root/etc/hostname", "rb") as file:
+            raw = file.read(HOSTNAME_MAX_BYTES)
+    except OSError:
+        return None
+    name = raw.split(b"\n", 1)[0].strip().decode(errors="replace")
+    return name or None
+
+
+@dataclass(frozen=True)
+class ContainerServer:
+    """A postmaster found in a container: what its instance is made from."""
+
+    host_pid: int  # the postmaster, as pid here
+    namespace: PidNamespace
+    container: Container
+    hostname: str | None
+    exe: str  # its binary's path inside the container
+
+    @property
+    def name(self) -> str:
+        return self.container.name
