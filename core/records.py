@@ -51,6 +51,9 @@ class RawStatement(msgspec.Struct, frozen=True, gc=False):
     lock_wait_start_unix_ns: Optional[int] = None
     resources: Optional[dict[str, Optional[float]]] = None
     resources_exact: Optional[bool] = None
+    # The pid PostgreSQL reports for the backend (its own pid namespace: a container's),
+    # where the source knows it; None: the enricher finds it (or `pid` is that pid).
+    own_pid: Optional[int] = None
 
 
 class NoticeKind(enum.IntEnum):

@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import Set as AbstractSet
 
+from pgslowlog.containers import PidNamespace, container_of, own_pid_namespace, pid_namespace
 from pgslowlog.elf import FileIdentity, PostgresBinary
 from pgslowlog.log import get_logger
 from pgslowlog.pg_layouts import BackendStatusLayout
@@ -48,11 +49,20 @@ class Discovery:
     none is known or soon after one went)."""
 
     def __init__(
-        self, binary: PostgresBinary, identity: FileIdentity, layout: BackendStatusLayout
+        self,
+        binary: PostgresBinary,
+        identity: FileIdentity,
+        layout: BackendStatusLayout,
+        scope: PidNamespace | None = None,
     ) -> None:
         self._binary = binary
         self._identity = identity
         self._layout = layout
+        # Only the postmasters of one pid namespace: the daemon's own for a host target,
+        # a container's for its instance. The others are said once each.
+        self._scope = scope or own_pid_namespace()
+        self._foreign = self._scope != own_pid_namespace()
+        self._elsewhere: set[int] = set()
         self.clusters: dict[int, ClusterMemory] = {}  # postmaster pid -> its memory
         self._unreadable: set[int] = set()  # postmasters already said to be unreadable
         self._next = 0.0
@@ -64,7 +74,11 @@ class Discovery:
     def discover(self, backends: AbstractSet[int]) -> None:
         """Look for postmasters now; `backends` are known not to be any."""
         now = time.monotonic()
-        found = set(postmasters(self._identity, backends))
+        found = {
+            pid
+            for pid in postmasters(self._identity, backends)
+            if pid in self.clusters or self._in_scope(pid)
+        }
         # A postmaster that stays but whose memory cannot be read (its shared memory made
         # anew after a backend crashed, maybe elsewhere) is taken up again from scratch.
         lost = {pid for pid, cluster in self.clusters.items() if cluster.lost}
@@ -74,7 +88,7 @@ class Discovery:
         for pid in found - set(self.clusters):
             try:
                 self.clusters[pid] = ClusterMemory(
-                    pid, self._binary, self._identity.inode, self._layout
+                    pid, self._binary, self._identity.inode, self._layout, self._foreign
                 )
             except ClusterStarting:
                 continue  # asked again at the next discovery
@@ -84,6 +98,21 @@ class Discovery:
                     log.warning("cluster_unreadable", postmaster=pid, error=str(error))
         soon = not self.clusters or now < self._soon_until or len(found) > len(self.clusters)
         self._next = now + (DISCOVER_SOON_S if soon else DISCOVER_EVERY_S)
+
+    def _in_scope(self, postmaster: int) -> bool:
+        namespace = pid_namespace(postmaster)
+        if namespace == self._scope:
+            return True
+        if namespace is not None and postmaster not in self._elsewhere:
+            self._elsewhere.add(postmaster)  # said once per postmaster
+            log.warning(
+                "cluster_in_other_namespace",
+                postmaster=postmaster,
+                container=container_of(postmaster, namespace).name,
+                action="not traced by this target: a [[target]] with containers = true "
+                "traces servers in containers",
+            )
+        return False
 
     def cluster_lost(self) -> None:
         """A look found a cluster's memory gone (a restart?): find its successor now,

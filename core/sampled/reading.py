@@ -22,6 +22,7 @@ from itertools import compress
 from operator import ne
 from typing import Any
 
+from pgslowlog.containers import inner_pid
 from pgslowlog.elf import PostgresBinary
 from pgslowlog.pg_layouts import SAMPLER_GLOBALS, USAGE_GLOBALS, BackendStatusLayout
 from pgslowlog.pg_wait_events import wait_event_name
@@ -59,6 +60,12 @@ class SampledBackend:
     proc: int  # its PGPROC, in shared memory
     proc_start_us: int  # st_proc_start_timestamp: tells its slot from a later owner's
     slot: int | None = None  # its index in BackendStatusArray; None: an auxiliary process
+    inner: int | None = None  # its pid in the server's pid namespace, where that is not ours
+
+    @property
+    def own_pid(self) -> int:
+        """The pid PostgreSQL itself reports (pg_stat_activity, its log): `pid` on the host."""
+        return self.pid if self.inner is None else self.inner
 
 
 @dataclass
@@ -85,7 +92,12 @@ class ClusterMemory:
     """One postmaster and its children, read through the postmaster's address space."""
 
     def __init__(
-        self, postmaster: int, binary: PostgresBinary, inode: int, layout: BackendStatusLayout
+        self,
+        postmaster: int,
+        binary: PostgresBinary,
+        inode: int,
+        layout: BackendStatusLayout,
+        foreign: bool = False,
     ) -> None:
         mapped = load_bias(postmaster, inode)
         if mapped is None:
@@ -112,6 +124,11 @@ class ClusterMemory:
         self._wait_at: dict[int, int] = {}  # slot -> offset of its wait word in a look
         self._last_count: list[int] = [-1] * self.slot_count  # per slot, at its last look
         self._strangers: dict[int, int] = {}  # slot -> start of a process that is not ours
+        self.unmatched = 0  # slots whose process could not be found as a child
+        # A server in another pid namespace (a container) writes its own pids into its
+        # slots: they are mapped to ours through the children's NSpid lines.
+        self.foreign = foreign
+        self._host_pids: dict[int, int] = {}  # its pid -> ours, for its children
         # Why a statement was slow: the lock table (shared, read through the
         # postmaster) and each backend's own counters (at the same address in all).
         self.locks = LockReader(postmaster, layout)
@@ -137,6 +154,22 @@ class ClusterMemory:
     def children(self) -> set[int]:
         return children_of(self.pid)
 
+    def host_pid(self, own_pid: int) -> int | None:
+        """Our pid of the child PostgreSQL calls `own_pid`; None if no child is."""
+        if not self.foreign:
+            return own_pid
+        host = self._host_pids.get(own_pid)
+        if host is not None and self.still_child(host) and inner_pid(host) == own_pid:
+            return host
+        # A child not mapped yet (or a pid reused): map the children not known.
+        known = set(self._host_pids.values())
+        for child in self.children() - known:
+            if (inner := inner_pid(child)) is not None:
+                self._host_pids[inner] = child
+        alive = self.children()
+        self._host_pids = {k: v for k, v in self._host_pids.items() if v in alive}
+        return self._host_pids.get(own_pid)
+
     def still_child(self, pid: int) -> bool:
         """The children file may miss a running child (the kernel documents it as
         unreliable): ask the process itself before calling it gone."""
@@ -146,6 +179,10 @@ class ClusterMemory:
         """A child's entry and PGPROC; None while it is starting (MyBEEntry still NULL,
         or the entry not yet filled in: it may still hold a former owner's data)."""
         layout = self.layout
+        inner = inner_pid(pid) if self.foreign else None
+        if self.foreign and inner is None:
+            return None  # gone
+        own = pid if inner is None else inner
         try:
             entry = read_pointer(pid, self._addresses["MyBEEntry"])
             proc = read_pointer(pid, self._addresses["MyProc"])
@@ -155,8 +192,10 @@ class ClusterMemory:
             number = _INT.unpack(read(self.pid, proc + self._proc_number_offset, 4))[0]
         except MemoryReadError:
             return None
-        if _INT.unpack_from(data, layout.st_procpid)[0] != pid:
+        if _INT.unpack_from(data, layout.st_procpid)[0] != own:
             return None
+        if inner is not None:
+            self._host_pids[inner] = pid
         started = _INT64.unpack_from(data, layout.st_proc_start_timestamp)[0]
         # MyBEEntry is BackendStatusArray[MyBackendId - 1] (13-16), [MyProcNumber] (17+).
         slot = number - 1 if layout.proc_backendId is not None else number
@@ -166,7 +205,7 @@ class ClusterMemory:
             self.base = entry - slot * layout.backend_status_size
         elif entry != self.base + slot * layout.backend_status_size:
             return None  # not where its number says: torn, or not what we think it is
-        backend = SampledBackend(pid, entry, proc, started, slot)
+        backend = SampledBackend(pid, entry, proc, started, slot, inner)
         self.backends[pid] = backend
         self._by_proc = None
         if slot is not None:
@@ -225,7 +264,7 @@ class ClusterMemory:
             owner = self.slots.get(slot)
             procpid = _INT.unpack_from(raw, at + layout.st_procpid)[0]
             started = _INT64.unpack_from(raw, at + layout.st_proc_start_timestamp)[0]
-            if owner is not None and (procpid != owner.pid or started != owner.proc_start_us):
+            if owner is not None and (procpid != owner.own_pid or started != owner.proc_start_us):
                 last = None
                 if procpid == 0 and started == owner.proc_start_us:
                     last = self._decode(owner, raw, self._where(slot, at), exited=True)
@@ -236,13 +275,15 @@ class ClusterMemory:
                 if self._strangers.get(slot) == started:
                     self._last_count[slot] = count
                     continue
-                if not self.still_child(procpid):
-                    # Not a child we can see by that pid (another pid namespace): asked
-                    # again only when another process takes the slot.
+                host = self.host_pid(procpid)
+                if host is None or not self.still_child(host):
+                    # Not a child of this postmaster that we can find: counted (the
+                    # source warns), asked again only when another process takes the slot.
                     self._strangers[slot] = started
                     self._last_count[slot] = count
+                    self.unmatched += 1
                     continue
-                if (owner := self.adopt(procpid)) is None:
+                if (owner := self.adopt(host)) is None:
                     continue  # still starting: next look
                 found.appeared.append(owner)
                 found.samples.append((owner, self.read_entry(owner, live=True)))
@@ -307,7 +348,7 @@ class ClusterMemory:
         started = _INT64.unpack_from(raw, entry + layout.st_proc_start_timestamp)[0]
         # An exited backend's slot keeps its last state until a new backend takes it
         # (st_procpid is 0 in between; the start of the process tells owners apart).
-        if procpid != backend.pid and not (exited and procpid == 0):
+        if procpid != backend.own_pid and not (exited and procpid == 0):
             return None
         if started != backend.proc_start_us:
             return None

@@ -20,6 +20,7 @@ from pgslowlog.bpf.ringbuf import RingBufferReader
 from pgslowlog.bpf.source import BpfSource
 from pgslowlog.config import DaemonConfig
 from pgslowlog.elf import PostgresBinary
+from pgslowlog.log import get_logger
 from pgslowlog.pg_layouts import (
     EXPORTED_GLOBALS,
     SAMPLER_GLOBALS,
@@ -42,6 +43,7 @@ from pgslowlog.sampled.thresholds import ThresholdHistory
 from pgslowlog.sources import COUNTERS, DecodeError, LossCause, ProbeLoadError
 from pgslowlog.targets import Target
 
+log = get_logger(__name__)
 # A statement's text is read once it is this many intervals short of the threshold:
 # one that reaches the threshold is still running at some look after that.
 TEXT_MARGIN_INTERVALS = 3
@@ -111,7 +113,7 @@ class SampledSource:
     def __init__(self, definition: ProbeDefinition, target: Target, daemon: DaemonConfig) -> None:
         self._target = target
         self._discovery = Discovery(
-            target.binary, target.file.identity, layout_for(target.binary.major)
+            target.binary, target.file.identity, layout_for(target.binary.major), target.scope
         )
         self._interval_s = daemon.sample_interval_ms / 1000
         self._query_max_bytes = daemon.query_max_bytes
@@ -129,6 +131,7 @@ class SampledSource:
         self._app_names: dict[int, str] = {}
         self._background: set[int] = set()  # followed backends that are not clients
         self._counts = dict.fromkeys(COUNTERS, 0)
+        self._unmatched_said: set[int] = set()  # postmasters already warned about
         self._attached = False
         self._final_look = False
         self._next_look = 0.0
@@ -263,6 +266,17 @@ class SampledSource:
                     if (backend := cluster.adopt(pid)) is not None:
                         self._started(cluster, backend, records)
             look = cluster.look(self._tracker.in_flight.keys())
+            if cluster.unmatched and cluster.pid not in self._unmatched_said:
+                self._unmatched_said.add(cluster.pid)  # once per cluster
+                log.warning(
+                    "backends_unmatched",
+                    target=self._target.name,
+                    postmaster=cluster.pid,
+                    slots=cluster.unmatched,
+                    cause="a backend in its status array is no child of the postmaster "
+                    "that this daemon can find (by pid, or by NSpid in a container)",
+                    action="their statements are not seen; run pgslowlog check",
+                )
             if cluster.lost:
                 self._discovery.cluster_lost()
             # After the copy: a failure before an end the copy shows is in the ring now.
@@ -476,6 +490,7 @@ class SampledSource:
                 start_unix_ns=unix_ns(finished.start_us),
                 duration_ns=finished.duration_us * 1000,
                 pid=finished.pid,
+                own_pid=backend.own_pid,
                 query=text.decode(errors="replace"),
                 query_truncated=truncated,
                 backend_exited=finished.backend_exited,
