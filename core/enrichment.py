@@ -12,11 +12,12 @@ reported, with user, database and client None.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
 from pgslowlog.compat import SLOTS
+from pgslowlog.containers import ContainerServer, inner_pid
 from pgslowlog.event import SlowQuery
 from pgslowlog.explain import OWN_PIDS as EXPLAIN_PIDS
 from pgslowlog.explain.statements import fingerprint
@@ -34,6 +35,7 @@ class BackendIdentity:
     user: str | None = None
     database: str | None = None
     client: str | None = None
+    own_pid: int | None = None  # PostgreSQL's pid for it, in a container's namespace
 
 
 BACKGROUND = BackendIdentity(kind="background")
@@ -91,8 +93,14 @@ class Enricher:
         max_backends: int,
         params_max_length: int = 1024,
         redact: bool = False,
+        server: ContainerServer | None = None,
     ) -> None:
         self.probe = probe
+        # A container's server: its backends' pids are mapped to its own (NSpid), and
+        # every event says which container.
+        self.server = server
+        self.container = server.container if server is not None else None
+        self.container_hostname = server.hostname if server is not None else None
         self.binary = binary
         self.target = target
         self.params_max_length = params_max_length
@@ -116,6 +124,8 @@ class Enricher:
         if title is None:
             return None
         backend = parse_process_title(title)
+        if self.server is not None:
+            backend = replace(backend, own_pid=inner_pid(pid))
         self._backends.pop(pid, None)
         self._backends[pid] = backend
         if len(self._backends) > self._max_cached:
@@ -131,7 +141,7 @@ class Enricher:
     def enrich(self, raw: RawStatement) -> SlowQuery | None:
         """The event, or None for a non-client process when those are not wanted, and
         for the daemon's own EXPLAIN connections (explain/)."""
-        if raw.pid in EXPLAIN_PIDS:
+        if (raw.own_pid or raw.pid) in EXPLAIN_PIDS:
             self.own += 1
             return None
         backend = self._backends.get(raw.pid) or self._lookup(raw.pid)
@@ -143,7 +153,7 @@ class Enricher:
             duration_ms=raw.duration_ns / 1e6,
             query=redact_literals(raw.query) if self.redact else raw.query,
             query_truncated=raw.query_truncated,
-            pid=raw.pid,
+            pid=self._own_pid(raw, backend),
             user=backend.user if backend else None,
             database=backend.database if backend else None,
             client=backend.client if backend else None,
@@ -164,7 +174,21 @@ class Enricher:
             resources=raw.resources,
             resources_exact=raw.resources_exact,
             fingerprint=fingerprint(raw.query),
+            host_pid=raw.pid,
+            container=self.container.name if self.container else None,
+            pod_uid=self.container.pod_uid if self.container else None,
+            container_hostname=self.container_hostname,
         )
+
+    def _own_pid(self, raw: RawStatement, backend: BackendIdentity | None) -> int | None:
+        """PostgreSQL's pid for the backend: the host's, outside containers."""
+        if raw.own_pid is not None:
+            return raw.own_pid
+        if self.server is None:
+            return raw.pid
+        if backend is not None and backend.own_pid is not None:
+            return backend.own_pid
+        return inner_pid(raw.pid)  # read at its first statement; gone since: None
 
     def _blockers(self, blockers: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
         """A blocker's statement is query text like any other: redacted the same way."""

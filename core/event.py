@@ -19,7 +19,10 @@ class SlowQuery(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     duration_ms: float
     query: str
     query_truncated: bool
-    pid: int
+    # The backend as PostgreSQL reports it (pg_stat_activity.pid, its own log): in a
+    # container, the pid in the container's namespace. None in the rare case of a
+    # containerised backend gone before it could be read (host_pid still says).
+    pid: Optional[int]
     user: Optional[str]  # from the backend's process title; None if it had exited
     database: Optional[str]
     client: Optional[str]  # "10.1.2.3(50312)" or "[local]"
@@ -58,6 +61,15 @@ class SlowQuery(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     # one object with "Plan"), or why there is none (docs/explain.md).
     plan: Optional[list[dict[str, Any]]] = None
     plan_error: Optional[str] = None
+    # Where it ran: the backend's pid on the host (the same as pid outside containers),
+    # and for a server in a container (a containers = true target) the container as
+    # its runtime names it ("docker://<id>", "containerd://<id>", "machine://<name>",
+    # or "pidns://<inode>"), the pod's uid under Kubernetes, and the container's
+    # /etc/hostname.
+    host_pid: Optional[int] = None
+    container: Optional[str] = None
+    pod_uid: Optional[str] = None
+    container_hostname: Optional[str] = None
 
     def to_json(self) -> bytes:
         return terminal_safe(_encoder.encode(self))

@@ -63,7 +63,7 @@ class JsonLogLine(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     timestamp: str
     user: Optional[str] = None
     dbname: Optional[str] = None
-    pid: int
+    pid: Optional[int]
     remote_host: Optional[str] = None
     remote_port: Optional[int] = None
     error_severity: str  # no default: omit_defaults would leave it out

@@ -127,6 +127,7 @@ class ProbeSet:
                 daemon.max_backends,
                 daemon.params_max_length,
                 daemon.redact_literals,
+                target.server,
             )
             reader = source.reader()
             try:

@@ -337,12 +337,14 @@ class Explainer:
         return msgspec.structs.replace(event, plan=earlier.plan, plan_error=earlier.error)
 
     def _server(self, event: SlowQuery) -> Server:
-        postmaster = parent_pid(event.pid)
+        host_pid = event.host_pid if event.host_pid is not None else event.pid
+        assert host_pid is not None  # the enricher always sets host_pid
+        postmaster = parent_pid(host_pid)
         server = self._postmasters.get(postmaster) if postmaster is not None else None
         if server is not None:
             return server
         try:
-            server = server_of(event.pid)
+            server = server_of(host_pid)
         except ValueError as error:
             # A short connection is often gone by now: the one server of its binary.
             try:
