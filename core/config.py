@@ -62,6 +62,9 @@ class TargetConfig(_Strict):
     binary: Optional[str] = None
     pid: Optional[Annotated[int, msgspec.Meta(ge=1)]] = None
     probes: list[str] = msgspec.field(default_factory=lambda: ["auto"])
+    # Every PostgreSQL server in a container (another pid namespace) on this host, each
+    # traced as an instance of its own; `binary`, if set, is the path inside them.
+    containers: bool = False
 
 
 # Prometheus's list of exporter ports gives 9187 to postgres_exporter, and fleets
@@ -76,6 +79,7 @@ class MetricsConfig(_Strict):
     # a fleet's Prometheus must not grow a series per database or user ever seen.
     max_databases: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 20
     max_users: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 20
+    max_containers: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 50
 
 
 class ExplainConfig(_Strict):
@@ -217,7 +221,22 @@ def _check_semantics(config: Config, config_path: str) -> None:
             "give each target its own name",
         )
     for index, target in enumerate(config.target):
-        if (target.binary is None) == (target.pid is None):
+        if target.containers and target.pid is not None:
+            raise UserError(
+                f"config {config_path}: target[{index}] has containers = true and pid = "
+                f"{target.pid}: a container's pids change at every restart",
+                "remove pid (containers = true finds every containerised server), "
+                "or remove containers to trace that one server",
+            )
+        if target.containers:
+            if target.binary is not None and not target.binary.startswith("/"):
+                raise UserError(
+                    f"config {config_path}: target[{index}].binary = {target.binary!r} is not "
+                    "an absolute path",
+                    "with containers = true, write the path inside the containers, for example "
+                    '"/usr/lib/postgresql/17/bin/postgres"',
+                )
+        elif (target.binary is None) == (target.pid is None):
             raise UserError(
                 f"config {config_path}: target[{index}] needs exactly one of binary or pid",
                 'set binary = "/path/to/postgres" or pid = <postmaster pid>, not both',

@@ -20,6 +20,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from pgslowlog.config import Config, TargetConfig, load_config
+from pgslowlog.containers import ContainerServer
 from pgslowlog.dispatcher import Dispatcher, start_sinks
 from pgslowlog.errors import UserError
 from pgslowlog.explain.start import explainer_for
@@ -34,8 +35,8 @@ from pgslowlog.probe_set import ProbeSet
 from pgslowlog.probes import ProbeDefinition
 from pgslowlog.sources import ProbeLoadError
 from pgslowlog.systemd import sd_notify
-from pgslowlog.target_watch import WATCH_INTERVAL_S, TargetWatcher
-from pgslowlog.targets import Target, target_name
+from pgslowlog.target_watch import TargetWatcher
+from pgslowlog.targets import Target
 
 if TYPE_CHECKING:
     from pgslowlog.explain.explainer import Explainer
@@ -108,6 +109,7 @@ class Daemon:
         try:
             if not self._attach(the_plan):
                 return 1
+            self.watcher.watch_containers(self.config.target, self._resolve, self._wake.set)
             log.info(
                 "ready",
                 threshold_ms=self.config.daemon.threshold_ms,
@@ -144,26 +146,22 @@ class Daemon:
             return False
         finally:
             the_plan.close()
-        for index in the_plan.pending:
-            target_config = the_plan.config.target[index]
-            self.watcher.watch(index, target_config, None)
-            log.warning(
-                "target_waiting",
-                target=target_name(target_config, index),
-                binary=target_config.binary,
-                action=f"attaching when the file appears (checked every {WATCH_INTERVAL_S:g} s)",
-            )
+        for index in the_plan.pending:  # the watcher says they wait, and attaches later
+            self.watcher.watch(index, the_plan.config.target[index], None)
         return True
 
-    def _resolve(self, target: TargetConfig, index: int) -> tuple[Target, list[ProbeDefinition]]:
-        """A target resolved as now configured: what "auto" picks follows the live threshold."""
-        return self.planner.resolve(target, index, self.config.daemon)
+    def _resolve(
+        self, target: TargetConfig, index: int, server: ContainerServer | None = None
+    ) -> tuple[Target, list[ProbeDefinition]]:
+        """A target (a container's `server`, for containers = true) resolved as now
+        configured: what "auto" picks follows the live threshold."""
+        return self.planner.resolve(target, index, self.config.daemon, server)
 
     def _loop(self) -> None:
         stats_interval = self.config.daemon.stats_interval_s
         next_health = time.monotonic() + stats_interval
         while self._stop_signal is None:
-            self._wake.wait(min(LOSS_CHECK_INTERVAL_S, stats_interval, WATCH_INTERVAL_S))
+            self._wake.wait(min(LOSS_CHECK_INTERVAL_S, stats_interval, self.watcher.due_in()))
             self._wake.clear()
             if self._reload_requested:
                 self._reload_requested = False
@@ -217,6 +215,7 @@ class Daemon:
         sd_notify("READY=1")
 
     def _shutdown(self) -> None:
+        self.watcher.close()
         stopped = self.health.stopped(self.probes.stop_all())
         if self.explainer is not None:  # events waiting for their plan go on first
             stopped["explain"] = self.explainer.close()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pgslowlog.config import TargetConfig
+from pgslowlog.container_watch import ContainerWatcher, ResolveServer
 from pgslowlog.elf import FileIdentity, file_identity
 from pgslowlog.errors import UserError
 from pgslowlog.log import get_logger
@@ -55,20 +56,51 @@ class WatchedTarget:
 
 
 class TargetWatcher:
-    """Attaches to a binary that appeared, or that replaced the one the probes are on."""
+    """Attaches to a binary that appeared, or that replaced the one the probes are on;
+    and with containers = true targets, to the servers that run in containers."""
 
     def __init__(self, resolve: Resolve, probes: ProbeSet) -> None:
         self._resolve = resolve
         self._probes = probes
         self.watched: list[WatchedTarget] = []
+        self.containers: ContainerWatcher | None = None
+
+    def watch_containers(
+        self, targets: list[TargetConfig], resolve: ResolveServer, wake: Callable[[], None]
+    ) -> None:
+        """Find the containerised servers of every containers = true target, now and
+        as they come and go (`wake` the main loop when an exec is noticed)."""
+        wanted = [(index, config) for index, config in enumerate(targets) if config.containers]
+        if wanted:
+            self.containers = ContainerWatcher(wanted, resolve, self._probes, wake)
+            self.containers.poll()
+
+    def due_in(self) -> float:
+        """Seconds until the next poll is needed."""
+        containers = self.containers.due_in() if self.containers is not None else WATCH_INTERVAL_S
+        return min(WATCH_INTERVAL_S, containers)
+
+    def close(self) -> None:
+        if self.containers is not None:
+            self.containers.close()
 
     def watch(self, index: int, config: TargetConfig, attached: FileIdentity | None) -> None:
         """Watch a binary target; `attached` is the identity of the file read and attached
         to (Target.file.identity), None while the file is not there yet."""
-        if config.binary is not None:
+        if config.binary is not None and not config.containers:
             self.watched.append(WatchedTarget(index, config, attached))
+            if attached is None:
+                log.warning(
+                    "target_waiting",
+                    target=target_name(config, index),
+                    binary=config.binary,
+                    action="attaching when the file appears "
+                    f"(checked every {WATCH_INTERVAL_S:g} s)",
+                )
 
     def poll(self) -> None:
+        if self.containers is not None:
+            self.containers.poll()
         for watched in self.watched:
             new_file = watched.change()
             if new_file is None:

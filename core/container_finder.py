@@ -1,0 +1,213 @@
+"""PostgreSQL servers in containers on this host: postmasters in other pid namespaces.
+
+One scan of /proc at start. After it the kernel says when a program called
+`postgres` is exec'd anywhere (bpf/exec_notice.c: a container's postmaster is exec'd
+by its runtime, entrypoint or pg_ctl, while backends are forked and send nothing),
+and only those pids are looked at. A rescan every RESCAN_EVERY_S catches what a
+notice could miss (a binary by another name, a full ring). What finding costs is
+counted: the scans, the notices, the CPU time.
+
+A postmaster is a process running `postgres` whose parent does not, with a child
+already: initdb's `postgres --single` and `postgres -C` have none, and a postmaster
+forks its checkpointer within milliseconds. An exec'd pid is watched for SETTLE_S
+until it has one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgslowlog.bpf.compiler import RAW_TRACEPOINT, CompileError, compile_program
+from pgslowlog.bpf.libbcc import libbcc
+from pgslowlog.bpf.ringbuf import RingBuffer, ring_buffer_fd_size
+from pgslowlog.containers import (
+    ContainerServer,
+    container_hostname,
+    container_of,
+    own_pid_namespace,
+    pid_namespace,
+)
+from pgslowlog.log import get_logger
+from pgslowlog.sampled.procfs import children_of
+
+log = get_logger(__name__)
+POSTGRES_COMM = "postgres"
+RESCAN_EVERY_S = 60.0  # the safety net behind the exec notices
+SETTLE_S = 5.0  # an exec'd postgres is a postmaster once it has a child: watched this long
+CHECK_PENDING_S = 0.1  # how often a pending one is looked at
+EXEC_FUNCTION = "raw_tracepoint__sched_process_exec"
+_START_TIME = 19  # starttime in stat_fields (field 22 of /proc/PID/stat): tells reused pids
+
+
+@dataclass(frozen=True)
+class _Process:
+    comm: str
+    state: str
+    parent: int
+    start: str
+
+
+def _process(pid: int) -> _Process | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return _Process(comm, fields[0], int(fields[1]), fields[_START_TIME])
+
+
+class ExecNotifier:
+    """The pids of programs called postgres as they are exec'd, from the kernel."""
+
+    def __init__(self) -> None:
+        program = Path(__file__).with_name("bpf").joinpath("exec_notice.c").read_bytes()
+        compiled = compile_program(program, [], [(EXEC_FUNCTION, RAW_TRACEPOINT)], ["execs"])
+        self._compiled = compiled
+        try:
+            ring_fd = compiled.maps["execs"]
+            self._ring = RingBuffer(ring_fd, ring_buffer_fd_size(ring_fd))
+        except BaseException:
+            compiled.close()
+            raise
+        fd = libbcc().attach_raw_tracepoint(
+            compiled.functions[EXEC_FUNCTION], b"sched_process_exec"
+        )
+        if fd < 0:
+            error = ctypes.get_errno()
+            self._ring.close()
+            compiled.close()
+            raise OSError(error, f"attaching to sched_process_exec failed: {os.strerror(error)}")
+        self._tracepoint_fd = fd
+
+    def wait(self, timeout_ms: int) -> None:
+        self._ring.wait(timeout_ms)
+
+    def pids(self) -> list[int]:
+        return [int.from_bytes(record[:4], "little") for record in self._ring.read()]
+
+    def close(self) -> None:
+        os.close(self._tracepoint_fd)
+        self._ring.close()
+        self._compiled.close()
+
+
+class ServerFinder:
+    """The postmasters running in other pid namespaces, kept current by `poll()`."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self.servers: dict[int, ContainerServer] = {}  # postmaster's pid here -> server
+        self._starts: dict[int, str] = {}  # its start time: a reused pid is another process
+        self._pending: dict[int, float] = {}  # exec'd pid -> give up after
+        self._noticed: list[int] = []
+        self._lock = threading.Lock()
+        self._wake = wake
+        self._next_scan = 0.0
+        self.figures = {"scans": 0, "exec_notices": 0, "cpu_ms": 0.0}
+        self._notifier: ExecNotifier | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        try:
+            self._notifier = ExecNotifier()
+        except (CompileError, OSError) as error:
+            log.warning(
+                "exec_notices_unavailable",
+                error=str(error),
+                action="looking for containerised servers by scanning /proc every second",
+            )
+        if self._notifier is not None:
+            self._thread = threading.Thread(target=self._listen, name="exec-notices", daemon=True)
+            self._thread.start()
+
+    @property
+    def notices(self) -> bool:
+        return self._notifier is not None
+
+    def _listen(self) -> None:
+        """Its own thread: a notice wakes the main loop, which finds the server."""
+        assert self._notifier is not None
+        while not self._stop.is_set():
+            self._notifier.wait(500)
+            if pids := self._notifier.pids():
+                with self._lock:
+                    self._noticed += pids
+                self._wake()
+
+    def due_in(self) -> float:
+        """Seconds until `poll()` has something to do (a pending exec: soon)."""
+        if self._pending:
+            return CHECK_PENDING_S
+        return 1.0
+
+    def poll(self) -> dict[int, ContainerServer]:
+        """Servers now: gone ones dropped, new ones found. Called from the main loop."""
+        began = time.thread_time()
+        now = time.monotonic()
+        with self._lock:
+            noticed, self._noticed = self._noticed, []
+        self.figures["exec_notices"] += len(noticed)
+        for pid in noticed:
+            self._pending[pid] = now + SETTLE_S
+        for pid in [pid for pid in self.servers if not self._alive(pid)]:
+            del self.servers[pid]
+            self._starts.pop(pid, None)
+        if now >= self._next_scan:
+            self._scan()
+            self._next_scan = now + (RESCAN_EVERY_S if self.notices else 1.0)
+        for pid, until in list(self._pending.items()):
+            if self._consider(pid) or now >= until or _process(pid) is None:
+                del self._pending[pid]
+        self.figures["cpu_ms"] += (time.thread_time() - began) * 1000
+        return dict(self.servers)
+
+    def _alive(self, pid: int) -> bool:
+        process = _process(pid)
+        return process is not None and process.state != "Z" and process.start == self._starts[pid]
+
+    def _scan(self) -> None:
+        self.figures["scans"] += 1
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) not in self.servers:
+                self._consider(int(entry))
+
+    def _consider(self, pid: int) -> bool:
+        """Whether `pid` is a postmaster in another pid namespace (taken up if so)."""
+        if pid in self.servers:
+            return True
+        process = _process(pid)
+        if process is None or process.comm != POSTGRES_COMM or process.state == "Z":
+            return False
+        parent = _process(process.parent)
+        if parent is not None and parent.comm == POSTGRES_COMM:
+            return False  # a backend or an auxiliary process
+        namespace = pid_namespace(pid)
+        if namespace is None or namespace == own_pid_namespace():
+            return False  # the ordinary targets' business
+        if not children_of(pid):
+            return False  # not serving (yet): `postgres --single`, or still starting
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            return False
+        self.servers[pid] = ContainerServer(
+            host_pid=pid,
+            namespace=namespace,
+            container=container_of(pid, namespace),
+            hostname=container_hostname(pid),
+            exe=exe,
+        )
+        self._starts[pid] = process.start
+        return True
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._notifier is not None:
+            self._notifier.close()

@@ -1,0 +1,146 @@
+"""A `containers = true` target: one instance per containerised server, kept current.
+
+The ServerFinder (container_finder.py) says which postmasters run in other pid
+namespaces. Each one a target takes becomes an instance of that target: its binary
+read through the container's root, its definitions started on the container's pid
+namespace (probe_set, keyed by target and container), its events and metrics saying
+which container. A server that goes (its container stopped or restarted) is stopped
+with its instance; a restarted container's new postmaster gets a new instance under
+the same container name. A server a target cannot trace (a major it does not know, a
+musl or foreign build, a probe the kernel refuses) is said once, with why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pgslowlog.config import TargetConfig
+from pgslowlog.container_finder import ServerFinder
+from pgslowlog.containers import ContainerServer
+from pgslowlog.errors import UserError
+from pgslowlog.log import get_logger
+from pgslowlog.probe_set import ProbeSet
+from pgslowlog.probes import ProbeDefinition
+from pgslowlog.sources import ProbeLoadError
+from pgslowlog.targets import Target, target_name
+
+log = get_logger(__name__)
+
+ResolveServer = Callable[[TargetConfig, int, ContainerServer], tuple[Target, list[ProbeDefinition]]]
+
+
+def takes(config: TargetConfig, server: ContainerServer) -> bool:
+    """Whether a containers = true target takes the server: any, or the `binary` named."""
+    return config.binary is None or server.exe == config.binary
+
+
+@dataclass
+class _Instances:
+    index: int
+    config: TargetConfig
+    running: dict[str, int] = field(default_factory=dict)  # container -> its postmaster
+    said: set[tuple[str, int]] = field(default_factory=set)  # refused, or a second server
+
+    @property
+    def name(self) -> str:
+        return target_name(self.config, self.index)
+
+
+class ContainerWatcher:
+    """The instances of every containers = true target, polled from the main loop."""
+
+    def __init__(
+        self,
+        targets: list[tuple[int, TargetConfig]],
+        resolve: ResolveServer,
+        probes: ProbeSet,
+        wake: Callable[[], None],
+    ) -> None:
+        self._targets = [_Instances(index, config) for index, config in targets]
+        self._resolve = resolve
+        self._probes = probes
+        self.finder = ServerFinder(wake)
+        self.seen: set[str] = set()  # containers traced at some time: a return is a restart
+
+    def due_in(self) -> float:
+        return self.finder.due_in()
+
+    def poll(self) -> None:
+        servers = self.finder.poll()
+        taken: set[int] = set()
+        present = {(server.name, pid) for pid, server in servers.items()}
+        for instances in self._targets:
+            instances.said &= present  # what was said of servers gone is forgotten
+            for container, postmaster in list(instances.running.items()):
+                if postmaster not in servers:
+                    self._stop(instances, container, "its server is gone")
+            for pid, server in sorted(servers.items()):
+                if pid in taken or not takes(instances.config, server):
+                    continue
+                taken.add(pid)  # the first target that takes a server has it
+                self._start(instances, server)
+
+    def _start(self, instances: _Instances, server: ContainerServer) -> None:
+        running = instances.running.get(server.name)
+        if running == server.host_pid or (server.name, server.host_pid) in instances.said:
+            return
+        if running is not None:
+            instances.said.add((server.name, server.host_pid))
+            log.warning(
+                "container_second_server",
+                target=instances.name,
+                container=server.name,
+                postmaster=server.host_pid,
+                traced=running,
+                action="only the first server of a container is traced",
+            )
+            return
+        try:
+            target, definitions = self._resolve(instances.config, instances.index, server)
+        except UserError as error:
+            self._refuse(instances, server, str(error))
+            return
+        with target.file:
+            try:
+                self._probes.start(target, definitions)
+            except Exception as error:  # ProbeLoadError, or anything a third party raises
+                why = str(error) if isinstance(error, ProbeLoadError) else repr(error)
+                self._refuse(instances, server, why)
+                return
+        instances.running[server.name] = server.host_pid
+        restarted = server.name in self.seen
+        self.seen.add(server.name)
+        log.info(
+            "container_server_restarted" if restarted else "container_server_found",
+            target=instances.name,
+            container=server.name,
+            pod_uid=server.container.pod_uid,
+            container_hostname=server.hostname,
+            postmaster=server.host_pid,
+            binary=server.exe,
+            postgres_version=target.binary.version,
+            probes=[d.name for d in definitions],
+        )
+
+    def _refuse(self, instances: _Instances, server: ContainerServer, why: str) -> None:
+        instances.said.add((server.name, server.host_pid))  # said once per server
+        log.error(
+            "container_server_refused",
+            target=instances.name,
+            container=server.name,
+            postmaster=server.host_pid,
+            error=why,
+        )
+
+    def _stop(self, instances: _Instances, container: str, why: str) -> None:
+        del instances.running[container]
+        self._probes.stop_target(instances.index, container)
+        log.info("container_server_gone", target=instances.name, container=container, reason=why)
+
+    def instances(self) -> dict[str, list[str]]:
+        """Per target, the containers traced now: for the health line."""
+        return {i.name: sorted(i.running) for i in self._targets}
+
+    def close(self) -> None:
+        self.finder.close()
