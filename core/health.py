@@ -61,6 +61,7 @@ class ProbeFigures:
     target: str
     attached_count: int
     counters: dict[str, int]
+    container: str = ""  # the container of a containers = true target's instance
 
     @classmethod
     def of(cls, running: RunningProbe, attached_count: int | None = None) -> ProbeFigures:
@@ -69,6 +70,7 @@ class ProbeFigures:
             running.target.name,
             running.source.attached_count if attached_count is None else attached_count,
             running.source.counters(),
+            running.target.container or "",
         )
 
 
@@ -81,14 +83,22 @@ class ProbeTotals:
     definition: str
     attached_count: int  # places watched now
     counters: dict[str, int]  # the source's counters, and `undecodable` records
+    container: str = ""
+
+
+def instance_name(target: str, container: str) -> str:
+    """A target's name, with the container for an instance of a containers = true one."""
+    return f"{target}[{container}]" if container else target
 
 
 def sum_per_target(figures: Sequence[ProbeFigures | ProbeTotals]) -> dict[str, dict[str, int]]:
-    """Per target: probes attached and the counters, summed over its probes."""
+    """Per target (per container, for a containers = true target): probes attached and
+    the counters, summed over its probes."""
     targets: dict[str, dict[str, int]] = {}
     for probe in figures:
         counters = probe.counters
-        entry = targets.setdefault(probe.target, dict.fromkeys(TARGET_HEALTH, 0))
+        name = instance_name(probe.target, probe.container)
+        entry = targets.setdefault(name, dict.fromkeys(TARGET_HEALTH, 0))
         count = counters.get  # a source counts what it can know; the rest is 0
         entry["probes_attached"] += probe.attached_count > 0
         entry["attachments"] += probe.attached_count
@@ -116,10 +126,10 @@ class HealthReporter:
         # counters of retired ones per (target, definition). Read by another thread.
         self._lock = threading.Lock()
         self._latest: dict[RunningProbe, tuple[ProbeFigures, int]] = {}
-        self._retired_totals: dict[tuple[str, str], Counter[str]] = {}
+        self._retired_totals: dict[tuple[str, str, str], Counter[str]] = {}
         # The last figures of the last probe retired per (target, definition), for the
         # `stopped` line: one per key, so switches and upgrades do not pile them up.
-        self._retired_last: dict[tuple[str, str], ProbeFigures] = {}
+        self._retired_last: dict[tuple[str, str, str], ProbeFigures] = {}
 
     def report_losses(self) -> None:
         for running in self._probes:
@@ -143,6 +153,7 @@ class HealthReporter:
                     event,
                     probe=running.definition.name,
                     target=running.target.name,
+                    **({"container": running.target.container} if running.target.container else {}),
                     count=lost,
                     cause=cause,
                     fix=fix,
@@ -172,15 +183,16 @@ class HealthReporter:
         """Every definition that ran on a target, as of the last `report_losses`."""
         with self._lock:
             totals = {key: Counter(counters) for key, counters in self._retired_totals.items()}
-            attached: Counter[tuple[str, str]] = Counter(dict.fromkeys(totals, 0))
+            attached: Counter[tuple[str, str, str]] = Counter(dict.fromkeys(totals, 0))
             for running, (figures, failed) in self._latest.items():
                 key = _key(running)
                 totals.setdefault(key, Counter()).update(figures.counters)
                 totals[key]["undecodable"] += failed
                 attached[key] += figures.attached_count
         return [
-            ProbeTotals(target, definition, attached[target, definition], dict(counters))
-            for (target, definition), counters in sorted(totals.items())
+            ProbeTotals(target, definition, attached[key], dict(counters), container)
+            for key, counters in sorted(totals.items())
+            for target, container, definition in [key]
         ]
 
     def filtered_background(self) -> int:
@@ -219,8 +231,9 @@ def _undecodable(totals: list[ProbeTotals]) -> int:
     return sum(probe.counters.get("undecodable", 0) for probe in totals)
 
 
-def _key(running: RunningProbe) -> tuple[str, str]:
-    return running.target.name, running.definition.name
+def _key(running: RunningProbe) -> tuple[str, str, str]:
+    """target, container ("" outside containers), definition"""
+    return running.target.name, running.target.container or "", running.definition.name
 
 
 def _failed(running: RunningProbe) -> int:

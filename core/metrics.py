@@ -38,7 +38,7 @@ from pgslowlog.config import Config, MetricsConfig, listen_address
 from pgslowlog.dispatcher import Dispatcher
 from pgslowlog.errors import UserError
 from pgslowlog.event import SlowQuery
-from pgslowlog.health import LOSS_CAUSES, HealthReporter, sum_per_target
+from pgslowlog.health import LOSS_CAUSES, HealthReporter
 from pgslowlog.log import get_logger
 from pgslowlog.machine import Finding
 from pgslowlog.pg_layouts import WAIT_EVENT_TYPES
@@ -52,7 +52,7 @@ DURATION_BUCKETS_S = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
     1800.0, 3600.0,
 )  # fmt: skip
-OTHER = "other"  # the label value of everything beyond max_databases / max_users
+OTHER = "other"  # the label value of everything beyond max_databases / users / containers
 UNKNOWN = "unknown"  # the backend exited before its user and database were read
 # Records lost, by cause: the sources' loss counters, and records the daemon could
 # not decode or handle.
@@ -98,45 +98,61 @@ class SlowStatementCounts:
     """Slow statements by target, database, user and outcome; their durations; and for
     sampled ones the time spent per wait event type. Called from every collector thread."""
 
-    def __init__(self, max_databases: int, max_users: int) -> None:
+    def __init__(self, max_databases: int, max_users: int, max_containers: int = 50) -> None:
         self._lock = threading.Lock()
+        # Per target: a container keeps its own label until max_containers were seen (a
+        # Kubernetes container gets a new id at every restart); "" outside containers.
+        self._containers: dict[str, LabelFolder] = {}
+        self._max_containers = max_containers
         # Per target: a database or user is folded by how many that target has seen.
         self._databases: dict[str, LabelFolder] = {}
         self._users: dict[str, LabelFolder] = {}
         self._max_databases = max_databases
         self._max_users = max_users
         # Read and written under the lock only: snapshot() hands out copies.
-        self._statements: dict[tuple[str, str, str, str], int] = {}
-        self._durations: dict[tuple[str, str], _Histogram] = {}
-        self._wait_s: dict[tuple[str, str], float] = {}
-        self._main_wait: dict[tuple[str, str], int] = {}  # target, wait event type
+        self._statements: dict[tuple[str, str, str, str, str], int] = {}
+        self._durations: dict[tuple[str, str, str], _Histogram] = {}
+        self._wait_s: dict[tuple[str, str, str], float] = {}
+        self._main_wait: dict[tuple[str, str, str], int] = {}  # target, container, wait type
 
     def observe(self, events: Sequence[SlowQuery]) -> None:
         with self._lock:
             for event in events:
                 target = event.target
+                container = self._container(target, event.container)
                 database = self._fold(self._databases, self._max_databases, target)(event.database)
                 user = self._fold(self._users, self._max_users, target)(event.user)
-                key = (target, database, user, event.outcome)
+                key = (target, container, database, user, event.outcome)
                 self._statements[key] = self._statements.get(key, 0) + 1
                 seconds = event.duration_ms / 1000
-                histogram = self._durations.get((target, database))
+                histogram = self._durations.get((target, container, database))
                 if histogram is None:
-                    histogram = self._durations[target, database] = _Histogram()
+                    histogram = self._durations[target, container, database] = _Histogram()
                 histogram.buckets[bisect.bisect_left(DURATION_BUCKETS_S, seconds)] += 1
                 histogram.sum_s += seconds
                 if event.waits:
-                    self._share_out_waits(target, seconds, event.waits)
+                    self._share_out_waits((target, container), seconds, event.waits)
 
-    def _share_out_waits(self, target: str, seconds: float, waits: dict[str, int]) -> None:
+    def container_label(self, target: str, container: str | None) -> str:
+        with self._lock:
+            return self._container(target, container)
+
+    def _container(self, target: str, container: str | None) -> str:
+        if not container:
+            return ""
+        return self._fold(self._containers, self._max_containers, target)(container)
+
+    def _share_out_waits(
+        self, target: tuple[str, str], seconds: float, waits: dict[str, int]
+    ) -> None:
         # Each look saw the statement doing one thing: its duration is shared out by looks.
         looks = sum(waits.values())
         if looks <= 0:
             return  # a third-party source's empty counts: nothing to share out
         for wait, count in waits.items():
-            key = (target, _wait_class(wait))
+            key = (*target, _wait_class(wait))
             self._wait_s[key] = self._wait_s.get(key, 0.0) + seconds * count / looks
-        main = (target, _wait_class(max(waits.items(), key=lambda item: item[1])[0]))
+        main = (*target, _wait_class(max(waits.items(), key=lambda item: item[1])[0]))
         self._main_wait[main] = self._main_wait.get(main, 0) + 1
 
     @staticmethod
@@ -158,10 +174,11 @@ class SlowStatementCounts:
 
 
 class CountsSnapshot(NamedTuple):
-    statements: dict[tuple[str, str, str, str], int]  # target, database, user, outcome
-    durations: dict[tuple[str, str], _Histogram]  # target, database
-    wait_s: dict[tuple[str, str], float]  # target, wait event type
-    main_wait: dict[tuple[str, str], int]  # target, wait event type seen most
+    # target, container ("" outside containers), then:
+    statements: dict[tuple[str, str, str, str, str], int]  # database, user, outcome
+    durations: dict[tuple[str, str, str], _Histogram]  # database
+    wait_s: dict[tuple[str, str, str], float]  # wait event type
+    main_wait: dict[tuple[str, str, str], int]  # wait event type seen most
 
 
 @dataclass
@@ -204,7 +221,7 @@ class ScrapeCollector(Collector):
         total = CounterMetricFamily(
             "pgslowlog_slow_statements",
             "Slow statements handed to the sinks.",
-            labels=["target", "database", "user", "outcome"],
+            labels=["target", "container", "database", "user", "outcome"],
         )
         for labels, count in sorted(statements.items()):
             total.add_metric(list(labels), count)
@@ -212,7 +229,7 @@ class ScrapeCollector(Collector):
         histogram = HistogramMetricFamily(
             "pgslowlog_slow_statement_duration_seconds",
             "Durations of slow statements.",
-            labels=["target", "database"],
+            labels=["target", "container", "database"],
         )
         for where, value in sorted(durations.items()):
             cumulative, buckets = 0, []
@@ -225,7 +242,7 @@ class ScrapeCollector(Collector):
             "pgslowlog_slow_statement_wait_seconds",
             "Time slow statements spent per wait event type (CPU: none), as the sampled "
             "definition saw it: each statement's duration shared out by its looks.",
-            labels=["target", "wait_event_type"],
+            labels=["target", "container", "wait_event_type"],
         )
         for what, seconds in sorted(waits.items()):
             wait.add_metric(list(what), seconds)
@@ -234,7 +251,7 @@ class ScrapeCollector(Collector):
             "pgslowlog_slow_statements_by_wait",
             "Slow statements by the wait event type the sampled definition saw them in "
             "most (CPU: none; a type PostgreSQL does not have: other).",
-            labels=["target", "wait_event_type"],
+            labels=["target", "container", "wait_event_type"],
         )
         for what, count in sorted(main_waits.items()):
             by_wait.add_metric(list(what), count)
@@ -245,31 +262,42 @@ class ScrapeCollector(Collector):
             "pgslowlog_statements_seen",
             "Statements the definition saw, slow or not (a trapping program counts each as "
             "it begins; backend_status and sampled, each as it ends).",
-            labels=["target", "probe"],
+            labels=["target", "container", "probe"],
         )
         lost = CounterMetricFamily(
             "pgslowlog_records_lost",
             "Slow statements or records lost, by cause (see docs/sinks.md, its metrics list).",
-            labels=["target", "probe", "cause"],
+            labels=["target", "container", "probe", "cause"],
         )
         attachments = GaugeMetricFamily(
             "pgslowlog_probe_attachments",
             "Places a definition watches on a target now (uprobes, USDT probes, clusters).",
-            labels=["target", "probe"],
+            labels=["target", "container", "probe"],
         )
         totals = health.probe_totals()
+        # Summed by labels: containers beyond max_containers share "other".
+        seen_by: dict[tuple[str, ...], int] = {}
+        lost_by: dict[tuple[str, ...], int] = {}
+        attached_by: dict[tuple[str, ...], int] = {}
         for probe in totals:
-            labels = [probe.target, probe.definition]
+            container = self.state.counts.container_label(probe.target, probe.container)
+            labels = (probe.target, container, probe.definition)
             if "statements" in probe.counters:  # where the definition knows it
-                seen.add_metric(labels, probe.counters["statements"])
+                seen_by[labels] = seen_by.get(labels, 0) + probe.counters["statements"]
             for cause in LOST_CAUSES:
-                lost.add_metric([*labels, cause], probe.counters.get(cause, 0))
-            attachments.add_metric(labels, probe.attached_count)
+                key = (*labels, cause)
+                lost_by[key] = lost_by.get(key, 0) + probe.counters.get(cause, 0)
+            attached_by[labels] = attached_by.get(labels, 0) + probe.attached_count
+        for family, values in ((seen, seen_by), (lost, lost_by), (attachments, attached_by)):
+            for label_values, value in values.items():
+                family.add_metric(list(label_values), value)
         yield from (seen, lost, attachments)
         # Every configured target, one still waiting for its binary (no totals) at 0.
         attached_per_target = dict.fromkeys(self.state.target_names, 0)
-        for target, figures in sum_per_target(totals).items():
-            attached_per_target[target] = figures["probes_attached"]
+        for probe in totals:  # per configured target: its containers' instances summed
+            attached_per_target[probe.target] = attached_per_target.get(probe.target, 0) + (
+                probe.attached_count > 0
+            )
         per_target = GaugeMetricFamily(
             "pgslowlog_target_probes_attached",
             "Definitions attached per configured target (0: it is not being watched).",
@@ -329,7 +357,9 @@ class Metrics:
     def __init__(self, config: Config) -> None:
         assert config.metrics is not None  # made only for a config with [metrics]
         self.listen = listen = config.metrics.listen
-        self.counts = SlowStatementCounts(config.metrics.max_databases, config.metrics.max_users)
+        self.counts = SlowStatementCounts(
+            config.metrics.max_databases, config.metrics.max_users, config.metrics.max_containers
+        )
         self._sources = ScrapeSources(
             target_names=[target_name(t, i) for i, t in enumerate(config.target)],
             threshold_s=config.daemon.threshold_ms / 1000,

@@ -102,25 +102,34 @@ def test_counts_fold_per_target_bucket_and_share_out_waits():
     )
     statements, durations, waits, main_waits = counts.snapshot()
     assert statements == {
-        ("main", "shop", "app", "ok"): 3,
-        ("main", OTHER, "app", "error"): 1,
-        ("other-cluster", "ledger", "app", "ok"): 1,
-        ("main", UNKNOWN, UNKNOWN, "ok"): 1,
+        ("main", "", "shop", "app", "ok"): 3,
+        ("main", "", OTHER, "app", "error"): 1,
+        ("other-cluster", "", "ledger", "app", "ok"): 1,
+        ("main", "", UNKNOWN, UNKNOWN, "ok"): 1,
     }
-    shop = durations["main", "shop"]
+    shop = durations["main", "", "shop"]
     assert shop.buckets[DURATION_BUCKETS_S.index(0.25)] == 1  # 150 ms: in (0.1, 0.25]
     assert shop.buckets[DURATION_BUCKETS_S.index(1.0)] == 1  # 1 s: le="1.0" includes it
     assert shop.sum_s == pytest.approx(1.45)
-    assert durations["main", UNKNOWN].buckets[0] == 1  # 10 ms: le="0.01"
-    assert durations["main", OTHER].buckets[DURATION_BUCKETS_S.index(30.0)] == 1
+    assert durations["main", "", UNKNOWN].buckets[0] == 1  # 10 ms: le="0.01"
+    assert durations["main", "", OTHER].buckets[DURATION_BUCKETS_S.index(30.0)] == 1
     assert waits == {
-        ("main", "Lock"): pytest.approx(0.75),
-        ("main", "CPU"): pytest.approx(0.25),
-        ("main", OTHER): pytest.approx(0.2),
-        ("main", "IO"): pytest.approx(0.1),
+        ("main", "", "Lock"): pytest.approx(0.75),
+        ("main", "", "CPU"): pytest.approx(0.25),
+        ("main", "", OTHER): pytest.approx(0.2),
+        ("main", "", "IO"): pytest.approx(0.1),
     }
     # Counted once each, by the type seen most; a type no PostgreSQL has is "other".
-    assert main_waits == {("main", "Lock"): 1, ("main", OTHER): 1}
+    assert main_waits == {("main", "", "Lock"): 1, ("main", "", OTHER): 1}
+
+
+def test_containers_keep_their_label_until_the_limit_then_fold():
+    counts = SlowStatementCounts(max_databases=5, max_users=5, max_containers=2)
+    containers = ["docker://a", "docker://b", "containerd://c", "docker://a"]
+    counts.observe([slow(**APP_ON_MAIN, container=c) for c in containers])
+    counts.observe([slow(**APP_ON_MAIN)])  # a host target's: no container label
+    by_container = {key[1]: n for key, n in counts.snapshot().statements.items()}
+    assert by_container == {"docker://a": 2, "docker://b": 1, OTHER: 1, "": 1}
 
 
 def test_waits_with_no_looks_are_not_shared_out():

@@ -653,7 +653,9 @@ class FakePlanner:
             raise self.refusal
         return self.choice
 
-    def resolve(self, target_config, index, daemon) -> tuple[Target, list[ProbeDefinition]]:
+    def resolve(
+        self, target_config, index, daemon, server=None
+    ) -> tuple[Target, list[ProbeDefinition]]:
         self.resolves += 1
         assert self.resolved is not None
         return self.resolved, self.choice
