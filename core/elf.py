@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import platform
 import re
 import stat
 import struct
@@ -21,6 +22,7 @@ from typing import BinaryIO
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import NoteSection, SymbolTableSection
+from elftools.elf.segments import InterpSegment
 
 from pgslowlog.errors import UserError
 
@@ -208,6 +210,7 @@ def _inspect_binary(
     try:
         with binary_file.reader() as handle:
             elf = ELFFile(handle)
+            _refuse_foreign_build(elf, path, label)
             functions, objects, has_symtab = _symbols(elf, wanted | {_SERVER_MARKER})
             usdt = _usdt_probes(elf)
             base_vaddr = _base_vaddr(elf)
@@ -241,6 +244,31 @@ def _inspect_binary(
         del _cache[next(iter(_cache))]
     _cache[key] = binary
     return binary
+
+
+# The layouts (pg_layouts) and the BPF programs are checked on glibc builds for these.
+_MACHINES = {"x86_64": "EM_X86_64", "aarch64": "EM_AARCH64"}
+_DEBIAN_IMAGE = "use a Debian-based build (the official image's default, postgres:17-bookworm)"
+
+
+def _refuse_foreign_build(elf: ELFFile, path: str, label: str) -> None:
+    """A build for another architecture, or against musl (Alpine images): refused
+    until a test shows that the layouts read from its memory hold there."""
+    wanted = _MACHINES.get(platform.machine())
+    machine = elf["e_machine"]
+    if wanted is not None and machine != wanted:
+        raise UserError(
+            f"{label} {path} is built for {machine.removeprefix('EM_')}, not for this "
+            f"{platform.machine()} host",
+            "trace it from a host of its own architecture",
+        )
+    for segment in elf.iter_segments():
+        if isinstance(segment, InterpSegment) and "musl" in segment.get_interp_name():
+            raise UserError(
+                f"{label} {path} is built against musl (an Alpine image): pgslowlog does "
+                "not yet know that PostgreSQL's memory layouts hold there",
+                _DEBIAN_IMAGE,
+            )
 
 
 def _symbols(
