@@ -50,13 +50,23 @@ def main(argv: list[str] | None = None) -> int:
                 print("\n".join(preflight.describe_probes(arguments.binary)))
                 return 0
             from pgslowlog.config import load_config
-            from pgslowlog.targets import resolve_binary_path, target_name
+            from pgslowlog.targets import binary_of_pid, resolve_binary_path, target_name
 
             config = load_config(arguments.config)
             for index, target in enumerate(config.target):
-                path = resolve_binary_path(target, index)
-                print(f"target[{index}] ({target_name(target, index)}):")
-                print("\n".join(preflight.describe_probes(path)))
+                if target.containers:  # each server found in a container now
+                    from pgslowlog.container_finder import servers_now
+                    from pgslowlog.container_watch import takes
+
+                    found = [s for s in servers_now() if takes(target, s)]
+                    paths = [(f" in {s.name}", binary_of_pid(s.host_pid, index)) for s in found]
+                    if not paths:
+                        print(f"target[{index}] ({target_name(target, index)}): no server yet")
+                else:
+                    paths = [("", resolve_binary_path(target, index))]
+                for where, path in paths:
+                    print(f"target[{index}] ({target_name(target, index)}){where}:")
+                    print("\n".join(preflight.describe_probes(path)))
             return 0
         if arguments.command == "check":
             from pgslowlog import preflight

@@ -101,7 +101,7 @@ class ExecNotifier:
 class ServerFinder:
     """The postmasters running in other pid namespaces, kept current by `poll()`."""
 
-    def __init__(self, wake: Callable[[], None]) -> None:
+    def __init__(self, wake: Callable[[], None], notices: bool = True) -> None:
         self.servers: dict[int, ContainerServer] = {}  # postmaster's pid here -> server
         self._starts: dict[int, str] = {}  # its start time: a reused pid is another process
         self._pending: dict[int, float] = {}  # exec'd pid -> give up after
@@ -114,7 +114,7 @@ class ServerFinder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         try:
-            self._notifier = ExecNotifier()
+            self._notifier = ExecNotifier() if notices else None
         except (CompileError, OSError) as error:
             log.warning(
                 "exec_notices_unavailable",
@@ -211,3 +211,12 @@ class ServerFinder:
             self._thread.join()
         if self._notifier is not None:
             self._notifier.close()
+
+
+def servers_now() -> list[ContainerServer]:
+    """One scan, no notices: what `check` and `probes` list."""
+    finder = ServerFinder(lambda: None, notices=False)
+    try:
+        return sorted(finder.poll().values(), key=lambda server: server.name)
+    finally:
+        finder.close()

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from pgslowlog.config import Config, DaemonConfig, load_config
+from pgslowlog.config import Config, DaemonConfig, TargetConfig, load_config
+from pgslowlog.container_finder import servers_now
+from pgslowlog.container_watch import takes
 from pgslowlog.elf import PostgresBinary, file_identity, inspect_binary
 from pgslowlog.errors import UserError
 from pgslowlog.machine import Finding, machine_findings
@@ -18,7 +20,7 @@ from pgslowlog.planner import PlannedTarget, Planner
 from pgslowlog.plugin_manager import Plugins
 from pgslowlog.probes import ProbeDefinition, auto_order, wanted_symbols
 from pgslowlog.sources import ProbeLoadError
-from pgslowlog.targets import resolve_target
+from pgslowlog.targets import Target, resolve_target
 
 
 def run_checks(config_path: str) -> list[Finding]:
@@ -101,6 +103,9 @@ def _target_findings(config: Config, plugins: Plugins) -> list[Finding]:
     definitions = plugins.probe_definitions
     wanted = wanted_symbols(definitions.values())
     for index, target_config in enumerate(config.target):
+        if target_config.containers:
+            findings += _container_findings(target_config, index, plugins)
+            continue
         if target_config.binary is not None and file_identity(target_config.binary) is None:
             # Not an error: ExecStartPre runs check, and PostgreSQL may be installed later.
             findings.append(
@@ -118,18 +123,48 @@ def _target_findings(config: Config, plugins: Plugins) -> list[Finding]:
             findings.append(Finding(False, str(error)))
             continue
         target.file.close()
-        binary = target.binary
-        support = []
-        for name, definition in sorted(definitions.items(), key=lambda kv: -kv[1].priority):
-            reason = definition.unsupported_reason(binary)
-            support.append(f"{name}: {'supported' if reason is None else reason}")
-        findings.append(
+        findings.append(Finding(True, _support(target, plugins)))
+    return findings
+
+
+def _support(target: Target, plugins: Plugins) -> str:
+    binary = target.binary
+    support = []
+    for name, definition in sorted(
+        plugins.probe_definitions.items(), key=lambda kv: -kv[1].priority
+    ):
+        reason = definition.unsupported_reason(binary)
+        support.append(f"{name}: {'supported' if reason is None else reason}")
+    return (
+        f"{target.label}: {binary.path} is PostgreSQL {binary.version}, "
+        f"{binary.symbols_kind}, {binary.usdt_kind}; probes: {'; '.join(support)}"
+    )
+
+
+def _container_findings(target_config: TargetConfig, index: int, plugins: Plugins) -> list[Finding]:
+    """The servers a containers = true target would trace now, one line each. A server
+    it cannot trace is a warning, not an error: `run` says so and traces the others."""
+    wanted = wanted_symbols(plugins.probe_definitions.values())
+    servers = [s for s in servers_now() if takes(target_config, s)]
+    if not servers:
+        return [
             Finding(
                 True,
-                f"{target.label}: {binary.path} is PostgreSQL {binary.version}, "
-                f"{binary.symbols_kind}, {binary.usdt_kind}; probes: {'; '.join(support)}",
+                f"target[{index}] (containers = true): no PostgreSQL server runs in a "
+                "container now; run traces each one as it starts",
+                warning=True,
             )
-        )
+        ]
+    findings = []
+    for server in servers:
+        where = f"hostname {server.hostname}, postmaster pid {server.host_pid} here"
+        try:
+            target = resolve_target(target_config, index, wanted, server)
+        except UserError as error:
+            findings.append(Finding(True, f"{error} ({where}): not traced", warning=True))
+            continue
+        target.file.close()
+        findings.append(Finding(True, f"{_support(target, plugins)} ({where})"))
     return findings
 
 
