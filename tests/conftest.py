@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from containers import leftover_containers
 from leaks import LeakWatch
 from waiting import wait_for_count
 
@@ -81,6 +82,7 @@ def pytest_runtest_logfinish(nodeid: str, location: tuple[str, int | None, str])
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # Every fixture, session-scoped ones included, has been torn down by now.
     _leftovers.extend(_leaks.leftovers())
+    _leftovers.extend(leftover_containers())  # overlay mounts, cgroups (tests/containers.py)
     if _skipped or _leftovers:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
