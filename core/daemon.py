@@ -173,7 +173,7 @@ class Daemon:
                     log.info("probes_switched", probes=switched)
             self.health.report_losses()
             if time.monotonic() >= next_health:
-                log.info("health", **self.health.health())
+                log.info("health", **self.health.health(), **self.watcher.health())
                 next_health = time.monotonic() + stats_interval
 
     def _fail(self, reason: str) -> None:

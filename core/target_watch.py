@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pgslowlog.config import TargetConfig
+from pgslowlog.container_finder import servers_now
 from pgslowlog.container_watch import ContainerWatcher, ResolveServer
 from pgslowlog.elf import FileIdentity, file_identity
 from pgslowlog.errors import UserError
@@ -74,6 +75,23 @@ class TargetWatcher:
         if wanted:
             self.containers = ContainerWatcher(wanted, resolve, self._probes, wake)
             self.containers.poll()
+        elif servers := servers_now():  # not traced: said, never silent
+            log.warning(
+                "containers_not_traced",
+                servers=[f"{s.name} (postmaster {s.host_pid})" for s in servers],
+                action="add a [[target]] with containers = true to trace them",
+            )
+
+    def health(self) -> dict[str, object]:
+        """For the health line: each containers = true target's instances, and what
+        finding them cost."""
+        if self.containers is None:
+            return {}
+        finder = self.containers.finder.figures
+        return {
+            "containers": self.containers.instances(),
+            "container_finding": {**finder, "cpu_ms": round(finder["cpu_ms"], 1)},
+        }
 
     def due_in(self) -> float:
         """Seconds until the next poll is needed."""

@@ -42,7 +42,7 @@ class Daemon:
     def __init__(self, directory: Path, targets: list[str], metrics_port: int | None = None):
         self.log = directory / "slow.jsonl"
         config = directory / "pgslowlog.toml"
-        lines = ["[daemon]", "threshold_ms = 100", *targets]
+        lines = ["[daemon]", "threshold_ms = 100", "stats_interval_s = 1", *targets]
         lines += ["[sinks.file]", f'path = "{self.log}"']
         if metrics_port is not None:
             lines += ["[metrics]", f'listen = "127.0.0.1:{metrics_port}"', "max_containers = 3"]
@@ -60,7 +60,7 @@ class Daemon:
         (event,) = wait_for_count(lambda: self.events(marker), 1, marker, timeout=15)
         return event
 
-    def said(self, event: str, container: str, count: int = 1) -> dict[str, Any]:
+    def said(self, event: str, container: str | None, count: int = 1) -> dict[str, Any]:
         """The `count`-th log entry `event` about `container` (others may run too)."""
 
         def entries() -> list[dict[str, Any]]:
@@ -135,6 +135,9 @@ def test_a_containerised_server_named_by_pid_is_traced_with_its_own_pids(daemons
     docker = fleet["docker"]
     target = f'[[target]]\npid = {docker.host_pid}\nprobes = ["sampled"]\n'
     daemon = _start(daemons, tmp_path, target)
+    # No containers = true target: the servers in containers are named, not passed over.
+    (warning,) = [e for e in daemon.process.logs if e.get("event") == "containers_not_traced"]
+    assert len(warning["servers"]) == 5
     pid = _sleep_in(docker, "by-pid")
     event = daemon.one_event("by-pid")
     assert event["pid"] == pid != event["host_pid"]
@@ -260,6 +263,13 @@ def test_restart_stop_and_a_server_started_later(daemons, tmp_path):
         print(f"a server started later was found {found_at - ready:+.2f} s after it was ready")
         _sleep_in(later, "started-later")
         assert daemon.one_event("started-later")["container"] == "machine://pg-later"
+        # The health line: the instances now, and what finding them cost.
+        count = sum(1 for e in list(daemon.process.logs) if e.get("event") == "health")
+        health = daemon.said("health", None, count + 1)
+        assert {name, "machine://pg-later"} <= set(health["containers"]["pods"])  # and the fleet's
+        finding = health["container_finding"]
+        assert finding["exec_notices"] >= 1 and finding["scans"] >= 1, finding
+        print(f"finding containers cost: {finding}")
         first.stop()  # the instance goes with its server
         daemon.said("container_server_gone", name, 2)
     finally:
