@@ -141,10 +141,11 @@ class Enricher:
     def enrich(self, raw: RawStatement) -> SlowQuery | None:
         """The event, or None for a non-client process when those are not wanted, and
         for the daemon's own EXPLAIN connections (explain/)."""
-        if (raw.own_pid or raw.pid) in EXPLAIN_PIDS:
+        backend = self._backends.get(raw.pid) or self._lookup(raw.pid)
+        pid = self._own_pid(raw, backend)
+        if pid in EXPLAIN_PIDS:  # pg_backend_pid() of its connections: the server's own
             self.own += 1
             return None
-        backend = self._backends.get(raw.pid) or self._lookup(raw.pid)
         if backend is not None and backend.kind != "client" and not self.include_background:
             self.filtered += 1
             return None
@@ -153,7 +154,7 @@ class Enricher:
             duration_ms=raw.duration_ns / 1e6,
             query=redact_literals(raw.query) if self.redact else raw.query,
             query_truncated=raw.query_truncated,
-            pid=self._own_pid(raw, backend),
+            pid=pid,
             user=backend.user if backend else None,
             database=backend.database if backend else None,
             client=backend.client if backend else None,

@@ -41,11 +41,6 @@ class Target:
     def container(self) -> str | None:
         return self.server.name if self.server is not None else None
 
-    @property
-    def foreign(self) -> bool:
-        """Its servers' pids are not ours: they are mapped (containers.inner_pid)."""
-        return self.scope != own_pid_namespace()
-
 
 def resolve_binary_path(config: TargetConfig, index: int) -> str:
     if config.binary is not None:
