@@ -56,10 +56,12 @@ class ContainerWatcher:
         resolve: ResolveServer,
         probes: ProbeSet,
         wake: Callable[[], None],
+        gone: Callable[[str, str], None],
     ) -> None:
         self._targets = [_Instances(index, config) for index, config in targets]
         self._resolve = resolve
         self._probes = probes
+        self._gone = gone  # (target, container): its counts join the target's gone ones
         self.finder = ServerFinder(wake)
         self.seen: set[str] = set()  # containers traced at some time: a return is a restart
 
@@ -136,6 +138,7 @@ class ContainerWatcher:
     def _stop(self, instances: _Instances, container: str, why: str) -> None:
         del instances.running[container]
         self._probes.stop_target(instances.index, container)
+        self._gone(instances.name, container)
         log.info("container_server_gone", target=instances.name, container=container, reason=why)
 
     def instances(self) -> dict[str, list[str]]:

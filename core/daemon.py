@@ -109,7 +109,9 @@ class Daemon:
         try:
             if not self._attach(the_plan):
                 return 1
-            self.watcher.watch_containers(self.config.target, self._resolve, self._wake.set)
+            self.watcher.watch_containers(
+                self.config.target, self._resolve, self._wake.set, self.health.fold_container
+            )
             log.info(
                 "ready",
                 threshold_ms=self.config.daemon.threshold_ms,

@@ -21,6 +21,8 @@ from pgslowlog.sources import ExplainsLosses, LossCause
 
 log = get_logger(__name__)
 
+GONE = "gone"  # the container "name" of the instances whose server has gone
+
 # The per-target figures of the health line.
 # `attachments`: the places the probes watch (uprobes and USDT probes for a BPF
 # program; whatever a source counts as attached otherwise).
@@ -178,6 +180,17 @@ class HealthReporter:
                     totals = self._retired_totals.setdefault(key, Counter())
                     totals.update(last[0].counters)
                     totals["undecodable"] += last[1]
+
+    def fold_container(self, target: str, container: str) -> None:
+        """A container's server is gone: its instance's totals join the target's GONE
+        ones, so a host where containers come and go (a Kubernetes container gets a new
+        id at every restart) does not list every one it ever saw."""
+        with self._lock:
+            for key in [k for k in self._retired_totals if k[:2] == (target, container)]:
+                totals = self._retired_totals.setdefault((target, GONE, key[2]), Counter())
+                totals.update(self._retired_totals.pop(key))
+            for key in [k for k in self._retired_last if k[:2] == (target, container)]:
+                del self._retired_last[key]
 
     def probe_totals(self) -> list[ProbeTotals]:
         """Every definition that ran on a target, as of the last `report_losses`."""

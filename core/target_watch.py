@@ -67,13 +67,18 @@ class TargetWatcher:
         self.containers: ContainerWatcher | None = None
 
     def watch_containers(
-        self, targets: list[TargetConfig], resolve: ResolveServer, wake: Callable[[], None]
+        self,
+        targets: list[TargetConfig],
+        resolve: ResolveServer,
+        wake: Callable[[], None],
+        gone: Callable[[str, str], None],
     ) -> None:
         """Find the containerised servers of every containers = true target, now and
-        as they come and go (`wake` the main loop when an exec is noticed)."""
+        as they come and go (`wake` the main loop when an exec is noticed; `gone`
+        (target, container) once a server went and its instance stopped)."""
         wanted = [(index, config) for index, config in enumerate(targets) if config.containers]
         if wanted:
-            self.containers = ContainerWatcher(wanted, resolve, self._probes, wake)
+            self.containers = ContainerWatcher(wanted, resolve, self._probes, wake, gone)
             self.containers.poll()
         elif servers := servers_now():  # not traced: said, never silent
             log.warning(
