@@ -41,14 +41,20 @@ class Daemon:
 
     def __init__(self, directory: Path, targets: list[str], metrics_port: int | None = None):
         self.log = directory / "slow.jsonl"
-        config = directory / "pgslowlog.toml"
-        lines = ["[daemon]", "threshold_ms = 100", "stats_interval_s = 1", *targets]
-        lines += ["[sinks.file]", f'path = "{self.log}"']
-        if metrics_port is not None:
-            lines += ["[metrics]", f'listen = "127.0.0.1:{metrics_port}"', "max_containers = 3"]
-        config.write_text("\n".join(lines) + "\n")
-        config.chmod(0o600)
-        self.process = RunningDaemon(config)
+        self.config = directory / "pgslowlog.toml"
+        self.targets = targets
+        self.metrics_port = metrics_port
+        self.write_config(threshold_ms=100)
+        self.process = RunningDaemon(self.config)
+
+    def write_config(self, threshold_ms: float) -> None:
+        lines = ["[daemon]", f"threshold_ms = {threshold_ms}", "stats_interval_s = 1"]
+        lines += [*self.targets, "[sinks.file]", f'path = "{self.log}"']
+        if self.metrics_port is not None:
+            lines += ["[metrics]", f'listen = "127.0.0.1:{self.metrics_port}"']
+            lines += ["max_containers = 3"]
+        self.config.write_text("\n".join(lines) + "\n")
+        self.config.chmod(0o600)
 
     def events(self, marker: str) -> list[dict[str, Any]]:
         if not self.log.exists():
@@ -202,13 +208,16 @@ def test_one_target_traces_every_container_and_says_which(daemons, fleet, tmp_pa
         assert len(daemon.events(f"every-{index}-")) == 1  # never twice
 
 
-def test_uprobes_on_one_file_reach_each_containers_instance_once(daemons, fleet, tmp_path):
+# Every kind of BPF definition: a uprobe on an exported function, USDT probes, and the
+# ReadyForQuery uprobe that reads PostgreSQL's own timestamps.
+@pytest.mark.parametrize("probe", ["activity", "usdt", "backend_status"])
+def test_uprobes_on_one_file_reach_each_containers_instance_once(daemons, fleet, tmp_path, probe):
     """Two containers of one image and the same image on the host map one file (the
     overlay's lower layer): a uprobe on it fires in all three, at the same time."""
     host = fleet["host"]
     targets = [
-        CONTAINERS_TARGET + f'binary = "{fleet["docker"].binary_inside}"\nprobes = ["activity"]\n',
-        f'[[target]]\nname = "host"\nbinary = "{host.postgres}"\nprobes = ["activity"]\n',
+        CONTAINERS_TARGET + f'binary = "{fleet["docker"].binary_inside}"\nprobes = ["{probe}"]\n',
+        f'[[target]]\nname = "host"\nbinary = "{host.postgres}"\nprobes = ["{probe}"]\n',
     ]
     daemon = _start(daemons, tmp_path, *targets)
     for count in (1, 2, 3):  # docker, docker_v1, nspawn: the 17s; podman's 15 is not taken
@@ -234,9 +243,32 @@ def test_uprobes_on_one_file_reach_each_containers_instance_once(daemons, fleet,
             marker = f"shared-{name}-{round_}-"
             (event,) = daemon.events(marker)  # exactly one, in its own instance
             expected = None if name == "host" else _expected_name(server)
-            assert (event["container"], event["probe"]) == (expected, "activity")
+            assert (event["container"], event["probe"]) == (expected, probe)
             assert event["pid"] == pids[marker[len("shared-") : -1]]
     assert daemon.events("shared-podman-") == []  # another binary inside: not this target's
+
+
+def test_a_live_threshold_switches_every_instance(daemons, fleet, tmp_path):
+    """auto picks sampled at 100 ms and activity under 50 ms, per instance; a SIGHUP
+    that crosses the line switches each container's instance, and the next statements
+    are still each in its own container."""
+    target = CONTAINERS_TARGET + f'binary = "{fleet["docker"].binary_inside}"\n'
+    daemon = _start(daemons, tmp_path, target)
+    for count in (1, 2, 3):  # docker, docker_v1 and nspawn run 17
+        daemon.process.wait_for_log("container_server_found", count)
+    taken = [fleet[name] for name in ("docker", "docker_v1", "nspawn")]
+    daemon.write_config(threshold_ms=30)
+    daemon.process.reload()
+    switched = daemon.process.wait_for_log("reloaded")["probes_switched"]
+    assert sorted(switched) == sorted(f"activity@pods[{_expected_name(c)}]" for c in taken)
+    for index, container in enumerate(taken):
+        pid = _sleep_in(container, f"switched-{index}-")
+        event = daemon.one_event(f"switched-{index}-")
+        assert (event["probe"], event["container"], event["pid"]) == (
+            "activity",
+            _expected_name(container),
+            pid,
+        )
 
 
 def test_restart_stop_and_a_server_started_later(daemons, tmp_path):
@@ -272,6 +304,14 @@ def test_restart_stop_and_a_server_started_later(daemons, tmp_path):
         print(f"finding containers cost: {finding}")
         first.stop()  # the instance goes with its server
         daemon.said("container_server_gone", name, 2)
+        assert daemon.stop() == 0
+        daemons.remove(daemon)
+        # Its counts joined the target's gone ones: a host where containers come and go
+        # does not list every one it ever saw.
+        stopped = next(e for e in daemon.process.logs if e.get("event") == "stopped")
+        assert f"pods[{name}]" not in stopped["targets"]
+        assert stopped["targets"]["pods[gone]"]["statements"] >= 1
+        assert stopped["targets"]["pods[machine://pg-later]"]["slow_events"] == 1
     finally:
         first.stop()
         later.stop()
