@@ -39,13 +39,19 @@ SLEEP = "select pg_backend_pid(), pg_sleep(0.3) /* {marker} */"
 class Daemon:
     """`pgslowlog run` on a config written here, its events read from its file sink."""
 
-    def __init__(self, directory: Path, targets: list[str], metrics_port: int | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        targets: list[str],
+        metrics_port: int | None = None,
+        wrapper: list[str] | None = None,
+    ):
         self.log = directory / "slow.jsonl"
         self.config = directory / "pgslowlog.toml"
         self.targets = targets
         self.metrics_port = metrics_port
         self.write_config(threshold_ms=100)
-        self.process = RunningDaemon(self.config)
+        self.process = RunningDaemon(self.config, wrapper=wrapper)
 
     def write_config(self, threshold_ms: float) -> None:
         lines = ["[daemon]", f"threshold_ms = {threshold_ms}", "stats_interval_s = 1"]
@@ -246,6 +252,35 @@ def test_uprobes_on_one_file_reach_each_containers_instance_once(daemons, fleet,
             assert (event["container"], event["probe"]) == (expected, probe)
             assert event["pid"] == pids[marker[len("shared-") : -1]]
     assert daemon.events("shared-podman-") == []  # another binary inside: not this target's
+
+
+UNIT = Path(__file__).parents[1] / "etc" / "pgslowlog.service"
+
+
+def test_within_the_units_capabilities(daemons, fleet, tmp_path):
+    """Reading a container's files through /proc/PID/root, its cgroup, NSpid and pid
+    namespace, and the exec notices, within the unit's CapabilityBoundingSet alone
+    (as root without CAP_DAC_OVERRIDE: the containers' files are another user's)."""
+    line = next(e for e in UNIT.read_text().splitlines() if e.startswith("CapabilityBoundingSet="))
+    wanted = [f"+{c.removeprefix('CAP_').lower()}" for c in line.split("=", 1)[1].split()]
+    wrapper = ["setpriv", "--no-new-privs", f"--bounding-set={','.join(['-all', *wanted])}"]
+    daemon = Daemon(tmp_path, [CONTAINERS_TARGET], wrapper=[*wrapper, "--inh-caps=-all"])
+    daemons.append(daemon)
+    daemon.process.wait_for_log("ready")
+    status = Path(f"/proc/{daemon.process.process.pid}/status").read_text()
+    assert not int(re.search(r"CapBnd:\s+([0-9a-f]+)", status)[1], 16) & (1 << 1)  # DAC_OVERRIDE
+    for count in range(1, 6):
+        daemon.process.wait_for_log("container_server_found", count)
+    assert not [e for e in daemon.process.logs if e.get("event") == "exec_notices_unavailable"]
+    for name in ("docker", "kubernetes"):  # sampled on 17, activity on 13
+        container = fleet[name]
+        pid = _sleep_in(container, f"unit-{name}-")
+        event = daemon.one_event(f"unit-{name}-")
+        assert (event["container"], event["container_hostname"], event["pid"]) == (
+            _expected_name(container),
+            container.hostname,
+            pid,
+        )
 
 
 def test_a_live_threshold_switches_every_instance(daemons, fleet, tmp_path):
