@@ -50,23 +50,31 @@ def main(argv: list[str] | None = None) -> int:
                 print("\n".join(preflight.describe_probes(arguments.binary)))
                 return 0
             from pgslowlog.config import load_config
-            from pgslowlog.targets import binary_of_pid, resolve_binary_path, target_name
+            from pgslowlog.targets import resolve_binary_path, target_name
 
             config = load_config(arguments.config)
-            for index, target in enumerate(config.target):
-                if target.containers:  # each server found in a container now
-                    from pgslowlog.container_finder import servers_now
-                    from pgslowlog.container_watch import takes
+            containers = [(i, t) for i, t in enumerate(config.target) if t.containers]
+            if containers:
+                from pgslowlog.container_finder import servers_now
+                from pgslowlog.container_watch import assign
 
-                    found = [s for s in servers_now() if takes(target, s)]
-                    paths = [(f" in {s.name}", binary_of_pid(s.host_pid, index)) for s in found]
+                assigned = assign(servers_now(), containers)
+            for index, target in enumerate(config.target):
+                name = f"target[{index}] ({target_name(target, index)})"
+                if target.containers:  # each server found in a container now, as run takes it
+                    paths = [(f" in {s.name}", f"/proc/{s.host_pid}/exe") for s in assigned[index]]
                     if not paths:
-                        print(f"target[{index}] ({target_name(target, index)}): no server yet")
+                        print(f"{name}: no server in a container now")
                 else:
                     paths = [("", resolve_binary_path(target, index))]
                 for where, path in paths:
-                    print(f"target[{index}] ({target_name(target, index)}){where}:")
-                    print("\n".join(preflight.describe_probes(path)))
+                    print(f"{name}{where}:")
+                    try:
+                        print("\n".join(preflight.describe_probes(path)))
+                    except UserError as error:
+                        if not where:
+                            raise
+                        print(f"  {error}")  # that container's server, gone meanwhile
             return 0
         if arguments.command == "check":
             from pgslowlog import preflight

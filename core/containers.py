@@ -15,9 +15,11 @@ forbids.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import re
+import stat
 from dataclasses import dataclass
 
 HOSTNAME_MAX_BYTES = 256
@@ -104,15 +106,20 @@ def container_of(pid: int, namespace: PidNamespace | None = None) -> Container:
 
 
 def container_from_cgroups(paths: list[str], namespace: PidNamespace | None) -> Container:
-    for pattern, runtime in _RUNTIMES:
-        for path in paths:
-            if match := pattern.search(path):
-                pod = next((m for p in paths if (m := _POD_UID.search(p))), None)
-                uid = pod["uid"].replace("_", "-") if pod and "kubepods" in path else None
-                return Container(f"{runtime}://{match['id']}", uid)
+    """The innermost runtime's name that a cgroup path carries: in a node of kind or
+    docker-in-docker, /docker/<node>/kubepods/.../<id> is the pod's container."""
+    found: tuple[int, str, str] | None = None  # (where in the path, runtime, id)
     for path in paths:
-        if match := _MACHINE.search(path):
-            return Container(f"machine://{_systemd_unescape(match['name'])}")
+        for pattern, runtime in _RUNTIMES:
+            for match in pattern.finditer(path):
+                if found is None or match.start("id") > found[0]:
+                    found = (match.start("id"), runtime, match["id"])
+    if found is not None:
+        pod = next((m for p in paths if "kubepods" in p and (m := _POD_UID.search(p))), None)
+        return Container(f"{found[1]}://{found[2]}", pod["uid"].replace("_", "-") if pod else None)
+    for path in paths:
+        if machine := _MACHINE.search(path):
+            return Container(f"machine://{_systemd_unescape(machine['name'])}")
     inode = namespace.inode if namespace is not None else "unknown"
     return Container(f"pidns://{inode}")
 
@@ -125,13 +132,59 @@ def _systemd_unescape(name: str) -> str:
 def container_hostname(pid: int) -> str | None:
     """The container's /etc/hostname, as runtimes write it, read through its root
     (/proc/PID/root: no setns). None where there is none or it cannot be read."""
+    fd = open_in_root(pid, "etc/hostname")
+    if fd is None:
+        return None
     try:
-        with open(f"/proc/{pid}/root/etc/hostname", "rb") as file:
-            raw = file.read(HOSTNAME_MAX_BYTES)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None  # a FIFO or a device the tenant put there
+        raw = os.read(fd, HOSTNAME_MAX_BYTES)
     except OSError:
         return None
+    finally:
+        os.close(fd)
     name = raw.split(b"\n", 1)[0].strip().decode(errors="replace")
     return name or None
+
+
+# openat2(2), Linux 5.6: the same number on x86_64 and aarch64.
+_SYS_OPENAT2 = 437
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_IN_ROOT = 0x10
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def open_in_root(pid: int, path: str) -> int | None:
+    """A read-only fd of `path` as the process itself would resolve it: its root is the
+    root, so an absolute symlink or ".." in a container's files never reaches the
+    host's (a plain open through /proc/PID/root would follow them here). Non-blocking:
+    a FIFO cannot stall the daemon. None if it cannot be opened."""
+    try:
+        root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        how = _OpenHow(
+            os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+            0,
+            _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS,
+        )
+        fd = _libc().syscall(
+            _SYS_OPENAT2, root, path.encode(), ctypes.byref(how), ctypes.sizeof(how)
+        )
+    finally:
+        os.close(root)
+    return int(fd) if fd >= 0 else None
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ backends already running and those forked later, with no per-pid set-up.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pgslowlog.config import TargetConfig
 from pgslowlog.containers import ContainerServer, PidNamespace, own_pid_namespace, pid_namespace
@@ -95,7 +95,9 @@ def resolve_target(
     """The target's binary, opened and read (for a containers = true target, that of
     one container's `server`); the caller closes `target.file`."""
     if server is not None:
-        path = binary_of_pid(server.host_pid, index)
+        # The very file the postmaster runs: a path through its root could be a symlink
+        # its tenant swapped in since.
+        path = f"/proc/{server.host_pid}/exe"
         scope = server.namespace
         label = f"target[{index}] binary in {server.name}"
     else:
@@ -105,6 +107,8 @@ def resolve_target(
             scope = pid_namespace(config.pid) or scope  # gone meanwhile: its binary was read
         label = f"target[{index}] binary"
     binary_file, binary = open_binary(path, wanted_symbols, label=label)
+    if server is not None:  # what events and logs call it: the path inside the container
+        binary = replace(binary, path=server.exe)
     return Target(
         index=index,
         binary=binary,
