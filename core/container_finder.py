@@ -4,8 +4,9 @@ One scan of /proc at start. After it the kernel says when a program called
 `postgres` is exec'd anywhere (bpf/exec_notice.c: a container's postmaster is exec'd
 by its runtime, entrypoint or pg_ctl, while backends are forked and send nothing),
 and only those pids are looked at. A rescan every RESCAN_EVERY_S catches what a
-notice could miss (a binary by another name, a full ring). What finding costs is
-counted: the scans, the notices, the CPU time.
+notice could miss, and one follows at once when the ring was full. What finding
+costs is counted: the scans, the notices, the CPU time. A postmaster is found by its
+command name, `postgres` or `postmaster`: a binary by another name is not.
 
 A postmaster is a process running `postgres` whose parent does not, with a child
 already: initdb's `postgres --single` and `postgres -C` have none, and a postmaster
@@ -20,7 +21,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from pgslowlog.bpf.compiler import RAW_TRACEPOINT, CompileError, compile_program
@@ -34,33 +34,14 @@ from pgslowlog.containers import (
     pid_namespace,
 )
 from pgslowlog.log import get_logger
-from pgslowlog.sampled.procfs import children_of
+from pgslowlog.sampled.procfs import children_of, process_stat
 
 log = get_logger(__name__)
-POSTGRES_COMM = "postgres"
+POSTGRES_COMMS = ("postgres", "postmaster")  # 13-15 still install the old name as a link
 RESCAN_EVERY_S = 60.0  # the safety net behind the exec notices
 SETTLE_S = 5.0  # an exec'd postgres is a postmaster once it has a child: watched this long
 CHECK_PENDING_S = 0.1  # how often a pending one is looked at
 EXEC_FUNCTION = "raw_tracepoint__sched_process_exec"
-_START_TIME = 19  # starttime in stat_fields (field 22 of /proc/PID/stat): tells reused pids
-
-
-@dataclass(frozen=True)
-class _Process:
-    comm: str
-    state: str
-    parent: int
-    start: str
-
-
-def _process(pid: int) -> _Process | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return _Process(comm, fields[0], int(fields[1]), fields[_START_TIME])
 
 
 class ExecNotifier:
@@ -68,7 +49,9 @@ class ExecNotifier:
 
     def __init__(self) -> None:
         program = Path(__file__).with_name("bpf").joinpath("exec_notice.c").read_bytes()
-        compiled = compile_program(program, [], [(EXEC_FUNCTION, RAW_TRACEPOINT)], ["execs"])
+        compiled = compile_program(
+            program, [], [(EXEC_FUNCTION, RAW_TRACEPOINT)], ["execs", "lost"]
+        )
         self._compiled = compiled
         try:
             ring_fd = compiled.maps["execs"]
@@ -92,6 +75,15 @@ class ExecNotifier:
     def pids(self) -> list[int]:
         return [int.from_bytes(record[:4], "little") for record in self._ring.read()]
 
+    def lost(self) -> int:
+        """Notices the ring refused (it was full): the next rescan finds those servers."""
+        key, value = ctypes.c_int(0), ctypes.c_uint64(0)
+        if libbcc().lookup_elem(
+            self._compiled.maps["lost"], ctypes.byref(key), ctypes.byref(value)
+        ):
+            return 0
+        return value.value
+
     def close(self) -> None:
         os.close(self._tracepoint_fd)
         self._ring.close()
@@ -109,13 +101,14 @@ class ServerFinder:
         self._lock = threading.Lock()
         self._wake = wake
         self._next_scan = 0.0
-        self.figures = {"scans": 0, "exec_notices": 0, "cpu_ms": 0.0}
+        self.figures = {"scans": 0, "exec_notices": 0, "exec_notices_lost": 0, "cpu_ms": 0.0}
         self._notifier: ExecNotifier | None = None
         self._stop = threading.Event()
+        self._notifier_failed = False
         self._thread: threading.Thread | None = None
         try:
             self._notifier = ExecNotifier() if notices else None
-        except (CompileError, OSError) as error:
+        except (CompileError, OSError, ValueError) as error:
             log.warning(
                 "exec_notices_unavailable",
                 error=str(error),
@@ -126,18 +119,25 @@ class ServerFinder:
             self._thread.start()
 
     @property
-    def notices(self) -> bool:
-        return self._notifier is not None
+    def _notices_work(self) -> bool:
+        with self._lock:
+            return self._notifier is not None and not self._notifier_failed
 
     def _listen(self) -> None:
         """Its own thread: a notice wakes the main loop, which finds the server."""
         assert self._notifier is not None
         while not self._stop.is_set():
-            self._notifier.wait(500)
-            if pids := self._notifier.pids():
+            try:
+                self._notifier.wait(500)
+                if pids := self._notifier.pids():
+                    with self._lock:
+                        self._noticed += pids
+                    self._wake()
+            except Exception as error:  # never silently: the rescans go on without it
+                log.error("exec_notices_failed", error=repr(error), action="rescanning /proc")
                 with self._lock:
-                    self._noticed += pids
-                self._wake()
+                    self._notifier_failed = True
+                return
 
     def due_in(self) -> float:
         """Seconds until `poll()` has something to do (a pending exec: soon)."""
@@ -152,6 +152,16 @@ class ServerFinder:
         with self._lock:
             noticed, self._noticed = self._noticed, []
         self.figures["exec_notices"] += len(noticed)
+        if self._notifier is not None:
+            lost = self._notifier.lost()
+            if lost > self.figures["exec_notices_lost"]:
+                log.warning(
+                    "exec_notices_lost",
+                    count=lost - self.figures["exec_notices_lost"],
+                    action="a full rescan of /proc now",
+                )
+                self.figures["exec_notices_lost"] = lost
+                self._next_scan = now
         for pid in noticed:
             self._pending[pid] = now + SETTLE_S
         for pid in [pid for pid in self.servers if not self._alive(pid)]:
@@ -159,15 +169,15 @@ class ServerFinder:
             self._starts.pop(pid, None)
         if now >= self._next_scan:
             self._scan()
-            self._next_scan = now + (RESCAN_EVERY_S if self.notices else 1.0)
+            self._next_scan = now + (RESCAN_EVERY_S if self._notices_work else 1.0)
         for pid, until in list(self._pending.items()):
-            if self._consider(pid) or now >= until or _process(pid) is None:
+            if self._consider(pid) or now >= until or process_stat(pid) is None:
                 del self._pending[pid]
         self.figures["cpu_ms"] += (time.thread_time() - began) * 1000
         return dict(self.servers)
 
     def _alive(self, pid: int) -> bool:
-        process = _process(pid)
+        process = process_stat(pid)
         return process is not None and process.state != "Z" and process.start == self._starts[pid]
 
     def _scan(self) -> None:
@@ -180,11 +190,11 @@ class ServerFinder:
         """Whether `pid` is a postmaster in another pid namespace (taken up if so)."""
         if pid in self.servers:
             return True
-        process = _process(pid)
-        if process is None or process.comm != POSTGRES_COMM or process.state == "Z":
+        process = process_stat(pid)
+        if process is None or process.comm not in POSTGRES_COMMS or process.state == "Z":
             return False
-        parent = _process(process.parent)
-        if parent is not None and parent.comm == POSTGRES_COMM:
+        parent = process_stat(process.parent)
+        if parent is not None and parent.comm in POSTGRES_COMMS:
             return False  # a backend or an auxiliary process
         namespace = pid_namespace(pid)
         if namespace is None or namespace == own_pid_namespace():

@@ -12,7 +12,7 @@ musl or foreign build, a probe the kernel refuses) is said once, with why.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pgslowlog.config import TargetConfig
@@ -33,6 +33,20 @@ ResolveServer = Callable[[TargetConfig, int, ContainerServer], tuple[Target, lis
 def takes(config: TargetConfig, server: ContainerServer) -> bool:
     """Whether a containers = true target takes the server: any, or the `binary` named."""
     return config.binary is None or server.exe == config.binary
+
+
+def assign(
+    servers: Iterable[ContainerServer], targets: list[tuple[int, TargetConfig]]
+) -> dict[int, list[ContainerServer]]:
+    """Target index -> the servers it traces: each goes to the first target, in the
+    file's order, that takes it. What run does, and check and probes say."""
+    assigned: dict[int, list[ContainerServer]] = {index: [] for index, _ in targets}
+    for server in sorted(servers, key=lambda server: server.host_pid):
+        for index, config in targets:
+            if takes(config, server):
+                assigned[index].append(server)
+                break
+    return assigned
 
 
 @dataclass
@@ -64,24 +78,34 @@ class ContainerWatcher:
         self._gone = gone  # (target, container): its counts join the target's gone ones
         self.finder = ServerFinder(wake)
         self.seen: set[str] = set()  # containers traced at some time: a return is a restart
+        self._untaken: set[tuple[str, int]] = set()  # servers no target takes, said once
 
     def due_in(self) -> float:
         return self.finder.due_in()
 
     def poll(self) -> None:
         servers = self.finder.poll()
-        taken: set[int] = set()
         present = {(server.name, pid) for pid, server in servers.items()}
+        assigned = assign(servers.values(), [(i.index, i.config) for i in self._targets])
         for instances in self._targets:
             instances.said &= present  # what was said of servers gone is forgotten
             for container, postmaster in list(instances.running.items()):
                 if postmaster not in servers:
                     self._stop(instances, container, "its server is gone")
-            for pid, server in sorted(servers.items()):
-                if pid in taken or not takes(instances.config, server):
-                    continue
-                taken.add(pid)  # the first target that takes a server has it
+            for server in assigned[instances.index]:
                 self._start(instances, server)
+        taken = {server.host_pid for mine in assigned.values() for server in mine}
+        untaken = {(s.name, pid) for pid, s in servers.items() if pid not in taken}
+        for name, pid in sorted(untaken - self._untaken):
+            log.warning(
+                "container_server_not_taken",
+                container=name,
+                postmaster=pid,
+                binary=servers[pid].exe,
+                action="no containers = true target takes its binary: add one, or "
+                "drop the binary key of one",
+            )
+        self._untaken = untaken
 
     def _start(self, instances: _Instances, server: ContainerServer) -> None:
         running = instances.running.get(server.name)
@@ -95,13 +119,17 @@ class ContainerWatcher:
                 container=server.name,
                 postmaster=server.host_pid,
                 traced=running,
-                action="only the first server of a container is traced",
+                action="one instance per container: it traces the container's servers "
+                "that run the first one's binary; this one, once the first is gone",
             )
             return
         try:
             target, definitions = self._resolve(instances.config, instances.index, server)
         except UserError as error:
             self._refuse(instances, server, str(error))
+            return
+        except Exception as error:  # a container's binary is its tenant's: any parse error
+            self._refuse(instances, server, f"{type(error).__name__}: {error}")
             return
         with target.file:
             try:
@@ -137,6 +165,9 @@ class ContainerWatcher:
 
     def _stop(self, instances: _Instances, container: str, why: str) -> None:
         del instances.running[container]
+        # A second server of the container, said and passed over while this one ran,
+        # is taken up at the next poll.
+        instances.said = {(name, pid) for name, pid in instances.said if name != container}
         self._probes.stop_target(instances.index, container)
         self._gone(instances.name, container)
         log.info("container_server_gone", target=instances.name, container=container, reason=why)

@@ -94,11 +94,13 @@ class Enricher:
         params_max_length: int = 1024,
         redact: bool = False,
         server: ContainerServer | None = None,
+        foreign: bool = False,
     ) -> None:
         self.probe = probe
-        # A container's server: its backends' pids are mapped to its own (NSpid), and
-        # every event says which container.
-        self.server = server
+        # A server in another pid namespace (a container's instance, or a `pid =` target
+        # naming one): its backends' pids are mapped to its own (NSpid). A container's
+        # instance's events also say which container.
+        self.foreign = foreign or server is not None
         self.container = server.container if server is not None else None
         self.container_hostname = server.hostname if server is not None else None
         self.binary = binary
@@ -124,7 +126,7 @@ class Enricher:
         if title is None:
             return None
         backend = parse_process_title(title)
-        if self.server is not None:
+        if self.foreign:
             backend = replace(backend, own_pid=inner_pid(pid))
         self._backends.pop(pid, None)
         self._backends[pid] = backend
@@ -143,7 +145,9 @@ class Enricher:
         for the daemon's own EXPLAIN connections (explain/)."""
         backend = self._backends.get(raw.pid) or self._lookup(raw.pid)
         pid = self._own_pid(raw, backend)
-        if pid in EXPLAIN_PIDS:  # pg_backend_pid() of its connections: the server's own
+        # pg_backend_pid() of its connections, which reach only servers of our own pid
+        # namespace (explain/servers.py): no other server's pids are compared.
+        if not self.foreign and pid in EXPLAIN_PIDS:
             self.own += 1
             return None
         if backend is not None and backend.kind != "client" and not self.include_background:
@@ -185,7 +189,7 @@ class Enricher:
         """PostgreSQL's pid for the backend: the host's, outside containers."""
         if raw.own_pid is not None:
             return raw.own_pid
-        if self.server is None:
+        if not self.foreign:
             return raw.pid
         if backend is not None and backend.own_pid is not None:
             return backend.own_pid

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from pgslowlog.config import Config, DaemonConfig, TargetConfig, load_config
+from pgslowlog.config import Config, DaemonConfig, load_config
 from pgslowlog.container_finder import servers_now
-from pgslowlog.container_watch import takes
+from pgslowlog.container_watch import assign
+from pgslowlog.containers import ContainerServer
 from pgslowlog.elf import PostgresBinary, file_identity, inspect_binary
 from pgslowlog.errors import UserError
 from pgslowlog.machine import Finding, machine_findings
@@ -102,9 +103,11 @@ def _target_findings(config: Config, plugins: Plugins) -> list[Finding]:
     findings = []
     definitions = plugins.probe_definitions
     wanted = wanted_symbols(definitions.values())
+    containers = [(i, t) for i, t in enumerate(config.target) if t.containers]
+    assigned = assign(servers_now(), containers) if containers else {}
     for index, target_config in enumerate(config.target):
         if target_config.containers:
-            findings += _container_findings(target_config, index, plugins)
+            findings += _container_findings(config, index, assigned[index], plugins)
             continue
         if target_config.binary is not None and file_identity(target_config.binary) is None:
             # Not an error: ExecStartPre runs check, and PostgreSQL may be installed later.
@@ -141,11 +144,13 @@ def _support(target: Target, plugins: Plugins) -> str:
     )
 
 
-def _container_findings(target_config: TargetConfig, index: int, plugins: Plugins) -> list[Finding]:
+def _container_findings(
+    config: Config, index: int, servers: list[ContainerServer], plugins: Plugins
+) -> list[Finding]:
     """The servers a containers = true target would trace now, one line each. A server
     it cannot trace is a warning, not an error: `run` says so and traces the others."""
     wanted = wanted_symbols(plugins.probe_definitions.values())
-    servers = [s for s in servers_now() if takes(target_config, s)]
+    target_config = config.target[index]
     if not servers:
         return [
             Finding(
@@ -164,6 +169,11 @@ def _container_findings(target_config: TargetConfig, index: int, plugins: Plugin
             findings.append(Finding(True, f"{error} ({where}): not traced", warning=True))
             continue
         target.file.close()
+        try:  # as run chooses: a major no definition fits is refused there
+            Planner(plugins).choose(target_config, target.binary, target.label, config.daemon)
+        except UserError as error:
+            findings.append(Finding(True, f"{error} ({where}): not traced", warning=True))
+            continue
         findings.append(Finding(True, f"{_support(target, plugins)} ({where})"))
     return findings
 

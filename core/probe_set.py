@@ -18,6 +18,7 @@ from typing import Optional, Protocol
 
 from pgslowlog.collector import Collector
 from pgslowlog.config import Config, DaemonConfig
+from pgslowlog.containers import own_pid_namespace
 from pgslowlog.dispatcher import HandsEventsOn
 from pgslowlog.enrichment import Enricher
 from pgslowlog.errors import UserError
@@ -128,6 +129,7 @@ class ProbeSet:
                 daemon.params_max_length,
                 daemon.redact_literals,
                 target.server,
+                target.scope != own_pid_namespace(),
             )
             reader = source.reader()
             try:

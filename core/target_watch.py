@@ -9,11 +9,12 @@ when the file there is a different one, attaches to it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from pgslowlog.config import TargetConfig
-from pgslowlog.container_finder import servers_now
+from pgslowlog.container_finder import RESCAN_EVERY_S, servers_now
 from pgslowlog.container_watch import ContainerWatcher, ResolveServer
 from pgslowlog.elf import FileIdentity, file_identity
 from pgslowlog.errors import UserError
@@ -65,6 +66,8 @@ class TargetWatcher:
         self._probes = probes
         self.watched: list[WatchedTarget] = []
         self.containers: ContainerWatcher | None = None
+        self._untraced: set[tuple[str, int]] = set()  # servers in containers, not traced
+        self._next_untraced_check = float("inf")  # from watch_containers on
 
     def watch_containers(
         self,
@@ -80,12 +83,21 @@ class TargetWatcher:
         if wanted:
             self.containers = ContainerWatcher(wanted, resolve, self._probes, wake, gone)
             self.containers.poll()
-        elif servers := servers_now():  # not traced: said, never silent
+        else:
+            self._say_untraced()
+
+    def _say_untraced(self) -> None:
+        """Without a containers = true target, servers in containers are not traced:
+        named at start and, every RESCAN_EVERY_S, each one new (one /proc scan)."""
+        self._next_untraced_check = time.monotonic() + RESCAN_EVERY_S
+        servers = {(s.name, s.host_pid) for s in servers_now()}
+        if new := sorted(servers - self._untraced):
             log.warning(
                 "containers_not_traced",
-                servers=[f"{s.name} (postmaster {s.host_pid})" for s in servers],
+                servers=[f"{name} (postmaster {pid})" for name, pid in new],
                 action="add a [[target]] with containers = true to trace them",
             )
+        self._untraced = servers
 
     def health(self) -> dict[str, object]:
         """For the health line: each containers = true target's instances, and what
@@ -124,6 +136,8 @@ class TargetWatcher:
     def poll(self) -> None:
         if self.containers is not None:
             self.containers.poll()
+        elif time.monotonic() >= self._next_untraced_check:
+            self._say_untraced()
         for watched in self.watched:
             new_file = watched.change()
             if new_file is None:

@@ -53,14 +53,14 @@ class Discovery:
         binary: PostgresBinary,
         identity: FileIdentity,
         layout: BackendStatusLayout,
-        scope: PidNamespace | None = None,
+        scope: PidNamespace,
     ) -> None:
         self._binary = binary
         self._identity = identity
         self._layout = layout
         # Only the postmasters of one pid namespace: the daemon's own for a host target,
         # a container's for its instance. The others are said once each.
-        self._scope = scope or own_pid_namespace()
+        self._scope = scope
         self._foreign = self._scope != own_pid_namespace()
         self._elsewhere: set[int] = set()
         self.clusters: dict[int, ClusterMemory] = {}  # postmaster pid -> its memory
@@ -103,7 +103,9 @@ class Discovery:
         namespace = pid_namespace(postmaster)
         if namespace == self._scope:
             return True
-        if namespace is not None and postmaster not in self._elsewhere:
+        # A container's instance passes over its siblings silently: they are other
+        # instances'. A host target names what it leaves to containers = true.
+        if namespace is not None and not self._foreign and postmaster not in self._elsewhere:
             self._elsewhere.add(postmaster)  # said once per postmaster
             log.warning(
                 "cluster_in_other_namespace",

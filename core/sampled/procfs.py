@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+
+
+def _stat(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
 
 
 def stat_fields(pid: int) -> list[str] | None:
     """/proc/PID/stat after the command name (which may hold spaces): state, ppid, ..."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    stat = _stat(pid)
+    return stat[stat.rindex(")") + 2 :].split() if stat is not None else None
+
+
+_START_TIME = 19  # starttime (field 22) in stat_fields: tells a reused pid's new process
+
+
+@dataclass(frozen=True)
+class ProcessStat:
+    comm: str  # the command name: the executable's file name, never the process title
+    state: str
+    parent: int
+    start: str
+
+
+def process_stat(pid: int) -> ProcessStat | None:
+    stat = _stat(pid)
+    if stat is None:
         return None
-    return stat[stat.rindex(")") + 2 :].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+    return ProcessStat(comm, fields[0], int(fields[1]), fields[_START_TIME])
 
 
 def parent_of(pid: int) -> int:
