@@ -246,8 +246,9 @@ def _inspect_binary(
     return binary
 
 
-# The layouts (pg_layouts) and the BPF programs are checked on glibc builds for these.
-_MACHINES = {"x86_64": "EM_X86_64", "aarch64": "EM_AARCH64"}
+# The layouts (pg_layouts) and the BPF programs are checked on x86_64 glibc builds
+# (machine.check_architecture refuses other hosts).
+_MACHINES = {"x86_64": "EM_X86_64"}
 _DEBIAN_IMAGE = "use a Debian-based build (the official image's default, postgres:17-bookworm)"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import platform
 import re
 from dataclasses import dataclass
@@ -195,9 +196,29 @@ def check_uprobe_attach() -> Finding:
     )
 
 
+# The inode of the initial pid namespace (include/linux/proc_ns.h, PROC_PID_INIT_INO).
+INITIAL_PID_NAMESPACE_INODE = 0xEFFFFFFC
+
+
+def check_pid_namespace(inode: int | None = None) -> Finding:
+    """The kernel's records carry pids of the initial pid namespace and /proc shows the
+    daemon's own: they must be the same, or no statement is matched to its backend."""
+    if inode is None:
+        inode = os.stat("/proc/self/ns/pid").st_ino
+    if inode == INITIAL_PID_NAMESPACE_INODE:
+        return Finding(True, "runs in the host's pid namespace")
+    return Finding(
+        False,
+        "the daemon runs in a pid namespace of its own (a container without the host's "
+        "pids), so the kernel's pids are not the ones it sees in /proc; run it in the "
+        "host's pid namespace: --pid=host for docker run, hostPID: true in Kubernetes",
+    )
+
+
 def machine_findings() -> list[Finding]:
     return [
         check_architecture(),
+        check_pid_namespace(),
         check_kernel(),
         check_privileges(),
         check_bcc(),

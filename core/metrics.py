@@ -38,7 +38,7 @@ from pgslowlog.config import Config, MetricsConfig, listen_address
 from pgslowlog.dispatcher import Dispatcher
 from pgslowlog.errors import UserError
 from pgslowlog.event import SlowQuery
-from pgslowlog.health import LOSS_CAUSES, HealthReporter
+from pgslowlog.health import GONE, LOSS_CAUSES, HealthReporter
 from pgslowlog.log import get_logger
 from pgslowlog.machine import Finding
 from pgslowlog.pg_layouts import WAIT_EVENT_TYPES
@@ -187,6 +187,7 @@ class ScrapeSources:
     (a scrape may come first): until then, only the counts and the configured figures."""
 
     target_names: list[str]  # every configured target, one waiting for its binary too
+    container_targets: list[str]  # the containers = true ones
     threshold_s: float  # the configured threshold, until the probe set tells the live one
     counts: SlowStatementCounts
     probes: ProbeSet | None = None
@@ -280,6 +281,10 @@ class ScrapeCollector(Collector):
         lost_by: dict[tuple[str, ...], int] = {}
         attached_by: dict[tuple[str, ...], int] = {}
         for probe in totals:
+            if probe.container == GONE:
+                # What gone containers' instances counted: their series ended with them
+                # (moved under one label, old losses would look like new ones).
+                continue
             container = self.state.counts.container_label(probe.target, probe.container)
             labels = (probe.target, container, probe.definition)
             if "statements" in probe.counters:  # where the definition knows it
@@ -295,9 +300,8 @@ class ScrapeCollector(Collector):
         # Every configured target, one still waiting for its binary (no totals) at 0.
         attached_per_target = dict.fromkeys(self.state.target_names, 0)
         for probe in totals:  # per configured target: its containers' instances summed
-            attached_per_target[probe.target] = attached_per_target.get(probe.target, 0) + (
-                probe.attached_count > 0
-            )
+            if probe.target in attached_per_target:
+                attached_per_target[probe.target] += probe.attached_count > 0
         per_target = GaugeMetricFamily(
             "pgslowlog_target_probes_attached",
             "Definitions attached per configured target (0: it is not being watched).",
@@ -306,6 +310,20 @@ class ScrapeCollector(Collector):
         for target, count in sorted(attached_per_target.items()):
             per_target.add_metric([target], count)
         yield per_target
+        servers = GaugeMetricFamily(
+            "pgslowlog_container_servers",
+            "Servers in containers a containers = true target traces now (0 is no fault: "
+            "a node may run none).",
+            labels=["target"],
+        )
+        instances = dict.fromkeys(self.state.container_targets, 0)
+        live = {(p.target, p.container) for p in totals if p.container and p.attached_count}
+        for target, container in live:
+            if target in instances and container != GONE:
+                instances[target] += 1
+        for target, count in sorted(instances.items()):
+            servers.add_metric([target], count)
+        yield servers
 
     @staticmethod
     def _sinks(dispatcher: Dispatcher) -> Iterator[Metric]:
@@ -361,7 +379,14 @@ class Metrics:
             config.metrics.max_databases, config.metrics.max_users, config.metrics.max_containers
         )
         self._sources = ScrapeSources(
-            target_names=[target_name(t, i) for i, t in enumerate(config.target)],
+            # A containers = true target may rightly have no server (a node without
+            # PostgreSQL pods): pgslowlog_container_servers says how many it traces.
+            target_names=[
+                target_name(t, i) for i, t in enumerate(config.target) if not t.containers
+            ],
+            container_targets=[
+                target_name(t, i) for i, t in enumerate(config.target) if t.containers
+            ],
             threshold_s=config.daemon.threshold_ms / 1000,
             counts=self.counts,
         )
