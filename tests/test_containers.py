@@ -141,11 +141,15 @@ def _expected_name(container: Container) -> str:
     return f"{runtime[container.runtime]}://{container.id}"
 
 
-def test_a_containerised_server_named_by_pid_is_traced_with_its_own_pids(daemons, fleet, tmp_path):
+@pytest.mark.parametrize("probe", ["sampled", "activity"])
+def test_a_containerised_server_named_by_pid_is_traced_with_its_own_pids(
+    daemons, fleet, tmp_path, probe
+):
     """The defect this issue began with: a server that is PID 1 of its own pid namespace,
-    named by its host pid, gave `statements: 0` and no warning."""
+    named by its host pid, gave `statements: 0` and no warning (sampled), and its
+    host pid as `pid` (activity)."""
     docker = fleet["docker"]
-    target = f'[[target]]\npid = {docker.host_pid}\nprobes = ["sampled"]\n'
+    target = f'[[target]]\npid = {docker.host_pid}\nprobes = ["{probe}"]\n'
     daemon = _start(daemons, tmp_path, target)
     # No containers = true target: the servers in containers are named, not passed over.
     (warning,) = [e for e in daemon.process.logs if e.get("event") == "containers_not_traced"]
@@ -153,7 +157,7 @@ def test_a_containerised_server_named_by_pid_is_traced_with_its_own_pids(daemons
     pid = _sleep_in(docker, "by-pid")
     event = daemon.one_event("by-pid")
     assert event["pid"] == pid != event["host_pid"]
-    assert (event["outcome"], event["user"], event["probe"]) == ("ok", "postgres", "sampled")
+    assert (event["outcome"], event["user"], event["probe"]) == ("ok", "postgres", probe)
     # A target names its server's pid namespace: the other container of the same image
     # and the host's server are not its own.
     _sleep_in(fleet["docker_v1"], "by-pid-other")
@@ -252,6 +256,12 @@ def test_uprobes_on_one_file_reach_each_containers_instance_once(daemons, fleet,
             assert (event["container"], event["probe"]) == (expected, probe)
             assert event["pid"] == pids[marker[len("shared-") : -1]]
     assert daemon.events("shared-podman-") == []  # another binary inside: not this target's
+    untaken = {
+        e["container"]
+        for e in daemon.process.logs
+        if e.get("event") == "container_server_not_taken"
+    }
+    assert untaken == {_expected_name(fleet["podman"]), _expected_name(fleet["kubernetes"])}
 
 
 UNIT = Path(__file__).parents[1] / "etc" / "pgslowlog.service"

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import struct
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 from pgslowlog.config import parse_config
 from pgslowlog.containers import (
     PidNamespace,
     container_from_cgroups,
+    container_hostname,
     inner_pid,
     namespace_pids,
     own_pid_namespace,
@@ -22,6 +28,7 @@ from pgslowlog.containers import (
 )
 from pgslowlog.elf import inspect_binary
 from pgslowlog.errors import UserError
+from pgslowlog.machine import INITIAL_PID_NAMESPACE_INODE, check_pid_namespace
 
 ID = "4f1c2d3e" * 8
 UID = "8a2b0c1d-3e4f-4a5b-9c6d-7e8f9a0b1c2d"
@@ -53,6 +60,12 @@ NAMESPACE = PidNamespace(4, 4026532840)
             UID,
         ),
         ([f"/kubepods/burstable/pod{UID}/{ID}"], f"cri://{ID}", UID),
+        # kind (Kubernetes in Docker), cgroup v1: the innermost is the pod's container
+        (
+            [f"/docker/{'a' * 64}/kubepods/besteffort/pod{UID}/{ID}"],
+            f"cri://{ID}",
+            UID,
+        ),
         # systemd-nspawn's machine, its "-" escaped as systemd writes unit names
         ([r"/machine.slice/machine-pg\x2dnspawn.scope/payload"], "machine://pg-nspawn", None),
         # no runtime says: the pid namespace names it
@@ -129,3 +142,60 @@ def test_a_build_for_another_architecture_is_refused(tmp_path):
     with pytest.raises(UserError) as raised:
         inspect_binary(str(_patched_copy(tmp_path, aarch64)), frozenset())
     assert "is built for AARCH64, not for this x86_64 host" in str(raised.value)
+
+
+@pytest.mark.ebpf  # root: a process chrooted into a tree of the test's making
+def test_a_containers_hostname_is_read_inside_its_own_root(tmp_path):
+    """A tenant's /etc/hostname may be a symlink to a host file, or a FIFO: it is read
+    as the container itself would resolve it, and only if it is a regular file."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (tmp_path / "secret").write_text("host secret\n")
+    child = os.fork()
+    if child == 0:  # the "container": its root is `root`
+        try:
+            os.chroot(root)
+            os.chdir("/")
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    try:
+        wait_until(lambda: os.readlink(f"/proc/{child}/root") == str(root), 5, "the chroot")
+        hostname = root / "etc" / "hostname"
+        hostname.write_text("db-1\n")
+        assert container_hostname(child) == "db-1"
+        hostname.unlink()
+        hostname.symlink_to(tmp_path / "secret")  # absolute: the host's path
+        assert container_hostname(child) is None
+        hostname.unlink()
+        hostname.symlink_to("../../../secret")  # ".." stops at the container's root
+        assert container_hostname(child) is None
+        hostname.unlink()
+        os.mkfifo(hostname)  # would block a plain open
+        assert container_hostname(child) is None
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
+def test_the_host_pid_namespace_is_checked_by_its_inode():
+    assert check_pid_namespace(INITIAL_PID_NAMESPACE_INODE).ok
+    refused = check_pid_namespace(4026532840)
+    assert not refused.ok and "hostPID: true" in str(refused)
+
+
+@pytest.mark.ebpf  # root: unshare
+def test_check_refuses_a_daemon_in_a_pid_namespace_of_its_own(tmp_path):
+    """As a container without --pid=host would run it: its /proc is not the kernel's."""
+    config = tmp_path / "pgslowlog.toml"
+    config.write_text('[[target]]\ncontainers = true\n[sinks.file]\npath = "/tmp/x.jsonl"\n')
+    config.chmod(0o600)
+    command = [sys.executable, "-m", "pgslowlog", "check", "-c", str(config)]
+    result = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", *command],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "error: the daemon runs in a pid namespace of its own" in result.stdout

@@ -178,9 +178,8 @@ def test_blockers_are_those_pg_blocking_pids_names(servers, start_daemon, major)
     assert row["lock_wait_start"] is not None and row["lock_wait_start"] >= row["ts"]
     # /metrics counts it by the wait it was seen in most.
     scraped = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-    assert 'pgslowlog_slow_statements_by_wait_total{target="target0",wait_event_type="Lock"}' in (
-        scraped
-    )
+    series = 'pgslowlog_slow_statements_by_wait_total{target="target0",container="",'
+    assert series + 'wait_event_type="Lock"}' in scraped
 
     # LOCK TABLE: a relation lock, named by its oid.
     with sessions(cluster) as s:
