@@ -49,6 +49,16 @@ def own_pid_namespace() -> PidNamespace:
     return namespace
 
 
+# The inode of the initial pid namespace (include/linux/proc_ns.h, PROC_PID_INIT_INO).
+INITIAL_PID_NAMESPACE_INODE = 0xEFFFFFFC
+
+
+def in_initial_pid_namespace() -> bool:
+    """Whether the daemon's pids are the kernel's (a host, hostPID: true, --pid=host),
+    not those of a namespace of its own (a sidecar, a container sharing its server's)."""
+    return own_pid_namespace().inode == INITIAL_PID_NAMESPACE_INODE
+
+
 def namespace_pids(pid: int) -> list[int] | None:
     """The NSpid line: the pid as seen from here first, PostgreSQL's own last."""
     try:

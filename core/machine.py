@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pgslowlog.containers import INITIAL_PID_NAMESPACE_INODE
 from pgslowlog.errors import UserError
 
 BCC_MISSING = (
@@ -196,22 +197,20 @@ def check_uprobe_attach() -> Finding:
     )
 
 
-# The inode of the initial pid namespace (include/linux/proc_ns.h, PROC_PID_INIT_INO).
-INITIAL_PID_NAMESPACE_INODE = 0xEFFFFFFC
-
-
 def check_pid_namespace(inode: int | None = None) -> Finding:
-    """The kernel's records carry pids of the initial pid namespace and /proc shows the
-    daemon's own: they must be the same, or no statement is matched to its backend."""
+    """In a pid namespace of its own (a sidecar, a container sharing its server's pids)
+    the daemon traces that namespace's servers: what containers = true needs, the
+    host's, is checked with the targets (planner)."""
     if inode is None:
         inode = os.stat("/proc/self/ns/pid").st_ino
     if inode == INITIAL_PID_NAMESPACE_INODE:
         return Finding(True, "runs in the host's pid namespace")
     return Finding(
-        False,
-        "the daemon runs in a pid namespace of its own (a container without the host's "
-        "pids), so the kernel's pids are not the ones it sees in /proc; run it in the "
-        "host's pid namespace: --pid=host for docker run, hostPID: true in Kubernetes",
+        True,
+        "runs in a pid namespace of its own: it traces the servers of that namespace only "
+        "(a sidecar's); for every server on the host, run it in the host's pid namespace "
+        "(--pid=host for docker run, hostPID: true in Kubernetes)",
+        warning=True,
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pgslowlog.config import Config, DaemonConfig, TargetConfig
-from pgslowlog.containers import ContainerServer
+from pgslowlog.containers import ContainerServer, in_initial_pid_namespace
 from pgslowlog.elf import PostgresBinary, file_identity
 from pgslowlog.errors import UserError
 from pgslowlog.plugin_manager import Plugins
@@ -37,6 +37,18 @@ class Plan:
         """Close the targets' binaries (after attaching, or when nothing will attach)."""
         for planned in self.targets:
             planned.target.file.close()
+
+
+def require_host_pid_namespace(index: int) -> None:
+    """containers = true sees other pid namespaces from above: the kernel's pids, which
+    are the daemon's only in the host's pid namespace."""
+    if not in_initial_pid_namespace():
+        raise UserError(
+            f"target[{index}] has containers = true but the daemon runs in a pid namespace "
+            "of its own, where it cannot see the host's containers",
+            "run it in the host's pid namespace (--pid=host for docker run, hostPID: true "
+            "in Kubernetes), or name its own server with binary = or pid =",
+        )
 
 
 class Planner:
@@ -84,6 +96,7 @@ class Planner:
         try:
             for index, target_config in enumerate(config.target):
                 if target_config.containers:
+                    require_host_pid_namespace(index)
                     continue  # its servers are found while running (container_watch)
                 if target_config.binary is not None and file_identity(target_config.binary) is None:
                     the_plan.pending.append(index)

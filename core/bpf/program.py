@@ -35,6 +35,7 @@ from pgslowlog.bpf.source import (
     BpfSource,
 )
 from pgslowlog.config import DaemonConfig
+from pgslowlog.containers import in_initial_pid_namespace, own_pid_namespace
 from pgslowlog.elf import PostgresBinary
 from pgslowlog.probes import ProbeDefinition
 from pgslowlog.sources import COUNTERS, ProbeLoadError
@@ -73,6 +74,9 @@ class BpfProgram:
         binary.objects for `cflags`, and a binary without them cannot take it.
     requirement: why a binary cannot take the program beyond missing symbols (for
         example an unknown struct layout), or None.
+    ring_buffer_mib: its ring's size where not daemon.ring_buffer_mib: a program that
+        reports only rare records needs less of the kernel's locked memory, which each
+        instance of a containers = true target takes again.
     """
 
     c_file: Path
@@ -85,6 +89,7 @@ class BpfProgram:
     requirement: Callable[[PostgresBinary], Optional[str]] = field(
         default=_no_requirement, compare=False
     )
+    ring_buffer_mib: Optional[int] = None
 
     # probes.ChecksBinary
     @property
@@ -148,7 +153,8 @@ class BpfProgram:
 
     def cflags_for(self, target: Target, daemon: DaemonConfig) -> list[str]:
         binary = target.binary
-        ring_pages = daemon.ring_buffer_mib * 1024 * 1024 // PAGE_SIZE
+        ring_mib = self.ring_buffer_mib or daemon.ring_buffer_mib
+        ring_pages = ring_mib * 1024 * 1024 // PAGE_SIZE
         anchors = []
         for attachment in self.attachments_on(target):
             if isinstance(attachment, Usdt):
@@ -167,6 +173,9 @@ class BpfProgram:
             f"-DCAPTURE_PARAMS={int(daemon.capture_params)}",
             f"-DPID_NS_DEV={target.scope.device}ULL",
             f"-DPID_NS_INO={target.scope.inode}ULL",
+            f"-DOWN_PID_NS_INIT={int(in_initial_pid_namespace())}",
+            f"-DOWN_PID_NS_DEV={own_pid_namespace().device}ULL",
+            f"-DOWN_PID_NS_INO={own_pid_namespace().inode}ULL",
             *sorted(set(anchors)),
             *shared_layout_cflags(),
             *self.cflags(binary),

@@ -220,9 +220,25 @@ static __always_inline void count(int which)
         (*value)++;  /* per-CPU slot: no atomic needed */
 }
 
+/*
+ * The current process's pid as the daemon's /proc shows it. The kernel's tgid is the
+ * initial pid namespace's: the daemon's own on a host, not in a sidecar or a container
+ * that shares its server's pid namespace (OWN_PID_NS_INIT 0), where the helper gives
+ * the pid of the daemon's namespace (the probes trace only that one there).
+ */
+#ifndef OWN_PID_NS_INIT
+#error "bpf/program.py passes OWN_PID_NS_INIT, OWN_PID_NS_DEV and OWN_PID_NS_INO as cflags"
+#endif
 static __always_inline u32 current_pid(void)
 {
+#if OWN_PID_NS_INIT
     return bpf_get_current_pid_tgid() >> 32;
+#else
+    struct bpf_pidns_info ns = {};
+    if (bpf_get_ns_current_pid_tgid(OWN_PID_NS_DEV, OWN_PID_NS_INO, &ns, sizeof(ns)))
+        return 0;  /* not in it: never the case where a program runs (in_scope) */
+    return ns.tgid;
+#endif
 }
 
 /*
@@ -601,10 +617,13 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 {
     u64 id = bpf_get_current_pid_tgid();
     if ((u32)id != (u32)(id >> 32))
-        return 0;  /* a thread, not a whole process */
+        return 0;  /* a thread, not a whole process (pid == tgid in every namespace) */
+    u32 pid = current_pid();
+    if (!pid)
+        return 0;  /* outside the daemon's pid namespace, where it traces nothing */
     struct slow_query *record = backend_state(0);
     if (!record) {
-        forget_backend(id >> 32);  /* a Bind may have come without a statement */
+        forget_backend(pid);  /* a Bind may have come without a statement */
         return 0;  /* not a backend that ever ran a statement */
     }
     if (record->in_flight) {
@@ -616,7 +635,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
         }
     }
     if (record->announced)
-        notify_backend(id >> 32, RECORD_BACKEND_EXITED);
-    forget_backend(id >> 32);
+        notify_backend(pid, RECORD_BACKEND_EXITED);
+    forget_backend(pid);
     return 0;
 }
