@@ -34,6 +34,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar
 
+from pgslowlog.testing.cluster import INITDB_OPTIONS
+
 CGROUPS = Path("/sys/fs/cgroup")
 PORT = 5432
 DATA_INSIDE = "/var/lib/postgresql/data"
@@ -518,20 +520,22 @@ class Container:
     def _initdb(self) -> None:
         """initdb on first start, in the container as the entrypoint of postgres's image
         does it: as the tree's postgres, in the container's namespaces and cgroup."""
-        argv = [
-            f"/usr/lib/postgresql/{self.major}/bin/initdb",
-            "-D",
-            DATA_INSIDE,
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        ]
+        argv = [f"/usr/lib/postgresql/{self.major}/bin/initdb", "-D", DATA_INSIDE]
+        process = self._spawn([*argv, *INITDB_OPTIONS])
+        try:
+            status = process.wait(timeout=START_TIMEOUT_S)
+        except BaseException:
+            self._kill(process)
+            raise
+        if status != 0:
+            raise RuntimeError(f"initdb in {self!r} failed ({status}):\n{self._console_tail()}")
+
+    def _spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        """`argv` run by the runtime in the container's cgroups, its output to the console
+        log; in a session of its own: a Ctrl-C reaches the caller, whose clean-up stops
+        the server, rather than racing it."""
         with self.console_log.open("ab") as console:
-            process = subprocess.Popen(
+            return subprocess.Popen(
                 self._joined(self._runtime_command(argv)),
                 stdin=subprocess.DEVNULL,
                 stdout=console,
@@ -540,13 +544,6 @@ class Container:
                 cwd="/",
                 start_new_session=True,
             )
-        try:
-            status = process.wait(timeout=START_TIMEOUT_S)
-        except BaseException:
-            self._kill(process)
-            raise
-        if status != 0:
-            raise RuntimeError(f"initdb in {self!r} failed ({status}):\n{self._console_tail()}")
 
     def _joined(self, command: list[str]) -> list[str]:
         procs = [str(leaf / "cgroup.procs") for leaf in self._leaves()]
@@ -566,18 +563,7 @@ class Container:
             "-c",
             f"unix_socket_directories={SOCKET_DIR_INSIDE}",
         ]
-        with self.console_log.open("ab") as console:
-            self._process = subprocess.Popen(
-                self._joined(self._runtime_command(argv)),
-                stdin=subprocess.DEVNULL,
-                stdout=console,
-                stderr=subprocess.STDOUT,
-                env=self._runtime_environment(),
-                cwd="/",
-                # Not in the caller's process group: a Ctrl-C reaches the caller, whose
-                # clean-up stops the server, rather than racing it.
-                start_new_session=True,
-            )
+        self._process = self._spawn(argv)
         self._wait_until_ready()
 
     def _wait_until_ready(self) -> None:

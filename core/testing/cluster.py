@@ -20,6 +20,10 @@ from pathlib import Path
 
 from pgslowlog.errors import UserError
 
+# A throwaway cluster's: trust (the tests' clients), UTF-8, no fsync of a directory
+# removed at the end.
+INITDB_OPTIONS = ("-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -85,18 +89,7 @@ class Cluster:
         if self.os_user:
             make_traversable(self.bindir)
             shutil.chown(self.base, self.os_user)
-        self._run(
-            str(self.bindir / "initdb"),
-            "-D",
-            str(self.data),
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        )
+        self._run(str(self.bindir / "initdb"), "-D", str(self.data), *INITDB_OPTIONS)
         self._pg_ctl("start")
         return self
 
