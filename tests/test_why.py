@@ -178,7 +178,8 @@ def test_blockers_are_those_pg_blocking_pids_names(servers, start_daemon, major)
     assert row["lock_wait_start"] is not None and row["lock_wait_start"] >= row["ts"]
     # /metrics counts it by the wait it was seen in most.
     scraped = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-    series = 'pgslowlog_slow_statements_by_wait_total{target="target0",container="",'
+    # (prometheus-client writes the labels in alphabetical order)
+    series = 'pgslowlog_slow_statements_by_wait_total{container="",target="target0",'
     assert series + 'wait_event_type="Lock"}' in scraped
 
     # LOCK TABLE: a relation lock, named by its oid.
