@@ -159,15 +159,15 @@ class ClusterMemory:
         if not self.foreign:
             return own_pid
         host = self._host_pids.get(own_pid)
-        if host is not None and self.still_child(host) and inner_pid(host) == own_pid:
-            return host
-        # A child not mapped yet (or a pid reused): map the children not known.
-        known = set(self._host_pids.values())
-        for child in self.children() - known:
-            if (inner := inner_pid(child)) is not None:
-                self._host_pids[inner] = child
+        if host is not None and inner_pid(host) == own_pid:
+            return host  # (the caller asks whether it is still a child)
+        # A child not mapped yet (or a pid reused): map the children not known, and
+        # forget those gone.
         alive = self.children()
         self._host_pids = {k: v for k, v in self._host_pids.items() if v in alive}
+        for child in alive - set(self._host_pids.values()):
+            if (inner := inner_pid(child)) is not None:
+                self._host_pids[inner] = child
         return self._host_pids.get(own_pid)
 
     def still_child(self, pid: int) -> bool:
