@@ -149,7 +149,6 @@ def _container_findings(
 ) -> list[Finding]:
     """The servers a containers = true target would trace now, one line each. A server
     it cannot trace is a warning, not an error: `run` says so and traces the others."""
-    wanted = wanted_symbols(plugins.probe_definitions.values())
     target_config = config.target[index]
     if not servers:
         return [
@@ -163,17 +162,12 @@ def _container_findings(
     findings = []
     for server in servers:
         where = f"hostname {server.hostname}, postmaster pid {server.host_pid} here"
-        try:
-            target = resolve_target(target_config, index, wanted, server)
+        try:  # as run resolves it: a major no definition fits is refused there too
+            target, _ = Planner(plugins).resolve(target_config, index, config.daemon, server)
         except UserError as error:
             findings.append(Finding(True, f"{error} ({where}): not traced", warning=True))
             continue
         target.file.close()
-        try:  # as run chooses: a major no definition fits is refused there
-            Planner(plugins).choose(target_config, target.binary, target.label, config.daemon)
-        except UserError as error:
-            findings.append(Finding(True, f"{error} ({where}): not traced", warning=True))
-            continue
         findings.append(Finding(True, f"{_support(target, plugins)} ({where})"))
     return findings
 
