@@ -16,6 +16,7 @@ from typing import NamedTuple, Optional
 from pgslowlog.containers import own_pid_namespace, pid_namespace
 from pgslowlog.elf import file_identity
 from pgslowlog.sampled.discovery import postmasters
+from pgslowlog.sampled.procfs import process_stat
 
 
 class Server(NamedTuple):
@@ -25,14 +26,8 @@ class Server(NamedTuple):
 
 
 def parent_pid(pid: int) -> Optional[int]:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            stat = file.read()
-    except OSError:
-        return None
-    # "pid (comm) state ppid ...": comm may hold spaces and parentheses
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return int(fields[1]) if len(fields) > 1 else None
+    process = process_stat(pid)
+    return process.parent if process is not None else None
 
 
 def parse_postmaster_pid(text: str, postmaster: int) -> Server:

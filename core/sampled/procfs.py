@@ -13,10 +13,14 @@ def _stat(pid: int) -> str | None:
         return None
 
 
+def _after_comm(stat: str) -> list[str]:
+    return stat[stat.rindex(")") + 2 :].split()
+
+
 def stat_fields(pid: int) -> list[str] | None:
     """/proc/PID/stat after the command name (which may hold spaces): state, ppid, ..."""
     stat = _stat(pid)
-    return stat[stat.rindex(")") + 2 :].split() if stat is not None else None
+    return _after_comm(stat) if stat is not None else None
 
 
 _START_TIME = 19  # starttime (field 22) in stat_fields: tells a reused pid's new process
@@ -34,7 +38,7 @@ def process_stat(pid: int) -> ProcessStat | None:
     stat = _stat(pid)
     if stat is None:
         return None
-    fields = stat[stat.rindex(")") + 2 :].split()
+    fields = _after_comm(stat)
     comm = stat[stat.index("(") + 1 : stat.rindex(")")]
     return ProcessStat(comm, fields[0], int(fields[1]), fields[_START_TIME])
 
