@@ -22,7 +22,7 @@ from pgslowlog.errors import UserError
 from pgslowlog.log import get_logger
 from pgslowlog.probe_set import ProbeSet
 from pgslowlog.probes import ProbeDefinition
-from pgslowlog.sources import ProbeLoadError
+from pgslowlog.sources import start_failure
 from pgslowlog.targets import Target, target_name
 
 log = get_logger(__name__)
@@ -91,7 +91,7 @@ class ContainerWatcher:
             instances.said &= present  # what was said of servers gone is forgotten
             for container, postmaster in list(instances.running.items()):
                 if postmaster not in servers:
-                    self._stop(instances, container, "its server is gone")
+                    self._stop(instances, container)
             for server in assigned[instances.index]:
                 self._start(instances, server)
         taken = {server.host_pid for mine in assigned.values() for server in mine}
@@ -135,8 +135,7 @@ class ContainerWatcher:
             try:
                 self._probes.start(target, definitions)
             except Exception as error:  # ProbeLoadError, or anything a third party raises
-                why = str(error) if isinstance(error, ProbeLoadError) else repr(error)
-                self._refuse(instances, server, why)
+                self._refuse(instances, server, start_failure(error))
                 return
         instances.running[server.name] = server.host_pid
         restarted = server.name in self.seen
@@ -163,14 +162,20 @@ class ContainerWatcher:
             error=why,
         )
 
-    def _stop(self, instances: _Instances, container: str, why: str) -> None:
+    def _stop(self, instances: _Instances, container: str) -> None:
+        """Its server is gone: the instance goes too."""
         del instances.running[container]
         # A second server of the container, said and passed over while this one ran,
         # is taken up at the next poll.
         instances.said = {(name, pid) for name, pid in instances.said if name != container}
         self._probes.stop_target(instances.index, container)
         self._gone(instances.name, container)
-        log.info("container_server_gone", target=instances.name, container=container, reason=why)
+        log.info(
+            "container_server_gone",
+            target=instances.name,
+            container=container,
+            reason="its server is gone",
+        )
 
     def instances(self) -> dict[str, list[str]]:
         """Per target, the containers traced now: for the health line."""

@@ -32,6 +32,12 @@ class ProbeLoadError(Exception):
     """The kernel or the compiler refused a source: not a config mistake."""
 
 
+def start_failure(error: Exception) -> str:
+    """What a log line says of a source that did not start: a ProbeLoadError's own
+    sentence, or the repr of anything else a third party's source raised."""
+    return str(error) if isinstance(error, ProbeLoadError) else repr(error)
+
+
 class RecordReader(Protocol):
     """The records of one source, read by its collector thread only."""
 

@@ -21,7 +21,7 @@ from pgslowlog.errors import UserError
 from pgslowlog.log import get_logger
 from pgslowlog.probe_set import ProbeSet
 from pgslowlog.probes import ProbeDefinition
-from pgslowlog.sources import ProbeLoadError
+from pgslowlog.sources import start_failure
 from pgslowlog.targets import Target, target_name
 
 log = get_logger(__name__)
@@ -175,8 +175,7 @@ class TargetWatcher:
             except Exception as error:  # ProbeLoadError, or anything a third-party source raises
                 watched.refused = read
                 watched.attached = None
-                detail = str(error) if isinstance(error, ProbeLoadError) else repr(error)
-                log.error("target_attach_failed", target=watched.name, error=detail)
+                log.error("target_attach_failed", target=watched.name, error=start_failure(error))
                 return
         watched.attached = read
         log.warning(
