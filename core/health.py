@@ -18,6 +18,7 @@ from pgslowlog.dispatcher import Dispatcher
 from pgslowlog.log import get_logger
 from pgslowlog.probe_set import ProbeSet, RunningProbe
 from pgslowlog.sources import ExplainsLosses, LossCause
+from pgslowlog.targets import instance_name
 
 log = get_logger(__name__)
 
@@ -86,11 +87,6 @@ class ProbeTotals:
     attached_count: int  # places watched now
     counters: dict[str, int]  # the source's counters, and `undecodable` records
     container: str = ""
-
-
-def instance_name(target: str, container: str) -> str:
-    """A target's name, with the container for an instance of a containers = true one."""
-    return f"{target}[{container}]" if container else target
 
 
 def sum_per_target(figures: Sequence[ProbeFigures | ProbeTotals]) -> dict[str, dict[str, int]]:

@@ -317,9 +317,10 @@ class ScrapeCollector(Collector):
             labels=["target"],
         )
         instances = dict.fromkeys(self.state.container_targets, 0)
+        # Attached now: a gone container's totals (GONE) are retired, attached to nothing.
         live = {(p.target, p.container) for p in totals if p.container and p.attached_count}
-        for target, container in live:
-            if target in instances and container != GONE:
+        for target, _container in live:
+            if target in instances:
                 instances[target] += 1
         for target, count in sorted(instances.items()):
             servers.add_metric([target], count)

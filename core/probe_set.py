@@ -26,17 +26,15 @@ from pgslowlog.log import get_logger
 from pgslowlog.planner import Planner
 from pgslowlog.probes import AUTO, ProbeDefinition
 from pgslowlog.sources import HandsOver, StatementSource
-from pgslowlog.targets import Target
+from pgslowlog.targets import Target, instance_name
 
 log = get_logger(__name__)
 NEVER_NS = 2**63 - 1  # a threshold nothing reaches
 
 
 def probe_label(definition: ProbeDefinition, target: Target) -> str:
-    """What logs call a definition on a target: definition@target."""
-    if target.container is not None:
-        return f"{definition.name}@{target.name}[{target.container}]"
-    return f"{definition.name}@{target.name}"
+    """What logs call a definition on a target: definition@target[container]."""
+    return f"{definition.name}@{instance_name(target.name, target.container)}"
 
 
 @dataclass(eq=False)

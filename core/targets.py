@@ -35,11 +35,17 @@ class Target:
     @property
     def key(self) -> tuple[int, str | None]:
         """One per traced instance: a containers = true target has one per container."""
-        return self.index, self.server.name if self.server is not None else None
+        return self.index, self.container
 
     @property
     def container(self) -> str | None:
         return self.server.name if self.server is not None else None
+
+
+def instance_name(target: str, container: str | None) -> str:
+    """What logs and the health line call a target, or one container's instance of a
+    containers = true target: name[container]."""
+    return f"{target}[{container}]" if container else target
 
 
 def resolve_binary_path(config: TargetConfig, index: int) -> str:
