@@ -140,6 +140,7 @@ class Daemon:
                 self.watcher.watch(
                     target.index, the_plan.config.target[target.index], target.file.identity
                 )
+            self.probes.settle()  # looking already; "ready" once the rest has attached too
         except ProbeLoadError as error:
             log.error("probe_failed", error=str(error))
             return False
@@ -221,9 +222,5 @@ class Daemon:
         stopped = self.health.stopped(self.probes.stop_all())
         if self.explainer is not None:  # events waiting for their plan go on first
             stopped["explain"] = self.explainer.close()
-        sink_stats = self.dispatcher.close()
-        log.info(
-            "stopped",
-            **stopped,
-            sinks={name: asdict(stats) for name, stats in sink_stats.items()},
-        )
+        sinks = {name: asdict(stats) for name, stats in self.dispatcher.close().items()}
+        log.info("stopped", **stopped, sinks=sinks)

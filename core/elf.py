@@ -132,6 +132,13 @@ class BinaryFile:
             raise ValueError(f"{self.path} was closed before it was attached to")
         return f"/proc/{os.getpid()}/fd/{self._fd}"
 
+    def dup(self) -> BinaryFile:
+        """The same open file, on a descriptor of its own (closed on its own): for what
+        attaches after the caller has closed this one."""
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        return BinaryFile(self.path, os.dup(self._fd))
+
     def reader(self) -> BinaryIO:
         """A separate handle on the same open file, for the ELF parser."""
         if self._fd is None:

@@ -25,11 +25,13 @@ from pgslowlog.errors import UserError
 from pgslowlog.log import get_logger
 from pgslowlog.planner import Planner
 from pgslowlog.probes import AUTO, ProbeDefinition
-from pgslowlog.sources import HandsOver, StatementSource
+from pgslowlog.sources import AttachesLater, HandsOver, StatementSource
 from pgslowlog.targets import Target, instance_name
 
 log = get_logger(__name__)
 NEVER_NS = 2**63 - 1  # a threshold nothing reaches
+# How long "ready" waits for what sources attach in the background (a compile).
+SETTLE_S = 120.0
 
 
 def probe_label(definition: ProbeDefinition, target: Target) -> str:
@@ -79,6 +81,13 @@ class ProbeSet:
 
     def add_listener(self, listener: ProbeSetListener) -> None:
         self._listeners.append(listener)
+
+    def settle(self, timeout_s: float = SETTLE_S) -> None:
+        """Wait for the sources that attach more of themselves in the background."""
+        deadline = time.monotonic() + timeout_s
+        for running in list(self._running):
+            if isinstance(running.source, AttachesLater):
+                running.source.settle(max(0.0, deadline - time.monotonic()))
 
     @property
     def handing_over(self) -> bool:

@@ -116,6 +116,15 @@ class HandsOver(Protocol):
         """No client statement that began before the hand-over is left running."""
 
 
+@runtime_checkable
+class AttachesLater(Protocol):
+    """A source that works once attach() returns and attaches more of itself in the
+    background (sampled looks at once; its outcome uprobes follow when compiled)."""
+
+    def settle(self, timeout_s: float, /) -> None:
+        """Wait until it has attached all it will (or failed to: it says so itself)."""
+
+
 class LossCause(NamedTuple):
     """What a loss counter that moved means, said in a warning: its log event, why
     statements were lost, and what to do."""
