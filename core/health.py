@@ -26,7 +26,8 @@ GONE = "gone"  # the container "name" of the instances whose server has gone
 
 # The per-target figures of the health line.
 # `attachments`: the places the probes watch (uprobes and USDT probes for a BPF
-# program; whatever a source counts as attached otherwise).
+# program; whatever a source counts as attached otherwise). `blind_ms`: time a look
+# was due and none was taken (sampled/blind.py); a probe that traps never is blind.
 TARGET_HEALTH = (
     "probes_attached",
     "attachments",
@@ -34,6 +35,7 @@ TARGET_HEALTH = (
     "slow_events",
     "lost",
     "untracked",
+    "blind_ms",
 )
 # Counters that mean something was lost, as a BPF program counts them; a source
 # that is a sources.ExplainsLosses says what its own mean.
@@ -104,6 +106,7 @@ def sum_per_target(figures: Sequence[ProbeFigures | ProbeTotals]) -> dict[str, d
         entry["slow_events"] += count("emitted", 0)
         entry["lost"] += count("ringbuf_full", 0)
         entry["untracked"] += count("untracked", 0) + count("unrecorded", 0)
+        entry["blind_ms"] += count("blind_ms", 0)
     return targets
 
 

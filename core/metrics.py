@@ -16,10 +16,10 @@ import errno
 import platform
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from wsgiref.simple_server import WSGIServer
 
 import httpx
@@ -57,6 +57,7 @@ UNKNOWN = "unknown"  # the backend exited before its user and database were read
 # Records lost, by cause: the sources' loss counters, and records the daemon could
 # not decode or handle.
 LOST_CAUSES = (*LOSS_CAUSES, "undecodable")
+BLIND_PREFIX = "blind_ms_"  # a source's blind time by cause: blind_ms_<cause>
 # The wait event types of every major (pg_layouts), and CPU for none: a bounded label.
 WAIT_CLASSES = frozenset(
     {"CPU"} | {name for names in WAIT_EVENT_TYPES.values() for name in names.values()}
@@ -275,11 +276,24 @@ class ScrapeCollector(Collector):
             "Places a definition watches on a target now (uprobes, USDT probes, clusters).",
             labels=["target", "container", "probe"],
         )
+        looks = CounterMetricFamily(
+            "pgslowlog_looks",
+            "Looks a definition that samples took (sampled): how often it read the servers.",
+            labels=["target", "container", "probe"],
+        )
+        blind = CounterMetricFamily(
+            "pgslowlog_blind_seconds",
+            "Time a look was due and none was taken, by cause (stopped, cpu_starved, "
+            "held_up, cluster_unreadable): statements that began and ended then are unseen.",
+            labels=["target", "container", "probe", "cause"],
+        )
         totals = health.probe_totals()
         # Summed by labels: containers beyond max_containers share "other".
         seen_by: dict[tuple[str, ...], int] = {}
         lost_by: dict[tuple[str, ...], int] = {}
         attached_by: dict[tuple[str, ...], int] = {}
+        looks_by: dict[tuple[str, ...], float] = {}
+        blind_by: dict[tuple[str, ...], float] = {}
         for probe in totals:
             if probe.container == GONE:
                 # What gone containers' instances counted: their series ended with them
@@ -293,10 +307,23 @@ class ScrapeCollector(Collector):
                 key = (*labels, cause)
                 lost_by[key] = lost_by.get(key, 0) + probe.counters.get(cause, 0)
             attached_by[labels] = attached_by.get(labels, 0) + probe.attached_count
-        for family, values in ((seen, seen_by), (lost, lost_by), (attachments, attached_by)):
+            if "looks" in probe.counters:  # a definition that samples
+                looks_by[labels] = looks_by.get(labels, 0) + probe.counters["looks"]
+            for counter, ms in probe.counters.items():
+                if counter.startswith(BLIND_PREFIX):
+                    key = (*labels, counter.removeprefix(BLIND_PREFIX))
+                    blind_by[key] = blind_by.get(key, 0) + ms / 1000
+        families: list[tuple[CounterMetricFamily | GaugeMetricFamily, Mapping[Any, float]]] = [
+            (seen, seen_by),
+            (lost, lost_by),
+            (attachments, attached_by),
+            (looks, looks_by),
+            (blind, blind_by),
+        ]
+        for family, values in families:
             for label_values, value in values.items():
                 family.add_metric(list(label_values), value)
-        yield from (seen, lost, attachments)
+        yield from (seen, lost, attachments, looks, blind)
         # Every configured target, one still waiting for its binary (no totals) at 0.
         attached_per_target = dict.fromkeys(self.state.target_names, 0)
         for probe in totals:  # per configured target: its containers' instances summed
