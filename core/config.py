@@ -48,8 +48,9 @@ class DaemonConfig(_Strict):
     # "<redacted>") before any sink sees them: query text can hold personal data.
     redact_literals: bool = False
     # How often the `sampled` definition looks at every backend's pg_stat_activity
-    # entry. It sees every statement of at least threshold + 2 intervals.
-    sample_interval_ms: Annotated[float, msgspec.Meta(ge=1, le=1000)] = 10.0
+    # entry while it follows a statement. It sees every statement of at least threshold
+    # + 2 intervals. Unset, it follows the threshold: threshold / 5, within 2-10 ms.
+    sample_interval_ms: Optional[Annotated[float, msgspec.Meta(ge=1, le=1000)]] = None
     # Why a sampled statement was slow: who blocked it (walks the lock table of a
     # backend seen waiting on a lock), and what it read, wrote and spent on CPU (the
     # backend's counters at its first look and at its end).

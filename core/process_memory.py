@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import os
 from collections.abc import Sequence
 
@@ -128,6 +129,76 @@ class Peeker:
             error = ctypes.get_errno() if got < 0 else 0
             raise MemoryReadError(error, f"reading pid {self.pid}: {got} of {size} bytes")
         return ctypes.string_at(self._base, size)
+
+
+class SharedMapping:
+    """Another process's shared mapping (PostgreSQL's main shared memory segment),
+    mapped read-only into this process through /proc/PID/map_files.
+
+    Reading it is reading memory: no system call, and no lock of the other process's
+    address space (process_vm_readv takes the target's mmap lock at every call, which
+    the postmaster also takes to fork a backend). Opening a map_files entry needs
+    CAP_SYS_ADMIN (or CAP_CHECKPOINT_RESTORE), which the daemon holds for its uprobes;
+    without it, or for a mapping that is not shared, NotShareable says why and the
+    caller reads by copies instead. The mapping keeps the segment alive while it
+    exists: `current()` tells whether the process still maps this very segment (a
+    postmaster that reset its shared memory after a crash has a new one), and the
+    caller closes it when not.
+    """
+
+    def __init__(self, pid: int, address: int) -> None:
+        self.pid = pid
+        found = _shared_range(pid, address)
+        if found is None:
+            raise NotShareable(f"pid {pid} has no shared mapping at {address:#x}")
+        self.start, end, offset = found
+        self._entry = f"/proc/{pid}/map_files/{self.start:x}-{end:x}"
+        try:
+            descriptor = os.open(self._entry, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as error:
+            raise NotShareable(f"{self._entry}: {error.strerror}") from None
+        try:
+            status = os.fstat(descriptor)
+            self._identity = (status.st_dev, status.st_ino)
+            self._map = mmap.mmap(
+                descriptor, end - self.start, mmap.MAP_SHARED, mmap.PROT_READ, offset=offset
+            )
+        except (OSError, ValueError) as error:
+            raise NotShareable(f"{self._entry}: {error}") from None
+        finally:
+            os.close(descriptor)
+        self.end = end
+        self.view = memoryview(self._map)
+
+    def current(self) -> bool:
+        """The process still maps this segment at the same place (one stat, ~5 us)."""
+        try:
+            status = os.stat(self._entry)
+        except OSError:
+            return False
+        return (status.st_dev, status.st_ino) == self._identity
+
+    def close(self) -> None:
+        self.view.release()
+        self._map.close()
+
+
+class NotShareable(Exception):
+    """Why a mapping could not be shared (the caller copies instead)."""
+
+
+def _shared_range(pid: int, address: int) -> tuple[int, int, int] | None:
+    """(start, end, file offset) of the shared mapping of `pid` that holds `address`."""
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                start, end = (int(bound, 16) for bound in fields[0].split("-"))
+                if start <= address < end:
+                    return (start, end, int(fields[2], 16)) if fields[1][3] == "s" else None
+    except OSError:
+        return None
+    return None
 
 
 def read(pid: int, address: int, size: int) -> bytes:

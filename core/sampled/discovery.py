@@ -83,7 +83,7 @@ class Discovery:
         # anew after a backend crashed, maybe elsewhere) is taken up again from scratch.
         lost = {pid for pid, cluster in self.clusters.items() if cluster.lost}
         for pid in (set(self.clusters) - found) | lost:
-            del self.clusters[pid]  # the source's reap reports its backends gone
+            self.clusters.pop(pid).close()  # the source's reap reports its backends gone
             self._soon_until = now + SOON_AFTER_LOSS_S
         for pid in found - set(self.clusters):
             try:
@@ -115,6 +115,11 @@ class Discovery:
                 "traces servers in containers",
             )
         return False
+
+    def close(self) -> None:
+        for cluster in self.clusters.values():
+            cluster.close()
+        self.clusters.clear()
 
     def cluster_lost(self) -> None:
         """A look found a cluster's memory gone (a restart?): find its successor now,

@@ -16,6 +16,7 @@ next look, never cached as NULL.
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from itertools import compress
@@ -28,11 +29,14 @@ from pgslowlog.pg_layouts import SAMPLER_GLOBALS, USAGE_GLOBALS, BackendStatusLa
 from pgslowlog.pg_wait_events import wait_event_name
 from pgslowlog.process_memory import (
     MemoryReadError,
+    NotShareable,
     RangeReader,
+    SharedMapping,
     load_bias,
     read,
     read_c_string,
     read_pointer,
+    read_ranges,
 )
 from pgslowlog.sampled.blockers import LockReader, Proc
 from pgslowlog.sampled.pg_time import pg_now_us
@@ -79,15 +83,147 @@ class Look:
     gone: list[tuple[SampledBackend, BackendSample | None]] = field(default_factory=list)
 
 
-# A look is one system call that copies the whole status array (every backend's
-# entry, MaxBackends slots: PostgreSQL keeps them contiguous), the array again, then
-# the span of PGPROCs that holds every known backend's wait word. A slot whose change
-# count is even and the same in both copies was not written while the first copy was
-# taken (PostgreSQL's own readers check the count the same way). The change counts of
-# all slots are compared with the last look's in C (a strided memoryview), so an idle
-# backend costs no Python at all: the cost of a look is that of a few large copies.
-# A slot that changed is decoded; that is how new backends (a pid in a slot nobody
-# owned) and exits (st_procpid cleared) are found, within one look, with no /proc scan.
+# A look reads every slot's change count and compares them with the last look's in C
+# (a strided memoryview): an idle backend costs no Python at all. A slot that changed
+# is decoded; that is how new backends (a pid in a slot nobody owned) and exits
+# (st_procpid cleared) are found, within one look, with no /proc scan. A slot whose
+# change count is even and the same before and after its entry was copied was not
+# written meanwhile (PostgreSQL's own readers check the count the same way).
+#
+# Where the counts come from: the shared memory segment mapped read-only into the
+# daemon (process_memory.SharedMapping), so a look with nothing new is a few
+# microseconds of reading memory and no system call; or, where the segment cannot be
+# mapped (no CAP_SYS_ADMIN), copies: one process_vm_readv of the array, the array
+# again, and the span of PGPROCs that holds every known backend's wait word.
+MAPPING_CHECK_S = 0.1  # how often a look asks whether the postmaster still maps it
+
+
+class _Array:
+    """Where a look finds the status array: `ints` and `longs`, views of it whose
+    strided slices give one field of every slot (`fields`)."""
+
+    ints: memoryview
+    longs: memoryview
+
+    def __init__(self, count: int, layout: BackendStatusLayout) -> None:
+        self._size = size = layout.backend_status_size
+        self._span = count * size
+        self._count_at = layout.st_changecount
+
+        def field(offset: int, width: int) -> slice:
+            return slice(offset // width, self._span // width, size // width)
+
+        self._pids = field(layout.st_procpid, 4)
+        self._starts = field(layout.st_proc_start_timestamp, 8)
+        self._states = field(layout.st_state, 4)
+        self._activity = field(layout.st_activity_start_timestamp, 8)
+
+    def fields(self) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Every slot's st_procpid, st_proc_start_timestamp, st_state and
+        st_activity_start_timestamp, as they are (unchecked: to choose what to decode)."""
+        ints, longs = self.ints, self.longs
+        return (
+            ints[self._pids].tolist(),
+            longs[self._starts].tolist(),
+            ints[self._states].tolist(),
+            longs[self._activity].tolist(),
+        )
+
+    def count(self, slot: int) -> int:
+        """The slot's change count, as the entry's copy shows it."""
+        found: int = self.ints[(slot * self._size + self._count_at) // 4]
+        return found
+
+
+class _MappedArray(_Array):
+    """The status array and the PGPROCs, read in place from the mapped segment."""
+
+    def __init__(
+        self, mapping: SharedMapping, base: int, count: int, layout: BackendStatusLayout
+    ) -> None:
+        super().__init__(count, layout)
+        self.mapping = mapping
+        at = base - mapping.start  # the array's offset in the mapping
+        self._bytes = mapping.view[at : at + self._span]
+        self.ints = self._bytes.cast("i")
+        self.longs = self._bytes.cast("q")
+        self._words = mapping.view.cast("I")
+        self._wait_offset = layout.proc_wait_event_info - mapping.start
+
+    def refresh(self) -> None:
+        pass  # the views are the memory itself
+
+    def entry(self, slot: int) -> bytes:
+        return self._bytes[slot * self._size : (slot + 1) * self._size].tobytes()
+
+    def count_after(self, slot: int) -> int:
+        return self.count(slot)  # read again, now
+
+    def wait(self, slot: int, backend: SampledBackend) -> int:
+        word: int = self._words[(backend.proc + self._wait_offset) // 4]
+        return word
+
+    def owners_changed(self, slots: dict[int, SampledBackend]) -> None:
+        pass  # each wait word is read where it is
+
+    def close(self) -> None:
+        for view in (self.ints, self.longs, self._bytes, self._words):
+            view.release()
+        self.mapping.close()
+
+
+class _CopiedArray(_Array):
+    """The status array twice and the owners' PGPROCs, copied by one process_vm_readv."""
+
+    def __init__(self, pid: int, base: int, count: int, layout: BackendStatusLayout) -> None:
+        super().__init__(count, layout)
+        self._pid, self._base, self._layout = pid, base, layout
+        self._raw = memoryview(b"")
+        self._reader: RangeReader | None = None
+        self._wait_at: dict[int, int] = {}  # slot -> offset of its wait word in a copy
+        self._slots: dict[int, SampledBackend] = {}
+
+    def owners_changed(self, slots: dict[int, SampledBackend]) -> None:
+        self._slots = slots
+        self._reader = None  # the span of PGPROCs to read changed
+
+    def _plan(self) -> RangeReader:
+        ranges = [(self._base, self._span), (self._base, self._span)]
+        self._wait_at = {}
+        if self._slots:
+            offset = self._layout.proc_wait_event_info
+            waits = {slot: b.proc + offset for slot, b in self._slots.items()}
+            low, high = min(waits.values()), max(waits.values()) + 4
+            ranges.append((low, high - low))
+            self._wait_at = {s: 2 * self._span + address - low for s, address in waits.items()}
+        self._reader = RangeReader(self._pid, ranges)
+        self._raw = self._reader.read()
+        self.ints = self._raw[: self._span].cast("i")
+        self.longs = self._raw[: self._span].cast("q")
+        self._second = self._raw[self._span : 2 * self._span].cast("i")
+        return self._reader
+
+    def refresh(self) -> None:
+        if self._reader is None:
+            self._plan()  # (reads too)
+        else:
+            self._reader.read()  # into the same buffer, under the same views
+
+    def entry(self, slot: int) -> memoryview:
+        return self._raw[slot * self._size : (slot + 1) * self._size]
+
+    def count_after(self, slot: int) -> int:
+        found: int = self._second[(slot * self._size + self._count_at) // 4]
+        return found
+
+    def wait(self, slot: int, backend: SampledBackend) -> int:
+        word: int = _UINT32.unpack_from(self._raw, self._wait_at[slot])[0]
+        return word
+
+    def close(self) -> None:
+        pass
+
+
 class ClusterMemory:
     """One postmaster and its children, read through the postmaster's address space."""
 
@@ -115,14 +251,17 @@ class ClusterMemory:
         self.slot_count = _INT.unpack(read(postmaster, self._addresses["MaxBackends"], 4))[0]
         if self.slot_count <= 0:
             raise ClusterStarting(0, f"postmaster {postmaster} is starting")
-        self._span = self.slot_count * layout.backend_status_size  # bytes of the array
         self.base: int | None = None  # BackendStatusArray: known once a backend tells it
         self.lost = False  # its memory could not be read at the last look
         self.slots: dict[int, SampledBackend] = {}
         self._running = (layout.state_running, layout.state_fastpath)
-        self._reader: RangeReader | None = None
-        self._wait_at: dict[int, int] = {}  # slot -> offset of its wait word in a look
-        self._last_count: list[int] = [-1] * self.slot_count  # per slot, at its last look
+        # How the looks read the array: set once its place is known.
+        self._array: _MappedArray | _CopiedArray | None = None
+        self.reading: str | None = None  # "mapped" or "copied", and why copied
+        self._mapping_checked = time.monotonic()
+        # Per slot, its owner (st_procpid, st_proc_start_timestamp) at the last look.
+        self._last_pids: list[int] = [0] * self.slot_count
+        self._last_starts: list[int] = [0] * self.slot_count
         self._strangers: dict[int, int] = {}  # slot -> start of a process that is not ours
         self.unmatched = 0  # slots whose process could not be found as a child
         # A server in another pid namespace (a container) writes its own pids into its
@@ -203,6 +342,7 @@ class ClusterMemory:
             slot = None  # an auxiliary process (no BackendId before 17)
         elif self.base is None:
             self.base = entry - slot * layout.backend_status_size
+            self._array = self._open_array(self.base, proc)
         elif entry != self.base + slot * layout.backend_status_size:
             return None  # not where its number says: torn, or not what we think it is
         backend = SampledBackend(pid, entry, proc, started, slot, inner)
@@ -220,99 +360,117 @@ class ClusterMemory:
         assert offset is not None  # every layout has one of the two
         return offset
 
+    def _open_array(self, base: int, proc: int) -> _MappedArray | _CopiedArray:
+        try:
+            mapping = SharedMapping(self.pid, base)
+        except NotShareable as why:
+            self.reading = f"copied: {why}"
+            return _CopiedArray(self.pid, base, self.slot_count, self.layout)
+        if not mapping.start <= proc < mapping.end:
+            mapping.close()  # never seen: PGPROCs live in the same segment as the array
+            self.reading = "copied: the PGPROCs are not in the status array's segment"
+            return _CopiedArray(self.pid, base, self.slot_count, self.layout)
+        self.reading = "mapped"
+        return _MappedArray(mapping, base, self.slot_count, self.layout)
+
+    def close(self) -> None:
+        """Unmap the segment (a postmaster gone or reset: its memory lives while mapped)."""
+        if self._array is not None:
+            self._array.close()
+            self._array = None
+
     def _own(self, slot: int, backend: SampledBackend) -> None:
         if (former := self.slots.get(slot)) is not None and former is not backend:
             self.backends.pop(former.pid, None)
             self._by_proc = None
         self.slots[slot] = backend
-        self._reader = None  # the span of PGPROCs to read changed
+        if self._array is not None:
+            self._array.owners_changed(self.slots)
 
-    def look(self, watch: AbstractSet[int]) -> Look:
-        """Every slot whose entry changed since the last look, and the backends in
-        `watch` (running statements, whose wait word matters at every look).
+    def look(self, watch: AbstractSet[int], old_since_us: int) -> Look:
+        """The backends that started or exited since the last look, those running a
+        statement that began at or before `old_since_us` (PostgreSQL's clock), and the
+        backends in `watch` (running statements, whose wait word matters at every look).
+        A statement younger than that is not decoded: a busy server's thousands of short
+        statements cost a look no Python.
 
-        A sample is None for an entry caught mid-write: look again next time (its old
-        change count is kept, so it counts as changed). Nothing is found while the
+        An entry caught mid-write is passed over: the next look decodes it again (its
+        owner is not taken as seen). A sample is None when the entry is not its
+        backend's any more (read_entry of a new backend). Nothing is found while the
         status array's place is unknown (no backend with a slot adopted yet), or when
-        the postmaster's memory cannot be read (it is gone: discovery drops it).
+        the postmaster's memory cannot be read or is no longer its own (it is gone, or
+        made anew after a crash: discovery drops it and finds its successor).
         """
         found = Look()
-        if self.base is None:
+        array = self._array
+        if array is None or self._check_mapping():
             return found
-        layout = self.layout
-        size = layout.backend_status_size
-        reader = self._reader or self._plan()
         try:
-            raw = reader.read()
+            array.refresh()
         except MemoryReadError:
-            self.lost = True  # the postmaster is gone (a restart?): look for its successor
+            self.lost = True
             return found
-        ints = raw.cast("i")
-        span = self._span
-        step = size // 4
-        first = ints[layout.st_changecount // 4 : span // 4 : step].tolist()
-        second = ints[(span + layout.st_changecount) // 4 : 2 * span // 4 : step].tolist()
-        changed = set(compress(range(self.slot_count), map(ne, first, self._last_count)))
+        pids, starts, states, activity = array.fields()
+        # What to decode: slots whose owner changed (a backend started or exited), the
+        # running statements old enough to follow, and those followed already.
+        changed = set(compress(range(self.slot_count), map(ne, pids, self._last_pids)))
+        changed.update(compress(range(self.slot_count), map(ne, starts, self._last_starts)))
+        for slot in compress(range(self.slot_count), map(self._running.__contains__, states)):
+            if 0 < activity[slot] <= old_since_us:
+                changed.add(slot)
         for pid in watch:
             if (followed := self.backends.get(pid)) is not None and followed.slot is not None:
                 changed.add(followed.slot)
+        layout = self.layout
         for slot in sorted(changed):
-            count = first[slot]
-            if count & 1 or count != second[slot]:
-                continue  # written while copied
-            at = slot * size
+            entry = array.entry(slot)
+            count = _INT.unpack_from(entry, layout.st_changecount)[0]
+            if count & 1 or count != array.count_after(slot):
+                continue  # written while copied: look again next time
             owner = self.slots.get(slot)
-            procpid = _INT.unpack_from(raw, at + layout.st_procpid)[0]
-            started = _INT64.unpack_from(raw, at + layout.st_proc_start_timestamp)[0]
+            procpid = _INT.unpack_from(entry, layout.st_procpid)[0]
+            started = _INT64.unpack_from(entry, layout.st_proc_start_timestamp)[0]
             if owner is not None and (procpid != owner.own_pid or started != owner.proc_start_us):
                 last = None
                 if procpid == 0 and started == owner.proc_start_us:
-                    last = self._decode(owner, raw, self._where(slot, at), exited=True)
+                    last = self._decode(owner, entry, array.wait(slot, owner), exited=True)
                 found.gone.append((owner, last))
                 self.forget(owner.pid)
                 owner = None
-            if owner is None and procpid:
-                if self._strangers.get(slot) == started:
-                    self._last_count[slot] = count
-                    continue
+            if owner is None and procpid and self._strangers.get(slot) != started:
                 host = self.host_pid(procpid)
                 if host is None or not self.still_child(host):
                     # Not a child of this postmaster that we can find: counted (the
                     # source warns), asked again only when another process takes the slot.
                     self._strangers[slot] = started
-                    self._last_count[slot] = count
                     self.unmatched += 1
-                    continue
-                if (owner := self.adopt(host)) is None:
+                elif (owner := self.adopt(host)) is None:
                     continue  # still starting: next look
-                found.appeared.append(owner)
-                found.samples.append((owner, self.read_entry(owner, live=True)))
+                else:
+                    found.appeared.append(owner)
+                    found.samples.append((owner, self.read_entry(owner, live=True)))
             elif owner is not None:
-                state = _INT.unpack_from(raw, at + layout.st_state)[0]
+                state = _INT.unpack_from(entry, layout.st_state)[0]
                 if state in self._running or owner.pid in watch:
-                    found.samples.append((owner, self._decode(owner, raw, self._where(slot, at))))
+                    sample = self._decode(owner, entry, array.wait(slot, owner))
+                    found.samples.append((owner, sample))
                 # else: idle with nothing in flight, the most common change: nothing to follow
-            self._last_count[slot] = count
+            self._last_pids[slot], self._last_starts[slot] = procpid, started
         return found
 
-    def _where(self, slot: int, at: int) -> list[int]:
-        """Where _decode finds a slot's change count, entry, wait word, second count."""
-        cc = self.layout.st_changecount
-        return [at + cc, at, self._wait_at[slot], self._span + at + cc]
-
-    def _plan(self) -> RangeReader:
-        """The reader of the array, the array again and the span of the owners' PGPROCs."""
-        assert self.base is not None
-        span = self._span
-        ranges = [(self.base, span), (self.base, span)]
-        self._wait_at = {}
-        if self.slots:
-            waits = {s: b.proc + self.layout.proc_wait_event_info for s, b in self.slots.items()}
-            low, high = min(waits.values()), max(waits.values()) + 4
-            ranges.append((low, high - low))
-            self._wait_at = {slot: 2 * span + address - low for slot, address in waits.items()}
-        self._reader = RangeReader(self.pid, ranges)
-        return self._reader
+    def _check_mapping(self) -> bool:
+        """Whether the mapped segment is no longer the postmaster's (asked every
+        MAPPING_CHECK_S): a copy would fail to read then, a mapping reads on."""
+        if not isinstance(self._array, _MappedArray):
+            return False
+        now = time.monotonic()
+        if now < self._mapping_checked + MAPPING_CHECK_S:
+            return False
+        self._mapping_checked = now
+        if self._array.mapping.current():
+            return False
+        self.lost = True
+        return True
 
     def forget(self, pid: int) -> None:
         backend = self.backends.pop(pid, None)
@@ -320,54 +478,58 @@ class ClusterMemory:
         if backend is not None and backend.slot is not None:
             if self.slots.get(backend.slot) is backend:
                 del self.slots[backend.slot]
-                self._reader = None
+                if self._array is not None:
+                    self._array.owners_changed(self.slots)
 
     def read_entry(self, backend: SampledBackend, live: bool = False) -> BackendSample | None:
         """One backend's entry on its own: its last state after it exited (None if its
         slot has a new owner or cannot be read), or a live look."""
+        layout = self.layout
         try:
-            raw = read(self.pid, backend.entry + self.layout.st_changecount, 4)
-            raw += read(self.pid, backend.entry, self.layout.backend_status_size)
-            raw += read(self.pid, backend.proc + self.layout.proc_wait_event_info, 4)
-            raw += raw[:4]
+            entry, before, wait, after = read_ranges(
+                self.pid,
+                [
+                    (backend.entry, layout.backend_status_size),
+                    (backend.entry + layout.st_changecount, 4),
+                    (backend.proc + layout.proc_wait_event_info, 4),
+                    (backend.entry + layout.st_changecount, 4),
+                ],
+            )
         except MemoryReadError:
             return None
-        size = self.layout.backend_status_size
-        return self._decode(backend, raw, [0, 4, 4 + size, 8 + size], exited=not live)
+        count = _INT.unpack_from(entry, layout.st_changecount)[0]
+        if count & 1 or not before == after == count.to_bytes(4, "little", signed=True):
+            return None  # written while copied
+        return self._decode(backend, entry, _UINT32.unpack(wait)[0], exited=not live)
 
     def _decode(
-        self, backend: SampledBackend, raw: bytes | memoryview, at: list[int], exited: bool = False
+        self, backend: SampledBackend, raw: bytes | memoryview, info: int, exited: bool = False
     ) -> BackendSample | None:
+        """A backend's sample from a copy of its entry that was not written while
+        copied (the caller checked its change count), and its wait word."""
         layout = self.layout
-        entry = at[1]
-        before = _INT.unpack_from(raw, at[0])[0]
-        after = _INT.unpack_from(raw, at[3])[0]
-        if before & 1 or before != after or _INT.unpack_from(raw, entry)[0] != before:
-            return None  # written while copied
-        procpid = _INT.unpack_from(raw, entry + layout.st_procpid)[0]
-        started = _INT64.unpack_from(raw, entry + layout.st_proc_start_timestamp)[0]
+        procpid = _INT.unpack_from(raw, layout.st_procpid)[0]
+        started = _INT64.unpack_from(raw, layout.st_proc_start_timestamp)[0]
         # An exited backend's slot keeps its last state until a new backend takes it
         # (st_procpid is 0 in between; the start of the process tells owners apart).
         if procpid != backend.own_pid and not (exited and procpid == 0):
             return None
         if started != backend.proc_start_us:
             return None
-        info = _UINT32.unpack_from(raw, at[2])[0]
         query_id = None
         if layout.st_query_id is not None:
             # Signed, as pg_stat_activity and pg_stat_statements show it (0: not computed).
-            query_id = _INT64.unpack_from(raw, entry + layout.st_query_id)[0] or None
-        state = _INT.unpack_from(raw, entry + layout.st_state)[0]
-        activity_at = entry + layout.st_activity_start_timestamp
+            query_id = _INT64.unpack_from(raw, layout.st_query_id)[0] or None
+        state = _INT.unpack_from(raw, layout.st_state)[0]
         return BackendSample(
             pid=backend.pid,
             running=state in self._running,
-            activity_start_us=_INT64.unpack_from(raw, activity_at)[0],
-            state_start_us=_INT64.unpack_from(raw, entry + layout.st_state_start_timestamp)[0],
+            activity_start_us=_INT64.unpack_from(raw, layout.st_activity_start_timestamp)[0],
+            state_start_us=_INT64.unpack_from(raw, layout.st_state_start_timestamp)[0],
             wait=wait_event_name(layout.major, info),
             query_id=query_id,
             aborted=state == layout.state_idleintransaction_aborted,
-            client=_INT.unpack_from(raw, entry + layout.st_backendType)[0] == layout.b_backend,
+            client=_INT.unpack_from(raw, layout.st_backendType)[0] == layout.b_backend,
         )
 
     def statement_text(self, backend: SampledBackend, limit: int) -> tuple[bytes, bool] | None:

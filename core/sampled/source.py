@@ -12,8 +12,10 @@ not told.
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, Optional
 
 from pgslowlog.bpf.ringbuf import RingBufferReader
@@ -31,27 +33,27 @@ from pgslowlog.pg_layouts import (
 from pgslowlog.probes import ProbeDefinition
 from pgslowlog.process_memory import MemoryReadError
 from pgslowlog.records import BackendNotice, NoticeKind, RawStatement, Record
+from pgslowlog.sampled import schedule
+from pgslowlog.sampled.blind import BlindTime
 from pgslowlog.sampled.blockers import blocked_by
 from pgslowlog.sampled.discovery import DISCOVER_EVERY_S, Discovery
 from pgslowlog.sampled.hand_over import HandOverWindow
-from pgslowlog.sampled.outcomes import OUTCOMES_PROGRAM, OutcomeMatcher, reports_outcomes
+from pgslowlog.sampled.outcomes import (
+    FAILURE_SLACK_US,
+    OUTCOMES_PROGRAM,
+    OutcomeMatcher,
+    reports_outcomes,
+)
 from pgslowlog.sampled.pg_time import pg_now_us, pg_us, unix_ns
 from pgslowlog.sampled.reading import ClusterMemory, SampledBackend
 from pgslowlog.sampled.resources import UsageReader, statement_resources
+from pgslowlog.sampled.schedule import Schedule
 from pgslowlog.sampled.statements import BackendSample, Finished, InFlight, StatementTracker
 from pgslowlog.sampled.thresholds import ThresholdHistory
-from pgslowlog.sources import COUNTERS, DecodeError, LossCause, ProbeLoadError
+from pgslowlog.sources import COUNTERS, DecodeError, LossCause, ProbeLoadError, start_failure
 from pgslowlog.targets import Target
 
 log = get_logger(__name__)
-# A statement's text is read once it is this many intervals short of the threshold:
-# one that reaches the threshold is still running at some look after that.
-TEXT_MARGIN_INTERVALS = 3
-# "auto" picks sampled when the threshold is at least this many intervals: a statement
-# of threshold + 2 intervals is then seen running at 5 or more looks, so it is never
-# missed, and the end of one that ends between looks is off by at most 1/5 of the
-# threshold (and flagged an upper bound). Below it, a uprobe definition times exactly.
-AUTO_FLOOR_INTERVALS = 5
 FAILURES_PER_LOOK = 4096  # failure reports taken at once: far more than a look brings
 # A backend waiting on a lock has its blockers read again at most this often, and a
 # look walks the lock table for at most this many waiters (those walked longest ago
@@ -73,7 +75,11 @@ USAGE_EVERY_US = 50_000
 
 
 def auto_floor_ms(daemon: DaemonConfig) -> float:
-    return AUTO_FLOOR_INTERVALS * daemon.sample_interval_ms
+    """ "auto" picks sampled from this threshold: a statement of threshold + 2 intervals
+    is then seen running at 5 or more looks, so it is never missed, and the end of one
+    that ends between looks is off by at most 1/5 of the threshold (and flagged an
+    upper bound). Below it, a uprobe definition times exactly."""
+    return schedule.auto_floor_ms(daemon.sample_interval_ms)
 
 
 class _Budget:
@@ -92,6 +98,7 @@ class _Budget:
         self._last = now
 
     def allows(self) -> bool:
+        self.refill()
         return self._credit > 0
 
     def spend(self, since: float) -> None:
@@ -115,7 +122,10 @@ class SampledSource:
         self._discovery = Discovery(
             target.binary, target.file.identity, layout_for(target.binary.major), target.scope
         )
-        self._interval_s = daemon.sample_interval_ms / 1000
+        self._interval_ms = daemon.sample_interval_ms  # None: it follows the threshold
+        self._schedule = Schedule.at(round(daemon.threshold_ms * 1000), self._interval_ms)
+        self._blind = BlindTime(target.name)
+        self._unreadable_since: float | None = None  # a cluster lost, from this look on
         self._query_max_bytes = daemon.query_max_bytes
         self._include_background = daemon.include_background
         self._read_blockers = daemon.blocked_by
@@ -130,7 +140,7 @@ class SampledSource:
         self._owner: dict[int, tuple[ClusterMemory, SampledBackend]] = {}  # pid -> where
         self._app_names: dict[int, str] = {}
         self._background: set[int] = set()  # followed backends that are not clients
-        self._counts = dict.fromkeys(COUNTERS, 0)
+        self._counts = dict.fromkeys((*COUNTERS, "looks"), 0)
         self._unmatched_said: set[int] = set()  # postmasters already warned about
         self._attached = False
         self._final_look = False
@@ -138,10 +148,17 @@ class SampledSource:
         self._next_scan = 0.0
         self._primed: list[Record] = []
         self._looks_begun = self._looks_done = 0
+        # The failure uprobes: compiled and attached in a thread of their own while the
+        # looks begin (the compiler takes seconds; the looks need none). Until they are
+        # attached, outcomes are what the looks read (reports_outcomes: never a guess).
+        self._definition, self._daemon = definition, daemon
         self._failure_reader: RingBufferReader | None = None
         self._outcomes: BpfSource | None = None
-        if reports_outcomes(target.binary):
-            self._outcomes = OUTCOMES_PROGRAM(definition, target, daemon)
+        self._outcomes_since_us: int | None = None  # when they were attached
+        self._outcomes_lock = threading.Lock()
+        self._outcomes_thread: threading.Thread | None = None
+        self._settled = threading.Event()
+        self._reading_closed = False
 
     @property
     def attached_count(self) -> int:
@@ -151,15 +168,15 @@ class SampledSource:
 
     def describe(self) -> dict[str, object]:
         return {
-            "sample_interval_ms": self._interval_s * 1000,
+            "sample_interval_ms": self._schedule.interval_us / 1000,
+            "pause_ms": self._schedule.pause_us / 1000,
             "clusters": sorted(self._discovery.clusters),
+            # How each cluster's status array is read: "mapped", or "copied" and why.
+            "reading": {pid: c.reading for pid, c in sorted(self._discovery.clusters.items())},
             "failure_uprobes": self._outcomes.attached_count if self._outcomes else 0,
         }
 
     def attach(self) -> None:
-        if self._outcomes is not None:
-            self._outcomes.attach()
-            self._failure_reader = self._outcomes.reader()
         try:
             self._discovery.discover(self._owner.keys())
         except OSError as error:
@@ -169,6 +186,48 @@ class SampledSource:
         # which a definition switch relies on (take_over).
         self._primed = self.read(0)
         self._next_look = 0.0
+        log.info("looking", target=self._target.name, clusters=len(self._discovery.clusters))
+        if not reports_outcomes(self._target.binary):
+            self._settled.set()
+            return
+        # Through a file of its own: the caller closes the target's once attach() returns.
+        target = replace(self._target, file=self._target.file.dup())
+        self._outcomes_thread = threading.Thread(
+            target=self._attach_outcomes, args=(target,), name="outcomes", daemon=True
+        )
+        self._outcomes_thread.start()
+
+    def _attach_outcomes(self, target: Target) -> None:
+        try:
+            outcomes = OUTCOMES_PROGRAM(self._definition, target, self._daemon)
+            with self._outcomes_lock:
+                if not self._attached or self._reading_closed:
+                    outcomes.close()  # detached meanwhile
+                    return
+                try:
+                    outcomes.attach()
+                    self._failure_reader = outcomes.reader()
+                except BaseException:
+                    outcomes.close()
+                    raise
+                self._outcomes_since_us = pg_now_us()
+                self._outcomes = outcomes
+            log.info(
+                "outcome_uprobes_attached", target=target.name, uprobes=outcomes.attached_count
+            )
+        except Exception as error:
+            log.warning(
+                "outcome_uprobes_failed",
+                target=target.name,
+                error=start_failure(error),
+                action="outcomes stay what the looks can read (mostly unknown)",
+            )
+        finally:
+            target.file.close()
+            self._settled.set()
+
+    def settle(self, timeout_s: float) -> None:  # sources.AttachesLater
+        self._settled.wait(timeout_s)
 
     # sources.HandsOver
     def take_over(self, at_ns: int) -> None:
@@ -188,12 +247,14 @@ class SampledSource:
 
     def set_threshold_ns(self, threshold_ns: int) -> None:
         self._thresholds.change(threshold_ns // 1000, pg_now_us())
+        self._schedule = Schedule.at(threshold_ns // 1000, self._interval_ms)
+        self._next_look = 0.0  # at once: a lower threshold may want a look sooner
 
     def tick(self) -> None:
         pass  # clocks: PostgreSQL's timestamps are wall-clock time already
 
     def counters(self) -> dict[str, int]:
-        counts = dict(self._counts)
+        counts = {**self._counts, **self._blind.counters()}
         if self._outcomes is not None:
             counts["ringbuf_full"] = self._outcomes.counters()["ringbuf_full"]
         return counts
@@ -201,27 +262,37 @@ class SampledSource:
     def detach(self) -> None:
         if self._attached:
             self._final_look = True
-        self._attached = False
-        if self._outcomes is not None:
-            self._outcomes.detach()
+        with self._outcomes_lock:
+            self._attached = False
+            if self._outcomes is not None:
+                self._outcomes.detach()
 
     def close(self) -> None:
         """After the collector closed its reader, and after the counters' last read."""
         self.detach()
+        if self._outcomes_thread is not None:
+            self._outcomes_thread.join()  # a compile under way: it closes what it made
         self.close_reading()
+        self._discovery.close()
+        self._blind.close()
         if self._outcomes is not None:
             self._outcomes.close()
 
     def close_reading(self) -> None:
-        if self._failure_reader is not None:
-            self._failure_reader.close()
-            self._failure_reader = None
+        with self._outcomes_lock:
+            self._reading_closed = True
+            if self._failure_reader is not None:
+                self._failure_reader.close()
+                self._failure_reader = None
 
     # What _Looking runs, in the collector's thread.
     def wait(self, timeout_ms: int) -> None:
+        # Until the next look, past the collector's timeout (its ring buffers' poll): a
+        # wake-up costs as much CPU as a look at idle backends. A pause is short
+        # (schedule.PAUSE_MAX_MS), and so is the wait for a stop.
         delay = self._next_look - time.monotonic()
         if delay > 0:
-            time.sleep(min(delay, timeout_ms / 1000))
+            time.sleep(delay)
 
     def read(self, limit: int) -> list[Record]:
         """One look's records (a look yields few; `limit` is never reached)."""
@@ -238,25 +309,34 @@ class SampledSource:
             self._final_look = False
         elif now < self._next_look:
             return []
-        self._next_look = now + self._interval_s
+        schedule = self._schedule
+        if self._next_look:  # 0: no look was planned (the first, a new threshold)
+            if (late := now - self._next_look) * 1e6 > schedule.interval_us:
+                self._blind.late(late, now)
+        self._blind.baseline(now)
         if self._discovery.due():
             self._discovery.discover(self._owner.keys())
         self._looks_begun += 1
-        records = self._look()
+        self._counts["looks"] += 1
+        records = self._look(schedule)
         self._looks_done = self._looks_begun
+        # Every interval while a statement is followed; otherwise a pause, short enough
+        # that a statement starting now is followed before its text is due.
+        step = schedule.interval_us if self._tracker.in_flight else schedule.pause_us
+        self._next_look = now + step / 1e6
         return records
 
-    def _look(self) -> list[Record]:
+    def _look(self, schedule: Schedule) -> list[Record]:
         now_us = pg_now_us()
         records: list[Record] = []
         scan = time.monotonic() >= self._next_scan
         if scan:
             self._next_scan = time.monotonic() + DISCOVER_EVERY_S
             self._reap(records, now_us)
-        text_age_us = self._thresholds.current_us - TEXT_MARGIN_INTERVALS * self._interval_s * 1e6
+        in_flight = self._tracker.in_flight
+        text_age_us = schedule.text_age_us
         waiting: list[tuple[ClusterMemory, SampledBackend, InFlight]] = []
-        self._walk_budget.refill()
-        self._usage_budget.refill()
+        failures_taken = False
         for cluster in self._discovery.clusters.values():
             if scan or cluster.base is None:
                 # The status array shows new backends and exits by itself; the children
@@ -265,7 +345,7 @@ class SampledSource:
                 for pid in cluster.children() - set(cluster.backends):
                     if (backend := cluster.adopt(pid)) is not None:
                         self._started(cluster, backend, records)
-            look = cluster.look(self._tracker.in_flight.keys())
+            look = cluster.look(in_flight.keys(), now_us - schedule.follow_age_us)
             if cluster.unmatched and cluster.pid not in self._unmatched_said:
                 self._unmatched_said.add(cluster.pid)  # once per cluster
                 log.warning(
@@ -279,15 +359,19 @@ class SampledSource:
                 )
             if cluster.lost:
                 self._discovery.cluster_lost()
-            # After the copy: a failure before an end the copy shows is in the ring now.
-            self._take_failures()
+            if not (look.gone or look.appeared or look.samples):
+                continue  # the usual look at idle backends: nothing more to do
+            if not failures_taken:
+                # After the copy: a failure before an end the copy shows is in the ring now.
+                self._take_failures()
+                failures_taken = True
             for backend, last in look.gone:
                 self._gone(cluster, backend, last, records, now_us)
             for backend in look.appeared:
                 self._started(cluster, backend, records)
             for backend, sample in look.samples:
                 if sample is None:
-                    continue  # caught mid-write: look again next time
+                    continue  # not its backend's any more: the slot's next owner is adopted
                 locked = sample.wait.startswith("Lock:")
                 if locked and not sample.client and self._read_blockers:
                     self._group_member_waits(cluster, backend, waiting, now_us)
@@ -295,9 +379,9 @@ class SampledSource:
                     if not self._include_background:
                         continue  # autovacuum, walsenders, parallel workers: not asked for
                     self._background.add(backend.pid)
-                finished = self._tracker.observe(sample, now_us)
+                finished = self._tracker.observe(sample, now_us, schedule.interval_us)
                 self._emit(finished, records, cluster, backend)
-                running = self._tracker.in_flight.get(backend.pid)
+                running = in_flight.get(backend.pid)
                 if running is None:
                     continue
                 if running.text is None and now_us - running.start_us >= text_age_us:
@@ -309,9 +393,26 @@ class SampledSource:
                 if self._read_blockers and locked:
                     if now_us - running.walked_us >= WALK_EVERY_US:
                         waiting.append((cluster, backend, running))
-        self._walk_locks(waiting, now_us)
-        self._matcher.keep_only(self._tracker.in_flight.keys())
+        self._count_unreadable()
+        if waiting:
+            self._walk_locks(waiting, now_us)
+        if failures_taken:
+            self._matcher.keep_only(in_flight.keys())
+        elif scan:
+            self._take_failures()  # drained now and then, lest reports of short ones fill it
+            self._matcher.keep_only(in_flight.keys())
         return records
+
+    def _count_unreadable(self) -> None:
+        """Blind time of a cluster whose memory was lost (a crash made it anew): from
+        the look that found it lost until a look reads its successor."""
+        lost = any(cluster.lost for cluster in self._discovery.clusters.values())
+        now = time.monotonic()
+        if lost and self._unreadable_since is None:
+            self._unreadable_since = now
+        elif not lost and self._unreadable_since is not None:
+            self._blind.add("cluster_unreadable", (now - self._unreadable_since) * 1000, now)
+            self._unreadable_since = None
 
     def _group_member_waits(
         self,
@@ -408,9 +509,11 @@ class SampledSource:
                 self._counts["untracked"] += 1  # not knowable: its outcome would be a guess
 
     def _outcome(self, finished: Finished) -> str:
-        """ok, error or cancelled from the failure uprobes; without them, what the
-        tracker read (an aborted transaction block: error; otherwise unknown)."""
-        if self._outcomes is None:
+        """ok, error or cancelled from the failure uprobes; without them (or for a
+        statement that ended before they were attached), what the tracker read (an
+        aborted transaction block: error; otherwise unknown)."""
+        since = self._outcomes_since_us
+        if since is None or finished.end_us < since + FAILURE_SLACK_US:
             return finished.outcome
         return self._matcher.outcome(finished)
 

@@ -85,8 +85,13 @@ class StatementTracker:
         # copy torn by a concurrent write) must not reopen it.
         self._finished_start: dict[int, int] = {}
 
-    def observe(self, sample: BackendSample, now_us: int) -> Finished | None:
-        """Account for one look at a backend; the statement that ended, if one did."""
+    def observe(
+        self, sample: BackendSample, now_us: int, interval_us: int | None = None
+    ) -> Finished | None:
+        """Account for one look at a backend; the statement that ended, if one did.
+        What it waits on counts for the intervals since it was last seen (or began):
+        looks pause while nothing is followed, so the first look stands for more.
+        Without `interval_us`, each look counts once."""
         finished = None
         current = self.in_flight.get(sample.pid)
         if current is not None:
@@ -104,10 +109,15 @@ class StatementTracker:
             if current is None:
                 if self._finished_start.get(sample.pid, -1) >= sample.activity_start_us:
                     return finished  # the statement just finished, seen again: not new
-                current = InFlight(sample.pid, sample.activity_start_us, now_us, sample.query_id)
+                current = InFlight(sample.pid, sample.activity_start_us, 0, sample.query_id)
                 self.in_flight[sample.pid] = current
+            # Counted in intervals: as many looks as a look every interval would have taken.
+            weight = 1
+            if interval_us:
+                since = now_us - max(current.last_seen_us, current.start_us)
+                weight = max(1, round(since / interval_us))
+            current.waits[sample.wait] += weight
             current.last_seen_us = now_us
-            current.waits[sample.wait] += 1
             if current.query_id is None:
                 # Parse analysis sets it after the statement reported RUNNING.
                 current.query_id = sample.query_id
