@@ -432,7 +432,11 @@ class SampledSource:
             return  # already reported
         cluster.forget(backend.pid)
         self._background.discard(backend.pid)
-        self._emit(self._tracker.backend_gone(backend.pid, last, now_us), records, cluster, backend)
+        # Never read by pid once gone, not even when it ended its statement before it
+        # left (backend_exited false): the pid may be another process's already. The
+        # end figures are the last reading while it ran (_why).
+        finished = self._tracker.backend_gone(backend.pid, last, now_us)
+        self._emit(finished, records, cluster, backend, read_end=False)
         records.append(BackendNotice(NoticeKind.BACKEND_EXITED, backend.pid))
         self._app_names.pop(backend.pid, None)
 
@@ -465,7 +469,9 @@ class SampledSource:
         records: list[Record],
         cluster: ClusterMemory,
         backend: SampledBackend,
+        read_end: bool = True,
     ) -> None:
+        """`read_end`: the end figures may be read now from the backend by its pid."""
         if finished is None:
             return
         if finished.backend_exited:
@@ -500,11 +506,11 @@ class SampledSource:
                 duration_exact=finished.exact,
                 query_id=finished.query_id,
                 waits=finished.waits,
-                **self._why(cluster, finished),
+                **self._why(cluster, finished, read_end),
             )
         )
 
-    def _why(self, cluster: ClusterMemory, finished: Finished) -> dict[str, Any]:
+    def _why(self, cluster: ClusterMemory, finished: Finished, read_end: bool) -> dict[str, Any]:
         """The event's blocked_by and resources: what the looks gathered while it ran,
         and the backend's counters now that its end is seen."""
         why: dict[str, Any] = {}
@@ -517,9 +523,10 @@ class SampledSource:
                 why["lock_wait_start_unix_ns"] = unix_ns(finished.lock_wait_start_us)
         usage, start = cluster.usage, finished.usage_start
         if self._read_usage and usage and start:
-            # Read now that its end is seen; when the backend is gone, its last reading
-            # while it ran (its last moments missing; its /proc figures unknown).
-            end = None if finished.backend_exited else usage.read(finished.pid)
+            # Read now that its end is seen (`read_end`: its pid is still its own); when
+            # the backend is gone, its last reading while it ran (its last moments
+            # missing; its /proc figures unknown).
+            end = usage.read(finished.pid) if read_end and not finished.backend_exited else None
             end = end or finished.usage_last
             if end is not None:
                 why["resources"] = statement_resources(start, end)
