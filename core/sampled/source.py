@@ -265,6 +265,7 @@ class SampledSource:
                 for pid in cluster.children() - set(cluster.backends):
                     if (backend := cluster.adopt(pid)) is not None:
                         self._started(cluster, backend, records)
+            copied = time.monotonic()  # the copy comes just after: its age is never underrated
             look = cluster.look(self._tracker.in_flight.keys())
             if cluster.unmatched and cluster.pid not in self._unmatched_said:
                 self._unmatched_said.add(cluster.pid)  # once per cluster
@@ -296,10 +297,12 @@ class SampledSource:
                         continue  # autovacuum, walsenders, parallel workers: not asked for
                     self._background.add(backend.pid)
                 finished = self._tracker.observe(sample, now_us)
-                self._emit(finished, records, cluster, backend)
+                self._emit(finished, records, cluster, backend, copied)
                 running = self._tracker.in_flight.get(backend.pid)
                 if running is None:
                     continue
+                if not self._fresh(cluster, backend, copied):
+                    continue  # gone since the copy: its pid may be another process's now
                 if running.text is None and now_us - running.start_us >= text_age_us:
                     self._read_text(cluster, backend, running)
                 if self._read_usage and cluster.usage:
@@ -312,6 +315,17 @@ class SampledSource:
         self._walk_locks(waiting, now_us)
         self._matcher.keep_only(self._tracker.in_flight.keys())
         return records
+
+    def _fresh(self, cluster: ClusterMemory, backend: SampledBackend, copied: float) -> bool:
+        """Whether the backend's own memory (its text, its counters) may be read by pid
+        on the word of a copy of the status array taken at `copied`. Within an interval,
+        yes: the reads follow the copy at once. An older copy (this thread was held up:
+        a busy machine, a stopped daemon) may show a backend that has exited since, and
+        its pid may be another process's by now; a new backend of the same cluster even
+        has the same addresses, so its counters or its text would pass for this one's.
+        The slot is asked again first: PostgreSQL clears st_procpid before the process
+        exits, so while the backend holds it, its pid is its own."""
+        return time.monotonic() - copied < self._interval_s or cluster.owns_slot(backend)
 
     def _group_member_waits(
         self,
@@ -436,7 +450,7 @@ class SampledSource:
         # left (backend_exited false): the pid may be another process's already. The
         # end figures are the last reading while it ran (_why).
         finished = self._tracker.backend_gone(backend.pid, last, now_us)
-        self._emit(finished, records, cluster, backend, read_end=False)
+        self._emit(finished, records, cluster, backend, copied=None)
         records.append(BackendNotice(NoticeKind.BACKEND_EXITED, backend.pid))
         self._app_names.pop(backend.pid, None)
 
@@ -469,9 +483,10 @@ class SampledSource:
         records: list[Record],
         cluster: ClusterMemory,
         backend: SampledBackend,
-        read_end: bool = True,
+        copied: Optional[float],
     ) -> None:
-        """`read_end`: the end figures may be read now from the backend by its pid."""
+        """`copied`: when the copy that showed the end was taken, for the end figures
+        read now from the backend (None: it is gone, they are not read)."""
         if finished is None:
             return
         if finished.backend_exited:
@@ -491,6 +506,7 @@ class SampledSource:
                 return
             text, truncated = found
         self._counts["emitted"] += 1
+        read_end = copied is not None and self._fresh(cluster, backend, copied)
         records.append(
             RawStatement(
                 start_unix_ns=unix_ns(finished.start_us),
