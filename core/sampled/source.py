@@ -234,8 +234,12 @@ class SampledSource:
                 return []
             # Detached (a stop, a switch): one last look, so that a statement that
             # ended in the last interval is still reported (the collector drains once
-            # more after the stop).
+            # more after the stop). It scans the children too: a backend gone since the
+            # last scan without the looks seeing it go (its postmaster's memory made
+            # anew after a crash and unreadable for a moment, or the postmaster gone)
+            # would otherwise leave its statement unreported.
             self._final_look = False
+            self._next_scan = 0.0
         elif now < self._next_look:
             return []
         self._next_look = now + self._interval_s
