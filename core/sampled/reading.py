@@ -572,6 +572,19 @@ class ClusterMemory:
             return None
         return text, len(text) >= self.query_size - 1
 
+    def owns_slot(self, backend: SampledBackend) -> bool:
+        """Whether `backend` still holds its slot, read now (its pid and process start
+        in st_procpid and st_proc_start_timestamp)."""
+        layout = self.layout
+        size = max(layout.st_procpid + 4, layout.st_proc_start_timestamp + 8)
+        try:
+            data = read(self.pid, backend.entry, size)
+        except MemoryReadError:
+            return False
+        started: int = _INT64.unpack_from(data, layout.st_proc_start_timestamp)[0]
+        procpid: int = _INT.unpack_from(data, layout.st_procpid)[0]
+        return procpid == backend.own_pid and started == backend.proc_start_us
+
     def activity_start(self, backend: SampledBackend) -> int | None:
         entry = self._entry(backend)
         if entry is None:

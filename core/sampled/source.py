@@ -305,8 +305,12 @@ class SampledSource:
                 return []
             # Detached (a stop, a switch): one last look, so that a statement that
             # ended in the last interval is still reported (the collector drains once
-            # more after the stop).
+            # more after the stop). It scans the children too: a backend gone since the
+            # last scan without the looks seeing it go (its postmaster's memory made
+            # anew after a crash and unreadable for a moment, or the postmaster gone)
+            # would otherwise leave its statement unreported.
             self._final_look = False
+            self._next_scan = 0.0
         elif now < self._next_look:
             return []
         schedule = self._schedule
@@ -345,6 +349,7 @@ class SampledSource:
                 for pid in cluster.children() - set(cluster.backends):
                     if (backend := cluster.adopt(pid)) is not None:
                         self._started(cluster, backend, records)
+            copied = time.monotonic()  # the read comes just after: its age is never underrated
             look = cluster.look(in_flight.keys(), now_us - schedule.follow_age_us)
             if cluster.unmatched and cluster.pid not in self._unmatched_said:
                 self._unmatched_said.add(cluster.pid)  # once per cluster
@@ -380,10 +385,12 @@ class SampledSource:
                         continue  # autovacuum, walsenders, parallel workers: not asked for
                     self._background.add(backend.pid)
                 finished = self._tracker.observe(sample, now_us, schedule.interval_us)
-                self._emit(finished, records, cluster, backend)
+                self._emit(finished, records, cluster, backend, copied)
                 running = in_flight.get(backend.pid)
                 if running is None:
                     continue
+                if not self._fresh(cluster, backend, copied):
+                    continue  # gone since the copy: its pid may be another process's now
                 if running.text is None and now_us - running.start_us >= text_age_us:
                     self._read_text(cluster, backend, running)
                 if self._read_usage and cluster.usage:
@@ -413,6 +420,18 @@ class SampledSource:
         elif not lost and self._unreadable_since is not None:
             self._blind.add("cluster_unreadable", (now - self._unreadable_since) * 1000, now)
             self._unreadable_since = None
+
+    def _fresh(self, cluster: ClusterMemory, backend: SampledBackend, copied: float) -> bool:
+        """Whether the backend's own memory (its text, its counters) may be read by pid
+        on the word of a copy of the status array taken at `copied`. Within an interval,
+        yes: the reads follow the copy at once. An older copy (this thread was held up:
+        a busy machine, a stopped daemon) may show a backend that has exited since, and
+        its pid may be another process's by now; a new backend of the same cluster even
+        has the same addresses, so its counters or its text would pass for this one's.
+        The slot is asked again first: PostgreSQL clears st_procpid before the process
+        exits, so while the backend holds it, its pid is its own."""
+        interval_s = self._schedule.interval_us / 1e6
+        return time.monotonic() - copied < interval_s or cluster.owns_slot(backend)
 
     def _group_member_waits(
         self,
@@ -535,7 +554,11 @@ class SampledSource:
             return  # already reported
         cluster.forget(backend.pid)
         self._background.discard(backend.pid)
-        self._emit(self._tracker.backend_gone(backend.pid, last, now_us), records, cluster, backend)
+        # Never read by pid once gone, not even when it ended its statement before it
+        # left (backend_exited false): the pid may be another process's already. The
+        # end figures are the last reading while it ran (_why).
+        finished = self._tracker.backend_gone(backend.pid, last, now_us)
+        self._emit(finished, records, cluster, backend, copied=None)
         records.append(BackendNotice(NoticeKind.BACKEND_EXITED, backend.pid))
         self._app_names.pop(backend.pid, None)
 
@@ -568,7 +591,10 @@ class SampledSource:
         records: list[Record],
         cluster: ClusterMemory,
         backend: SampledBackend,
+        copied: Optional[float],
     ) -> None:
+        """`copied`: when the copy that showed the end was taken, for the end figures
+        read now from the backend (None: it is gone, they are not read)."""
         if finished is None:
             return
         if finished.backend_exited:
@@ -588,6 +614,7 @@ class SampledSource:
                 return
             text, truncated = found
         self._counts["emitted"] += 1
+        read_end = copied is not None and self._fresh(cluster, backend, copied)
         records.append(
             RawStatement(
                 start_unix_ns=unix_ns(finished.start_us),
@@ -603,11 +630,11 @@ class SampledSource:
                 duration_exact=finished.exact,
                 query_id=finished.query_id,
                 waits=finished.waits,
-                **self._why(cluster, finished),
+                **self._why(cluster, finished, read_end),
             )
         )
 
-    def _why(self, cluster: ClusterMemory, finished: Finished) -> dict[str, Any]:
+    def _why(self, cluster: ClusterMemory, finished: Finished, read_end: bool) -> dict[str, Any]:
         """The event's blocked_by and resources: what the looks gathered while it ran,
         and the backend's counters now that its end is seen."""
         why: dict[str, Any] = {}
@@ -620,9 +647,10 @@ class SampledSource:
                 why["lock_wait_start_unix_ns"] = unix_ns(finished.lock_wait_start_us)
         usage, start = cluster.usage, finished.usage_start
         if self._read_usage and usage and start:
-            # Read now that its end is seen; when the backend is gone, its last reading
-            # while it ran (its last moments missing; its /proc figures unknown).
-            end = None if finished.backend_exited else usage.read(finished.pid)
+            # Read now that its end is seen (`read_end`: its pid is still its own); when
+            # the backend is gone, its last reading while it ran (its last moments
+            # missing; its /proc figures unknown).
+            end = usage.read(finished.pid) if read_end and not finished.backend_exited else None
             end = end or finished.usage_last
             if end is not None:
                 why["resources"] = statement_resources(start, end)
