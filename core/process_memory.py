@@ -13,7 +13,7 @@ import ctypes
 import ctypes.util
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 _IOV_MAX = 1024  # UIO_MAXIOV: ranges per system call
 
@@ -209,16 +209,22 @@ def read_pointer(pid: int, address: int) -> int:
     return int.from_bytes(read(pid, address, 8), "little")
 
 
-def read_c_string(pid: int, address: int, limit: int) -> bytes:
+def read_c_string(
+    pid: int, address: int, limit: int, still_ours: Callable[[], bool] = lambda: True
+) -> bytes:
     """A NUL-terminated string of at most `limit` bytes (without the NUL).
 
     Read in pieces that do not cross a page, so a string near the end of a mapping
-    is read up to its NUL without touching the next, unmapped page.
+    is read up to its NUL without touching the next, unmapped page. `still_ours` is
+    asked before each piece: False (the process is not the one meant any more) stops
+    the reading with MemoryReadError.
     """
     out = bytearray()
     page = 4096
     while len(out) < limit:
         size = min(page - (address % page), limit - len(out))
+        if not still_ours():
+            raise MemoryReadError(0, f"pid {pid} is not the process it was")
         piece = read(pid, address, size)
         end = piece.find(b"\0")
         if end >= 0:

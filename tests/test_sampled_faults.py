@@ -134,8 +134,8 @@ struct reads_t {
     u64 uncounted;      // ranges past the 4th (the postmaster's look, never a backend's)
 };
 BPF_HASH(reads, u32, struct reads_t, 4096);
-// A postmaster's pid, set by the test: the daemon's next look at it (the one call
-// that copies several ranges of its memory) stops the daemon once the copy is made.
+// A pid, set by the test: the daemon's next read of its memory stops the daemon once
+// the read is made.
 BPF_ARRAY(stop_at, u32, 1);
 BPF_HASH(stopping, u32, u32, 64);  // threads to stop when their call returns
 
@@ -172,7 +172,7 @@ int count_readv(struct pt_regs *ctx) {
         __sync_fetch_and_add(&r->text_bytes, bytes);
     int first = 0;
     u32 *armed = stop_at.lookup(&first);
-    if (count >= 2 && armed && *armed == target) {
+    if (armed && *armed == target) {
         *armed = 0;
         u32 thread = bpf_get_current_pid_tgid(), yes = 1;
         stopping.update(&thread, &yes);
@@ -244,15 +244,16 @@ class DaemonReads:
         self._stop_at = self._bpf[b"stop_at"]
         self._daemon = daemon
 
-    def stop_after_next_look(self, postmaster: int) -> None:
-        """SIGSTOP the daemon right after its next copy of `postmaster`'s status array,
-        before it acts on what the copy shows; returns once it is stopped."""
-        self._stop_at[ctypes.c_int(0)] = ctypes.c_uint32(postmaster)
+    def stop_after_next_read(self, pid: int) -> None:
+        """SIGSTOP the daemon right after its next read of `pid`'s memory, before it
+        reads more of it; the caller waits for `stopped_after_read`."""
+        self._stop_at[ctypes.c_int(0)] = ctypes.c_uint32(pid)
 
+    def stopped_after_read(self, pid: int) -> None:
         def stopped() -> bool:
             return self._stop_at[ctypes.c_int(0)].value == 0 and all_stopped(self._daemon.pid)
 
-        wait_until(stopped, 5, f"the daemon stopped after a look at {postmaster}")
+        wait_until(stopped, 5, f"the daemon stopped after a read of {pid}")
 
     def of(self, pid: int) -> dict[str, int]:
         """What the daemon read of `pid` so far ({} for nothing)."""
@@ -477,12 +478,13 @@ def test_a_reused_backend_pid_is_never_read_nor_reported(own_pg15, start_daemon,
     """Two backends end while the daemon is stopped (SIGSTOP: a daemon held up), and
     each one's pid goes to a new process that is no PostgreSQL before the daemon goes
     on: one terminated mid-statement (pg_terminate_backend), one whose client left
-    right after its statement ended (psql's way). The daemon was stopped right after a
-    look's copy of the status array, which shows both running, the terminated one's
-    statement for the first time, its text and counters due to be read. The daemon
-    must report each true statement once and never read the new processes' memory:
-    that would be another program's (for a new backend of the same cluster, another
-    statement's) counters and text. The impostors map those addresses to tell."""
+    right after its statement ended (psql's way). The daemon was stopped right after
+    its first read of the terminated one's memory, in the middle of reading its
+    statement's text and counters, the look that saw it running for the first time.
+    The daemon must report each true statement once and never read the new
+    processes' memory: that would be another program's (for a new backend of the same
+    cluster, another statement's) counters and text. The impostors map those
+    addresses to tell."""
     server = own_pg15()
     spec = impostor_spec(server)
     # At 30 ms a statement's text is due at the first look that sees it running
@@ -497,12 +499,12 @@ def test_a_reused_backend_pid_is_never_read_nor_reported(own_pg15, start_daemon,
     impostors: list[subprocess.Popen[str]] = []
     gone_by: dict[int, float] = {}  # when each backend was surely gone (reaped)
     try:
-        # Stopped, so that the look after the next is the first to see this statement.
-        reads.stop_after_next_look(server.postmaster_pid)
+        # Stopped at its first read of the backend, which comes with the first look
+        # that sees its statement: the rest of that reading is still to come.
+        reads.stop_after_next_read(terminated.pid)
         terminated.start("select pg_sleep(30) /* reuse terminated */")
         started |= running_since(server, [terminated.pid], 0)
-        os.kill(daemon_pid, signal.SIGCONT)
-        reads.stop_after_next_look(server.postmaster_pid)
+        reads.stopped_after_read(terminated.pid)
         # Both still run (the other's end is to come while the daemon is stopped), this
         # one long enough to be slow whatever time the steps above took.
         running_since(server, [terminated.pid, left.pid], 0.1)

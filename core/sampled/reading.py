@@ -109,6 +109,7 @@ class _Array:
         self._size = size = layout.backend_status_size
         self._span = count * size
         self._count_at = layout.st_changecount
+        self._pid_at, self._start_at = layout.st_procpid, layout.st_proc_start_timestamp
 
         def field(offset: int, width: int) -> slice:
             return slice(offset // width, self._span // width, size // width)
@@ -128,6 +129,11 @@ class _Array:
             ints[self._states].tolist(),
             longs[self._activity].tolist(),
         )
+
+    def owner(self, slot: int) -> tuple[int, int]:
+        """(st_procpid, st_proc_start_timestamp) of a slot, as they are."""
+        at = slot * self._size
+        return self.ints[(at + self._pid_at) // 4], self.longs[(at + self._start_at) // 8]
 
     def count(self, slot: int) -> int:
         """The slot's change count, as the entry's copy shows it."""
@@ -533,12 +539,15 @@ class ClusterMemory:
         )
 
     def statement_text(self, backend: SampledBackend, limit: int) -> tuple[bytes, bool] | None:
-        """The running statement's full text from the backend itself: (text, cut)."""
+        """The running statement's full text from the backend itself: (text, cut).
+        Each read by pid is preceded by a look at its slot (owns_slot)."""
         try:
+            if not self.owns_slot(backend):
+                return None
             address = read_pointer(backend.pid, self._addresses["debug_query_string"])
             if not address:
                 return None
-            text = read_c_string(backend.pid, address, limit + 1)
+            text = read_c_string(backend.pid, address, limit + 1, lambda: self.owns_slot(backend))
         except MemoryReadError:
             return None
         return text[:limit], len(text) > limit
@@ -573,9 +582,14 @@ class ClusterMemory:
         return text, len(text) >= self.query_size - 1
 
     def owns_slot(self, backend: SampledBackend) -> bool:
-        """Whether `backend` still holds its slot, read now (its pid and process start
-        in st_procpid and st_proc_start_timestamp)."""
+        """Whether `backend` still holds its slot, read now (st_procpid and
+        st_proc_start_timestamp). Asked before every read of a backend's own memory or
+        /proc files by its pid: PostgreSQL clears st_procpid before the process exits,
+        so while the slot names it, the pid is its own and not a later process's. From
+        the mapped segment, a few memory reads."""
         layout = self.layout
+        if isinstance(self._array, _MappedArray) and backend.slot is not None:
+            return self._array.owner(backend.slot) == (backend.own_pid, backend.proc_start_us)
         size = max(layout.st_procpid + 4, layout.st_proc_start_timestamp + 8)
         try:
             data = read(self.pid, backend.entry, size)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Callable
 from typing import Optional
 
 import msgspec
@@ -105,11 +106,16 @@ class UsageReader:
             0, [(buffer_usage, max(buffer_fields) + 8), (wal_usage, max(wal_fields) + 8)]
         )
 
-    def counters(self, pid: int) -> Usage | None:
-        """Its buffer and WAL counters and on-CPU time; None when it is gone."""
+    def counters(self, pid: int, still_ours: Callable[[], bool]) -> Usage | None:
+        """Its buffer and WAL counters and on-CPU time; None when it is gone, or when
+        `still_ours` (asked before each read by pid) says the pid is not its own."""
         self._reader.pid = pid
         try:
+            if not still_ours():
+                return None
             raw = self._reader.read()
+            if not still_ours():
+                return None
             cpu_ns = time.clock_gettime_ns(_cpu_clock(pid))
         except (MemoryReadError, OSError):
             return None
@@ -130,18 +136,19 @@ class UsageReader:
             write_bytes=None,
         )
 
-    def with_proc(self, pid: int, usage: Usage) -> Usage:
-        """`usage` with the run-queue time and block I/O /proc says now."""
-        cpu_wait_ns = _run_queue_ns(pid)
-        read_bytes, write_bytes = _io(pid)
+    def with_proc(self, pid: int, usage: Usage, still_ours: Callable[[], bool]) -> Usage:
+        """`usage` with the run-queue time and block I/O /proc says now (unknown, None,
+        where `still_ours` says the pid is not its own any more)."""
+        cpu_wait_ns = _run_queue_ns(pid) if still_ours() else None
+        read_bytes, write_bytes = _io(pid) if still_ours() else (None, None)
         return msgspec.structs.replace(
             usage, cpu_wait_ns=cpu_wait_ns, read_bytes=read_bytes, write_bytes=write_bytes
         )
 
-    def read(self, pid: int) -> Usage | None:
+    def read(self, pid: int, still_ours: Callable[[], bool]) -> Usage | None:
         """Everything: None when the backend's memory cannot be read (it exited)."""
-        usage = self.counters(pid)
-        return None if usage is None else self.with_proc(pid, usage)
+        usage = self.counters(pid, still_ours)
+        return None if usage is None else self.with_proc(pid, usage, still_ours)
 
 
 def _run_queue_ns(pid: int) -> int | None:

@@ -349,7 +349,6 @@ class SampledSource:
                 for pid in cluster.children() - set(cluster.backends):
                     if (backend := cluster.adopt(pid)) is not None:
                         self._started(cluster, backend, records)
-            copied = time.monotonic()  # the read comes just after: its age is never underrated
             look = cluster.look(in_flight.keys(), now_us - schedule.follow_age_us)
             if cluster.unmatched and cluster.pid not in self._unmatched_said:
                 self._unmatched_said.add(cluster.pid)  # once per cluster
@@ -385,17 +384,15 @@ class SampledSource:
                         continue  # autovacuum, walsenders, parallel workers: not asked for
                     self._background.add(backend.pid)
                 finished = self._tracker.observe(sample, now_us, schedule.interval_us)
-                self._emit(finished, records, cluster, backend, copied)
+                self._emit(finished, records, cluster, backend)
                 running = in_flight.get(backend.pid)
                 if running is None:
                     continue
-                if not self._fresh(cluster, backend, copied):
-                    continue  # gone since the copy: its pid may be another process's now
                 if running.text is None and now_us - running.start_us >= text_age_us:
                     self._read_text(cluster, backend, running)
                 if self._read_usage and cluster.usage:
                     self._read_usage_of(
-                        cluster.usage, backend.pid, running, now_us, locked, text_age_us
+                        cluster.usage, cluster, backend, running, now_us, locked, text_age_us
                     )
                 if self._read_blockers and locked:
                     if now_us - running.walked_us >= WALK_EVERY_US:
@@ -420,18 +417,6 @@ class SampledSource:
         elif not lost and self._unreadable_since is not None:
             self._blind.add("cluster_unreadable", (now - self._unreadable_since) * 1000, now)
             self._unreadable_since = None
-
-    def _fresh(self, cluster: ClusterMemory, backend: SampledBackend, copied: float) -> bool:
-        """Whether the backend's own memory (its text, its counters) may be read by pid
-        on the word of a copy of the status array taken at `copied`. Within an interval,
-        yes: the reads follow the copy at once. An older copy (this thread was held up:
-        a busy machine, a stopped daemon) may show a backend that has exited since, and
-        its pid may be another process's by now; a new backend of the same cluster even
-        has the same addresses, so its counters or its text would pass for this one's.
-        The slot is asked again first: PostgreSQL clears st_procpid before the process
-        exits, so while the backend holds it, its pid is its own."""
-        interval_s = self._schedule.interval_us / 1e6
-        return time.monotonic() - copied < interval_s or cluster.owns_slot(backend)
 
     def _group_member_waits(
         self,
@@ -458,7 +443,8 @@ class SampledSource:
     def _read_usage_of(
         self,
         usage: UsageReader,
-        pid: int,
+        cluster: ClusterMemory,
+        backend: SampledBackend,
         running: InFlight,
         now_us: int,
         locked: bool,
@@ -469,15 +455,20 @@ class SampledSource:
         seen by the thousand). Its /proc figures at the next look, if it still runs.
         And for one old enough to be reported, the counters again now and then: its
         end, should the backend be gone when the end is seen."""
+        pid = backend.pid
+
+        def still_ours() -> bool:
+            return cluster.owns_slot(backend)
+
         if running.usage_start is None:
-            running.usage_start = usage.counters(pid)
+            running.usage_start = usage.counters(pid, still_ours)
             running.usage_read_us = now_us
             return
         budget = self._usage_budget
         if not running.usage_proc_read:
             if budget.allows():
                 started = time.thread_time()
-                running.usage_start = usage.with_proc(pid, running.usage_start)
+                running.usage_start = usage.with_proc(pid, running.usage_start, still_ours)
                 running.usage_proc_read = True
                 budget.spend(started)
             return
@@ -487,7 +478,7 @@ class SampledSource:
         if due and not locked and now_us - running.start_us >= text_age_us:
             if budget.allows():
                 started = time.thread_time()
-                running.usage_last = usage.counters(pid)
+                running.usage_last = usage.counters(pid, still_ours)
                 running.usage_read_us = now_us
                 budget.spend(started)
 
@@ -558,7 +549,7 @@ class SampledSource:
         # left (backend_exited false): the pid may be another process's already. The
         # end figures are the last reading while it ran (_why).
         finished = self._tracker.backend_gone(backend.pid, last, now_us)
-        self._emit(finished, records, cluster, backend, copied=None)
+        self._emit(finished, records, cluster, backend, gone=True)
         records.append(BackendNotice(NoticeKind.BACKEND_EXITED, backend.pid))
         self._app_names.pop(backend.pid, None)
 
@@ -591,10 +582,9 @@ class SampledSource:
         records: list[Record],
         cluster: ClusterMemory,
         backend: SampledBackend,
-        copied: Optional[float],
+        gone: bool = False,
     ) -> None:
-        """`copied`: when the copy that showed the end was taken, for the end figures
-        read now from the backend (None: it is gone, they are not read)."""
+        """`gone`: the backend was found gone; nothing more is read of it by its pid."""
         if finished is None:
             return
         if finished.backend_exited:
@@ -614,7 +604,6 @@ class SampledSource:
                 return
             text, truncated = found
         self._counts["emitted"] += 1
-        read_end = copied is not None and self._fresh(cluster, backend, copied)
         records.append(
             RawStatement(
                 start_unix_ns=unix_ns(finished.start_us),
@@ -630,11 +619,13 @@ class SampledSource:
                 duration_exact=finished.exact,
                 query_id=finished.query_id,
                 waits=finished.waits,
-                **self._why(cluster, finished, read_end),
+                **self._why(cluster, backend, finished, gone),
             )
         )
 
-    def _why(self, cluster: ClusterMemory, finished: Finished, read_end: bool) -> dict[str, Any]:
+    def _why(
+        self, cluster: ClusterMemory, backend: SampledBackend, finished: Finished, gone: bool
+    ) -> dict[str, Any]:
         """The event's blocked_by and resources: what the looks gathered while it ran,
         and the backend's counters now that its end is seen."""
         why: dict[str, Any] = {}
@@ -647,10 +638,12 @@ class SampledSource:
                 why["lock_wait_start_unix_ns"] = unix_ns(finished.lock_wait_start_us)
         usage, start = cluster.usage, finished.usage_start
         if self._read_usage and usage and start:
-            # Read now that its end is seen (`read_end`: its pid is still its own); when
+            # Read now that its end is seen, while its slot says the pid is its own; when
             # the backend is gone, its last reading while it ran (its last moments
             # missing; its /proc figures unknown).
-            end = usage.read(finished.pid) if read_end and not finished.backend_exited else None
+            end = None
+            if not gone and not finished.backend_exited:
+                end = usage.read(finished.pid, lambda: cluster.owns_slot(backend))
             end = end or finished.usage_last
             if end is not None:
                 why["resources"] = statement_resources(start, end)
