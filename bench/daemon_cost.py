@@ -79,6 +79,14 @@ def task_figures(pid: int) -> tuple[int, int]:
     return cpu, slices
 
 
+def lines(path: Path) -> int:
+    try:
+        with path.open("rb") as events:
+            return sum(1 for _ in events)
+    except FileNotFoundError:
+        return 0
+
+
 def scraped(port: int) -> tuple[float, float]:
     """(looks, blind seconds) from /metrics."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
@@ -124,12 +132,15 @@ def one_round(
                 raise RuntimeError(f"the daemon did not get ready:\n{log.read_text()[-3000:]}")
             time.sleep(0.05)
         time.sleep(SETTLE_S)
+        events = workdir / "events.jsonl"
         cpu_before, slices_before = task_figures(daemon.pid)
         looks_before, blind_before = scraped(port)
+        events_before = lines(events)
         at = time.monotonic()
         time.sleep(seconds)
         cpu_after, slices_after = task_figures(daemon.pid)
         looks_after, blind_after = scraped(port)
+        events_after = lines(events)
         elapsed = time.monotonic() - at
     finally:
         daemon.terminate()
@@ -139,6 +150,7 @@ def one_round(
         "wakeups": (slices_after - slices_before) / elapsed,
         "looks": (looks_after - looks_before) / elapsed,
         "blind_ms": (blind_after - blind_before) * 1000,
+        "events": (events_after - events_before) / elapsed,
         **log_times(log, started),
     }
 
@@ -174,9 +186,10 @@ def main() -> int:
     kind = "TPC-B" if arguments.tpcb else "pgbench -S" if busy else "idle"
     print(
         "| backends | clients | threshold ms | daemon CPU of one core | looks/s | wake-ups/s "
-        "| blind ms | exec → first look s | → outcome uprobes s | → ready s | rounds |"
+        "| slow events/s | blind ms | exec → first look s | → outcome uprobes s | → ready s "
+        "| rounds |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for wanted in sorted(arguments.backends):
         cluster = Cluster(BINDIR, max_connections=wanted + 20).start()
         connections: list[psycopg.Connection] = []
@@ -204,7 +217,8 @@ def main() -> int:
 
                 print(
                     f"| {wanted} | {kind} | {threshold:g} | {median('cpu'):.2%} "
-                    f"| {median('looks'):.0f} | {median('wakeups'):.0f} | {median('blind_ms'):.0f} "
+                    f"| {median('looks'):.0f} | {median('wakeups'):.0f} | {median('events'):.0f} "
+                    f"| {median('blind_ms'):.0f} "
                     f"| {median('looking'):.2f} | {median('outcome_uprobes_attached'):.2f} "
                     f"| {median('ready'):.2f} | {len(figures)} |",
                     flush=True,

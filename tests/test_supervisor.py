@@ -290,6 +290,7 @@ def test_losses_are_warned_once_each_and_health_sums_per_target(harness, tmp_pat
             "slow_events": 2,
             "lost": 5,
             "untracked": 4,
+            "blind_ms": 0,  # these sources trap every statement: never blind
         }
     }
     assert health["sinks"]["list"]["dropped"] == 0

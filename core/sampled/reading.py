@@ -15,6 +15,7 @@ next look, never cached as NULL.
 
 from __future__ import annotations
 
+import functools
 import struct
 import time
 from collections.abc import Set as AbstractSet
@@ -65,11 +66,12 @@ class SampledBackend:
     proc_start_us: int  # st_proc_start_timestamp: tells its slot from a later owner's
     slot: int | None = None  # its index in BackendStatusArray; None: an auxiliary process
     inner: int | None = None  # its pid in the server's pid namespace, where that is not ours
+    # The pid PostgreSQL itself reports (pg_stat_activity, its log): `pid` on the host.
+    # Set once: it is compared at every look.
+    own_pid: int = field(init=False)
 
-    @property
-    def own_pid(self) -> int:
-        """The pid PostgreSQL itself reports (pg_stat_activity, its log): `pid` on the host."""
-        return self.pid if self.inner is None else self.inner
+    def __post_init__(self) -> None:
+        self.own_pid = self.pid if self.inner is None else self.inner
 
 
 @dataclass
@@ -114,10 +116,16 @@ class _Array:
         def field(offset: int, width: int) -> slice:
             return slice(offset // width, self._span // width, size // width)
 
+        self._counts = field(layout.st_changecount, 4)
         self._pids = field(layout.st_procpid, 4)
         self._starts = field(layout.st_proc_start_timestamp, 8)
         self._states = field(layout.st_state, 4)
         self._activity = field(layout.st_activity_start_timestamp, 8)
+
+    def counts(self) -> list[int]:
+        """Every slot's change count: a slot not written since the last look has the same."""
+        found: list[int] = self.ints[self._counts].tolist()
+        return found
 
     def fields(self) -> tuple[list[int], list[int], list[int], list[int]]:
         """Every slot's st_procpid, st_proc_start_timestamp, st_state and
@@ -265,6 +273,8 @@ class ClusterMemory:
         self._array: _MappedArray | _CopiedArray | None = None
         self.reading: str | None = None  # "mapped" or "copied", and why copied
         self._mapping_checked = time.monotonic()
+        self._last_counts: list[int] = []  # every slot's change count at the last look
+        self._young = False  # the last look saw a statement too young to follow yet
         # Per slot, its owner (st_procpid, st_proc_start_timestamp) at the last look.
         self._last_pids: list[int] = [0] * self.slot_count
         self._last_starts: list[int] = [0] * self.slot_count
@@ -282,6 +292,10 @@ class ClusterMemory:
         if all(name in binary.objects for name in USAGE_GLOBALS):
             buffers, wal = (bias + binary.objects[name] for name in USAGE_GLOBALS)
             self.usage = UsageReader(layout, buffers, wal)
+        # Names of the wait words seen: a few dozen at most, and one is needed per sample.
+        self._wait_name = functools.lru_cache(maxsize=1024)(
+            functools.partial(wait_event_name, layout.major)
+        )
         self._state_names = {
             value: name
             for value, name in (
@@ -416,14 +430,23 @@ class ClusterMemory:
         except MemoryReadError:
             self.lost = True
             return found
+        counts = array.counts()
+        if counts == self._last_counts and not watch and not self._young:
+            # No slot written since the last look, and no statement that was too young
+            # to follow then: idle backends, the usual look.
+            return found
+        self._last_counts = counts
         pids, starts, states, activity = array.fields()
         # What to decode: slots whose owner changed (a backend started or exited), the
         # running statements old enough to follow, and those followed already.
         changed = set(compress(range(self.slot_count), map(ne, pids, self._last_pids)))
         changed.update(compress(range(self.slot_count), map(ne, starts, self._last_starts)))
+        self._young = False  # a running statement to follow at a later look
         for slot in compress(range(self.slot_count), map(self._running.__contains__, states)):
             if 0 < activity[slot] <= old_since_us:
                 changed.add(slot)
+            else:
+                self._young = True
         for pid in watch:
             if (followed := self.backends.get(pid)) is not None and followed.slot is not None:
                 changed.add(followed.slot)
@@ -432,7 +455,8 @@ class ClusterMemory:
             entry = array.entry(slot)
             count = _INT.unpack_from(entry, layout.st_changecount)[0]
             if count & 1 or count != array.count_after(slot):
-                continue  # written while copied: look again next time
+                counts[slot] = -1  # written while copied: look again next time
+                continue
             owner = self.slots.get(slot)
             procpid = _INT.unpack_from(entry, layout.st_procpid)[0]
             started = _INT64.unpack_from(entry, layout.st_proc_start_timestamp)[0]
@@ -451,7 +475,8 @@ class ClusterMemory:
                     self._strangers[slot] = started
                     self.unmatched += 1
                 elif (owner := self.adopt(host)) is None:
-                    continue  # still starting: next look
+                    counts[slot] = -1  # still starting: next look
+                    continue
                 else:
                     found.appeared.append(owner)
                     found.samples.append((owner, self.read_entry(owner, live=True)))
@@ -532,7 +557,7 @@ class ClusterMemory:
             running=state in self._running,
             activity_start_us=_INT64.unpack_from(raw, layout.st_activity_start_timestamp)[0],
             state_start_us=_INT64.unpack_from(raw, layout.st_state_start_timestamp)[0],
-            wait=wait_event_name(layout.major, info),
+            wait=self._wait_name(info),
             query_id=query_id,
             aborted=state == layout.state_idleintransaction_aborted,
             client=_INT.unpack_from(raw, layout.st_backendType)[0] == layout.b_backend,
