@@ -279,6 +279,10 @@ def _refuse_foreign_build(elf: ELFFile, path: str, label: str) -> None:
             )
 
 
+_SYMBOL = struct.Struct("<IBBHQQ")  # Elf64_Sym: name, info, other, shndx, value, size
+_STT_OBJECT, _STT_FUNC = 1, 2
+
+
 def _symbols(
     elf: ELFFile, wanted: frozenset[str]
 ) -> tuple[dict[str, Function], dict[str, int], bool]:
@@ -286,20 +290,39 @@ def _symbols(
     objects: dict[str, int] = {}
     symtab = elf.get_section_by_name(".symtab")
     for section in (symtab, elf.get_section_by_name(".dynsym")):
-        if not isinstance(section, SymbolTableSection):
+        if not isinstance(section, SymbolTableSection) or elf.elfclass != 64:
             continue  # absent (stripped), or not a symbol table after all
-        for symbol in section.iter_symbols():
-            name = symbol.name
-            if name not in wanted or symbol["st_shndx"] == "SHN_UNDEF" or not symbol["st_value"]:
-                continue
-            kind = symbol["st_info"]["type"]
-            if kind == "STT_FUNC" and name not in functions:
-                offset = _file_offset(elf, symbol["st_value"])
+        for name, kind, value in _wanted_symbols(elf, section, wanted):
+            if kind == _STT_FUNC and name not in functions:
+                offset = _file_offset(elf, value)
                 if offset is not None:
-                    functions[name] = Function(symbol["st_value"], offset)
-            elif kind == "STT_OBJECT" and name not in objects:
-                objects[name] = symbol["st_value"]
+                    functions[name] = Function(value, offset)
+            elif kind == _STT_OBJECT and name not in objects:
+                objects[name] = value
     return functions, objects, symtab is not None
+
+
+def _wanted_symbols(
+    elf: ELFFile, section: SymbolTableSection, wanted: frozenset[str]
+) -> list[tuple[str, int, int]]:
+    """(name, type, value) of the defined symbols named in `wanted`. A symbol table
+    holds tens of thousands of entries; parsing each as an object took most of the
+    daemon's start-up, so the names are found in the string table first (a name's
+    string may also end a longer one: every place it ends with NUL counts), and only
+    the entries pointing there are kept, read with struct."""
+    strings = elf.get_section(section["sh_link"]).data()
+    at_name: dict[int, str] = {}
+    for name in wanted:
+        needle = name.encode() + b"\0"
+        found = strings.find(needle)
+        while found >= 0:
+            at_name[found] = name
+            found = strings.find(needle, found + 1)
+    return [
+        (at_name[name_at], info & 0xF, value)
+        for name_at, info, _other, shndx, value, _size in _SYMBOL.iter_unpack(section.data())
+        if name_at in at_name and shndx and value
+    ]
 
 
 def _usdt_probes(elf: ELFFile) -> dict[tuple[str, str], UsdtProbe]:
