@@ -294,7 +294,7 @@ def postgres_log(cluster: Cluster, threshold_ms: int) -> Iterator[None]:
 
 def plain_tracer(cluster: Cluster, name: str) -> AbstractContextManager[object]:
     """What a condition without figures of its own runs pgbench under."""
-    if name == "no tracing":
+    if name in ("no tracing", AGAIN):
         return nullcontext()
     if name in BARE_UPROBES:
         return bare_uprobe(cluster, BARE_UPROBES[name])
@@ -430,13 +430,18 @@ def latency(cluster: Cluster, figures: DaemonFigures, statements: int = 40) -> l
     return sorted(result)
 
 
+# No tracing again, as a condition of its own: its ratio to "no tracing" (A/A) is the
+# noise each other ratio is to be read against.
+AGAIN = "no tracing again (A/A)"
 CONDITIONS: list[str] = [
     "no tracing",
+    AGAIN,
     "bare uprobe",
     "bare uprobe ReadyForQuery",
     "bare sched_switch",
     "pgslowlog 200ms",  # the default config: auto, which picks sampled at 200 ms
-    "pgslowlog activity 200ms",  # what auto picks under 50 ms, and picked before sampled
+    "pgslowlog 20ms",  # auto's floor for sampled: a look every 4 ms
+    "pgslowlog activity 200ms",  # what auto picks under 20 ms, and picked before sampled
     "pgslowlog 0ms",  # auto: activity
     "pgslowlog backend_status 200ms",
     "pgslowlog backend_status 0ms",
@@ -449,6 +454,12 @@ CONDITIONS: list[str] = [
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10, help="pgbench -T per run")
+    parser.add_argument(
+        "--tpcb-seconds",
+        type=int,
+        default=20,
+        help="pgbench -T per TPC-B run: its fsyncs make it noisier, longer runs steady it",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument(
@@ -456,10 +467,12 @@ def main() -> int:
         nargs="*",
         default=CONDITIONS,
         choices=CONDITIONS,
-        help="a subset, for a quicker look (no tracing is always run)",
+        help="a subset, for a quicker look (no tracing and its A/A twin always run)",
     )
     arguments = parser.parse_args()
     conditions = ["no tracing", *[c for c in arguments.conditions if c != "no tracing"]]
+    if AGAIN not in conditions:
+        conditions.insert(1, AGAIN)  # every ratio is printed beside the noise
     if arguments.seconds < WARMUP_S + 2:
         print(f"pgslowlog bench: --seconds must be at least {WARMUP_S + 2}", file=sys.stderr)
         return 2
@@ -483,7 +496,8 @@ def main() -> int:
             order = conditions[shift:] + conditions[:shift]
             for workload in arguments.workloads:
                 for condition in order:
-                    result = run_condition(cluster, condition, workload, arguments.seconds, figures)
+                    seconds = arguments.tpcb_seconds if "tpc-b" in workload else arguments.seconds
+                    result = run_condition(cluster, condition, workload, seconds, figures)
                     measured = results.setdefault((workload, condition), Measured())
                     measured.tps.append(result.tps)
                     if result.note:
@@ -510,14 +524,19 @@ def main() -> int:
         f"{arguments.rounds} interleaved rounds, median TPS\n"
     )
     print(
-        "| workload | condition | median TPS | ratio to no tracing | range of rounds "
-        "| PostgreSQL CPU µs/transaction | ratio | daemon CPU, % of a core |"
+        "| workload | condition | median TPS | ratio to no tracing | A/A ratio | range of rounds "
+        "| PostgreSQL CPU µs/transaction | ratio | A/A ratio | daemon CPU, % of a core |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for workload in arguments.workloads:
         untraced = results[(workload, "no tracing")]
         base = statistics.median(untraced.tps)
         base_cpu = statistics.median(untraced.cpu_per_transaction_us)
+        again = results.get((workload, AGAIN))
+        noise = noise_cpu = "-"
+        if again is not None:  # the same ratios of untraced against untraced
+            noise = f"{statistics.median(again.tps) / base:.2f}"
+            noise_cpu = f"{statistics.median(again.cpu_per_transaction_us) / base_cpu:.3f}"
         for condition in conditions:
             measured = results[(workload, condition)]
             runs = measured.tps
@@ -529,8 +548,9 @@ def main() -> int:
             if measured.daemon_cpu_share:
                 daemon = f"{statistics.median(measured.daemon_cpu_share):.1%}"
             print(
-                f"| {workload} | {condition} | {tps:,.0f} | {tps / base:.2f} | "
-                f"{min(runs) / base:.2f}-{max(runs) / base:.2f} | {cpu} | {cpu_ratio} | {daemon} |"
+                f"| {workload} | {condition} | {tps:,.0f} | {tps / base:.2f} | {noise} | "
+                f"{min(runs) / base:.2f}-{max(runs) / base:.2f} | {cpu} | {cpu_ratio} "
+                f"| {noise_cpu} | {daemon} |"
             )
     print()
     for line in bpf_lines:
