@@ -1,6 +1,6 @@
 """`sampled`: slow statements found by looking, with no trap per statement.
 
-`probes = ["auto"]` picks it when threshold_ms >= 5 x sample_interval_ms. The
+`probes = ["auto"]` picks it from threshold_ms 20 (5 x sample_interval_ms, where set). The
 source is pgslowlog's own (pgslowlog.sampled): this plugin only registers it.
 """
 
@@ -14,8 +14,8 @@ from pgslowlog.sampled.source import OpenSampled, auto_floor_ms
 SAMPLED = ProbeDefinition(
     name="sampled",
     description=(
-        "no trap per statement: every backend's pg_stat_activity entry read every "
-        "sample_interval_ms, and uprobes only on the error, cancel and exit paths (PostgreSQL "
+        "no trap per statement: every backend's pg_stat_activity entry read from shared "
+        "memory every few ms, and uprobes only on the error, cancel and exit paths (PostgreSQL "
         "14-18): each statement of a pipeline or batch on its own; the protocol is not "
         "told, statements under threshold + 2 intervals may go unseen"
     ),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from waiting import wait_until
@@ -32,7 +34,7 @@ from waiting import wait_until
 from pgslowlog.bpf.libbcc import libbcc
 from pgslowlog.elf import inspect_binary
 from pgslowlog.process_memory import load_bias
-from pgslowlog.testing.cluster import Cluster
+from pgslowlog.testing.cluster import Cluster, free_port
 
 pytestmark = pytest.mark.ebpf  # root: it reads the servers' memory, and attaches a uprobe
 
@@ -557,6 +559,40 @@ def test_a_reused_backend_pid_is_never_read_nor_reported(own_pg15, start_daemon,
     for name, figure in (ended.get("resources") or {}).items():
         assert figure is None or figure < 10**6, (name, ended["resources"])
     assert_no_errors_logged(daemon)
+
+
+# --- blind time: the daemon stopped -----------------------------------------------
+
+
+def test_a_daemon_stopped_for_1_5_s_counts_its_blind_time(own_pg15, start_daemon):
+    """SIGSTOP for 1.5 s: nothing looked meanwhile, and the daemon says so: a
+    blind_time warning naming the cause, blind_ms in the stopped line, and
+    pgslowlog_blind_seconds_total on /metrics."""
+    server = own_pg15()
+    port = free_port()
+    daemon = start_daemon(server, probes=["sampled"], metrics={"listen": f"127.0.0.1:{port}"})
+    pid = daemon.process.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: all_stopped(pid), 5, "the daemon stopped")
+        time.sleep(1.5)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    warning = daemon.process.wait_for_log("blind_time", timeout=10)
+    assert (warning["cause"], warning["target"]) == ("stopped", "target0"), warning
+    assert warning["blind_ms"] >= 1000, warning
+    scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    blind = {
+        cause: float(value)
+        for cause, value in re.findall(
+            r'^pgslowlog_blind_seconds_total\{[^}]*cause="(\w+)"[^}]*\} (\S+)', scraped, re.M
+        )
+    }
+    assert blind["stopped"] >= 1.0, blind
+    assert daemon.stop() == 0
+    stopped = daemon.process.wait_for_log("stopped")
+    assert stopped["targets"]["target0"]["blind_ms"] >= 1000, stopped["targets"]
+    assert stopped["kernel_counters"]["sampled@target0"]["blind_ms_stopped"] >= 1000
 
 
 # --- 4. a 1 MB statement ----------------------------------------------------------

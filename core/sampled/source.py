@@ -1,8 +1,8 @@
 """`sampled`'s StatementSource: the looks, turned into slow statements, in the collector.
 
-Every `[daemon] sample_interval_ms` its collector's thread takes one look at every
-cluster running the binary (reading.py) and feeds the tracker (statements.py): an
-ordinary statement costs PostgreSQL nothing. The outcome comes from the failure
+Its collector's thread looks at every cluster running the binary (reading.py), when
+schedule.py says, and feeds the tracker (statements.py): an ordinary statement costs
+PostgreSQL nothing. A look that comes late counts blind time (blind.py). The outcome comes from the failure
 uprobes (outcomes.py). What it gives up, said in each event: a statement that ends
 between two looks is timed to the next one's start (`duration_exact: false`), a
 statement shorter than threshold + 2 intervals may go unseen, and the protocol is
