@@ -37,7 +37,7 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
-import psycopg
+from sampler_cost import cluster_with_backends
 
 from pgslowlog.testing.cluster import Cluster, free_port
 
@@ -155,21 +155,6 @@ def one_round(
     }
 
 
-def busy_clients(cluster: Cluster, clients: int, tpcb: bool) -> subprocess.Popen[bytes]:
-    subprocess.run(
-        [str(BINDIR / "pgbench"), "-i", "-q", "-s", "1", cluster.dsn()],
-        check=True,
-        capture_output=True,
-    )
-    mode = [] if tpcb else ["-S"]
-    clients_for_ever = ["-c", str(clients), "-j", "2", "-T", "100000"]
-    return subprocess.Popen(
-        [str(BINDIR / "pgbench"), "-n", *mode, *clients_for_ever, cluster.dsn()],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", type=int, nargs="*", default=[100, 400, 1000])
@@ -191,14 +176,8 @@ def main() -> int:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for wanted in sorted(arguments.backends):
-        cluster = Cluster(BINDIR, max_connections=wanted + 20).start()
-        connections: list[psycopg.Connection] = []
-        bench: subprocess.Popen[bytes] | None = None
-        try:
-            if busy:
-                bench = busy_clients(cluster, wanted, arguments.tpcb)
-            while not busy and len(connections) < wanted:
-                connections.append(psycopg.connect(cluster.dsn(), autocommit=True))
+        # The clients run until the cluster is stopped: longer than any round.
+        with cluster_with_backends(wanted, busy, arguments.tpcb, 10**6) as cluster:
             rounds: dict[float, list[dict[str, float | None]]] = {
                 t: [] for t in arguments.threshold_ms
             }
@@ -223,13 +202,6 @@ def main() -> int:
                     f"| {median('ready'):.2f} | {len(figures)} |",
                     flush=True,
                 )
-        finally:
-            for connection in connections:
-                connection.close()
-            if bench is not None:
-                bench.kill()
-                bench.wait()
-            cluster.stop()
     return 0
 
 

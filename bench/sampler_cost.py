@@ -1,9 +1,10 @@
 """What the `sampled` definition costs the daemon: CPU per look, at 100 and 1,000 backends.
 
-Starts a throwaway Debian PostgreSQL 15 cluster per case (max_connections = backends +
-20), opens the backends, then runs the sampled source's looks in this process for a
-while at the default interval and prints the CPU the looking thread used, as a share of
-one core, and how many looks a second it managed (at 10 ms it should be near 100).
+The looking thread alone, in this process (bench/daemon_cost.py measures the whole
+daemon process). Starts a throwaway Debian PostgreSQL 15 cluster per case
+(max_connections = backends + 20), opens the backends, then runs the sampled source's
+looks in this process for a while at the default interval and prints the CPU the
+looking thread used, as a share of one core, and how many looks a second it managed.
 Idle backends are psycopg connections; busy ones are pgbench -S clients, whose entries
 change at every look (the worst case: every slot decoded every time), or with --tpcb
 pgbench TPC-B clients at scale 1, which queue on the same rows (the worst case for
@@ -24,6 +25,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -103,6 +106,30 @@ def busy_clients(
     return bench
 
 
+@contextmanager
+def cluster_with_backends(wanted: int, busy: bool, tpcb: bool, seconds: float) -> Iterator[Cluster]:
+    """A throwaway cluster with `wanted` backends: idle psycopg connections, or
+    pgbench clients (-S, or TPC-B) for `seconds`. Sized as an operator would size it
+    (max_connections = backends + 20): a look reads every slot, used or not. Stopped,
+    with its clients, on every path."""
+    cluster = Cluster(BINDIR, max_connections=wanted + 20).start()
+    connections: list[psycopg.Connection] = []
+    bench: subprocess.Popen[bytes] | None = None
+    try:
+        if busy:
+            bench = busy_clients(cluster, wanted, seconds, tpcb)
+        while not busy and len(connections) < wanted:
+            connections.append(psycopg.connect(cluster.dsn(), autocommit=True))
+        yield cluster
+    finally:
+        for connection in connections:
+            connection.close()
+        if bench is not None:
+            bench.kill()
+            bench.wait()
+        cluster.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", type=int, nargs="*", default=[100, 1000])
@@ -126,17 +153,9 @@ def main() -> int:
     )
     print("|---|---|---|---|---|---|---|")
     for wanted in sorted(arguments.backends):
-        # Sized as an operator would size it: the look copies every slot, used or not.
         slots = wanted + 20
-        cluster = Cluster(BINDIR, max_connections=slots).start()
-        connections: list[psycopg.Connection] = []
-        bench: subprocess.Popen[bytes] | None = None
-        try:
-            if busy:
-                total = (arguments.seconds + 3) * arguments.rounds * len(settings) + 30
-                bench = busy_clients(cluster, wanted, total, arguments.tpcb)
-            while not busy and len(connections) < wanted:
-                connections.append(psycopg.connect(cluster.dsn(), autocommit=True))
+        total = (arguments.seconds + 3) * arguments.rounds * len(settings) + 30
+        with cluster_with_backends(wanted, busy, arguments.tpcb, total) as cluster:
             figures: dict[bool, list[tuple[float, float, int]]] = {why: [] for why in settings}
             for round_number in range(arguments.rounds):
                 # Each round starts with the other setting: neither always runs first.
@@ -153,13 +172,6 @@ def main() -> int:
                     f"| {wanted} | {slots} | {seen} | {'on' if why else 'off'} | {share:.2%} "
                     f"| {rate:.0f} | {arguments.rounds} |"
                 )
-        finally:
-            for connection in connections:
-                connection.close()
-            if bench is not None:
-                bench.kill()
-                bench.wait()
-            cluster.stop()
     return 0
 
 
