@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
@@ -111,3 +115,52 @@ def test_blind_time_adding_up_is_warned_about_once_with_its_cause():
     assert (warning["target"], warning["cause"], warning["blind_ms"]) == ("main", "stopped", 300)
     assert "SIGSTOP" in warning["why"]
     blind.close()
+
+
+STARVED = r"""
+import sys, threading, time
+from pgslowlog.sampled.blind import BlindTime
+
+def hog():
+    while True:
+        pass
+
+threading.Thread(target=hog, daemon=True).start()
+time.sleep(0.3)  # the hog has spent the quota of a few periods: throttled now and then
+blind = BlindTime("t")
+blind.baseline(time.monotonic())
+late = 0.0
+for _ in range(10):  # each wake-up waits for the group's next period
+    started = time.monotonic()
+    time.sleep(0.005)
+    late += time.monotonic() - started - 0.005
+blind.late(late, time.monotonic())
+print(blind.counters()["blind_ms_cpu_starved"], round(late * 1000))
+"""
+
+
+@pytest.mark.ebpf  # needs root: a cgroup of its own (v1 cpu controller)
+def test_blind_time_under_a_cpu_quota_is_cpu_starved(tmp_path):
+    """The looking thread is ready but its cgroup's CPU quota is spent (a systemd
+    CPUQuota=): its run delay shows it, and the cause says cpu_starved."""
+    group = Path("/sys/fs/cgroup/cpu") / f"pgslowlog-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text("10000")  # 10% of a core
+        child = subprocess.Popen(
+            [sys.executable, "-c", STARVED],
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())),
+        )
+        output, _ = child.communicate(timeout=60)
+    finally:
+        for pid in (group / "cgroup.procs").read_text().split():
+            os.kill(int(pid), 9)
+        while (group / "cgroup.procs").read_text().strip():
+            time.sleep(0.05)
+        group.rmdir()
+    starved_ms, late_ms = map(int, output.splitlines()[-1].split())  # after its warning
+    assert late_ms > 200, output  # the quota held it back
+    assert starved_ms == late_ms, output

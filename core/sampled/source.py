@@ -113,7 +113,7 @@ class SampledSource:
         "unrecorded": LossCause(
             "slow_statements_unrecorded",
             "the looks fell behind: a slow statement ended before its text was read",
-            "raise daemon.sample_interval_ms, or use the activity probe",
+            "see the blind_time warnings (their cause and fix), or use the activity probe",
         ),
     }
 
