@@ -291,7 +291,9 @@ def _symbols(
     symtab = elf.get_section_by_name(".symtab")
     for section in (symtab, elf.get_section_by_name(".dynsym")):
         if not isinstance(section, SymbolTableSection) or elf.elfclass != 64:
-            continue  # absent (stripped), or not a symbol table after all
+            continue  # absent (stripped), not a symbol table after all, or not 64-bit
+        if not elf.little_endian:
+            continue  # _SYMBOL reads x86_64's (a big-endian build is refused elsewhere)
         for name, kind, value in _wanted_symbols(elf, section, wanted):
             if kind == _STT_FUNC and name not in functions:
                 offset = _file_offset(elf, value)

@@ -139,7 +139,8 @@ class SharedMapping:
     address space (process_vm_readv takes the target's mmap lock at every call, which
     the postmaster also takes to fork a backend). Opening a map_files entry needs
     CAP_SYS_ADMIN (or CAP_CHECKPOINT_RESTORE), which the daemon holds for its uprobes;
-    without it, or for a mapping that is not shared, NotShareable says why and the
+    without it, for a mapping that is not shared, or where holding it could keep
+    PostgreSQL from making a new one (_never_mapped), NotShareable says why and the
     caller reads by copies instead. The mapping keeps the segment alive while it
     exists: `current()` tells whether the process still maps this very segment (a
     postmaster that reset its shared memory after a crash has a new one), and the
@@ -159,6 +160,8 @@ class SharedMapping:
             raise NotShareable(f"{self._entry}: {error.strerror}") from None
         try:
             status = os.fstat(descriptor)
+            if (why := _never_mapped(status)) is not None:
+                raise NotShareable(why)
             self._identity = (status.st_dev, status.st_ino)
             self._map = mmap.mmap(
                 descriptor, end - self.start, mmap.MAP_SHARED, mmap.PROT_READ, offset=offset
@@ -185,6 +188,22 @@ class SharedMapping:
 
 class NotShareable(Exception):
     """Why a mapping could not be shared (the caller copies instead)."""
+
+
+def _never_mapped(segment: os.stat_result) -> str | None:
+    """Why a segment must not be mapped here: while mapped, it outlives the process
+    that made it. PostgreSQL unmaps its segment and makes a new one at once when it
+    resets after a crash; with the old one still held, a new segment of huge pages
+    (a pool sized for one) or, under strict overcommit, any new segment can fail, and
+    the server would stop instead of recovering."""
+    if segment.st_blksize > mmap.PAGESIZE:
+        return "a segment of huge pages"
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as setting:
+            strict = setting.read().strip() == "2"
+    except OSError:
+        strict = True  # unknown: assume the worst
+    return "vm.overcommit_memory = 2 (strict)" if strict else None
 
 
 def _shared_range(pid: int, address: int) -> tuple[int, int, int] | None:

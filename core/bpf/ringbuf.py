@@ -56,6 +56,12 @@ class RingBuffer:
         except InterruptedError:  # a signal: the caller looks at the buffer anyway
             pass
 
+    def pending(self) -> bool:
+        """Whether anything was written since the last read: two loads, no call."""
+        consumer: int = _U64.unpack_from(self._consumer)[0]
+        producer: int = _U64.unpack_from(self._producer)[0]
+        return consumer != producer
+
     def read(self, limit: int = 1 << 30) -> list[bytes]:
         """Every committed record (up to `limit`), oldest first; their space is given back."""
         consumer = _U64.unpack_from(self._consumer)[0]
@@ -124,6 +130,9 @@ class RingBufferReader:
 
     def wait(self, timeout_ms: int) -> None:
         self._rings[0].wait(timeout_ms)
+
+    def pending(self) -> bool:
+        return any(ring.pending() for ring in self._rings)
 
     def read(self, limit: int) -> list[bytes]:
         self.decoder.sync_clock()  # once per batch: every record of it gets one offset

@@ -4,10 +4,10 @@ A statement that starts and ends while the daemon does not look is never seen, s
 the time by which a look came late is counted per cause, summed in the health line
 (`blind_ms`) and /metrics, and warned about with its cause once it adds up. The
 cause is told from the looking thread's own scheduler figures over the late stretch:
-- held_up: the daemon itself was busy (its CPU time grew: a garbage collection,
-  another thread holding the interpreter, a slow look);
 - cpu_starved: the thread was ready to run but got no CPU (its run delay grew: an
   overloaded machine, a CPU quota);
+- held_up: the daemon itself was busy (its CPU time grew: a garbage collection,
+  another thread holding the interpreter, a slow look), where that grew more;
 - stopped: neither (SIGSTOP, a frozen cgroup, a paused machine);
 - cluster_unreadable: a cluster's memory could not be read (made anew after a crash)
   from the last look that read it until its successor's.
@@ -41,7 +41,7 @@ ACTIONS = {
 }
 WARN_AFTER_MS = 250  # blind time summed since the last warning that makes one
 WARN_EVERY_S = 10.0  # at most one warning this often; the rest adds up into the next
-BASELINE_EVERY_S = 1.0  # how often the scheduler figures are read (a late look reads them)
+BASELINE_EVERY_S = 0.25  # how often the scheduler figures are read (a late look reads them)
 
 
 def _run_delay_ns(descriptor: int) -> int:
@@ -78,8 +78,10 @@ class BlindTime:
             if self._thread != thread:  # the first look is the main thread's
                 if self._schedstat is not None:
                     os.close(self._schedstat)
+                    self._schedstat = None
                 self._schedstat = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
                 self._thread = thread
+                self._base = (0.0, 0, 0.0)  # the last baseline was another thread's
             assert self._schedstat is not None
             return _run_delay_ns(self._schedstat)
         except (OSError, ValueError, IndexError):
@@ -87,15 +89,16 @@ class BlindTime:
 
     def late(self, late_s: float, now: float) -> None:
         """A look came `late_s` later than planned (more than an interval)."""
+        delay_now, process_now = self._run_delay(), time.process_time()  # may reset _base
         _, delay, process = self._base
-        delay_now, process_now = self._run_delay(), time.process_time()
-        # Over the stretch since the figures were last read (at most a second more).
-        if process_now - process >= late_s / 2:
-            cause = "held_up"
-        elif (delay_now - delay) / 1e9 >= late_s / 2:
-            cause = "cpu_starved"
-        else:
+        # Over the stretch since the figures were last read (at most a second more): the
+        # larger of the time this thread waited for a CPU and the process's CPU time,
+        # if it covers half the lateness; neither, it was not running at all.
+        starved, busy = (delay_now - delay) / 1e9, process_now - process
+        if max(starved, busy) < late_s / 2:
             cause = "stopped"
+        else:
+            cause = "cpu_starved" if starved >= busy else "held_up"
         self._base = (now, delay_now, process_now)
         self.add(cause, late_s * 1000, now)
 

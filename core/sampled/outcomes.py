@@ -32,7 +32,8 @@ OUTCOMES_PROGRAM = BpfProgram(
     attachments=(EXIT_UPROBE,),
     cflags=lambda _binary: ["-DREPORT_FAILURES=1"],
     report_backend_exit=False,
-    # Failures and exits only, drained at every look: 1 MiB holds thousands of them.
+    # Failures and exits only, drained at every look that finds any: 1 MiB holds
+    # thousands of them.
     ring_buffer_mib=1,
 )
 

@@ -3,8 +3,9 @@
 Every backend keeps its pg_stat_activity entry (PgBackendStatus, found through the
 exported MyBEEntry) and its PGPROC (MyProc, whose wait_event_info says what it waits
 on) in shared memory, mapped at the same address in every process of the cluster.
-So each look reads every backend's entry and wait word from the postmaster in one
-process_vm_readv, and the StatementTracker (statements.py) turns the looks into
+So each look reads every backend's entry and wait word through the postmaster: its
+segment mapped read-only into the daemon, or copied by one process_vm_readv where it
+must not be mapped; the StatementTracker (statements.py) turns the looks into
 statements. The running statement's full text comes from the backend's own
 debug_query_string, read once when the statement is old enough to matter;
 PostgreSQL's copy in shared memory (cut at track_activity_query_size) is the fallback.
@@ -210,8 +211,9 @@ class _CopiedArray(_Array):
             low, high = min(waits.values()), max(waits.values()) + 4
             ranges.append((low, high - low))
             self._wait_at = {s: 2 * self._span + address - low for s, address in waits.items()}
-        self._reader = RangeReader(self._pid, ranges)
-        self._raw = self._reader.read()
+        reader = RangeReader(self._pid, ranges)
+        self._raw = reader.read()
+        self._reader = reader  # once read: the views below are of its buffer
         self.ints = self._raw[: self._span].cast("i")
         self.longs = self._raw[: self._span].cast("q")
         self._second = self._raw[self._span : 2 * self._span].cast("i")
@@ -386,9 +388,10 @@ class ClusterMemory:
         except NotShareable as why:
             self.reading = f"copied: {why}"
             return _CopiedArray(self.pid, base, self.slot_count, self.layout)
-        if not mapping.start <= proc < mapping.end:
+        span = self.slot_count * self.layout.backend_status_size
+        if not (mapping.start <= proc < mapping.end and base + span <= mapping.end):
             mapping.close()  # never seen: PGPROCs live in the same segment as the array
-            self.reading = "copied: the PGPROCs are not in the status array's segment"
+            self.reading = "copied: the array and the PGPROCs are not in one segment"
             return _CopiedArray(self.pid, base, self.slot_count, self.layout)
         self.reading = "mapped"
         return _MappedArray(mapping, base, self.slot_count, self.layout)

@@ -2,9 +2,9 @@
 
 Its collector's thread looks at every cluster running the binary (reading.py), when
 schedule.py says, and feeds the tracker (statements.py): an ordinary statement costs
-PostgreSQL nothing. A look that comes late counts blind time (blind.py). The outcome comes from the failure
-uprobes (outcomes.py). What it gives up, said in each event: a statement that ends
-between two looks is timed to the next one's start (`duration_exact: false`), a
+PostgreSQL nothing. A look that comes late counts blind time (blind.py). The outcome
+comes from the failure uprobes (outcomes.py). What it gives up, said in each event: a
+statement that ends between two looks is timed to the next one's start (`duration_exact: false`), a
 statement shorter than threshold + 2 intervals may go unseen, and the protocol is
 not told.
 """
@@ -110,6 +110,11 @@ class SampledSource:
     """The StatementSource of `sampled`; its collector's thread does the looking."""
 
     loss_causes: Mapping[str, LossCause] = {  # sources.ExplainsLosses
+        "ringbuf_full": LossCause(
+            "outcome_reports_dropped",
+            "the failure uprobes' ring buffer was full: a failed statement may read ok",
+            "report it: the looks drain it whenever it holds anything",
+        ),
         "unrecorded": LossCause(
             "slow_statements_unrecorded",
             "the looks fell behind: a slow statement ended before its text was read",
@@ -314,8 +319,9 @@ class SampledSource:
         elif now < self._next_look:
             return []
         schedule = self._schedule
-        if self._next_look:  # 0: no look was planned (the first, a new threshold)
-            if (late := now - self._next_look) * 1e6 > schedule.interval_us:
+        planned = self._next_look  # once: a new threshold sets it to 0 meanwhile
+        if planned:  # 0: no look was planned (the first, a new threshold)
+            if (late := now - planned) * 1e6 > schedule.interval_us:
                 self._blind.late(late, now)
         self._blind.baseline(now)
         if self._discovery.due():
@@ -349,7 +355,10 @@ class SampledSource:
                 for pid in cluster.children() - set(cluster.backends):
                     if (backend := cluster.adopt(pid)) is not None:
                         self._started(cluster, backend, records)
-            look = cluster.look(in_flight.keys(), now_us - schedule.follow_age_us)
+            # Every running statement is followed while handing over: the window
+            # waits only for those followed, and the successor never saw them begin.
+            follow_age = 0 if self._window.starts_before_us is not None else schedule.follow_age_us
+            look = cluster.look(in_flight.keys(), now_us - follow_age)
             if cluster.unmatched and cluster.pid not in self._unmatched_said:
                 self._unmatched_said.add(cluster.pid)  # once per cluster
                 log.warning(
@@ -363,10 +372,11 @@ class SampledSource:
                 )
             if cluster.lost:
                 self._discovery.cluster_lost()
+                self._next_scan = 0.0  # its backends are reaped at the next look
             if not (look.gone or look.appeared or look.samples):
                 continue  # the usual look at idle backends: nothing more to do
             if not failures_taken:
-                # After the copy: a failure before an end the copy shows is in the ring now.
+                # After the read: a failure before an end the read shows is in the ring now.
                 self._take_failures()
                 failures_taken = True
             for backend, last in look.gone:
@@ -400,10 +410,11 @@ class SampledSource:
         self._count_unreadable()
         if waiting:
             self._walk_locks(waiting, now_us)
+        if not failures_taken:
+            # Drained at every look where something waits in it (two loads to know),
+            # lest reports of short statements fill it.
+            failures_taken = self._take_failures()
         if failures_taken:
-            self._matcher.keep_only(in_flight.keys())
-        elif scan:
-            self._take_failures()  # drained now and then, lest reports of short ones fill it
             self._matcher.keep_only(in_flight.keys())
         return records
 
@@ -509,14 +520,20 @@ class SampledSource:
         running.blocked_by = blocked_by(links, cluster.layout, cluster.describe)
         running.lock_wait_start_us = waiter.wait_start_us
 
-    def _take_failures(self) -> None:
-        if self._failure_reader is None:
-            return
-        for raw in self._failure_reader.read(FAILURES_PER_LOOK):
-            try:
-                self._matcher.note(self._failure_reader.decoder.failure(raw))
-            except DecodeError:
-                self._counts["untracked"] += 1  # not knowable: its outcome would be a guess
+    def _take_failures(self) -> bool:
+        """Every failure and exit report waiting; whether there were any."""
+        reader = self._failure_reader
+        if reader is None or not reader.pending():
+            return False
+        while True:
+            batch = reader.read(FAILURES_PER_LOOK)
+            for raw in batch:
+                try:
+                    self._matcher.note(reader.decoder.failure(raw))
+                except DecodeError:
+                    self._counts["untracked"] += 1  # not knowable: its outcome would be a guess
+            if len(batch) < FAILURES_PER_LOOK:
+                return True
 
     def _outcome(self, finished: Finished) -> str:
         """ok, error or cancelled from the failure uprobes; without them (or for a
