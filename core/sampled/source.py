@@ -350,8 +350,8 @@ class SampledSource:
         for cluster in self._discovery.clusters.values():
             if scan or cluster.base is None:
                 # The status array shows new backends and exits by itself; the children
-                # of the postmaster are asked only until the array is found, and once a
-                # second for processes without a slot.
+                # of the postmaster are asked only until the array is found, and at each
+                # scan (DISCOVER_EVERY_S) for processes without a slot.
                 for pid in cluster.children() - set(cluster.backends):
                     if (backend := cluster.adopt(pid)) is not None:
                         self._started(cluster, backend, records)
