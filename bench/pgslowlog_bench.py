@@ -440,8 +440,8 @@ CONDITIONS: list[str] = [
     "bare uprobe ReadyForQuery",
     "bare sched_switch",
     "pgslowlog 200ms",  # the default config: auto, which picks sampled at 200 ms
-    "pgslowlog 20ms",  # auto's floor for sampled: a look every 4 ms
-    "pgslowlog activity 200ms",  # what auto picks under 20 ms, and picked before sampled
+    "pgslowlog sampled 20ms",  # sampled under auto's floor: a look every 4 ms
+    "pgslowlog activity 200ms",  # what auto picks under 50 ms, and picked before sampled
     "pgslowlog 0ms",  # auto: activity
     "pgslowlog backend_status 200ms",
     "pgslowlog backend_status 0ms",

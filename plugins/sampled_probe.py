@@ -1,6 +1,6 @@
 """`sampled`: slow statements found by looking, with no trap per statement.
 
-`probes = ["auto"]` picks it from threshold_ms 20 (5 x sample_interval_ms, where set). The
+`probes = ["auto"]` picks it from threshold_ms 50 (5 x sample_interval_ms, where set). The
 source is pgslowlog's own (pgslowlog.sampled): this plugin only registers it.
 """
 

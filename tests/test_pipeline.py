@@ -526,7 +526,7 @@ def test_auto_picks_the_highest_priority_supported_automatic_definition():
 
 
 def test_auto_picks_a_definition_with_a_floor_only_at_or_over_it():
-    """As `sampled`: first choice from 20 ms while the interval follows the threshold,
+    """As `sampled`: first choice from 50 ms while the interval follows the threshold,
     and from 5 sampling intervals when one is set."""
     looking = definition("looking", priority=200, auto_floor_ms=sampled_floor)
     available = {**AVAILABLE, "looking": looking}
@@ -536,13 +536,13 @@ def test_auto_picks_a_definition_with_a_floor_only_at_or_over_it():
         return names(select_probes(["auto"], available, binary(), "t", daemon))
 
     assert auto(threshold_ms=200) == ["looking"]
-    assert auto(threshold_ms=20) == ["looking"]
-    assert auto(threshold_ms=19.9) == ["high"]
+    assert auto(threshold_ms=50) == ["looking"]
+    assert auto(threshold_ms=49.9) == ["high"]
     assert auto(threshold_ms=200, sample_interval_ms=50) == ["high"]
     assert auto(threshold_ms=250, sample_interval_ms=50) == ["looking"]
     with pytest.raises(UserError) as refused:
         select_probes(["auto"], {"looking": looking}, binary(), "t", DaemonConfig(threshold_ms=1))
-    assert "looking: threshold_ms 1 is under its floor of 20 ms" in refused.value.cause
+    assert "looking: threshold_ms 1 is under its floor of 50 ms" in refused.value.cause
 
 
 def test_auto_never_picks_a_definition_that_is_not_automatic():

@@ -170,7 +170,7 @@ def test_query_id_is_postgresql_s_own(cluster, start_daemon):
 
 
 def test_auto_switches_live_with_the_threshold_and_loses_nothing(cluster, start_daemon):
-    """auto picks sampled at 200 ms and activity under its floor of 20 ms; a SIGHUP that
+    """auto picks sampled at 200 ms and activity under its floor of 50 ms; a SIGHUP that
     crosses the line switches while statements run across it: each reported once."""
     daemon = start_daemon(cluster, threshold_ms=200)  # probes = ["auto"]
     assert daemon.process.wait_for_log("ready")["probes"] == ["sampled@target0"]

@@ -29,7 +29,7 @@ def test_unset_the_interval_is_a_fifth_of_the_threshold_within_2_and_10_ms(thres
 
 def test_a_set_interval_is_kept_and_moves_the_floor_with_it():
     assert interval_ms(25.0, 20) == 25.0
-    assert schedule.auto_floor_ms(None) == 20.0
+    assert schedule.auto_floor_ms(None) == 50.0
     assert schedule.auto_floor_ms(25.0) == 125.0
 
 
