@@ -73,7 +73,9 @@ def test_benchmark_runs_and_accounts_for_every_event():
     # PostgreSQL's CPU per transaction for every condition but dbslower; the daemon's for
     # pgslowlog's; and the BPF run time of the uprobe definitions, which trap per statement.
     for row in rows:
-        condition, cpu, daemon = row[2].strip(), row[6].strip(), row[8].strip()
+        # | workload | condition | TPS | ratio | A/A | range | CPU | ratio | A/A | daemon |
+        condition, cpu, daemon = row[2].strip(), row[7].strip(), row[10].strip()
+        assert re.fullmatch(r"\d+\.\d\d", row[5].strip()), row  # the noise beside each ratio
         assert (cpu == "-") == condition.startswith("dbslower"), row
         assert (daemon == "-") != condition.startswith("pgslowlog"), row
     assert re.search(
