@@ -19,10 +19,15 @@ from pgslowlog.sampled.procfs import parent_of
 from pgslowlog.sampled.reading import ClusterMemory, ClusterStarting
 
 log = get_logger(__name__)
-# How often new (or restarted) postmasters are looked for, and the children of those
-# known asked: a scan of /proc costs about a millisecond at 200 processes, a tenth of
-# all the looks' cost; a crash or a restart is found at once (cluster_lost).
-DISCOVER_EVERY_S = 5.0
+# How often new (or restarted) postmasters are looked for: a scan of /proc costs about
+# a millisecond at 200 processes, but a server started while another of the binary
+# runs (Debian's clusters share one) is unseen until then. A crash or a restart is
+# found at once (cluster_lost).
+DISCOVER_EVERY_S = 1.0
+# How often the children of the postmasters known are asked (the looks see backends
+# come and go in the status array; this finds those without a slot and any exit the
+# looks missed).
+CHILDREN_EVERY_S = 5.0
 # ... and while none is known, or for a while after one went (a restart): a statement
 # in a new server's first moments is then seen. A look at /proc costs about 0.5 ms.
 DISCOVER_SOON_S = 0.1

@@ -36,7 +36,7 @@ from pgslowlog.records import BackendNotice, NoticeKind, RawStatement, Record
 from pgslowlog.sampled import schedule
 from pgslowlog.sampled.blind import BlindTime
 from pgslowlog.sampled.blockers import blocked_by
-from pgslowlog.sampled.discovery import DISCOVER_EVERY_S, Discovery
+from pgslowlog.sampled.discovery import CHILDREN_EVERY_S, Discovery
 from pgslowlog.sampled.hand_over import HandOverWindow
 from pgslowlog.sampled.outcomes import (
     FAILURE_SLACK_US,
@@ -341,7 +341,7 @@ class SampledSource:
         records: list[Record] = []
         scan = time.monotonic() >= self._next_scan
         if scan:
-            self._next_scan = time.monotonic() + DISCOVER_EVERY_S
+            self._next_scan = time.monotonic() + CHILDREN_EVERY_S
             self._reap(records, now_us)
         in_flight = self._tracker.in_flight
         text_age_us = schedule.text_age_us
@@ -351,7 +351,7 @@ class SampledSource:
             if scan or cluster.base is None:
                 # The status array shows new backends and exits by itself; the children
                 # of the postmaster are asked only until the array is found, and at each
-                # scan (DISCOVER_EVERY_S) for processes without a slot.
+                # scan (CHILDREN_EVERY_S) for processes without a slot.
                 for pid in cluster.children() - set(cluster.backends):
                     if (backend := cluster.adopt(pid)) is not None:
                         self._started(cluster, backend, records)
