@@ -27,7 +27,7 @@ INTERVAL_MAX_MS = 10.0
 # with the interval set, from INTERVALS_PER_THRESHOLD intervals. Not lower: under 50 ms
 # the looks come every interval (no room for a pause) and bench/daemon_cost.py put the
 # daemon at 2.9-3.6% of a core at 20 ms (240 looks/s; 100-1,000 idle backends), 1.8-2.1%
-# at 50 ms, 0.5-0.6% at 200 ms. On this VM a wake-up alone costs 25-60 us of CPU.
+# at 50 ms, 0.5-0.8% at 200 ms. On this VM a wake-up alone costs 25-60 us of CPU.
 AUTO_FLOOR_MS = 50.0
 # While nothing is followed, looks pause for at most this share of the threshold (the
 # first moments of a slow statement are sampled that much less finely: its waits), and
