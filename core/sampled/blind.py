@@ -91,9 +91,9 @@ class BlindTime:
         """A look came `late_s` later than planned (more than an interval)."""
         delay_now, process_now = self._run_delay(), time.process_time()  # may reset _base
         _, delay, process = self._base
-        # Over the stretch since the figures were last read (at most a second more): the
-        # larger of the time this thread waited for a CPU and the process's CPU time,
-        # if it covers half the lateness; neither, it was not running at all.
+        # Over the stretch since the figures were last read (BASELINE_EVERY_S more at most):
+        # the larger of the time this thread waited for a CPU and the process's CPU
+        # time, if it covers half the lateness; neither, it was not running at all.
         starved, busy = (delay_now - delay) / 1e9, process_now - process
         if max(starved, busy) < late_s / 2:
             cause = "stopped"

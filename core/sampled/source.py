@@ -46,7 +46,7 @@ from pgslowlog.sampled.outcomes import (
 )
 from pgslowlog.sampled.pg_time import pg_now_us, pg_us, unix_ns
 from pgslowlog.sampled.reading import ClusterMemory, SampledBackend
-from pgslowlog.sampled.resources import UsageReader, statement_resources
+from pgslowlog.sampled.resources import statement_resources
 from pgslowlog.sampled.schedule import Schedule
 from pgslowlog.sampled.statements import BackendSample, Finished, InFlight, StatementTracker
 from pgslowlog.sampled.thresholds import ThresholdHistory
@@ -328,7 +328,7 @@ class SampledSource:
             self._discovery.discover(self._owner.keys())
         self._looks_begun += 1
         self._counts["looks"] += 1
-        records = self._look(schedule)
+        records = self._look(schedule, now)
         self._looks_done = self._looks_begun
         # Every interval while a statement is followed; otherwise a pause, short enough
         # that a statement starting now is followed before its text is due.
@@ -336,15 +336,19 @@ class SampledSource:
         self._next_look = now + step / 1e6
         return records
 
-    def _look(self, schedule: Schedule) -> list[Record]:
+    def _look(self, schedule: Schedule, now: float) -> list[Record]:
+        """`now`: time.monotonic() as the look began."""
         now_us = pg_now_us()
         records: list[Record] = []
-        scan = time.monotonic() >= self._next_scan
+        scan = now >= self._next_scan
         if scan:
-            self._next_scan = time.monotonic() + CHILDREN_EVERY_S
+            self._next_scan = now + CHILDREN_EVERY_S
             self._reap(records, now_us)
         in_flight = self._tracker.in_flight
         text_age_us = schedule.text_age_us
+        # Every running statement is followed while handing over: the window waits only
+        # for those followed, and the successor never saw them begin.
+        follow_age = 0 if self._window.starts_before_us is not None else schedule.follow_age_us
         waiting: list[tuple[ClusterMemory, SampledBackend, InFlight]] = []
         failures_taken = False
         for cluster in self._discovery.clusters.values():
@@ -355,9 +359,6 @@ class SampledSource:
                 for pid in cluster.children() - set(cluster.backends):
                     if (backend := cluster.adopt(pid)) is not None:
                         self._started(cluster, backend, records)
-            # Every running statement is followed while handing over: the window
-            # waits only for those followed, and the successor never saw them begin.
-            follow_age = 0 if self._window.starts_before_us is not None else schedule.follow_age_us
             look = cluster.look(in_flight.keys(), now_us - follow_age)
             if cluster.unmatched and cluster.pid not in self._unmatched_said:
                 self._unmatched_said.add(cluster.pid)  # once per cluster
@@ -401,13 +402,11 @@ class SampledSource:
                 if running.text is None and now_us - running.start_us >= text_age_us:
                     self._read_text(cluster, backend, running)
                 if self._read_usage and cluster.usage:
-                    self._read_usage_of(
-                        cluster.usage, cluster, backend, running, now_us, locked, text_age_us
-                    )
+                    self._read_usage_of(cluster, backend, running, now_us, locked, text_age_us)
                 if self._read_blockers and locked:
                     if now_us - running.walked_us >= WALK_EVERY_US:
                         waiting.append((cluster, backend, running))
-        self._count_unreadable()
+        self._count_unreadable(now)
         if waiting:
             self._walk_locks(waiting, now_us)
         if not failures_taken:
@@ -418,11 +417,10 @@ class SampledSource:
             self._matcher.keep_only(in_flight.keys())
         return records
 
-    def _count_unreadable(self) -> None:
+    def _count_unreadable(self, now: float) -> None:
         """Blind time of a cluster whose memory was lost (a crash made it anew): from
-        the look that found it lost until a look reads its successor."""
+        the look that found it lost until the daemon has opened its successor's."""
         lost = any(cluster.lost for cluster in self._discovery.clusters.values())
-        now = time.monotonic()
         if lost and self._unreadable_since is None:
             self._unreadable_since = now
         elif not lost and self._unreadable_since is not None:
@@ -453,7 +451,6 @@ class SampledSource:
 
     def _read_usage_of(
         self,
-        usage: UsageReader,
         cluster: ClusterMemory,
         backend: SampledBackend,
         running: InFlight,
@@ -466,7 +463,8 @@ class SampledSource:
         seen by the thousand). Its /proc figures at the next look, if it still runs.
         And for one old enough to be reported, the counters again now and then: its
         end, should the backend be gone when the end is seen."""
-        pid = backend.pid
+        usage, pid = cluster.usage, backend.pid
+        assert usage is not None  # the caller reads usage only where the cluster has it
 
         def still_ours() -> bool:
             return cluster.owns_slot(backend)
