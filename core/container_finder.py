@@ -8,10 +8,10 @@ notice could miss, and one follows at once when the ring was full. What finding
 costs is counted: the scans, the notices, the CPU time. A postmaster is found by its
 command name, `postgres` or `postmaster`: a binary by another name is not.
 
-A postmaster is a process running `postgres` whose parent does not, with a child
-already: initdb's `postgres --single` and `postgres -C` have none, and a postmaster
-forks its checkpointer within milliseconds. An exec'd pid is watched for SETTLE_S
-until it has one.
+A postmaster is a process running `postgres` whose parent does not, started in none of
+main()'s other modes (initdb's `postgres --single` forks `locale -a`), with a child
+already (`postgres -C` has none, and a postmaster forks its checkpointer within
+milliseconds). An exec'd pid is watched for SETTLE_S until it has one.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pgslowlog.containers import (
     pid_namespace,
 )
 from pgslowlog.log import get_logger
-from pgslowlog.sampled.procfs import children_of, process_stat
+from pgslowlog.sampled.procfs import process_stat, serves
 
 log = get_logger(__name__)
 POSTGRES_COMMS = ("postgres", "postmaster")  # 13-15 still install the old name as a link
@@ -199,7 +199,7 @@ class ServerFinder:
         namespace = pid_namespace(pid)
         if namespace is None or namespace == own_pid_namespace():
             return False  # the ordinary targets' business
-        if not children_of(pid):
+        if not serves(pid):
             return False  # not serving (yet): `postgres --single`, or still starting
         try:
             exe = os.readlink(f"/proc/{pid}/exe")

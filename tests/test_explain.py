@@ -8,6 +8,8 @@ texts with $n) and the wheel's PostgreSQL 18: plans, errors, limits, delivery.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 import structlog
 from conftest import SERVERS, bindir
 from events import slow
-from waiting import wait_for_count
+from waiting import wait_for_count, wait_until
 
 from pgslowlog.config import ExplainConfig
 from pgslowlog.event import SlowQuery
@@ -811,17 +813,25 @@ def test_a_short_connections_statement_finds_the_one_server_of_its_binary(
 ) -> None:
     """The backend is gone when its event arrives: the one process running the event's
     binary is taken for its postmaster. Other clusters of the same binaries may run on
-    this machine (another engineer's tests), so the "binary" here is a copy of sleep of
-    its own, whose postmaster.pid names the served cluster's socket and port."""
+    this machine (another engineer's tests), so the "binary" here is a copy of sh of its
+    own, whose postmaster.pid names the served cluster's socket and port. Like a real
+    postmaster it has a child: a process of the binary without one (initdb's single-user
+    postgres) is no server."""
     import shutil
     import subprocess
 
+    from pgslowlog.sampled.procfs import children_of
+
     binary = tmp_path / "postgres"
-    shutil.copy("/bin/sleep", binary)
+    shutil.copy("/bin/sh", binary)
     data = tmp_path / "data"
     data.mkdir()
-    postmaster = subprocess.Popen([str(binary), "60"], cwd=data)
+    # A session of its own: the kill at the end takes the sleep with it.
+    postmaster = subprocess.Popen(
+        [str(binary), "-c", "sleep 60 & wait"], cwd=data, start_new_session=True
+    )
     try:
+        wait_until(lambda: children_of(postmaster.pid), what="the sleep under the postmaster")
         cluster = served.cluster
         (data / "postmaster.pid").write_text(
             f"{postmaster.pid}\n{data}\n0\n{cluster.port}\n{cluster.base}\n127.0.0.1\n"
@@ -836,7 +846,7 @@ def test_a_short_connections_statement_finds_the_one_server_of_its_binary(
             ]
         )
     finally:
-        postmaster.kill()
+        os.killpg(postmaster.pid, signal.SIGKILL)
         postmaster.wait()
     assert top_plan(found)["Node Type"] == "Index Scan"
     assert nowhere.plan_error == (

@@ -622,3 +622,53 @@ def test_a_one_megabyte_statement_is_cut_at_query_max_bytes(own_pg15, start_daem
     assert read["largest"] <= 4096, read
     assert read["bytes"] < limit + 64 * 1024, read  # with the usage counters' readings
     assert_no_errors_logged(daemon)
+
+
+def test_a_single_user_postgres_with_a_child_is_no_postmaster(own_pg15):
+    """initdb's `postgres --single` forks `locale -a` while it runs (a container's first
+    start runs initdb where its server will run), and any single-user postgres forks for
+    COPY ... TO PROGRAM. Taken for a server, it kept the real postmaster waiting; neither
+    the sampler's discovery nor the explainer's look-up takes it, though it has a child."""
+    from pgslowlog.elf import file_identity
+    from pgslowlog.sampled.discovery import postmasters
+    from pgslowlog.sampled.procfs import children_of
+
+    server = own_pg15()
+    server._pg_ctl("stop")  # the data directory is free for a single-user backend
+    as_owner = ["runuser", "-u", str(server.os_user), "--"]
+    single = subprocess.Popen(
+        [*as_owner, str(server.postgres), "--single", "-D", str(server.data), "postgres"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,  # the kill below takes runuser, postgres and sh -c sleep
+    )
+    try:
+        assert single.stdin is not None
+        single.stdin.write("copy (select 1) to program 'sleep 30'\n")
+        single.stdin.flush()
+        identity = file_identity(str(server.postgres))
+        assert identity is not None
+
+        def forked() -> list[int]:
+            return [pid for pid in _pids_running(server.postgres) if children_of(pid)]
+
+        (backend,) = wait_until(forked, what="the single-user postgres running sh -c sleep")
+        assert postmasters(identity) == [], f"{backend} taken for a postmaster"
+    finally:
+        os.killpg(single.pid, signal.SIGKILL)
+        single.wait()
+        # What it left, naming a dead pid, would make the fixture's pg_ctl stop fail.
+        (server.data / "postmaster.pid").unlink(missing_ok=True)
+
+
+def _pids_running(binary: Path) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.readlink(f"/proc/{entry}/exe") == str(binary):
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found

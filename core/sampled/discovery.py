@@ -15,7 +15,7 @@ from pgslowlog.elf import FileIdentity, PostgresBinary
 from pgslowlog.log import get_logger
 from pgslowlog.pg_layouts import BackendStatusLayout
 from pgslowlog.process_memory import MemoryReadError
-from pgslowlog.sampled.procfs import children_of, parent_of
+from pgslowlog.sampled.procfs import parent_of, serves
 from pgslowlog.sampled.reading import ClusterMemory, ClusterStarting
 
 log = get_logger(__name__)
@@ -49,9 +49,9 @@ def postmasters(identity: FileIdentity, backends: AbstractSet[int] = frozenset()
             continue
         if (status.st_dev, status.st_ino) == (identity.device, identity.inode):
             running.add(int(entry))
-    # With a child at least: initdb's single-user postgres (--boot, --single) is none,
-    # and taken for one it would keep the real postmaster waiting for the next scan.
-    return sorted(pid for pid in running if parent_of(pid) not in running and children_of(pid))
+    # initdb's single-user postgres (--boot, --single) is none: taken for one, it would
+    # keep the real postmaster waiting for the next scan.
+    return sorted(pid for pid in running if parent_of(pid) not in running and serves(pid))
 
 
 class Discovery:

@@ -58,6 +58,25 @@ def children_of(pid: int) -> set[int]:
     return {int(child) for child in text.split()}
 
 
+# postgres's main() runs as something other than a postmaster when its first argument is
+# one of these (src/backend/main/main.c): initdb's bootstrap and single-user runs,
+# `postgres --check`, a config listing. EXEC_BACKEND builds (never on Linux) add --fork*.
+_NOT_A_POSTMASTER = ("--boot", "--single", "--check", "--describe-config", "--fork")
+
+
+def serves(pid: int) -> bool:
+    """Whether a process running postgres, whose parent does not, is a postmaster: it was
+    not started in one of main()'s other modes, and it has a child. A child alone does
+    not tell: initdb's `postgres --single` forks `locale -a` while it runs. A postmaster
+    forks its checkpointer within milliseconds of starting."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False  # gone
+    first = argv[1].decode(errors="replace") if len(argv) > 1 else ""
+    return not first.startswith(_NOT_A_POSTMASTER) and bool(children_of(pid))
+
+
 def is_child(pid: int, parent: int) -> bool:
     """Whether `pid` is a running child of `parent`. An exited child the parent has not
     reaped yet (a zombie) is not: its slot in PostgreSQL's arrays is free to reuse."""
