@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import stat
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -56,6 +57,13 @@ class DaemonConfig(_Strict):
     # backend's counters at its first look and at its end).
     blocked_by: bool = True
     resources: bool = True
+    # The name every event carries as `host`: the machine's host name unless set. Set
+    # it where that does not tell daemons apart (several on one machine, a DaemonSet's
+    # pods) or where a fleet's store wants another name (an FQDN, an inventory name).
+    host: Optional[Annotated[str, msgspec.Meta(min_length=1, max_length=255)]] = None
+
+    def host_name(self) -> str:
+        return self.host or socket.gethostname()
 
 
 class TargetConfig(_Strict):

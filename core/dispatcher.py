@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Protocol
 
 from pgslowlog.errors import UserError
@@ -30,6 +30,7 @@ class SinkStats:
     retried: int = 0
     failed: int = 0
     dropped: int = 0  # queue full (oldest first), or still queued when time ran out
+    spooled: int = 0  # held in the sink's own spool now, to be delivered (clickhouse)
 
 
 class _Lane:
@@ -118,8 +119,9 @@ class _Lane:
                 self.call("reopen")
                 continue
             self._in_flight = len(batch)
+            held = 0  # kept in the sink's spool: its own count says how that ends
             try:
-                self.sink.write(batch)
+                held = self.sink.write(batch) or 0
                 outcome = "delivered"
             except Exception as error:
                 outcome = "failed"
@@ -127,7 +129,8 @@ class _Lane:
             with self._changed:
                 # An abandoned write that returns late was counted as dropped already.
                 if not self._abandoned:
-                    setattr(self.stats, outcome, getattr(self.stats, outcome) + len(batch))
+                    done = len(batch) - held
+                    setattr(self.stats, outcome, getattr(self.stats, outcome) + done)
                 self._in_flight = 0
         self.call("close")
 
@@ -147,7 +150,15 @@ class _Lane:
             log.error(f"sink_{method}_failed", sink=self.name, error=str(error))
 
     def snapshot(self) -> SinkStats:
-        return SinkStats(**{**asdict(self.stats), "retried": self.sink.retried})
+        stats = self.stats
+        sink = self.sink  # a third party's sink may implement the protocol without spool
+        return SinkStats(
+            delivered=stats.delivered + getattr(sink, "delivered_later", 0),
+            retried=sink.retried,
+            failed=stats.failed,
+            dropped=stats.dropped + getattr(sink, "dropped_later", 0),
+            spooled=getattr(sink, "spooled", 0),
+        )
 
 
 class HandsEventsOn(Protocol):

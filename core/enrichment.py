@@ -95,8 +95,10 @@ class Enricher:
         redact: bool = False,
         server: ContainerServer | None = None,
         foreign: bool = False,
+        host: str | None = None,
     ) -> None:
         self.probe = probe
+        self.host = host
         # A server in another pid namespace (a container's instance, or a `pid =` target
         # naming one): its backends' pids are mapped to its own (NSpid). A container's
         # instance's events also say which container.
@@ -170,6 +172,7 @@ class Enricher:
             probe=self.probe,
             binary=self.binary,
             target=self.target,
+            host=self.host,
             backend_exited=raw.backend_exited,
             duration_exact=raw.duration_exact,
             query_id=raw.query_id,

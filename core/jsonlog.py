@@ -39,6 +39,8 @@ file as if the server had logged it. What was decided, and why:
   (``"Query Text"`` first, then ``"Plan"``), in place of the statement line, so
   pgBadger counts the statement once and shows its plan. An event without one keeps
   its statement line and says why in ``"plan_error"``, a key pgBadger ignores.
+- Each line ends in the event's ``"id"`` (pgBadger ignores it too), as every sink's
+  output carries it.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class JsonLogLine(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     outcome: Optional[str] = None  # only when not "ok"
     query_truncated: bool = False
     plan_error: Optional[str] = None  # [explain]: why the line has no plan
+    id: Optional[str] = None  # the event's id, as every sink's output has it
 
 
 def log_time(event: SlowQuery) -> str:
@@ -182,6 +185,7 @@ def jsonlog_line(event: SlowQuery) -> JsonLogLine:
         outcome=event.outcome if event.outcome in FAILED else None,
         query_truncated=event.query_truncated,
         plan_error=event.plan_error,
+        id=event.id,
     )
 
 

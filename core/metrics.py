@@ -363,13 +363,21 @@ class ScrapeCollector(Collector):
             (
                 "dropped",
                 "pgslowlog_sink_dropped_events",
-                "Events dropped: the sink's queue was full, or shutdown time ran out.",
+                "Events dropped: the sink's queue (or spool) was full, or shutdown time ran out.",
             ),
         ):
             family = CounterMetricFamily(metric, text, labels=["sink"])
             for sink, figures in stats.items():
                 family.add_metric([sink], getattr(figures, field_name))
             yield family
+        spooled = GaugeMetricFamily(
+            "pgslowlog_sink_spooled_events",
+            "Events in the sink's spool on disk, waiting to be delivered (clickhouse).",
+            labels=["sink"],
+        )
+        for sink, figures in stats.items():
+            spooled.add_metric([sink], figures.spooled)
+        yield spooled
 
 
 def _build_info() -> Metric:

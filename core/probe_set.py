@@ -137,6 +137,7 @@ class ProbeSet:
                 daemon.redact_literals,
                 target.server,
                 target.scope != own_pid_namespace(),
+                daemon.host_name(),
             )
             reader = source.reader()
             try:

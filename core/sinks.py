@@ -24,9 +24,16 @@ class Sink(Protocol):
     max_delay_s: float
     #: Deliveries the sink had to retry (it counts them; the dispatcher logs them).
     retried: int
+    #: A sink with a spool of its own (clickhouse): the events in it now, those it
+    #: delivered from it since, and those it had to drop from it (full). 0 otherwise.
+    spooled: int
+    delivered_later: int
+    dropped_later: int
 
-    def write(self, events: Sequence[SlowQuery], /) -> None:
-        """Deliver a batch. Raising counts the whole batch as failed; the next one still comes."""
+    def write(self, events: Sequence[SlowQuery], /) -> int | None:
+        """Deliver a batch. Raising counts the whole batch as failed; the next one still
+        comes. A sink with a spool returns how many of the batch it kept there for later
+        (counted by it as delivered_later or dropped_later in the end); None: all went."""
 
     def reopen(self) -> None:
         """SIGHUP: reopen files or connections (for example after logrotate)."""
@@ -47,8 +54,11 @@ class BaseSink:
     max_batch: int = 1000
     max_delay_s: float = 0.0
     retried: int = 0
+    spooled: int = 0
+    delivered_later: int = 0
+    dropped_later: int = 0
 
-    def write(self, events: Sequence[SlowQuery]) -> None:
+    def write(self, events: Sequence[SlowQuery]) -> int | None:
         raise NotImplementedError
 
     def reopen(self) -> None:
