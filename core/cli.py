@@ -1,4 +1,4 @@
-"""The `pgslowlog` command: run, check, probes, demo."""
+"""The `pgslowlog` command: run, check, probes, schema, demo."""
 
 from __future__ import annotations
 
@@ -28,6 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
     which = probes.add_mutually_exclusive_group(required=True)
     which.add_argument("--binary", help="a postgres server binary")
     which.add_argument("-c", "--config", help="describe every target of this config")
+    schema = commands.add_parser(
+        "schema", help="print the CREATE statements of a store's tables (run them yourself)"
+    )
+    schema.add_argument("store", choices=["clickhouse"])
+    schema.add_argument(
+        "--cluster", help="a remote_servers cluster: a local table per shard and a Distributed one"
+    )
+    schema.add_argument(
+        "--table", default=None, help="DATABASE.NAME (default pgslowlog.slow_queries)"
+    )
+    schema.add_argument(
+        "--modern",
+        action="store_true",
+        help="DateTime64, Map, JSON and a TTL, for ClickHouse 23.x and later (not 18.16)",
+    )
     demo = commands.add_parser(
         "demo", help="start an embedded PostgreSQL, log a few slow queries, print them"
     )
@@ -80,6 +95,18 @@ def main(argv: list[str] | None = None) -> int:
             from pgslowlog import preflight
 
             return preflight.main(arguments.config)
+        if arguments.command == "schema":
+            from pgslowlog.plugins.clickhouse_schema import DEFAULT_TABLE, ddl, valid_name
+
+            table = arguments.table or DEFAULT_TABLE
+            for name, value in (("--table", table), ("--cluster", arguments.cluster)):
+                if value is not None and not valid_name(value, dotted=name == "--table"):
+                    raise UserError(
+                        f"{name} {value!r} is not a ClickHouse name",
+                        "use letters, digits and _ (and DATABASE.NAME for --table)",
+                    )
+            print(ddl(table, arguments.cluster, arguments.modern), end="")
+            return 0
         from pgslowlog import demo
 
         return demo.main(arguments.threshold_ms)

@@ -108,7 +108,7 @@ def test_every_shipped_sink_is_documented():
         for name, sink in Plugins.load().sink_types.items()
         if sink.create.__module__.startswith("pgslowlog.plugins.")
     ]
-    assert sorted(shipped) == ["console", "file", "syslog", "webhook"]
+    assert sorted(shipped) == ["clickhouse", "console", "file", "syslog", "webhook"]
     assert [
         n for n in shipped if f"`[sinks.{n}]`" not in sinks_page or f"[sinks.{n}]" not in example
     ] == []

@@ -1,0 +1,390 @@
+"""The clickhouse sink: every host's slow statements in one ClickHouse table.
+
+ClickHouse's HTTP interface, `INSERT INTO <table> FORMAT JSONEachRow`, batched by the
+dispatcher (max_batch, max_delay_ms) as every sink is: no driver, and any ClickHouse
+from 18.16 on. The table is made by the operator from `pgslowlog schema clickhouse`
+(clickhouse_schema.py); the sink never creates one, and reads its columns at start to
+write the layout it has (and to say in one line what does not match).
+
+Nothing is lost while ClickHouse is down, slow or refusing: a batch it did not take
+goes to the spool on disk (clickhouse_spool.py), and so does every later batch until
+the spool is empty again, so that batches arrive in order. A thread of the sink's own
+sends the spool, oldest first, with exponential backoff. A batch sent again after a
+timeout may have landed the first time: each event's `id` lets the table keep one
+row (ReplacingMergeTree; count with FINAL). At SIGTERM what is still queued goes to the
+spool, and the next start sends it.
+
+What goes wrong is said in one line per cause, when it begins and when it ends, never
+per retry: the server unreachable, the credentials refused, the table missing or of
+other columns. The health line and /metrics count what is spooled, delivered (also
+from the spool), dropped (the spool full) and retried.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import ssl
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Optional
+from urllib.parse import urlsplit
+
+import httpx
+import msgspec
+
+from pgslowlog.event import SlowQuery
+from pgslowlog.hookspecs import hookimpl
+from pgslowlog.log import get_logger
+from pgslowlog.plugin_manager import RegisterSink
+from pgslowlog.plugins.clickhouse_schema import (
+    DEFAULT_TABLE,
+    layout_of,
+    mismatches,
+    rows,
+    valid_name,
+)
+from pgslowlog.plugins.clickhouse_spool import Batch, Spool
+from pgslowlog.sinks import BaseSink, SinkType
+
+log = get_logger(__name__)
+DEFAULT_SPOOL = "/var/lib/pgslowlog"  # the unit's StateDirectory=, when not given one
+
+
+class ClickHouseOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    url: str  # ClickHouse's HTTP interface: "http://ch1:8123", "https://ch.example:8443"
+    table: str = DEFAULT_TABLE  # the Distributed table on a cluster
+    user: Optional[str] = None
+    password_file: Optional[str] = None  # the password, alone in a file (never in here)
+    max_batch: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
+    max_delay_ms: Annotated[int, msgspec.Meta(ge=0, le=600_000)] = 1000
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
+    backoff_initial_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 0.5
+    backoff_max_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    verify_tls: bool = True
+    ca_file: Optional[str] = None  # a private CA's certificates (PEM)
+    cert_file: Optional[str] = None  # a client certificate (PEM), for mutual TLS
+    key_file: Optional[str] = None  # its key, if not in cert_file
+    # Batches ClickHouse has not taken yet. Default: $STATE_DIRECTORY/clickhouse (the
+    # unit's /var/lib/pgslowlog), else /var/lib/pgslowlog/clickhouse.
+    spool_dir: Optional[str] = None
+    spool_max_mb: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1024
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url must be http://host:8123 or https://host:8443, not {self.url!r}")
+        if parts.username or parts.password:
+            raise ValueError("url: no user or password in it; set user and password_file")
+        if not valid_name(self.table, dotted=True):
+            raise ValueError(f"table must be NAME or DATABASE.NAME, not {self.table!r}")
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set without cert_file")
+
+    def spool_directory(self) -> Path:
+        if self.spool_dir is not None:
+            return Path(self.spool_dir)
+        # systemd may list several state directories, separated by ":".
+        state = os.environ.get("STATE_DIRECTORY", DEFAULT_SPOOL).split(":")[0]
+        return Path(state) / "clickhouse"
+
+
+def read_password(options: ClickHouseOptions) -> str | None:
+    if options.password_file is None:
+        return None
+    try:
+        return Path(options.password_file).read_text().rstrip("\n")
+    except OSError as error:
+        raise ValueError(
+            f"password_file: cannot read {options.password_file}: {error.strerror}"
+        ) from None
+
+
+def check_options(options: ClickHouseOptions) -> None:
+    """What `check` and the start look at: the secret and TLS files are readable."""
+    read_password(options)
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(options, key)
+        if path is not None and not os.access(path, os.R_OK):
+            raise ValueError(f"{key}: cannot read {path}")
+
+
+class Refused(Exception):
+    """ClickHouse did not take a request: why, in one line with the fix."""
+
+    def __init__(self, cause: str, message: str, fix: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.fix = fix
+
+
+# ClickHouse's error codes (its HTTP answers say "Code: N"), by what fixes them.
+_AUTH = {192, 193, 194, 195, 497, 516}  # unknown user, wrong/missing password, denied
+_NO_TABLE = {60, 81}  # unknown table, unknown database
+_SHARD_AWAY = {209, 210, 279}  # a socket timeout, a network error, all tries failed
+_CODE = re.compile(rb"Code: (\d+)")
+
+
+def _refusal(response: httpx.Response, table: str) -> Refused:
+    found = _CODE.search(response.content)
+    code = int(found.group(1)) if found else None
+    text = response.text.strip().splitlines()[0] if response.text.strip() else ""
+    text = text[:300]
+    if code in _AUTH or response.status_code in (401, 403):
+        return Refused(
+            "credentials",
+            f"ClickHouse refused the credentials (HTTP {response.status_code}): {text}",
+            "check sinks.clickhouse.user and the password in password_file",
+        )
+    if code in _NO_TABLE:
+        return Refused(
+            "no_table",
+            f"ClickHouse has no table {table}: {text}",
+            "run the statements of `pgslowlog schema clickhouse` on every shard",
+        )
+    if code in _SHARD_AWAY:
+        return Refused(
+            "shard_unreachable",
+            f"ClickHouse cannot reach a shard of {table} (HTTP {response.status_code}): {text}",
+            "start that shard's server, or fix remote_servers; events wait in the spool meanwhile",
+        )
+    return Refused(
+        f"code_{code}",
+        f"ClickHouse answered HTTP {response.status_code}: {text}",
+        "see the ClickHouse server's log; if the table is not pgslowlog's, recreate it from "
+        "`pgslowlog schema clickhouse`",
+    )
+
+
+class ClickHouseSink(BaseSink):
+    def __init__(self, options: ClickHouseOptions) -> None:
+        check_options(options)
+        self.options = options
+        self.max_batch = options.max_batch
+        self.max_delay_s = options.max_delay_ms / 1000
+        self.table = options.table
+        password = read_password(options)
+        auth = (options.user or "default", password or "") if options.user or password else None
+        self._client = httpx.Client(
+            base_url=options.url,
+            auth=auth,
+            timeout=options.timeout_s,
+            verify=self._tls(options),
+        )
+        self._spool = Spool(options.spool_directory(), options.spool_max_mb * 1024 * 1024)
+        self._lock = threading.Lock()  # the spool, the layout, and what is said
+        self._wake = threading.Condition(self._lock)
+        self._layout: str | None = None  # read from the table, before the first send
+        self._ready = False  # the spool is empty and the last send went through
+        self._closing = False
+        self._interrupted = False  # shutdown time is up: spool, do not send
+        self._trouble: str | None = None  # the cause said last, until it ends
+        self.spooled = self._spool.events
+        if self.spooled:
+            log.info(
+                "clickhouse_spool_found", events=self.spooled, directory=str(self._spool.directory)
+            )
+        self._sender = threading.Thread(
+            target=self._send_spool, name="clickhouse-spool", daemon=True
+        )
+        self._sender.start()
+
+    @staticmethod
+    def _tls(options: ClickHouseOptions) -> ssl.SSLContext | bool:
+        if not options.verify_tls:
+            log.warning(
+                "clickhouse_tls_verification_off",
+                url=options.url,
+                hint="events go to a server whose identity is not checked; set verify_tls = "
+                "true (and ca_file for a private CA)",
+            )
+            return False
+        context = ssl.create_default_context(cafile=options.ca_file)
+        if options.cert_file is not None:
+            context.load_cert_chain(options.cert_file, options.key_file)
+        return context
+
+    # -- the dispatcher's thread ---------------------------------------------------
+
+    def write(self, events: Sequence[SlowQuery]) -> int | None:
+        batch = list(events)
+        with self._lock:
+            direct = self._ready and not self._spool and not self._interrupted
+        if direct:
+            try:
+                self._insert(batch)
+                return None
+            except Exception as error:  # whatever it was, the batch is kept
+                with self._lock:
+                    self._say_trouble(error)
+                    self._ready = False
+        with self._lock:
+            self._spool.append(batch)
+            self._counts()
+            self._wake.notify()
+        return len(batch)
+
+    def interrupt(self) -> None:
+        """Shutdown time is up while a batch is being sent: end the request (the write
+        then keeps its batch in the spool), and spool whatever follows."""
+        with self._lock:
+            self._interrupted = True
+            self._wake.notify()
+        self._client.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._wake.notify()
+        self._sender.join(1.0)
+        # Still sending the spool's oldest batch to a slow server: end the request. The
+        # batch stays in the spool for the next start (had it landed, its ids keep it
+        # from counting twice).
+        self._client.close()
+        self._sender.join(1.0)
+        if self._spool:
+            log.info(
+                "clickhouse_spool_kept",
+                events=self._spool.events,
+                directory=str(self._spool.directory),
+                hint="sent at the next start",
+            )
+
+    # -- the sender's thread -------------------------------------------------------
+
+    def _send_spool(self) -> None:
+        attempt = 0
+        while True:
+            with self._lock:
+                if self._closing:
+                    return
+                if self._layout is not None and not self._spool:
+                    self._ready = True
+                    self._wake.wait()
+                    continue
+                batch = self._spool.oldest()
+            events = None
+            if batch is not None:
+                try:
+                    events = batch.read()
+                except (OSError, ValueError) as error:  # msgspec's DecodeError is one
+                    self._drop_unreadable(batch, error)
+                    continue
+            try:
+                if self._layout is None:
+                    self._read_layout()
+                if events is not None:
+                    self._insert(events)
+            except Exception as error:  # unreachable, refused, or else: kept, tried again
+                attempt += 1
+                with self._lock:
+                    if isinstance(error, Refused):
+                        self._layout = None  # the table may have been made anew: read it again
+                    self._say_trouble(error)
+                    if batch is not None:
+                        self.retried += batch.events
+                    self._wake.wait(self._backoff_s(attempt))
+                continue
+            attempt = 0
+            with self._lock:
+                self._say_recovered()
+                if batch is not None:
+                    self._spool.remove(batch)
+                    self.delivered_later += batch.events
+                    self._counts()
+
+    def _drop_unreadable(self, batch: Batch, error: Exception) -> None:
+        """A spooled file that cannot be read back (changed by hand, a disk fault)."""
+        with self._lock:
+            self._spool.remove(batch)
+            self._spool.dropped += batch.events
+            self._counts()
+        log.error(
+            "clickhouse_spool_unreadable",
+            file=str(batch.path),
+            events=batch.events,
+            error=str(error),
+            fix="nothing to do: the batch is dropped and counted; the rest is sent",
+        )
+
+    def _read_layout(self) -> None:
+        describe = f"DESCRIBE TABLE {self.table} FORMAT JSONEachRow"
+        response = self._client.post("/", content=describe)
+        if response.status_code != 200:
+            raise _refusal(response, self.table)
+        columns = {}
+        for line in response.text.splitlines():
+            column = json.loads(line)
+            columns[column["name"]] = column["type"]
+        layout = layout_of(columns)
+        problems = mismatches(layout, columns)
+        if problems:
+            raise Refused(
+                "columns",
+                f"ClickHouse table {self.table} is not one pgslowlog writes: "
+                + "; ".join(problems[:3])
+                + (f"; and {len(problems) - 3} more" if len(problems) > 3 else ""),
+                "recreate it from `pgslowlog schema clickhouse` (--modern for DateTime64 and Map)",
+            )
+        with self._lock:
+            self._layout = layout
+        log.info("clickhouse_table", table=self.table, layout=layout, url=self.options.url)
+
+    def _insert(self, events: list[SlowQuery]) -> None:
+        assert self._layout is not None
+        response = self._client.post(
+            "/",
+            params={
+                "query": f"INSERT INTO {self.table} FORMAT JSONEachRow",
+                # Through a Distributed table: answered once every shard has its rows,
+                # so that a success means stored, and a failure is retried.
+                "insert_distributed_sync": "1",
+            },
+            content=rows(self._layout, events),
+        )
+        if response.status_code != 200:
+            raise _refusal(response, self.table)
+
+    def _backoff_s(self, attempt: int) -> float:
+        options = self.options
+        ceiling = min(options.backoff_max_s, options.backoff_initial_s * 2.0 ** (attempt - 1))
+        return ceiling * random.uniform(0.5, 1.0)  # hosts of a fleet do not retry in step
+
+    # -- what is said and counted (under the lock) ---------------------------------
+
+    def _counts(self) -> None:
+        self.spooled = self._spool.events
+        self.dropped_later = self._spool.dropped
+
+    def _say_trouble(self, error: Exception) -> None:
+        if isinstance(error, Refused):
+            cause, message, fix = error.cause, str(error), error.fix
+        else:
+            cause = "unreachable"
+            message = f"ClickHouse at {self.options.url} cannot be reached: {type(error).__name__}"
+            message += f": {error}" if str(error) else ""
+            fix = "start it, or fix sinks.clickhouse.url; events wait in the spool meanwhile"
+        if cause != self._trouble:
+            self._trouble = cause
+            log.error("clickhouse_not_taking", cause=cause, error=message, fix=fix)
+
+    def _say_recovered(self) -> None:
+        if self._trouble is not None:
+            log.info("clickhouse_taking_again", after=self._trouble, spooled=self._spool.events)
+            self._trouble = None
+
+
+@hookimpl
+def pgslowlog_register_sinks(register: RegisterSink) -> None:
+    register(
+        SinkType(
+            name="clickhouse",
+            description="ClickHouse over HTTP (JSONEachRow), spooled on disk while it is away",
+            options=ClickHouseOptions,
+            create=ClickHouseSink,
+            check=check_options,
+        )
+    )
