@@ -25,7 +25,7 @@ def run(*command: str, **kwargs) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=300, **kwargs)
 
 
-def play_locally(tmp_path, play):
+def play_locally(tmp_path, play, *options: str):
     """ansible-playbook on this machine (connection local) with `play` as its playbook."""
     (tmp_path / "play.yml").write_text(yaml.safe_dump(play))
     return run(
@@ -34,6 +34,7 @@ def play_locally(tmp_path, play):
         "localhost,",
         "-c",
         "local",
+        *options,
         "play.yml",
         cwd=tmp_path,
         env={**os.environ, "ANSIBLE_NOCOLOR": "1"},
@@ -150,7 +151,7 @@ def test_every_daemon_key_is_a_role_variable_with_the_daemons_default(tmp_path):
     from pgslowlog.config import DaemonConfig, load_config
 
     keys = [f.name for f in msgspec.structs.fields(DaemonConfig)]
-    assert len(keys) == 14
+    assert len(keys) == 15
     defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
     for key in keys:
         assert defaults[f"pgslowlog_{key}"] == getattr(DaemonConfig(), key), key
@@ -179,6 +180,7 @@ def test_every_daemon_key_is_a_role_variable_with_the_daemons_default(tmp_path):
         "sample_interval_ms": 20.0,
         "blocked_by": False,
         "resources": False,
+        "host": "db1.example",
     }
     assert sorted(others) == sorted(keys)
     changed = _render(
@@ -204,6 +206,165 @@ def test_metrics_variables_reach_the_file_and_default_to_off(tmp_path):
     assert load_config(_render(tmp_path, serving)).metrics == MetricsConfig(
         listen="[::1]:9900", max_databases=5, max_users=7
     )
+
+
+CLICKHOUSE_PASSWORD = "s3cret-from-vault"
+
+
+def test_clickhouse_variables_write_the_sink_with_a_password_file_and_default_to_off(tmp_path):
+    import msgspec
+
+    from pgslowlog.config import load_config
+    from pgslowlog.plugins.clickhouse_schema import DEFAULT_TABLE
+    from pgslowlog.plugins.clickhouse_sink import ClickHouseOptions
+
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    defaults["_pgslowlog_found_targets"] = [{"name": "main", "pid": 1}]
+    assert defaults["pgslowlog_clickhouse_table"] == DEFAULT_TABLE
+    off = _render(tmp_path, defaults)
+    assert "clickhouse" not in load_config(off).sinks
+    assert "[sinks.clickhouse]" not in off.read_text()
+    assert not re.search(r"^host = ", off.read_text(), re.M)  # the machine's host name
+
+    sending = {
+        **defaults,
+        "pgslowlog_host": "{{ inventory_hostname }}",  # the common choice, templated
+        "pgslowlog_clickhouse_url": "http://ch1.example:8123",
+        "pgslowlog_clickhouse_user": "pgslowlog",
+        "pgslowlog_clickhouse_password": CLICKHOUSE_PASSWORD,
+        "pgslowlog_clickhouse_ca_file": "/etc/pgslowlog/clickhouse-ca.pem",
+        "pgslowlog_clickhouse_cert_file": "/etc/pgslowlog/client.pem",
+        "pgslowlog_clickhouse_key_file": "/etc/pgslowlog/client.key",
+        "pgslowlog_clickhouse_options": {"max_batch": 5000, "spool_max_mb": 256},
+    }
+    rendered = _render(tmp_path, sending)
+    config = load_config(rendered)
+    assert config.daemon.host == "localhost"
+    assert config.sinks["clickhouse"] == {
+        "url": "http://ch1.example:8123",
+        "table": "pgslowlog.slow_queries",
+        "user": "pgslowlog",
+        "password_file": "/etc/pgslowlog/clickhouse-password",
+        "verify_tls": True,
+        "ca_file": "/etc/pgslowlog/clickhouse-ca.pem",
+        "cert_file": "/etc/pgslowlog/client.pem",
+        "key_file": "/etc/pgslowlog/client.key",
+        "max_batch": 5000,
+        "spool_max_mb": 256,
+    }
+    assert config.sinks["file"] == {"path": "/var/log/pgslowlog/slow.jsonl"}  # kept beside it
+    msgspec.convert(config.sinks["clickhouse"], ClickHouseOptions)  # what the sink accepts
+    assert CLICKHOUSE_PASSWORD not in rendered.read_text()
+    assert not re.search(r"^password = ", rendered.read_text(), re.M)
+
+    # The least: a URL; no user, no password_file, no TLS files, the default table.
+    least = _render(
+        tmp_path,
+        {
+            **defaults,
+            "pgslowlog_clickhouse_url": "https://ch.example:8443",
+            "pgslowlog_host": "db1",
+        },
+    )
+    config = load_config(least)
+    assert config.daemon.host == "db1"
+    assert config.sinks["clickhouse"] == {
+        "url": "https://ch.example:8443",
+        "table": DEFAULT_TABLE,
+        "verify_tls": True,
+    }
+
+
+def _configure_task(name: str) -> dict[str, object]:
+    tasks = yaml.safe_load((ROLE / "tasks" / "configure.yml").read_text())
+    return next(task for task in tasks if task["name"] == name)
+
+
+def test_clickhouse_password_is_written_0600_once_never_shown_and_removed_unused(tmp_path):
+    import grp
+    import pwd
+
+    write = _configure_task("Write the clickhouse sink's password")
+    remove = _configure_task("Remove the clickhouse sink's password when no sink uses it")
+    # The role's own tasks; only where they write, and as whom, are this test's.
+    target = tmp_path / "clickhouse-password"
+    assert write["ansible.builtin.copy"]["dest"] == remove["ansible.builtin.file"]["path"]
+    assert write["ansible.builtin.copy"]["owner"] == "pgslowlog"
+    assert write["no_log"] is True and write["diff"] is False
+    write["ansible.builtin.copy"]["dest"] = remove["ansible.builtin.file"]["path"] = str(target)
+    write["ansible.builtin.copy"]["owner"] = pwd.getpwuid(os.getuid()).pw_name
+    write["ansible.builtin.copy"]["group"] = grp.getgrgid(os.getgid()).gr_name
+
+    def play(password: str, **keywords: object) -> subprocess.CompletedProcess[str]:
+        return play_locally(
+            tmp_path,
+            [
+                {
+                    "name": "The clickhouse password's tasks",
+                    "hosts": "localhost",
+                    "gather_facts": False,
+                    "vars": {
+                        "ansible_python_interpreter": sys.executable,
+                        "pgslowlog_clickhouse_url": "https://ch.example:8443",
+                        "pgslowlog_clickhouse_password": password,
+                    },
+                    **keywords,
+                    "tasks": [write, remove],
+                    "handlers": [{"name": "Restart pgslowlog", "ansible.builtin.debug": None}],
+                }
+            ],
+            "-vv",
+        )
+
+    first, second = play(CLICKHOUSE_PASSWORD), play(CLICKHOUSE_PASSWORD)
+    assert first.returncode == 0 and second.returncode == 0, first.stdout + second.stdout
+    assert target.read_text() == CLICKHOUSE_PASSWORD
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert "RUNNING HANDLER [Restart pgslowlog]" in first.stdout, first.stdout
+    assert "changed=1" in first.stdout and "changed=0" in second.stdout, second.stdout
+
+    # A new password in check mode with --diff: said to change, not written, not shown.
+    checked = play("n3w-s3cret", check_mode=True, diff=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "changed=1" in checked.stdout, checked.stdout
+    assert target.read_text() == CLICKHOUSE_PASSWORD
+    for result in (first, second, checked):
+        output = result.stdout + result.stderr
+        assert CLICKHOUSE_PASSWORD not in output and "n3w-s3cret" not in output, output
+
+    removed = play("")
+    assert removed.returncode == 0 and "changed=1" in removed.stdout, removed.stdout
+    assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    ("variables", "refused"),
+    [
+        ({}, False),
+        ({"pgslowlog_sinks": {"clickhouse": {"url": "http://ch1:8123"}}}, True),
+        ({"pgslowlog_clickhouse_options": {"password": CLICKHOUSE_PASSWORD}}, True),
+        ({"pgslowlog_clickhouse_url": f"http://u:{CLICKHOUSE_PASSWORD}@ch1:8123"}, True),
+    ],
+)
+def test_clickhouse_sink_is_set_through_its_variables_only(tmp_path, variables, refused):
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    defaults["pgslowlog_clickhouse_url"] = "http://ch1.example:8123"
+    play = [
+        {
+            "name": "The role's clickhouse check",
+            "hosts": "localhost",
+            "gather_facts": False,
+            "vars": {**defaults, **variables},
+            "tasks": [
+                _configure_task("Check that the clickhouse sink is set through its variables only")
+            ],
+        }
+    ]
+    result = play_locally(tmp_path, play)
+    assert (result.returncode != 0) == refused, result.stdout
+    if refused:
+        assert "leave clickhouse out of pgslowlog_sinks" in result.stdout, result.stdout
+        assert CLICKHOUSE_PASSWORD not in result.stdout
 
 
 @pytest.mark.parametrize(
