@@ -362,6 +362,13 @@ class ClickHouseSink(BaseSink):
     def _say_trouble(self, error: Exception) -> None:
         if isinstance(error, Refused):
             cause, message, fix = error.cause, str(error), error.fix
+        elif "CERTIFICATE_VERIFY_FAILED" in str(error) or isinstance(error, ssl.SSLError):
+            cause = "tls"
+            message = f"ClickHouse at {self.options.url}: the TLS handshake failed: {error}"
+            fix = (
+                "set sinks.clickhouse.ca_file to the CA that signed its certificate (and "
+                "cert_file for a server that asks for a client certificate)"
+            )
         else:
             cause = "unreachable"
             message = f"ClickHouse at {self.options.url} cannot be reached: {type(error).__name__}"

@@ -16,11 +16,14 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import DaemonUnderTest, bindir
+from events import slow
 from fleet import TREES
+from structlog.testing import capture_logs
 from test_clickhouse_schema import doc_queries
 from waiting import wait_until
 
 from pgslowlog.plugins.clickhouse_schema import ddl
+from pgslowlog.plugins.clickhouse_sink import ClickHouseOptions, ClickHouseSink
 from pgslowlog.testing.clickhouse import ClickHouseCluster
 from pgslowlog.testing.cluster import ChrootCluster, Cluster, free_port
 
@@ -300,3 +303,34 @@ def test_settings_that_cannot_work_are_said_in_one_line_and_nothing_is_lost(
     assert daemon.stop() == 0
     assert daemon.process.wait_for_log("clickhouse_spool_kept")["events"] == 1
     assert len(said(daemon, "clickhouse_not_taking")) == 1  # once, not per retry
+
+
+def test_https_with_the_cluster_s_ca_delivers_and_without_it_says_tls(tmp_path):
+    """The sink alone (no daemon), against a server that serves HTTPS with a certificate
+    of a private CA: with ca_file it delivers; with the system's CAs it says why."""
+    with ClickHouseCluster(shards=1, tls=True) as tls:
+        table = make_table(tls, "tls")
+        assert tls.ca_file is not None
+        url = tls.https_url(0)
+        trusting = ClickHouseSink(
+            ClickHouseOptions(
+                url=url, table=table, ca_file=str(tls.ca_file), spool_dir=str(tmp_path / "a")
+            )
+        )
+        doubting = ClickHouseSink(
+            ClickHouseOptions(url=url, table=table, spool_dir=str(tmp_path / "b"))
+        )
+        try:
+            with capture_logs() as logs:
+                events = [slow(), slow()]
+                trusting.write(events[:1])
+                trusting.write(events[1:])
+                assert doubting.write([slow()]) == 1  # kept in its spool
+                wait_until(lambda: stored(tls, table) == 2, 10, "2 rows over HTTPS")
+                wait_until(lambda: [e for e in logs if e.get("cause") == "tls"], 10, "tls")
+        finally:
+            trusting.close()
+            doubting.close()
+    (line,) = [e for e in logs if e["event"] == "clickhouse_not_taking"]
+    assert "CERTIFICATE_VERIFY_FAILED" in line["error"] and "ca_file" in line["fix"], line
+    assert doubting.spooled == 1

@@ -115,7 +115,10 @@ class ClickHouseCluster:
         binary: Path = CLICKHOUSE_SERVER,
         workdir: Path | None = None,
         start_timeout_s: float = START_TIMEOUT_S,
+        tls: bool = False,
     ) -> None:
+        """With `tls`, each server also serves HTTPS (https_url), with a certificate for
+        127.0.0.1 signed by a CA of the cluster's own (ca_file, made by openssl)."""
         if shards < 1:
             raise ValueError(f"a cluster needs at least one shard, not {shards}")
         if user == "default":
@@ -126,11 +129,14 @@ class ClickHouseCluster:
         self.password = password
         self.workdir = workdir
         self.start_timeout_s = start_timeout_s
-        ports = _free_ports(2 * shards)
+        ports = _free_ports(3 * shards)
         self.shards = [
-            ClickHouseShard(index, http_port=ports[2 * index], tcp_port=ports[2 * index + 1])
+            ClickHouseShard(index, http_port=ports[3 * index], tcp_port=ports[3 * index + 1])
             for index in range(shards)
         ]
+        self.tls = tls
+        self._https_ports = [ports[3 * index + 2] for index in range(shards)]
+        self.ca_file: Path | None = None  # with tls, once started
         self.base: Path | None = None  # the temporary directory, while there is one
 
     # --- lifecycle
@@ -143,6 +149,8 @@ class ClickHouseCluster:
         self.base = Path(tempfile.mkdtemp(prefix="pgslowlog-clickhouse-", dir=self.workdir))
         try:
             (self.base / "users.xml").write_text(self._users_xml())
+            if self.tls:
+                self._make_certificates(self.base / "tls")
             for shard in self.shards:
                 shard.directory = self.base / f"shard{shard.index}"
                 (shard.directory / "tmp").mkdir(parents=True)
@@ -289,7 +297,7 @@ class ClickHouseCluster:
     <users_config>{self.base}/users.xml</users_config>
     <default_profile>default</default_profile>
     <default_database>default</default_database>
-    <timezone>UTC</timezone>
+    <timezone>UTC</timezone>{self._tls_xml(shard)}
     <!-- 18.16 refuses to start without it (Not found: mark_cache_size); used on demand -->
     <mark_cache_size>268435456</mark_cache_size>
     <remote_servers>
@@ -300,10 +308,83 @@ class ClickHouseCluster:
 </yandex>
 """
 
+    def _make_certificates(self, directory: Path) -> None:
+        """A CA, and a certificate for 127.0.0.1 it signed (the servers share it)."""
+        directory.mkdir()
+
+        def openssl(*arguments: str) -> None:
+            subprocess.run(["openssl", *arguments], cwd=directory, check=True, capture_output=True)
+
+        openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=pgslowlog test CA",
+        )
+        openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        )
+        (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        )
+        self.ca_file = directory / "ca.pem"
+
+    def _tls_xml(self, shard: ClickHouseShard) -> str:
+        if not self.tls:
+            return ""
+        assert self.base is not None
+        tls = self.base / "tls"
+        return f"""
+    <https_port>{self._https_ports[shard.index]}</https_port>
+    <openSSL><server>
+        <certificateFile>{tls}/server.pem</certificateFile>
+        <privateKeyFile>{tls}/server.key</privateKeyFile>
+        <verificationMode>none</verificationMode>
+        <loadDefaultCAFile>false</loadDefaultCAFile>
+    </server></openSSL>"""
+
     # --- clients
 
     def http_url(self, shard: int = 0) -> str:
         return f"http://127.0.0.1:{self.shards[shard].http_port}/"
+
+    def https_url(self, shard: int = 0) -> str:
+        if not self.tls:
+            raise RuntimeError("started without tls")
+        return f"https://127.0.0.1:{self._https_ports[shard]}/"
 
     def query(
         self,
