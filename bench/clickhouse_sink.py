@@ -60,7 +60,10 @@ def events(count: int) -> list[SlowQuery]:
     ]
 
 
-def cpu_per_event_us(write: Callable[[Sequence[SlowQuery]], object], batch: list[SlowQuery]):
+def cpu_per_event_us(
+    write: Callable[[Sequence[SlowQuery]], object], batch: list[SlowQuery]
+) -> tuple[float, float]:
+    """The writing thread's CPU per event (µs) and the write's wall time (ms)."""
     wall, cpu = time.perf_counter(), time.thread_time()
     write(batch)
     return (time.thread_time() - cpu) / len(batch) * 1e6, (time.perf_counter() - wall) * 1000
