@@ -24,11 +24,6 @@ class Sink(Protocol):
     max_delay_s: float
     #: Deliveries the sink had to retry (it counts them; the dispatcher logs them).
     retried: int
-    #: A sink with a spool of its own (clickhouse): the events in it now, those it
-    #: delivered from it since, and those it had to drop from it (full). 0 otherwise.
-    spooled: int
-    delivered_later: int
-    dropped_later: int
 
     def write(self, events: Sequence[SlowQuery], /) -> int | None:
         """Deliver a batch. Raising counts the whole batch as failed; the next one still
@@ -54,6 +49,9 @@ class BaseSink:
     max_batch: int = 1000
     max_delay_s: float = 0.0
     retried: int = 0
+    # Optional, read by the dispatcher when present: a sink with a spool of its own
+    # (clickhouse) counts the events in it now, those it delivered from it since, and
+    # those it had to drop from it (full).
     spooled: int = 0
     delivered_later: int = 0
     dropped_later: int = 0
