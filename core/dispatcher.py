@@ -121,7 +121,11 @@ class _Lane:
             self._in_flight = len(batch)
             held = 0  # kept in the sink's spool: its own count says how that ends
             try:
-                held = self.sink.write(batch) or 0
+                answer = self.sink.write(batch)
+                # Only a count of the batch's events means anything (a third party's
+                # sink may return whatever its client returned).
+                if isinstance(answer, int) and not isinstance(answer, bool):
+                    held = min(max(answer, 0), len(batch))
                 outcome = "delivered"
             except Exception as error:
                 outcome = "failed"

@@ -113,6 +113,11 @@ LEGACY: list[Column] = [
     Column("waits.looks", "Array(UInt32)", lambda e: list((e.waits or {}).values())),
     Column("blocked_by", "Nullable(String)", lambda e: _json_text(e.blocked_by), "JSON"),
     Column("lock_wait_start", "Nullable(DateTime('UTC'))", lambda e: _seconds(e.lock_wait_start)),
+    Column(
+        "lock_wait_start_us",
+        "Nullable(UInt32)",
+        lambda e: e.lock_wait_start.microsecond if e.lock_wait_start else None,
+    ),
     # Only the figures known: 18.16 reads no null inside an array.
     Column("resources.name", "Array(String)", lambda e: list(_known(e.resources))),
     Column("resources.value", "Array(Float64)", lambda e: list(_known(e.resources).values())),

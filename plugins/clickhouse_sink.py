@@ -6,13 +6,13 @@ from 18.16 on. The table is made by the operator from `pgslowlog schema clickhou
 (clickhouse_schema.py); the sink never creates one, and reads its columns at start to
 write the layout it has (and to say in one line what does not match).
 
-Nothing is lost while ClickHouse is down, slow or refusing: a batch it did not take
-goes to the spool on disk (clickhouse_spool.py), and so does every later batch until
-the spool is empty again, so that batches arrive in order. A thread of the sink's own
-sends the spool, oldest first, with exponential backoff. A batch sent again after a
-timeout may have landed the first time: each event's `id` lets the table keep one
-row (ReplacingMergeTree; count with FINAL). At SIGTERM what is still queued goes to the
-spool, and the next start sends it.
+Nothing is lost while ClickHouse is down, slow or refusing: write() puts each batch
+in the spool on disk (clickhouse_spool.py) and returns, and a thread of the sink's
+own sends the spool, oldest first, with exponential backoff while ClickHouse does not
+take it. A batch handed to the sink is on disk: a SIGTERM or a SIGKILL loses none of
+it, and the next start sends it. A batch sent again after a timeout may have landed
+the first time: each event's `id` lets the table keep one row (ReplacingMergeTree;
+count with FINAL).
 
 What goes wrong is said in one line per cause, when it begins and when it ends, never
 per retry: the server unreachable, the credentials refused, the table missing or of
@@ -160,6 +160,11 @@ def _refusal(response: httpx.Response, table: str) -> Refused:
 
 
 class ClickHouseSink(BaseSink):
+    """Every batch is written to the spool first, then sent by the sink's own thread,
+    oldest first: write() never waits for the network, so a slow or silent ClickHouse
+    cannot hold the dispatcher past its shutdown budget, and a batch handed to the sink
+    is on disk before write() returns (a SIGTERM or a SIGKILL loses none of it)."""
+
     def __init__(self, options: ClickHouseOptions) -> None:
         check_options(options)
         self.options = options
@@ -168,19 +173,17 @@ class ClickHouseSink(BaseSink):
         self.table = options.table
         password = read_password(options)
         auth = (options.user or "default", password or "") if options.user or password else None
+        self._spool = Spool(options.spool_directory(), options.spool_max_mb * 1024 * 1024)
         self._client = httpx.Client(
             base_url=options.url,
             auth=auth,
             timeout=options.timeout_s,
             verify=self._tls(options),
         )
-        self._spool = Spool(options.spool_directory(), options.spool_max_mb * 1024 * 1024)
-        self._lock = threading.Lock()  # the spool, the layout, and what is said
+        self._lock = threading.Lock()  # the spool, the layout, the counts, what is said
         self._wake = threading.Condition(self._lock)
         self._layout: str | None = None  # read from the table, before the first send
-        self._ready = False  # the spool is empty and the last send went through
-        self._closing = False
-        self._interrupted = False  # shutdown time is up: spool, do not send
+        self._closing = threading.Event()  # set by close(), read by the sender
         self._trouble: str | None = None  # the cause said last, until it ends
         self.spooled = self._spool.events
         if self.spooled:
@@ -212,89 +215,79 @@ class ClickHouseSink(BaseSink):
     def write(self, events: Sequence[SlowQuery]) -> int | None:
         batch = list(events)
         with self._lock:
-            direct = self._ready and not self._spool and not self._interrupted
-        if direct:
-            try:
-                self._insert(batch)
-                return None
-            except Exception as error:  # whatever it was, the batch is kept
-                with self._lock:
-                    self._say_trouble(error)
-                    self._ready = False
-        with self._lock:
             self._spool.append(batch)
             self._counts()
             self._wake.notify()
-        return len(batch)
-
-    def interrupt(self) -> None:
-        """Shutdown time is up while a batch is being sent: end the request (the write
-        then keeps its batch in the spool), and spool whatever follows."""
-        with self._lock:
-            self._interrupted = True
-            self._wake.notify()
-        self._client.close()
+        return len(batch)  # counted as delivered (or dropped) when the sender is done
 
     def close(self) -> None:
+        """Stop sending. What is in the spool stays there for the next start: the batch
+        being sent too (had it landed, its ids keep it from counting twice)."""
         with self._lock:
-            self._closing = True
+            self._closing.set()
             self._wake.notify()
-        self._sender.join(1.0)
-        # Still sending the spool's oldest batch to a slow server: end the request. The
-        # batch stays in the spool for the next start (had it landed, its ids keep it
-        # from counting twice).
-        self._client.close()
-        self._sender.join(1.0)
-        if self._spool:
-            log.info(
-                "clickhouse_spool_kept",
-                events=self._spool.events,
-                directory=str(self._spool.directory),
-                hint="sent at the next start",
-            )
+        self._sender.join(0.5)
+        self._client.close()  # may end a request that waits on a slow server
+        self._sender.join(0.5)  # a daemon thread: one still blocked dies with the process
+        with self._lock:
+            if self._spool:
+                log.info(
+                    "clickhouse_spool_kept",
+                    events=self._spool.events,
+                    directory=str(self._spool.directory),
+                    hint="sent at the next start",
+                )
+            self._spool.close()
 
     # -- the sender's thread -------------------------------------------------------
 
     def _send_spool(self) -> None:
+        self._check_table()
         attempt = 0
         while True:
             with self._lock:
-                if self._closing:
-                    return
-                if self._layout is not None and not self._spool:
-                    self._ready = True
+                while not self._closing.is_set() and not self._spool:
                     self._wake.wait()
-                    continue
-                batch = self._spool.oldest()
-            events = None
-            if batch is not None:
-                try:
-                    events = batch.read()
-                except (OSError, ValueError) as error:  # msgspec's DecodeError is one
-                    self._drop_unreadable(batch, error)
-                    continue
+                if self._closing.is_set():
+                    return
+                batch = self._spool.take_oldest()  # never trimmed while it is sent
+            try:
+                events = batch.read()
+            except (OSError, ValueError) as error:  # msgspec's DecodeError is one
+                self._drop_unreadable(batch, error)
+                continue
             try:
                 if self._layout is None:
                     self._read_layout()
-                if events is not None:
-                    self._insert(events)
+                self._insert(events)
             except Exception as error:  # unreachable, refused, or else: kept, tried again
                 attempt += 1
                 with self._lock:
+                    self._spool.give_back(batch)
+                    if self._closing.is_set():
+                        return  # the close ended the request: nothing to say
                     if isinstance(error, Refused):
                         self._layout = None  # the table may have been made anew: read it again
                     self._say_trouble(error)
-                    if batch is not None:
-                        self.retried += batch.events
+                    self.retried += batch.events
                     self._wake.wait(self._backoff_s(attempt))
                 continue
             attempt = 0
             with self._lock:
                 self._say_recovered()
-                if batch is not None:
-                    self._spool.remove(batch)
-                    self.delivered_later += batch.events
-                    self._counts()
+                self._spool.remove(batch)
+                self.delivered_later += batch.events
+                self._counts()
+
+    def _check_table(self) -> None:
+        """At start, before any event: what keeps ClickHouse from taking them is said at
+        once (the daemon runs on, and spools)."""
+        try:
+            self._read_layout()
+        except Exception as error:
+            with self._lock:
+                if not self._closing.is_set():
+                    self._say_trouble(error)
 
     def _drop_unreadable(self, batch: Batch, error: Exception) -> None:
         """A spooled file that cannot be read back (changed by hand, a disk fault)."""
@@ -369,11 +362,15 @@ class ClickHouseSink(BaseSink):
                 "set sinks.clickhouse.ca_file to the CA that signed its certificate (and "
                 "cert_file for a server that asks for a client certificate)"
             )
-        else:
+        elif isinstance(error, httpx.TransportError):
             cause = "unreachable"
             message = f"ClickHouse at {self.options.url} cannot be reached: {type(error).__name__}"
             message += f": {error}" if str(error) else ""
             fix = "start it, or fix sinks.clickhouse.url; events wait in the spool meanwhile"
+        else:  # pgslowlog's own fault: said as such, the batch kept
+            cause = "internal"
+            message = f"the clickhouse sink failed: {type(error).__name__}: {error}"
+            fix = "report it to pgslowlog's developers; events wait in the spool meanwhile"
         if cause != self._trouble:
             self._trouble = cause
             log.error("clickhouse_not_taking", cause=cause, error=message, fix=fix)

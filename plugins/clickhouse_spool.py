@@ -1,15 +1,18 @@
-"""The clickhouse sink's spool: batches ClickHouse did not take yet, on disk, in order.
+"""The clickhouse sink's spool: batches on their way to ClickHouse, on disk, in order.
 
 One file per batch, `<sequence>-<events>.jsonl`, each line an event as every sink's
 JSON has it (SlowQuery.to_json), so a spool outlives the daemon (a SIGKILL, a reboot)
-and the next start delivers it; rows are made when sent, for the table's layout then.
-A file is written under a temporary name and renamed: a spool never holds half a
-batch. Past `max_bytes` the oldest batches go first, counted: the newest say most about
-what is slow now. Not thread-safe: the sink serialises calls with its own lock.
+and the next start sends it; rows are made when sent, for the table's layout then.
+A file is written under a temporary name, synced, and renamed: a spool never holds
+half a batch, even after a power loss. Past `max_bytes` the oldest batches go first,
+counted (the newest say most about what is slow now), but never the one being sent.
+One daemon per directory: a lock file says whose it is. Not thread-safe: the sink
+serialises calls with its own lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,7 @@ from pgslowlog.log import get_logger
 
 log = get_logger(__name__)
 SUFFIX = ".jsonl"
+LOCK = ".lock"
 _decoder = msgspec.json.Decoder(SlowQuery)
 
 
@@ -32,7 +36,15 @@ class Batch:
     size: int
 
     def read(self) -> list[SlowQuery]:
-        return [_decoder.decode(line) for line in self.path.read_bytes().splitlines() if line]
+        """Its events; ValueError if the file does not hold as many as its name says."""
+        events = [_decoder.decode(line) for line in self.path.read_bytes().splitlines() if line]
+        if len(events) != self.events:
+            raise ValueError(f"{self.path.name} holds {len(events)} events, not {self.events}")
+        return events
+
+
+class SpoolInUse(ValueError):
+    pass
 
 
 class Spool:
@@ -41,7 +53,17 @@ class Spool:
         self.max_bytes = max_bytes
         self.dropped = 0  # events dropped because the spool was full
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock_file = open(directory / LOCK, "a")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise SpoolInUse(
+                f"spool_dir {directory} is in use by another pgslowlog: give each daemon on "
+                "a machine a spool_dir of its own"
+            ) from None
         self._batches: list[Batch] = []
+        self._sending: Batch | None = None  # taken by the sender: kept off _trim
         for path in directory.iterdir():
             if path.name.endswith(".tmp"):
                 path.unlink(missing_ok=True)  # a write a crash cut short: never renamed
@@ -67,25 +89,43 @@ class Spool:
         temporary = self.directory / f"{name}.tmp"
         with open(temporary, "wb") as file:
             file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
         final = self.directory / name
         os.replace(temporary, final)
+        _sync_directory(self.directory)
         self._batches.append(Batch(final, self._next, len(events), len(data)))
         self._next += 1
         self.bytes += len(data)
         self._trim()
 
-    def oldest(self) -> Batch | None:
-        return self._batches[0] if self._batches else None
+    def take_oldest(self) -> Batch:
+        """The oldest batch, to send: it stays in the spool, but is not trimmed away."""
+        self._sending = self._batches[0]
+        return self._sending
+
+    def give_back(self, batch: Batch) -> None:
+        """Not sent: it may be trimmed again."""
+        if self._sending is batch:
+            self._sending = None
 
     def remove(self, batch: Batch) -> None:
         """The batch was delivered (or cannot ever be): forget it."""
-        self._batches.remove(batch)
-        self.bytes -= batch.size
+        self.give_back(batch)
+        if batch in self._batches:
+            self._batches.remove(batch)
+            self.bytes -= batch.size
         batch.path.unlink(missing_ok=True)
 
+    def close(self) -> None:
+        self._lock_file.close()  # and with it the lock
+
     def _trim(self) -> None:
-        while self.bytes > self.max_bytes and len(self._batches) > 1:
-            oldest = self._batches[0]
+        while self.bytes > self.max_bytes:
+            victims = [batch for batch in self._batches[:-1] if batch is not self._sending]
+            if not victims:
+                return  # the newest, and the one being sent, stay
+            oldest = victims[0]
             self.remove(oldest)
             before = self.dropped
             self.dropped += oldest.events
@@ -97,6 +137,15 @@ class Spool:
                     fix="ClickHouse has not taken events for a while: bring it back, or "
                     "raise sinks.clickhouse.spool_max_mb",
                 )
+
+
+def _sync_directory(directory: Path) -> None:
+    """The rename itself survives a power loss once the directory is synced."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _parse(path: Path) -> Batch | None:

@@ -18,7 +18,7 @@ from events import slow
 
 from pgslowlog.event import SlowQuery, new_event_id
 from pgslowlog.plugins.clickhouse_schema import LAYOUTS, ddl, layout_of, mismatches, rows
-from pgslowlog.plugins.clickhouse_spool import Spool
+from pgslowlog.plugins.clickhouse_spool import Spool, SpoolInUse
 
 DOCS = Path(__file__).parent.parent / "docs" / "clickhouse.md"
 
@@ -143,7 +143,7 @@ def test_the_modern_table_and_the_docs_questions_on_today_s_clickhouse(tmp_path:
             return [json.loads(line) for line in result.splitlines()]
 
         assert answer("SELECT count() FROM pgslowlog.slow_queries FINAL") == [[30]]
-        slowest, _slower, blocking = doc_queries()
+        slowest, slower, blocking = doc_queries()
         ((fingerprint, example, calls, total, p95, hosts),) = answer(slowest)
         assert (fingerprint, example, calls, hosts) == ("abc", events[0].query, 30, 3)
         assert total == round(sum(e.duration_ms for e in events))
@@ -151,6 +151,19 @@ def test_the_modern_table_and_the_docs_questions_on_today_s_clickhouse(tmp_path:
         assert sorted(answer(blocking)) == [
             [f"db{h}", 10, round(sum(e.duration_ms for e in events if e.host == f"db{h}"))]
             for h in range(3)
+        ]
+        # Tuesday's deploy: one statement three times as slow after it, one the same.
+        deploy = datetime(2026, 12, 1, 12, tzinfo=timezone.utc)
+        around = [
+            full_event(ts=deploy + timedelta(hours=hours), duration_ms=ms, fingerprint=name)
+            for name, before_ms, after_ms in (("slower", 100.0, 400.0), ("same", 100.0, 100.0))
+            for hours, ms in ((-30, before_ms), (-20, before_ms), (20, after_ms), (30, after_ms))
+        ]
+        data = rows("modern", around).decode()
+        session.query(f"INSERT INTO pgslowlog.slow_queries FORMAT JSONEachRow {data}")
+        assert [row[:1] + row[2:] for row in answer(slower)] == [
+            ["slower", 100, 400, 2],
+            ["same", 100, 100, 2],
         ]
     finally:
         session.close()
@@ -163,23 +176,49 @@ def test_the_spool_keeps_batches_in_order_across_a_restart_and_drops_the_oldest(
     spool = Spool(tmp_path / "spool", max_bytes=10**6)
     for batch in batches[:3]:
         spool.append(batch)
+    with pytest.raises(SpoolInUse, match="give each daemon on a machine a spool_dir"):
+        Spool(tmp_path / "spool", max_bytes=10**6)  # a second daemon on the same directory
+    spool.close()
     (tmp_path / "spool" / "000000000009-1.jsonl.tmp").write_text("half a batch")
     (tmp_path / "spool" / "notes.txt").write_text("not ours")
     again = Spool(tmp_path / "spool", max_bytes=10**6)  # the next start
-    assert again.events == 1 + 2 + 3 and not (tmp_path / "spool" / "x.tmp").exists()
+    assert again.events == 1 + 2 + 3 and not list((tmp_path / "spool").glob("*.tmp"))
     assert (tmp_path / "spool" / "notes.txt").exists()
-    first = again.oldest()
-    assert first is not None and first.read() == batches[0]
+    first = again.take_oldest()
+    assert first.read() == batches[0]
     again.remove(first)
     again.append(batches[3])
     order = []
-    while (oldest := again.oldest()) is not None:
+    while again:
+        oldest = again.take_oldest()
         order.append([e.query for e in oldest.read()])
         again.remove(oldest)
     assert order == [[e.query for e in b] for b in (batches[1], batches[2], batches[3])]
     assert list((tmp_path / "spool").glob("*.jsonl")) == []
-    # Bounded: a batch past the limit drops the oldest ones, counted.
+    again.close()
+
+
+def test_a_full_spool_drops_the_oldest_but_never_the_batch_being_sent(tmp_path: Path) -> None:
+    batches = [[slow(query=f"select {n}.{i}") for i in range(n + 1)] for n in range(5)]
     small = Spool(tmp_path / "small", max_bytes=len(slow().to_json()) * 6)
-    for batch in batches:
+    small.append(batches[0])
+    sending = small.take_oldest()
+    for batch in batches[1:]:
         small.append(batch)
-    assert small.events == 5 and small.dropped == 1 + 2 + 3 + 4
+    # Kept: the batch being sent (1 event) and the newest (5); 2 + 3 + 4 dropped.
+    assert (small.events, small.dropped) == (1 + 5, 2 + 3 + 4)
+    assert sending.read() == batches[0]
+    small.remove(sending)
+    small.remove(sending)  # twice: nothing happens
+    assert small.events == 5
+    small.close()
+
+
+def test_a_spooled_file_shorter_than_its_name_says_is_unreadable(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", max_bytes=10**6)
+    spool.append([slow(), slow()])
+    batch = spool.take_oldest()
+    batch.path.write_bytes(slow().to_json() + b"\n")  # a power loss, a hand's edit
+    with pytest.raises(ValueError, match="holds 1 events, not 2"):
+        batch.read()
+    spool.close()
