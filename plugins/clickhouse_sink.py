@@ -252,7 +252,7 @@ class ClickHouseSink(BaseSink):
                     return
                 batch = self._spool.take_oldest()  # never trimmed while it is sent
             try:
-                events = batch.read()
+                events = self._spool.read(batch)  # safe outside the lock: see Spool.read
             except (OSError, ValueError) as error:  # msgspec's DecodeError is one
                 self._drop_unreadable(batch, error)
                 continue

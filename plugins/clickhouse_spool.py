@@ -64,6 +64,9 @@ class Spool:
             ) from None
         self._batches: list[Batch] = []
         self._sending: Batch | None = None  # taken by the sender: kept off _trim
+        # The newest batch's events, kept in memory too: with ClickHouse taking them,
+        # the spool holds one batch at a time, sent without reading it back.
+        self._newest: tuple[Batch, list[SlowQuery]] | None = None
         for path in directory.iterdir():
             if path.name.endswith(".tmp"):
                 path.unlink(missing_ok=True)  # a write a crash cut short: never renamed
@@ -94,7 +97,9 @@ class Spool:
         final = self.directory / name
         os.replace(temporary, final)
         _sync_directory(self.directory)
-        self._batches.append(Batch(final, self._next, len(events), len(data)))
+        batch = Batch(final, self._next, len(events), len(data))
+        self._batches.append(batch)
+        self._newest = (batch, events)
         self._next += 1
         self.bytes += len(data)
         self._trim()
@@ -103,6 +108,14 @@ class Spool:
         """The oldest batch, to send: it stays in the spool, but is not trimmed away."""
         self._sending = self._batches[0]
         return self._sending
+
+    def read(self, batch: Batch) -> list[SlowQuery]:
+        """Its events: from memory if it is the newest, else from its file. Safe without
+        the sink's lock: one read of _newest, which append() replaces whole."""
+        newest = self._newest
+        if newest is not None and newest[0] is batch:
+            return newest[1]
+        return batch.read()
 
     def give_back(self, batch: Batch) -> None:
         """Not sent: it may be trimmed again."""
@@ -115,6 +128,8 @@ class Spool:
         if batch in self._batches:
             self._batches.remove(batch)
             self.bytes -= batch.size
+        if self._newest is not None and self._newest[0] is batch:
+            self._newest = None
         batch.path.unlink(missing_ok=True)
 
     def close(self) -> None:
