@@ -7,6 +7,7 @@ the keys in ``COMMON_OPTIONS``, handled by the dispatcher and not passed to the 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Optional, Protocol
@@ -67,6 +68,13 @@ class BaseSink:
 
     def close(self) -> None:
         pass
+
+
+def backoff_s(attempt: int, initial_s: float, max_s: float) -> float:
+    """How long to wait before retry `attempt` (1, 2, ...): doubling from `initial_s` up
+    to `max_s`, with jitter, so that the hosts of a fleet do not retry in step."""
+    ceiling = min(max_s, initial_s * 2.0 ** (attempt - 1))
+    return ceiling * random.uniform(0.5, 1.0)
 
 
 class CommonSinkOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import ssl
 import threading
@@ -48,7 +47,7 @@ from pgslowlog.plugins.clickhouse_schema import (
     valid_name,
 )
 from pgslowlog.plugins.clickhouse_spool import Batch, Spool
-from pgslowlog.sinks import BaseSink, SinkType
+from pgslowlog.sinks import BaseSink, SinkType, backoff_s
 
 log = get_logger(__name__)
 DEFAULT_SPOOL = "/var/lib/pgslowlog"  # the unit's StateDirectory=, when not given one
@@ -342,9 +341,7 @@ class ClickHouseSink(BaseSink):
             raise _refusal(response, self.table)
 
     def _backoff_s(self, attempt: int) -> float:
-        options = self.options
-        ceiling = min(options.backoff_max_s, options.backoff_initial_s * 2.0 ** (attempt - 1))
-        return ceiling * random.uniform(0.5, 1.0)  # hosts of a fleet do not retry in step
+        return backoff_s(attempt, self.options.backoff_initial_s, self.options.backoff_max_s)
 
     # -- what is said and counted (under the lock) ---------------------------------
 

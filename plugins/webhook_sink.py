@@ -10,7 +10,6 @@ and status codes only.
 from __future__ import annotations
 
 import os
-import random
 import ssl
 import threading
 import time
@@ -27,7 +26,7 @@ from pgslowlog.event import SlowQuery
 from pgslowlog.hookspecs import hookimpl
 from pgslowlog.log import get_logger
 from pgslowlog.plugin_manager import RegisterSink
-from pgslowlog.sinks import BaseSink, SinkType
+from pgslowlog.sinks import BaseSink, SinkType, backoff_s
 
 log = get_logger(__name__)
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -134,10 +133,7 @@ class WebhookSink(BaseSink):
         )
 
     def backoff_s(self, attempt: int) -> float:
-        ceiling = min(
-            self.options.backoff_max_s, self.options.backoff_initial_s * 2.0 ** (attempt - 1)
-        )
-        return ceiling * random.uniform(0.5, 1.0)  # jitter: clients do not retry in step
+        return backoff_s(attempt, self.options.backoff_initial_s, self.options.backoff_max_s)
 
     def write(self, events: Sequence[SlowQuery]) -> None:
         body = b"[" + b",".join(event.to_json() for event in events) + b"]"

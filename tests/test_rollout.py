@@ -28,7 +28,7 @@ from prometheus_server import prometheus
 from waiting import wait_until
 
 from pgslowlog import machine as checks
-from pgslowlog.testing.cluster import free_port
+from pgslowlog.testing.cluster import free_ports
 
 pytestmark = pytest.mark.ebpf
 
@@ -178,16 +178,6 @@ BOOT_TIMEOUT_S = 180
 FAIL_AT_SETUP = "PGSLOWLOG_TEST_ROLLOUT_FAIL_AT_SETUP"
 
 
-def _distinct_ports(count: int) -> list[int]:
-    """Free now, and not twice: the containers share the host's loopback."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    return ports
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory) -> Iterator[Fleet]:
     """Three booted containers; powered off and removed on every path, a failed set-up too."""
@@ -198,7 +188,7 @@ def fleet(tmp_path_factory) -> Iterator[Fleet]:
             + "; ".join(f"bash .ci/build-debian-tree {r}" for r in missing)
         )
     workdir = tmp_path_factory.mktemp("rollout")
-    ports = _distinct_ports(3 * len(RELEASES))
+    ports = free_ports(3 * len(RELEASES))  # the containers share the host's loopback
     hosts = [
         Host(release, major, workdir / release, *ports[3 * i : 3 * i + 3])
         for i, (release, major) in enumerate(RELEASES.items())

@@ -26,7 +26,7 @@ from xml.sax.saxutils import escape
 
 import httpx
 
-from pgslowlog.testing.cluster import free_port
+from pgslowlog.testing.cluster import free_ports
 
 CLICKHOUSE_SERVER = Path("/usr/sbin/clickhouse-server")
 START_TIMEOUT_S = 30.0
@@ -44,16 +44,6 @@ class ClickHouseError(RuntimeError):
         match = _CODE.match(self.text)
         self.code = int(match.group(1)) if match else None
         super().__init__(f"HTTP {status} for {sql[:200]!r}: {self.text}")
-
-
-def _free_ports(count: int) -> list[int]:
-    """`count` distinct free ports (free_port alone may hand out one twice)."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    return ports
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -129,7 +119,7 @@ class ClickHouseCluster:
         self.password = password
         self.workdir = workdir
         self.start_timeout_s = start_timeout_s
-        ports = _free_ports(3 * shards)
+        ports = free_ports(3 * shards)
         self.shards = [
             ClickHouseShard(index, http_port=ports[3 * index], tcp_port=ports[3 * index + 1])
             for index in range(shards)

@@ -31,6 +31,16 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` ports free now, none twice (free_port alone may hand out one twice)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def ensure_os_user(preferred: str = "postgres", fallback: str = "pgslowlog-demo") -> str:
     for name in (preferred, fallback):
         try:
