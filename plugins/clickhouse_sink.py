@@ -111,6 +111,13 @@ def check_options(options: ClickHouseOptions) -> None:
             raise ValueError(f"{key}: cannot read {path}")
 
 
+REJECT_AFTER = 5  # refusals of one batch's rows before it is set aside
+
+
+class SpoolFault(Exception):
+    """The spool could not be read: the disk, permissions, descriptors."""
+
+
 class Refused(Exception):
     """ClickHouse did not take a request: why, in one line with the fix."""
 
@@ -118,6 +125,15 @@ class Refused(Exception):
         super().__init__(message)
         self.cause = cause
         self.fix = fix
+
+
+def _about_the_rows(error: Exception) -> bool:
+    """A refusal that another batch would not get: ClickHouse could not take these rows
+    (a parse or type error, code_N), or the sink failed on them (internal)."""
+    cause = error.cause if isinstance(error, Refused) else None
+    return (cause or "").startswith("code_") or not isinstance(
+        error, (Refused, SpoolFault, httpx.TransportError, ssl.SSLError)
+    )
 
 
 # ClickHouse's error codes (its HTTP answers say "Code: N"), by what fixes them.
@@ -182,6 +198,7 @@ class ClickHouseSink(BaseSink):
         self._lock = threading.Lock()  # the spool, the layout, the counts, what is said
         self._wake = threading.Condition(self._lock)
         self._layout: str | None = None  # read from the table, before the first send
+        self._said_layout: str | None = None
         self._closing = threading.Event()  # set by close(), read by the sender
         self._trouble: str | None = None  # the cause said last, until it ends
         self.spooled = self._spool.events
@@ -226,8 +243,12 @@ class ClickHouseSink(BaseSink):
             self._closing.set()
             self._wake.notify()
         self._sender.join(0.5)
-        self._client.close()  # may end a request that waits on a slow server
-        self._sender.join(0.5)  # a daemon thread: one still blocked dies with the process
+        # Closing the client ends a request being set up; one waiting for a slow server's
+        # answer runs on until timeout_s. The sender is a daemon thread: it goes with the
+        # process, and its batch stays in the spool (had it landed, its ids keep it from
+        # counting twice).
+        self._client.close()
+        self._sender.join(0.5)
         with self._lock:
             if self._spool:
                 log.info(
@@ -236,7 +257,8 @@ class ClickHouseSink(BaseSink):
                     directory=str(self._spool.directory),
                     hint="sent at the next start",
                 )
-            self._spool.close()
+            if not self._sender.is_alive():
+                self._spool.close()  # the lock goes with the process otherwise
 
     # -- the sender's thread -------------------------------------------------------
 
@@ -251,15 +273,8 @@ class ClickHouseSink(BaseSink):
                     return
                 batch = self._spool.take_oldest()  # never trimmed while it is sent
             try:
-                events = self._spool.read(batch)  # safe outside the lock: see Spool.read
-            except (OSError, ValueError) as error:  # msgspec's DecodeError is one
-                self._drop_unreadable(batch, error)
-                continue
-            try:
-                if self._layout is None:
-                    self._read_layout()
-                self._insert(events)
-            except Exception as error:  # unreachable, refused, or else: kept, tried again
+                delivered = self._send(batch)
+            except Exception as error:  # kept, and tried again: nothing ends this thread
                 attempt += 1
                 with self._lock:
                     self._spool.give_back(batch)
@@ -269,14 +284,36 @@ class ClickHouseSink(BaseSink):
                         self._layout = None  # the table may have been made anew: read it again
                     self._say_trouble(error)
                     self.retried += batch.events
-                    self._wake.wait(self._backoff_s(attempt))
+                    if attempt >= REJECT_AFTER and _about_the_rows(error):
+                        self._set_aside(batch, error)
+                        attempt = 0
+                        continue
+                    # New batches do not cut the wait short: the backoff grows.
+                    self._wake.wait_for(self._closing.is_set, self._backoff_s(attempt))
                 continue
             attempt = 0
+            if delivered:
+                with self._lock:
+                    self._say_recovered()
+                    self._spool.remove(batch)
+                    self.delivered_later += batch.events
+                    self._counts()
+
+    def _send(self, batch: Batch) -> bool:
+        """Send one spooled batch: True once ClickHouse has it, False if it was set
+        aside unreadable; raises what kept it from ClickHouse."""
+        try:
+            events = self._spool.read(batch)  # safe outside the lock: see Spool.read
+        except (ValueError, FileNotFoundError) as error:  # msgspec's DecodeError is one
             with self._lock:
-                self._say_recovered()
-                self._spool.remove(batch)
-                self.delivered_later += batch.events
-                self._counts()
+                self._set_aside(batch, error, unreadable=True)
+            return False
+        except OSError as error:  # the disk, permissions, no descriptor left: try again
+            raise SpoolFault(error) from error
+        if self._layout is None:
+            self._read_layout()
+        self._insert(events)
+        return True
 
     def _check_table(self) -> None:
         """At start, before any event: what keeps ClickHouse from taking them is said at
@@ -288,18 +325,19 @@ class ClickHouseSink(BaseSink):
                 if not self._closing.is_set():
                     self._say_trouble(error)
 
-    def _drop_unreadable(self, batch: Batch, error: Exception) -> None:
-        """A spooled file that cannot be read back (changed by hand, a disk fault)."""
-        with self._lock:
-            self._spool.remove(batch)
-            self._spool.dropped += batch.events
-            self._counts()
+    def _set_aside(self, batch: Batch, error: Exception, unreadable: bool = False) -> None:
+        """A batch that can never go: its file cannot be read back (changed by hand, a
+        disk fault), or ClickHouse refused its rows REJECT_AFTER times while it takes
+        others' (a bug of the sink's). Kept beside the spool for a look, and counted
+        as dropped: the batches behind it go on."""
+        kept = self._spool.set_aside(batch, ".bad" if unreadable else ".rejected")
+        self._counts()
         log.error(
-            "clickhouse_spool_unreadable",
-            file=str(batch.path),
+            "clickhouse_spool_unreadable" if unreadable else "clickhouse_batch_rejected",
+            file=str(kept),
             events=batch.events,
             error=str(error),
-            fix="nothing to do: the batch is dropped and counted; the rest is sent",
+            fix="the batch is dropped and counted, the file kept for a look; the rest is sent",
         )
 
     def _read_layout(self) -> None:
@@ -322,8 +360,9 @@ class ClickHouseSink(BaseSink):
                 "recreate it from `pgslowlog schema clickhouse` (--modern for DateTime64 and Map)",
             )
         with self._lock:
-            self._layout = layout
-        log.info("clickhouse_table", table=self.table, layout=layout, url=self.options.url)
+            said, self._layout, self._said_layout = self._said_layout, layout, layout
+        if said != layout:  # once, not at every read after a refusal
+            log.info("clickhouse_table", table=self.table, layout=layout, url=self.options.url)
 
     def _insert(self, events: list[SlowQuery]) -> None:
         assert self._layout is not None
@@ -359,6 +398,10 @@ class ClickHouseSink(BaseSink):
                 "set sinks.clickhouse.ca_file to the CA that signed its certificate (and "
                 "cert_file for a server that asks for a client certificate)"
             )
+        elif isinstance(error, SpoolFault):
+            cause = "spool"
+            message = f"the spool cannot be read: {error}"
+            fix = f"check {self._spool.directory}: its disk and permissions"
         elif isinstance(error, httpx.TransportError):
             cause = "unreachable"
             message = f"ClickHouse at {self.options.url} cannot be reached: {type(error).__name__}"

@@ -51,7 +51,7 @@ class Spool:
     def __init__(self, directory: Path, max_bytes: int) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
-        self.dropped = 0  # events dropped because the spool was full
+        self.dropped = 0  # events dropped: the spool full, or a batch set aside
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock_file = open(directory / LOCK, "a")
         try:
@@ -86,21 +86,31 @@ class Spool:
         return bool(self._batches)
 
     def append(self, events: list[SlowQuery]) -> None:
-        """Keep a batch, after the others; drop the oldest if the spool is then full."""
+        """Keep a batch, after the others; drop the oldest if the spool is then full.
+        Raises OSError (a full disk) with nothing of the batch left behind."""
         data = json_lines(events)
-        name = f"{self._next:012d}-{len(events)}{SUFFIX}"
+        sequence, self._next = self._next, self._next + 1  # never reused, even on failure
+        name = f"{sequence:012d}-{len(events)}{SUFFIX}"
         temporary = self.directory / f"{name}.tmp"
-        with open(temporary, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
         final = self.directory / name
-        os.replace(temporary, final)
-        _sync_directory(self.directory)
-        batch = Batch(final, self._next, len(events), len(data))
+        try:
+            with open(temporary, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, final)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        batch = Batch(final, sequence, len(events), len(data))
         self._batches.append(batch)
         self._newest = (batch, events)
-        self._next += 1
+        try:
+            _sync_directory(self.directory)
+        except OSError as error:  # the file is there: only a power loss could undo it
+            log.warning(
+                "clickhouse_spool_not_synced", directory=str(self.directory), error=str(error)
+            )
         self.bytes += len(data)
         self._trim()
 
@@ -123,14 +133,32 @@ class Spool:
             self._sending = None
 
     def remove(self, batch: Batch) -> None:
-        """The batch was delivered (or cannot ever be): forget it."""
+        """The batch was delivered (or trimmed): forget it, and its file."""
+        self._forget(batch)
+        try:
+            batch.path.unlink(missing_ok=True)
+        except OSError as error:  # delivered: sent again at the next start, counted once
+            log.warning("clickhouse_spool_not_removed", file=str(batch.path), error=str(error))
+
+    def set_aside(self, batch: Batch, suffix: str) -> Path:
+        """A batch that can never go: out of the spool, counted as dropped, its file
+        renamed (left alone by later starts) for a look. The new path."""
+        self._forget(batch)
+        self.dropped += batch.events
+        kept = batch.path.with_name(batch.path.name + suffix)
+        try:
+            os.replace(batch.path, kept)
+        except OSError:
+            return batch.path  # gone, or not renamable: said as it is
+        return kept
+
+    def _forget(self, batch: Batch) -> None:
         self.give_back(batch)
         if batch in self._batches:
             self._batches.remove(batch)
             self.bytes -= batch.size
         if self._newest is not None and self._newest[0] is batch:
             self._newest = None
-        batch.path.unlink(missing_ok=True)
 
     def close(self) -> None:
         self._lock_file.close()  # and with it the lock

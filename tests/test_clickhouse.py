@@ -334,3 +334,54 @@ def test_https_with_the_cluster_s_ca_delivers_and_without_it_says_tls(tmp_path):
     (line,) = [e for e in logs if e["event"] == "clickhouse_not_taking"]
     assert "CERTIFICATE_VERIFY_FAILED" in line["error"] and "ca_file" in line["fix"], line
     assert doubting.spooled == 1
+
+
+def test_new_batches_do_not_cut_the_backoff_short(tmp_path):
+    """ClickHouse away, a batch every 0.1 s for 2 s: the sender retries as its backoff
+    says (about 3 times from 1 s), not at every batch (20)."""
+    sink = ClickHouseSink(
+        ClickHouseOptions(
+            url=f"http://127.0.0.1:{free_port()}",
+            spool_dir=str(tmp_path / "spool"),
+            backoff_initial_s=1.0,
+            backoff_max_s=30.0,
+        )
+    )
+    try:
+        for _ in range(20):
+            assert sink.write([slow()]) == 1
+            time.sleep(0.1)
+        assert sink.spooled == 20
+        assert 1 <= sink.retried <= 4, sink.retried  # one event (the oldest) per attempt
+    finally:
+        sink.close()
+
+
+def test_a_batch_clickhouse_refuses_is_set_aside_and_the_next_ones_go(clickhouse, tmp_path):
+    """A row ClickHouse cannot read (a negative count for a UInt32: code 72) holds the
+    spool for 5 tries, then is set aside, counted as dropped and kept for a look; the
+    batch behind it is delivered."""
+    table = make_table(clickhouse, "rejected")
+    sink = ClickHouseSink(
+        ClickHouseOptions(
+            url=clickhouse.http_url(0),
+            table=table,
+            spool_dir=str(tmp_path / "spool"),
+            backoff_initial_s=0.05,
+            backoff_max_s=0.1,
+        )
+    )
+    try:
+        with capture_logs() as logs:
+            sink.write([slow(waits={"CPU": -1})])
+            good = slow()
+            sink.write([good])
+            wait_until(lambda: stored(clickhouse, table) == 1, 15, "the good batch stored")
+    finally:
+        sink.close()
+    ((stored_id,),) = answer(clickhouse, f"SELECT toString(id) FROM {table} FINAL")
+    assert stored_id == good.id
+    (rejected,) = [e for e in logs if e["event"] == "clickhouse_batch_rejected"]
+    assert rejected["file"].endswith(".jsonl.rejected") and Path(rejected["file"]).exists()
+    assert (sink.dropped_later, sink.delivered_later, sink.spooled) == (1, 1, 0)
+    assert sink.retried == 5
