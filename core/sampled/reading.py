@@ -654,20 +654,35 @@ class ClusterMemory:
         statement (PostgreSQL's copy, cut at track_activity_query_size), and how long
         its transaction has been open. Nulls for a prepared transaction (no backend)
         and for a process this cluster's looks do not follow."""
-        found: dict[str, Any] = {"state": None, "query": None, "xact_age_s": None}
+        nothing: dict[str, Any] = {"state": None, "query": None, "xact_age_s": None}
         backend = self.backend_at(proc.address) if proc.pid else None
-        entry = self._entry(backend) if backend is not None else None
-        if entry is None:
-            return found
+        if backend is None:
+            return nothing
         layout = self.layout
-        if _INT.unpack_from(entry, layout.st_procpid)[0] != proc.pid:
-            return found  # its slot moved on meanwhile
-        state = _INT.unpack_from(entry, layout.st_state)[0]
-        found["state"] = self._state_names.get(state)
-        if (copy := self._activity_copy(entry)) is not None:
-            found["query"] = copy[0].decode(errors="replace")
-            found["query_truncated"] = copy[1]
-        xact_start = _INT64.unpack_from(entry, layout.st_xact_start_timestamp)[0]
-        if xact_start:
-            found["xact_age_s"] = round((pg_now_us() - xact_start) / 1e6, 3)
-        return found
+        # The state and the text from one moment: the backend writes both between two
+        # steps of st_changecount, so a count that moved while they were read (the
+        # holder began its COMMIT) means read again.
+        for _ in range(3):
+            entry = self._entry(backend)
+            if entry is None or _INT.unpack_from(entry, layout.st_procpid)[0] != proc.pid:
+                return nothing  # its slot moved on meanwhile
+            count = _INT.unpack_from(entry, layout.st_changecount)[0]
+            found = dict(nothing)
+            found["state"] = self._state_names.get(_INT.unpack_from(entry, layout.st_state)[0])
+            if (copy := self._activity_copy(entry)) is not None:
+                found["query"] = copy[0].decode(errors="replace")
+                found["query_truncated"] = copy[1]
+            xact_start = _INT64.unpack_from(entry, layout.st_xact_start_timestamp)[0]
+            if xact_start:
+                found["xact_age_s"] = round((pg_now_us() - xact_start) / 1e6, 3)
+            if count % 2 == 0 and self._count_now(backend) == count:
+                return found
+        return nothing  # written to all the while: nothing consistent to say
+
+    def _count_now(self, backend: SampledBackend) -> int | None:
+        try:
+            data = read(self.pid, backend.entry + self.layout.st_changecount, 4)
+        except MemoryReadError:
+            return None
+        count: int = _INT.unpack_from(data, 0)[0]
+        return count
