@@ -37,7 +37,9 @@ def play_locally(tmp_path, play, *options: str):
         *options,
         "play.yml",
         cwd=tmp_path,
-        env={**os.environ, "ANSIBLE_NOCOLOR": "1"},
+        # Its temporary files in the test's directory: not under the home directory of
+        # the user the fast lane may run as (nobody's is /nonexistent).
+        env={**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_REMOTE_TMP": str(tmp_path / "tmp")},
     )
 
 
