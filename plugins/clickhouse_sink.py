@@ -111,7 +111,7 @@ def check_options(options: ClickHouseOptions) -> None:
             raise ValueError(f"{key}: cannot read {path}")
 
 
-REJECT_AFTER = 5  # refusals of one batch's rows before it is set aside
+REJECT_AFTER = 5  # refusals of one batch's rows, sent alone, before it is set aside
 
 
 class SpoolFault(Exception):
@@ -271,49 +271,60 @@ class ClickHouseSink(BaseSink):
                     self._wake.wait()
                 if self._closing.is_set():
                     return
-                batch = self._spool.take_oldest()  # never trimmed while it is sent
+                # Up to max_batch events in one INSERT: after an outage the spool drains
+                # in few large inserts, as ClickHouse prefers. After a failure, one batch
+                # at a time, so that a batch ClickHouse refuses is found and set aside.
+                taken = self._spool.take_oldest(self.max_batch if attempt == 0 else 1)
             try:
-                delivered = self._send(batch)
+                delivered = self._send(taken)
             except Exception as error:  # kept, and tried again: nothing ends this thread
                 attempt += 1
                 with self._lock:
-                    self._spool.give_back(batch)
+                    for batch in taken:
+                        self._spool.give_back(batch)
                     if self._closing.is_set():
                         return  # the close ended the request: nothing to say
                     if isinstance(error, Refused):
                         self._layout = None  # the table may have been made anew: read it again
                     self._say_trouble(error)
-                    self.retried += batch.events
-                    if attempt >= REJECT_AFTER and _about_the_rows(error):
-                        self._set_aside(batch, error)
+                    self.retried += sum(batch.events for batch in taken)
+                    if attempt > REJECT_AFTER and _about_the_rows(error):
+                        self._set_aside(taken[0], error)
                         attempt = 0
                         continue
                     # New batches do not cut the wait short: the backoff grows.
                     self._wake.wait_for(self._closing.is_set, self._backoff_s(attempt))
                 continue
             attempt = 0
-            if delivered:
-                with self._lock:
+            with self._lock:
+                if delivered:
                     self._say_recovered()
+                for batch in delivered:
                     self._spool.remove(batch)
                     self.delivered_later += batch.events
-                    self._counts()
+                self._counts()
 
-    def _send(self, batch: Batch) -> bool:
-        """Send one spooled batch: True once ClickHouse has it, False if it was set
-        aside unreadable; raises what kept it from ClickHouse."""
-        try:
-            events = self._spool.read(batch)  # safe outside the lock: see Spool.read
-        except (ValueError, FileNotFoundError) as error:  # msgspec's DecodeError is one
-            with self._lock:
-                self._set_aside(batch, error, unreadable=True)
-            return False
-        except OSError as error:  # the disk, permissions, no descriptor left: try again
-            raise SpoolFault(error) from error
+    def _send(self, taken: list[Batch]) -> list[Batch]:
+        """Send spooled batches in one INSERT: those ClickHouse now has (all but any set
+        aside unreadable); raises what kept them from ClickHouse."""
+        events: list[SlowQuery] = []
+        readable = []
+        for batch in taken:
+            try:
+                events += self._spool.read(batch)  # safe outside the lock: see Spool.read
+            except (ValueError, FileNotFoundError) as error:  # msgspec's DecodeError is one
+                with self._lock:
+                    self._set_aside(batch, error, unreadable=True)
+                continue
+            except OSError as error:  # the disk, permissions, no descriptor left: try again
+                raise SpoolFault(error) from error
+            readable.append(batch)
+        if not readable:
+            return []
         if self._layout is None:
             self._read_layout()
         self._insert(events)
-        return True
+        return readable
 
     def _check_table(self) -> None:
         """At start, before any event: what keeps ClickHouse from taking them is said at

@@ -5,7 +5,7 @@ JSON has it (SlowQuery.to_json), so a spool outlives the daemon (a SIGKILL, a re
 and the next start sends it; rows are made when sent, for the table's layout then.
 A file is written under a temporary name, synced, and renamed: a spool never holds
 half a batch, even after a power loss. Past `max_bytes` the oldest batches go first,
-counted (the newest say most about what is slow now), but never the one being sent.
+counted (the newest say most about what is slow now), but never those being sent.
 One daemon per directory: a lock file says whose it is. Not thread-safe: the sink
 serialises calls with its own lock.
 """
@@ -63,7 +63,7 @@ class Spool:
                 "a machine a spool_dir of its own"
             ) from None
         self._batches: list[Batch] = []
-        self._sending: Batch | None = None  # taken by the sender: kept off _trim
+        self._sending: list[Batch] = []  # taken by the sender: kept off _trim
         # The newest batch's events, kept in memory too: with ClickHouse taking them,
         # the spool holds one batch at a time, sent without reading it back.
         self._newest: tuple[Batch, list[SlowQuery]] | None = None
@@ -114,10 +114,17 @@ class Spool:
         self.bytes += len(data)
         self._trim()
 
-    def take_oldest(self) -> Batch:
-        """The oldest batch, to send: it stays in the spool, but is not trimmed away."""
-        self._sending = self._batches[0]
-        return self._sending
+    def take_oldest(self, max_events: int) -> list[Batch]:
+        """The oldest batches, to send in one go: as many as hold `max_events` events at
+        most (one at least). They stay in the spool, but are not trimmed away."""
+        taken, events = [self._batches[0]], self._batches[0].events
+        for batch in self._batches[1:]:
+            if events + batch.events > max_events:
+                break
+            taken.append(batch)
+            events += batch.events
+        self._sending = list(taken)  # its own list: give_back() empties it, not the caller's
+        return taken
 
     def read(self, batch: Batch) -> list[SlowQuery]:
         """Its events: from memory if it is the newest, else from its file. Safe without
@@ -129,8 +136,8 @@ class Spool:
 
     def give_back(self, batch: Batch) -> None:
         """Not sent: it may be trimmed again."""
-        if self._sending is batch:
-            self._sending = None
+        if batch in self._sending:
+            self._sending.remove(batch)
 
     def remove(self, batch: Batch) -> None:
         """The batch was delivered (or trimmed): forget it, and its file."""
@@ -165,7 +172,7 @@ class Spool:
 
     def _trim(self) -> None:
         while self.bytes > self.max_bytes:
-            victims = [batch for batch in self._batches[:-1] if batch is not self._sending]
+            victims = [batch for batch in self._batches[:-1] if batch not in self._sending]
             if not victims:
                 return  # the newest, and the one being sent, stay
             oldest = victims[0]

@@ -359,8 +359,8 @@ def test_new_batches_do_not_cut_the_backoff_short(tmp_path):
 
 def test_a_batch_clickhouse_refuses_is_set_aside_and_the_next_ones_go(clickhouse, tmp_path):
     """A row ClickHouse cannot read (a negative count for a UInt32: code 72) holds the
-    spool for 5 tries, then is set aside, counted as dropped and kept for a look; the
-    batch behind it is delivered."""
+    spool: after the first refusal its batch is sent alone, and after 5 more it is set
+    aside, counted as dropped and kept for a look; the batch behind it is delivered."""
     table = make_table(clickhouse, "rejected")
     sink = ClickHouseSink(
         ClickHouseOptions(
@@ -384,4 +384,6 @@ def test_a_batch_clickhouse_refuses_is_set_aside_and_the_next_ones_go(clickhouse
     (rejected,) = [e for e in logs if e["event"] == "clickhouse_batch_rejected"]
     assert rejected["file"].endswith(".jsonl.rejected") and Path(rejected["file"]).exists()
     assert (sink.dropped_later, sink.delivered_later, sink.spooled) == (1, 1, 0)
-    assert sink.retried == 5
+    # The first try may have sent both batches in one INSERT; then the refused one
+    # alone, five more times.
+    assert sink.retried in (6, 7), sink.retried

@@ -184,16 +184,27 @@ def test_the_spool_keeps_batches_in_order_across_a_restart_and_drops_the_oldest(
     again = Spool(tmp_path / "spool", max_bytes=10**6)  # the next start
     assert again.events == 1 + 2 + 3 and not list((tmp_path / "spool").glob("*.tmp"))
     assert (tmp_path / "spool" / "notes.txt").exists()
-    first = again.take_oldest()
+    (first,) = again.take_oldest(1)
     assert first.read() == batches[0]
     again.remove(first)
     again.append(batches[3])
     order = []
     while again:
-        oldest = again.take_oldest()
+        (oldest,) = again.take_oldest(1)
         order.append([e.query for e in oldest.read()])
         again.remove(oldest)
     assert order == [[e.query for e in b] for b in (batches[1], batches[2], batches[3])]
+    # Sent in one go: the oldest batches that hold max_events at most, one at least.
+    for batch in batches:
+        again.append(batch)
+    taken = again.take_oldest(6)
+    assert [b.events for b in taken] == [1, 2, 3]
+    for batch in taken:  # not sent: given back, one by one, the caller's list intact
+        again.give_back(batch)
+    assert len(taken) == 3
+    assert [b.events for b in again.take_oldest(0)] == [1]
+    while again:
+        again.remove(again.take_oldest(100)[0])
     assert list((tmp_path / "spool").glob("*.jsonl")) == []
     again.close()
 
@@ -202,7 +213,7 @@ def test_a_full_spool_drops_the_oldest_but_never_the_batch_being_sent(tmp_path: 
     batches = [[slow(query=f"select {n}.{i}") for i in range(n + 1)] for n in range(5)]
     small = Spool(tmp_path / "small", max_bytes=len(slow().to_json()) * 6)
     small.append(batches[0])
-    sending = small.take_oldest()
+    (sending,) = small.take_oldest(10)
     for batch in batches[1:]:
         small.append(batch)
     # Kept: the batch being sent (1 event) and the newest (5); 2 + 3 + 4 dropped.
@@ -217,7 +228,7 @@ def test_a_full_spool_drops_the_oldest_but_never_the_batch_being_sent(tmp_path: 
 def test_a_spooled_file_shorter_than_its_name_says_is_unreadable(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", max_bytes=10**6)
     spool.append([slow(), slow()])
-    batch = spool.take_oldest()
+    (batch,) = spool.take_oldest(1)
     batch.path.write_bytes(slow().to_json() + b"\n")  # a power loss, a hand's edit
     with pytest.raises(ValueError, match="holds 1 events, not 2"):
         batch.read()
