@@ -102,13 +102,17 @@ def read_password(options: ClickHouseOptions) -> str | None:
         ) from None
 
 
-def check_options(options: ClickHouseOptions) -> None:
-    """What `check` and the start look at: the secret and TLS files are readable."""
-    read_password(options)
+def check_tls_files(options: ClickHouseOptions) -> None:
     for key in ("ca_file", "cert_file", "key_file"):
         path = getattr(options, key)
         if path is not None and not os.access(path, os.R_OK):
             raise ValueError(f"{key}: cannot read {path}")
+
+
+def check_options(options: ClickHouseOptions) -> None:
+    """What `check` looks at: the secret and TLS files are readable."""
+    read_password(options)
+    check_tls_files(options)
 
 
 REJECT_AFTER = 5  # refusals of one batch's rows, sent alone, before it is set aside
@@ -127,13 +131,10 @@ class Refused(Exception):
         self.fix = fix
 
 
-def _about_the_rows(error: Exception) -> bool:
+def _about_the_rows(cause: str) -> bool:
     """A refusal that another batch would not get: ClickHouse could not take these rows
     (a parse or type error, code_N), or the sink failed on them (internal)."""
-    cause = error.cause if isinstance(error, Refused) else None
-    return (cause or "").startswith("code_") or not isinstance(
-        error, (Refused, SpoolFault, httpx.TransportError, ssl.SSLError)
-    )
+    return cause.startswith("code_") or cause == "internal"
 
 
 # ClickHouse's error codes (its HTTP answers say "Code: N"), by what fixes them.
@@ -181,12 +182,12 @@ class ClickHouseSink(BaseSink):
     is on disk before write() returns (a SIGTERM or a SIGKILL loses none of it)."""
 
     def __init__(self, options: ClickHouseOptions) -> None:
-        check_options(options)
+        password = read_password(options)
+        check_tls_files(options)
         self.options = options
         self.max_batch = options.max_batch
         self.max_delay_s = options.max_delay_ms / 1000
         self.table = options.table
-        password = read_password(options)
         auth = (options.user or "default", password or "") if options.user or password else None
         self._spool = Spool(options.spool_directory(), options.spool_max_mb * 1024 * 1024)
         self._client = httpx.Client(
@@ -286,9 +287,9 @@ class ClickHouseSink(BaseSink):
                         return  # the close ended the request: nothing to say
                     if isinstance(error, Refused):
                         self._layout = None  # the table may have been made anew: read it again
-                    self._say_trouble(error)
+                    cause = self._say_trouble(error)
                     self.retried += sum(batch.events for batch in taken)
-                    if attempt > REJECT_AFTER and _about_the_rows(error):
+                    if attempt > REJECT_AFTER and _about_the_rows(cause):
                         self._set_aside(taken[0], error)
                         attempt = 0
                         continue
@@ -399,7 +400,8 @@ class ClickHouseSink(BaseSink):
         self.spooled = self._spool.events
         self.dropped_later = self._spool.dropped
 
-    def _say_trouble(self, error: Exception) -> None:
+    def _say_trouble(self, error: Exception) -> str:
+        """Say what kept ClickHouse from taking a batch, if it is a new cause; the cause."""
         if isinstance(error, Refused):
             cause, message, fix = error.cause, str(error), error.fix
         elif "CERTIFICATE_VERIFY_FAILED" in str(error) or isinstance(error, ssl.SSLError):
@@ -425,6 +427,7 @@ class ClickHouseSink(BaseSink):
         if cause != self._trouble:
             self._trouble = cause
             log.error("clickhouse_not_taking", cause=cause, error=message, fix=fix)
+        return cause
 
     def _say_recovered(self) -> None:
         if self._trouble is not None:
