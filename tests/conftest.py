@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from containers import leftover_containers
 from leaks import LeakWatch
-from waiting import wait_for_count
+from waiting import json_lines_written, wait_for_count
 
 from pgslowlog.demo import embedded_bindir
 from pgslowlog.testing.cluster import Cluster
@@ -206,9 +206,7 @@ class DaemonUnderTest:
         self.config.write_text("\n".join(lines))
 
     def events(self, marker: str | None = None) -> list[dict[str, Any]]:
-        if not self.log.exists():
-            return []
-        events = [json.loads(line) for line in self.log.read_text().splitlines()]
+        events = json_lines_written(self.log)
         return [e for e in events if marker is None or marker in e["query"]]
 
     def wait_for_events(self, marker: str, count: int, timeout: float = 10) -> list[dict[str, Any]]:

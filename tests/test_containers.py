@@ -10,7 +10,6 @@ statement, in the right container's instance, with the pid PostgreSQL reports.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import httpx
 import pytest
 from containers import Container, NspawnContainer, leftover_containers
 from fleet import TREES
-from waiting import wait_for_count
+from waiting import json_lines_written, wait_for_count
 
 from pgslowlog.testing.cluster import ChrootCluster, free_port
 from pgslowlog.testing.daemon_process import RunningDaemon
@@ -63,10 +62,7 @@ class Daemon:
         self.config.chmod(0o600)
 
     def events(self, marker: str) -> list[dict[str, Any]]:
-        if not self.log.exists():
-            return []
-        events = [json.loads(line) for line in self.log.read_text().splitlines()]
-        return [event for event in events if marker in event["query"]]
+        return [event for event in json_lines_written(self.log) if marker in event["query"]]
 
     def one_event(self, marker: str) -> dict[str, Any]:
         (event,) = wait_for_count(lambda: self.events(marker), 1, marker, timeout=15)

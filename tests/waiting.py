@@ -11,8 +11,10 @@ daemon (which drains its sources and sink queues before it exits) and then count
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -59,3 +61,14 @@ def wait_for_count(
     """What `find` returns once it holds at least `count` items (more: a duplicate is the
     caller's to see); AssertionError naming `what` and what had arrived if time runs out."""
     return list(wait_until(lambda: Counted(find(), count), timeout, f"{count} {what}"))
+
+
+def json_lines_written(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a file a sink is still appending to, one per line: only the
+    lines written whole (a poll may read the file in the middle of a write); [] while
+    the file is not there."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.split("\n")[:-1] if line]
