@@ -21,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="TOML config file")
     check = commands.add_parser("check", help="validate the config and the machine")
-    check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="TOML config file")
+    check.add_argument(
+        "-c", "--config", default=DEFAULT_CONFIG, help="TOML config file (- for standard input)"
+    )
     probes = commands.add_parser(
         "probes", help="list the probe definitions and which can attach to a binary"
     )
@@ -56,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if arguments.command == "run":
             from pgslowlog import daemon
+            from pgslowlog.config import STDIN
+
+            if arguments.config == STDIN:  # SIGHUP reads the file again
+                raise UserError("run reads its config again on SIGHUP", "give it a file with -c")
 
             return daemon.run(arguments.config)
         if arguments.command == "probes":

@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import stat
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -141,8 +142,16 @@ def refuse_writable_by_others(path: Path, mode: int) -> None:
         )
 
 
+# `-c -`: the config on standard input. The Ansible role checks a new config this way,
+# as the service's user inside the unit's sandbox, before it replaces the old file: the
+# file it checks is readable by root alone, and systemd opens it for the check.
+STDIN = "-"
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate the config file; raise UserError naming the cause and the fix."""
+    if str(path) == STDIN:
+        return _load_stdin()
     path = Path(path)
     try:
         with path.open("rb") as file:  # tomllib wants bytes, as black reads pyproject.toml
@@ -166,6 +175,21 @@ def load_config(path: str | Path) -> Config:
             f"config {path} is not valid TOML: {error}", "fix the syntax there"
         ) from None
     return parse_config(data, str(path))
+
+
+def _load_stdin() -> Config:
+    name = "on standard input"
+    try:
+        data = tomllib.loads(sys.stdin.buffer.read().decode())
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"config {name} is not UTF-8 text (byte {error.start})", "save it as UTF-8"
+        ) from None
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(
+            f"config {name} is not valid TOML: {error}", "fix the syntax there"
+        ) from None
+    return parse_config(data, name)
 
 
 def parse_config(data: dict[str, Any], config_path: str = "config") -> Config:

@@ -7,9 +7,12 @@ the keys in ``COMMON_OPTIONS``, handled by the dispatcher and not passed to the 
 
 from __future__ import annotations
 
+import os
+import pwd
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Optional, Protocol
 
 import msgspec
@@ -75,6 +78,35 @@ def backoff_s(attempt: int, initial_s: float, max_s: float) -> float:
     to `max_s`, with jitter, so that the hosts of a fleet do not retry in step."""
     ceiling = min(max_s, initial_s * 2.0 ** (attempt - 1))
     return ceiling * random.uniform(0.5, 1.0)
+
+
+def check_writable(key: str, path: str | Path, *, directory: bool = False) -> None:
+    """Raise ValueError("key: ...") unless this process could write `path` now: the file
+    itself, or (one that does not exist yet) a new file in its directory; with
+    directory=True, files in the directory `path`, made by the sink if missing.
+
+    Run inside the unit's sandbox (the Ansible role's validate does), this sees what the
+    service will see: under ProtectSystem=strict every directory outside ReadWritePaths=,
+    LogsDirectory= and StateDirectory= is a read-only mount.
+    """
+    path = Path(path)
+    target = path if directory or path.exists() else path.parent
+    while directory and not target.exists() and target != target.parent:
+        target = target.parent  # the sink makes the missing directories: the first that exists
+    if not target.exists():
+        raise ValueError(f"{key}: directory {target} does not exist; create it")
+    if target != path and not target.is_dir():
+        raise ValueError(f"{key}: {target} is not a directory; correct the path")
+    if os.access(target, os.W_OK | (os.X_OK if target.is_dir() else 0)):
+        return
+    if os.statvfs(target).f_flag & os.ST_RDONLY:
+        raise ValueError(
+            f"{key}: {target} is read-only here (under systemd, ProtectSystem=strict leaves "
+            "only ReadWritePaths= writable); add its directory to ReadWritePaths= in a "
+            "drop-in (the Ansible role adds a sink's directory itself)"
+        )
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    raise ValueError(f"{key}: user {user} cannot write {target}; make it writable by {user}")
 
 
 class CommonSinkOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

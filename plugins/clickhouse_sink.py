@@ -47,7 +47,7 @@ from pgslowlog.plugins.clickhouse_schema import (
     valid_name,
 )
 from pgslowlog.plugins.clickhouse_spool import Batch, Spool
-from pgslowlog.sinks import BaseSink, SinkType, backoff_s
+from pgslowlog.sinks import BaseSink, SinkType, backoff_s, check_writable
 
 log = get_logger(__name__)
 DEFAULT_SPOOL = "/var/lib/pgslowlog"  # the unit's StateDirectory=, when not given one
@@ -110,9 +110,10 @@ def check_tls_files(options: ClickHouseOptions) -> None:
 
 
 def check_options(options: ClickHouseOptions) -> None:
-    """What `check` looks at: the secret and TLS files are readable."""
+    """What `check` looks at: the secret and TLS files are readable, the spool writable."""
     read_password(options)
     check_tls_files(options)
+    check_writable("spool_dir", options.spool_directory(), directory=True)
 
 
 REJECT_AFTER = 5  # refusals of one batch's rows, sent alone, before it is set aside

@@ -18,7 +18,7 @@ from pgslowlog.hookspecs import hookimpl
 from pgslowlog.jsonlog import jsonlog_lines
 from pgslowlog.log import get_logger
 from pgslowlog.plugin_manager import RegisterSink
-from pgslowlog.sinks import BaseSink, SinkType
+from pgslowlog.sinks import BaseSink, SinkType, check_writable
 
 log = get_logger(__name__)
 FILE_MODE = 0o640
@@ -108,6 +108,11 @@ class FileSink(BaseSink):
         os.close(self._fd)
 
 
+def check_options(options: FileSinkOptions) -> None:
+    """What `check` looks at: the file can be written (or made) where it is."""
+    check_writable("path", options.path)
+
+
 @hookimpl
 def pgslowlog_register_sinks(register: RegisterSink) -> None:
     register(
@@ -116,5 +121,6 @@ def pgslowlog_register_sinks(register: RegisterSink) -> None:
             description="append one JSON line per slow statement to a file (ours, or jsonlog)",
             options=FileSinkOptions,
             create=FileSink,
+            check=check_options,
         )
     )

@@ -21,7 +21,7 @@ threshold_ms = 200
 binary = "{PG15}"
 
 [sinks.file]
-path = "/tmp/pgslowlog-test-unused/slow.jsonl"
+path = "/tmp/pgslowlog-test-unused.jsonl"
 """
 
 
@@ -122,6 +122,15 @@ BAD_CONFIGS = {
         "sinks.webhook.headers_from_env.Authorization: environment variable "
         "PGSLOWLOG_TEST_UNSET_TOKEN is not set",
     ),
+    # Found before anything starts: the daemon would open it, and fail, only then.
+    "sink directory missing": (
+        GOOD.replace("/tmp/pgslowlog-test-unused.jsonl", "/nonexistent/dir/slow.jsonl"),
+        "sinks.file.path: directory /nonexistent/dir does not exist; create it",
+    ),
+    "spool directory under a file": (
+        GOOD + '[sinks.clickhouse]\nurl = "http://127.0.0.1:9"\nspool_dir = "/etc/hostname/x"\n',
+        "sinks.clickhouse.spool_dir: /etc/hostname is not a directory; correct the path",
+    ),
 }
 
 
@@ -162,6 +171,8 @@ FOUND_AFTER_THE_MACHINE_CHECK = {
     "unknown sink option",
     "unreadable secret file",
     "unset secret variable",
+    "sink directory missing",
+    "spool directory under a file",
 }
 
 
@@ -234,9 +245,11 @@ def test_check_passes_and_describes_the_binary(tmp_path):
 
 @pytest.mark.ebpf  # run opens sinks only after the machine check
 def test_sink_that_cannot_open_is_one_line(tmp_path):
-    blocker = tmp_path / "not-a-directory"
-    blocker.write_text("")
-    config = GOOD.replace("/tmp/pgslowlog-test-unused/slow.jsonl", f"{blocker}/slow.jsonl")
+    # A directory where the file should be: writable, so `check` lets it through, and
+    # open() refuses it.
+    blocker = tmp_path / "a-directory"
+    blocker.mkdir()
+    config = GOOD.replace("/tmp/pgslowlog-test-unused.jsonl", str(blocker))
     result = pgslowlog("run", "-c", write(tmp_path, config))
     assert result.returncode == 2
     assert result.stderr.startswith("pgslowlog: sink file cannot start: ")
@@ -334,7 +347,9 @@ def test_missing_piece_of_the_machine_is_named_with_its_fix(
     """Each piece is really taken away (capabilities dropped, paths hidden), nothing mocked."""
     prefix, expected = MISSING_PIECES[piece]
     good = with_binary(GOOD, embedded_postgres)
-    config = write(tmp_path, good.replace("/tmp/pgslowlog-test-unused", str(tmp_path)))
+    config = write(
+        tmp_path, good.replace("/tmp/pgslowlog-test-unused.jsonl", f"{tmp_path}/slow.jsonl")
+    )
     result = subprocess.run(
         [*prefix, sys.executable, "-m", "pgslowlog", command, "-c", config],
         capture_output=True,
@@ -359,7 +374,9 @@ def test_secrets_never_appear_in_check_output(tmp_path, embedded_postgres):
     secret_file.write_text("Bearer from-a-file-0451\n")
     config = write(
         tmp_path,
-        with_binary(GOOD, embedded_postgres).replace("/tmp/pgslowlog-test-unused", str(tmp_path))
+        with_binary(GOOD, embedded_postgres).replace(
+            "/tmp/pgslowlog-test-unused.jsonl", f"{tmp_path}/slow.jsonl"
+        )
         + '[sinks.webhook]\nurl = "https://user:pa55word@127.0.0.1:9/x"\n'
         + 'headers_from_env = { "X-Token" = "PGSLOWLOG_TEST_TOKEN" }\n'
         + f'headers_from_file = {{ Authorization = "{secret_file}" }}\n',
@@ -376,3 +393,76 @@ def test_secrets_never_appear_in_check_output(tmp_path, embedded_postgres):
     assert not [line for line in lines if line.startswith("error: ") and "webhook" in line]
     for secret in ("from-a-file-0451", "from-the-environment-0451", "pa55word"):
         assert secret not in result.stdout + result.stderr
+
+
+def test_check_reads_the_config_on_standard_input(tmp_path, embedded_postgres):
+    """`check -c -`: how the Ansible role checks a new file as the service's user (the
+    file itself is readable by root alone)."""
+    good = with_binary(GOOD, embedded_postgres)
+    result = subprocess.run(
+        [sys.executable, "-m", "pgslowlog", "check", "-c", "-"],
+        input=good,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout.startswith("ok: config on standard input is valid\n"), result.stdout
+    for text, says in (
+        (good.replace("threshold_ms", "thresold_ms"), "unknown key daemon.thresold_ms"),
+        ("[daemon\n", "config on standard input is not valid TOML"),
+        (good.replace("/tmp/pgslowlog-test-unused.jsonl", "/nonexistent/x.jsonl"), "/nonexistent"),
+    ):
+        refused = subprocess.run(
+            [sys.executable, "-m", "pgslowlog", "check", "-c", "-"],
+            input=text,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == 2, refused.stdout
+        errors = [line for line in refused.stdout.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and says in errors[0], refused.stdout
+        assert "Traceback" not in refused.stdout + refused.stderr
+
+
+def test_run_refuses_standard_input_it_could_not_read_again():
+    result = subprocess.run(
+        [sys.executable, "-m", "pgslowlog", "run", "-c", "-"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "pgslowlog: run reads its config again on SIGHUP; give it a file with -c\n"
+    ), result.stderr
+
+
+@pytest.mark.ebpf  # root: a mount namespace of its own
+def test_check_names_a_sink_directory_the_sandbox_keeps_read_only(tmp_path, embedded_postgres):
+    """What systemd's ProtectSystem=strict does to a directory outside ReadWritePaths=:
+    a read-only bind mount. Root could write it but for that; `check` says why not."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    config = write(
+        tmp_path,
+        with_binary(GOOD, embedded_postgres).replace(
+            "/tmp/pgslowlog-test-unused.jsonl", f"{logs}/slow.jsonl"
+        ),
+    )
+    script = (
+        f"mount --bind {logs} {logs} && mount -o remount,ro,bind {logs} {logs} && "
+        f"exec {sys.executable} -m pgslowlog check -c {config}"
+    )
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stdout
+    assert f"sinks.file.path: {logs} is read-only here" in errors[0], errors
+    assert "add its directory to ReadWritePaths=" in errors[0], errors
