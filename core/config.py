@@ -151,12 +151,13 @@ STDIN = "-"
 def load_config(path: str | Path) -> Config:
     """Read and validate the config file; raise UserError naming the cause and the fix."""
     if str(path) == STDIN:
-        return _load_stdin()
+        name = "on standard input"
+        return parse_config(_decode(sys.stdin.buffer.read(), name), name)
     path = Path(path)
     try:
         with path.open("rb") as file:  # tomllib wants bytes, as black reads pyproject.toml
             refuse_writable_by_others(path, os.fstat(file.fileno()).st_mode)
-            data = tomllib.load(file)
+            text = file.read()
     except FileNotFoundError:
         raise UserError(f"config file {path} not found", "pass the right path with -c") from None
     except PermissionError:
@@ -166,21 +167,12 @@ def load_config(path: str | Path) -> Config:
         ) from None
     except IsADirectoryError:
         raise UserError(f"config path {path} is a directory", "pass the TOML file") from None
-    except UnicodeDecodeError as error:
-        raise UserError(
-            f"config {path} is not UTF-8 text (byte {error.start})", "save it as UTF-8"
-        ) from None
-    except tomllib.TOMLDecodeError as error:
-        raise UserError(
-            f"config {path} is not valid TOML: {error}", "fix the syntax there"
-        ) from None
-    return parse_config(data, str(path))
+    return parse_config(_decode(text, str(path)), str(path))
 
 
-def _load_stdin() -> Config:
-    name = "on standard input"
+def _decode(text: bytes, name: str) -> dict[str, Any]:
     try:
-        data = tomllib.loads(sys.stdin.buffer.read().decode())
+        return tomllib.loads(text.decode())
     except UnicodeDecodeError as error:
         raise UserError(
             f"config {name} is not UTF-8 text (byte {error.start})", "save it as UTF-8"
@@ -189,7 +181,6 @@ def _load_stdin() -> Config:
         raise UserError(
             f"config {name} is not valid TOML: {error}", "fix the syntax there"
         ) from None
-    return parse_config(data, name)
 
 
 def parse_config(data: dict[str, Any], config_path: str = "config") -> Config:

@@ -491,7 +491,7 @@ def check_listen(metrics: MetricsConfig) -> Finding:
                 "(a restart hands it over)",
             )
     if port < (unprivileged := _unprivileged_port_start()):
-        # check runs as root (the role's validate); the unit's user has no
+        # check may run as root (by hand); the unit's user has no
         # CAP_NET_BIND_SERVICE, so the service itself would be refused at start.
         return Finding(
             True,

@@ -83,29 +83,42 @@ def backoff_s(attempt: int, initial_s: float, max_s: float) -> float:
 def check_writable(key: str, path: str | Path, *, directory: bool = False) -> None:
     """Raise ValueError("key: ...") unless this process could write `path` now: the file
     itself, or (one that does not exist yet) a new file in its directory; with
-    directory=True, files in the directory `path`, made by the sink if missing.
+    directory=True, files in the directory `path`. A missing directory is made by the
+    sink: then its first ancestor that exists must take new directories.
 
     Run inside the unit's sandbox (the Ansible role's validate does), this sees what the
     service will see: under ProtectSystem=strict every directory outside ReadWritePaths=,
     LogsDirectory= and StateDirectory= is a read-only mount.
     """
     path = Path(path)
-    target = path if directory or path.exists() else path.parent
-    while directory and not target.exists() and target != target.parent:
-        target = target.parent  # the sink makes the missing directories: the first that exists
-    if not target.exists():
-        raise ValueError(f"{key}: directory {target} does not exist; create it")
-    if target != path and not target.is_dir():
-        raise ValueError(f"{key}: {target} is not a directory; correct the path")
-    if os.access(target, os.W_OK | (os.X_OK if target.is_dir() else 0)):
-        return
-    if os.statvfs(target).f_flag & os.ST_RDONLY:
+    try:
+        if path.exists():
+            if directory != path.is_dir():
+                kind = "a directory" if directory else "a file"
+                raise ValueError(f"{key}: {path} is not {kind}; correct the path")
+            target = path
+        else:
+            target = path.parent  # the sink makes what is missing, directories included
+            while not target.exists():
+                target = target.parent
+            if not target.is_dir():
+                raise ValueError(f"{key}: {target} is not a directory; correct the path")
+        if os.access(target, os.W_OK | (os.X_OK if target.is_dir() else 0)):
+            return
+        read_only = os.statvfs(target).f_flag & os.ST_RDONLY
+    except OSError as error:  # a directory on the way this user may not search
+        raise ValueError(f"{key}: cannot reach {path}: {error.strerror}") from None
+    if read_only:
         raise ValueError(
             f"{key}: {target} is read-only here (under systemd, ProtectSystem=strict leaves "
-            "only ReadWritePaths= writable); add its directory to ReadWritePaths= in a "
+            "only ReadWritePaths= writable); add the directory to ReadWritePaths= in a "
             "drop-in (the Ansible role adds a sink's directory itself)"
         )
-    user = pwd.getpwuid(os.geteuid()).pw_name
+    uid = os.geteuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = f"uid {uid}"
     raise ValueError(f"{key}: user {user} cannot write {target}; make it writable by {user}")
 
 

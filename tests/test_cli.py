@@ -123,12 +123,16 @@ BAD_CONFIGS = {
         "PGSLOWLOG_TEST_UNSET_TOKEN is not set",
     ),
     # Found before anything starts: the daemon would open it, and fail, only then.
-    "sink directory missing": (
-        GOOD.replace("/tmp/pgslowlog-test-unused.jsonl", "/nonexistent/dir/slow.jsonl"),
-        "sinks.file.path: directory /nonexistent/dir does not exist; create it",
+    "sink path under a file": (
+        GOOD.replace("/tmp/pgslowlog-test-unused.jsonl", "/etc/hostname/slow.jsonl"),
+        "sinks.file.path: /etc/hostname is not a directory; correct the path",
     ),
-    "spool directory under a file": (
-        GOOD + '[sinks.clickhouse]\nurl = "http://127.0.0.1:9"\nspool_dir = "/etc/hostname/x"\n',
+    "sink path a directory": (
+        GOOD.replace("/tmp/pgslowlog-test-unused.jsonl", "/etc"),
+        "sinks.file.path: /etc is not a file; correct the path",
+    ),
+    "spool directory a file": (
+        GOOD + '[sinks.clickhouse]\nurl = "http://127.0.0.1:9"\nspool_dir = "/etc/hostname"\n',
         "sinks.clickhouse.spool_dir: /etc/hostname is not a directory; correct the path",
     ),
 }
@@ -171,8 +175,9 @@ FOUND_AFTER_THE_MACHINE_CHECK = {
     "unknown sink option",
     "unreadable secret file",
     "unset secret variable",
-    "sink directory missing",
-    "spool directory under a file",
+    "sink path under a file",
+    "sink path a directory",
+    "spool directory a file",
 }
 
 
@@ -245,10 +250,10 @@ def test_check_passes_and_describes_the_binary(tmp_path):
 
 @pytest.mark.ebpf  # run opens sinks only after the machine check
 def test_sink_that_cannot_open_is_one_line(tmp_path):
-    # A directory where the file should be: writable, so `check` lets it through, and
-    # open() refuses it.
-    blocker = tmp_path / "a-directory"
-    blocker.mkdir()
+    # A link to a file on a volume gone: its directory takes new files, so `check` lets
+    # it through, and open() finds nothing at the end of the link.
+    blocker = tmp_path / "slow.jsonl"
+    blocker.symlink_to(tmp_path / "gone" / "slow.jsonl")
     config = GOOD.replace("/tmp/pgslowlog-test-unused.jsonl", str(blocker))
     result = pgslowlog("run", "-c", write(tmp_path, config))
     assert result.returncode == 2
@@ -410,7 +415,7 @@ def test_check_reads_the_config_on_standard_input(tmp_path, embedded_postgres):
     for text, says in (
         (good.replace("threshold_ms", "thresold_ms"), "unknown key daemon.thresold_ms"),
         ("[daemon\n", "config on standard input is not valid TOML"),
-        (good.replace("/tmp/pgslowlog-test-unused.jsonl", "/nonexistent/x.jsonl"), "/nonexistent"),
+        (good.replace("/tmp/pgslowlog-test-unused.jsonl", "/etc/hostname/x"), "/etc/hostname"),
     ):
         refused = subprocess.run(
             [sys.executable, "-m", "pgslowlog", "check", "-c", "-"],
