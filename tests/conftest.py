@@ -83,6 +83,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # Every fixture, session-scoped ones included, has been torn down by now.
     _leftovers.extend(_leaks.leftovers())
     _leftovers.extend(leftover_containers())  # overlay mounts, cgroups (tests/containers.py)
+    # The cut-off hosts' network namespaces (tests/nspawn_fleet.py names them so).
+    netns = Path("/run/netns")
+    mine = sorted(netns.glob(f"pgsl{os.getpid()}*")) if netns.is_dir() else []
+    _leftovers.extend(f"network namespace {path.name}" for path in mine)
     if _skipped or _leftovers:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

@@ -66,25 +66,27 @@ def test_playbook_syntax():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("architecture", ["x86_64", "aarch64"])
-def test_preflight_refuses_other_architectures_than_x86_64(tmp_path, architecture):
-    # The role's own preflight tasks, run on the controller with the facts of a
-    # Debian 12 host on the given architecture (set_fact, nothing gathered or changed).
-    facts = {
-        "architecture": architecture,
+def preflight(tmp_path, **facts: str) -> subprocess.CompletedProcess[str]:
+    """The role's own preflight tasks, run on the controller with the facts of a Debian
+    12 host on x86_64 but for `facts` (set_fact, nothing gathered or changed)."""
+    host = {
+        "architecture": "x86_64",
         "os_family": "Debian",
         "distribution": "Debian",
+        "distribution_version": "12.8",
+        "distribution_major_version": "12",
         "service_mgr": "systemd",
         "kernel": "6.1.0-28-amd64",
-        "cacheable": True,
+        **facts,
     }
     play = [
         {
-            "name": "Preflight with a given architecture",
+            "name": "Preflight with given facts",
             "hosts": "localhost",
             "gather_facts": False,
+            "vars_files": [str(ROLE / "defaults" / "main.yml"), str(ROLE / "vars" / "main.yml")],
             "tasks": [
-                {"name": "Facts", "ansible.builtin.set_fact": facts},
+                {"name": "Facts", "ansible.builtin.set_fact": {**host, "cacheable": True}},
                 {
                     "name": "Preflight",
                     "ansible.builtin.import_tasks": str(ROLE / "tasks" / "preflight.yml"),
@@ -92,13 +94,47 @@ def test_preflight_refuses_other_architectures_than_x86_64(tmp_path, architectur
             ],
         }
     ]
-    result = play_locally(tmp_path, play)
-    if architecture == "x86_64":
-        assert result.returncode == 0, result.stdout + result.stderr
-    else:
-        assert result.returncode != 0, result.stdout
-        assert "x86_64 only, not on aarch64" in result.stdout, result.stdout
-        assert "arm64 is not supported yet" in result.stdout, result.stdout
+    # The interpreter named: discovery would go by the facts set above, not this machine.
+    return play_locally(tmp_path, play, "-e", f"ansible_python_interpreter={sys.executable}")
+
+
+@pytest.mark.parametrize("release", ["11", "12", "13"])
+def test_preflight_admits_the_tested_debian_releases(tmp_path, release):
+    result = preflight(tmp_path, distribution_major_version=release)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_preflight_refuses_other_architectures_than_x86_64(tmp_path):
+    result = preflight(tmp_path, architecture="aarch64")
+    assert result.returncode != 0, result.stdout
+    assert "x86_64 only, not on aarch64" in result.stdout, result.stdout
+    assert "arm64 is not supported yet" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize(
+    "facts",
+    [
+        {
+            "distribution": "Ubuntu",
+            "distribution_version": "24.04",
+            "distribution_major_version": "24",
+        },
+        {
+            "os_family": "RedHat",
+            "distribution": "RedHat",
+            "distribution_version": "9.4",
+            "distribution_major_version": "9",
+        },
+        {"distribution_version": "10.13", "distribution_major_version": "10"},
+    ],
+    ids=["ubuntu", "rhel", "debian-10"],
+)
+def test_preflight_refuses_what_was_never_tested_in_one_line(tmp_path, facts):
+    result = preflight(tmp_path, **facts)
+    assert result.returncode != 0, result.stdout
+    shown = f"{facts.get('distribution', 'Debian')} {facts['distribution_version']}"
+    said = f"this role is tested on Debian 11, 12 and 13 only, not on {shown}"
+    assert said in " ".join(result.stdout.split()), result.stdout
 
 
 def test_config_template_renders_a_config_pgslowlog_accepts(tmp_path):
@@ -138,6 +174,8 @@ def _render(tmp_path: Path, variables: dict[str, object]) -> Path:
         "ansible.builtin.template",
         "-a",
         f"src={ROLE / 'templates' / 'pgslowlog.toml.j2'} dest={rendered}",
+        "-e",
+        f"@{ROLE / 'vars' / 'main.yml'}",  # the paths made from the variables
         "-e",
         f"@{tmp_path / 'vars.json'}",
         # ansible's temporary files go below $HOME, which an unprivileged user may not have
@@ -291,7 +329,7 @@ def test_clickhouse_password_is_written_0600_once_never_shown_and_removed_unused
     # The role's own tasks; only where they write, and as whom, are this test's.
     target = tmp_path / "clickhouse-password"
     assert write["ansible.builtin.copy"]["dest"] == remove["ansible.builtin.file"]["path"]
-    assert write["ansible.builtin.copy"]["owner"] == "pgslowlog"
+    assert "else pgslowlog_user }}" in write["ansible.builtin.copy"]["owner"]
     assert write["no_log"] is True and write["diff"] is False
     write["ansible.builtin.copy"]["dest"] = remove["ansible.builtin.file"]["path"] = str(target)
     write["ansible.builtin.copy"]["owner"] = pwd.getpwuid(os.getuid()).pw_name
