@@ -99,7 +99,7 @@ def check_writable(key: str, path: str | Path, *, directory: bool = False) -> No
             target = path
         else:
             target = path.parent  # the sink makes what is missing, directories included
-            while not target.exists():
+            while not target.exists() and target != target.parent:
                 target = target.parent
             if not target.is_dir():
                 raise ValueError(f"{key}: {target} is not a directory; correct the path")

@@ -470,4 +470,4 @@ def test_check_names_a_sink_directory_the_sandbox_keeps_read_only(tmp_path, embe
     errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stdout
     assert f"sinks.file.path: {logs} is read-only here" in errors[0], errors
-    assert "add its directory to ReadWritePaths=" in errors[0], errors
+    assert "add the directory to ReadWritePaths=" in errors[0], errors

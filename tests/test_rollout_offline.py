@@ -85,6 +85,12 @@ def test_the_hosts_reach_no_index_and_no_mirror(air_gapped):
 def test_air_gapped_install_from_a_wheelhouse(air_gapped):
     fleet, wheelhouse = air_gapped
     variables = {**OFFLINE, "pgslowlog_wheelhouse": str(wheelhouse)}
+    # What would change, with the wheelhouse: said, nothing done.
+    dry = fleet.playbook("--check", "--diff", **variables)
+    assert dry.returncode == 0, dry.stdout[-5000:]
+    assert "would be installed (installed now: none)" in dry.stdout, dry.stdout[-3000:]
+    for host in fleet.hosts:
+        assert not host.exists("/opt/tools/slowlog") and not host.exists("/etc/slowlog")
     # The install phase alone first: the venv, and nothing of the other phases.
     installed = fleet.playbook("--tags", "pgslowlog_install", **variables)
     assert installed.returncode == 0, installed.stdout[-5000:]
@@ -127,6 +133,12 @@ def test_uninstall_removes_the_service_and_keeps_the_logs(air_gapped):
     variables = {**OFFLINE, "pgslowlog_wheelhouse": str(wheelhouse), "pgslowlog_state": "absent"}
     for host in fleet.hosts:
         assert host.events(), f"{host.name} has no log to keep"
+    dry = fleet.playbook("--check", **variables)
+    assert dry.returncode == 0, dry.stdout[-4000:]
+    assert sorted(changed(dry.stdout)) == sorted(host.name for host in fleet.hosts)
+    assert all(count > 0 for count in changed(dry.stdout).values()), dry.stdout[-3000:]
+    for host in fleet.hosts:  # said, not done
+        assert host.active() == "active" and host.exists("/opt/tools/slowlog"), host.name
     removed = fleet.playbook(**variables)
     assert removed.returncode == 0, removed.stdout[-4000:]
     for host in fleet.hosts:
@@ -146,11 +158,12 @@ def test_uninstall_removes_the_service_and_keeps_the_logs(air_gapped):
     assert changed(again.stdout) == {host.name: 0 for host in fleet.hosts}, again.stdout[-3000:]
 
     # Asked to, the data and the user go too; a run after that changes nothing.
-    purged = fleet.playbook(**variables, pgslowlog_remove_data=True)
+    # As an operator gives it, on the command line: the string "true".
+    purged = fleet.playbook("-e", "pgslowlog_remove_data=true", **variables)
     assert purged.returncode == 0, purged.stdout[-3000:]
     for host in fleet.hosts:
         assert not host.exists("/var/log/pgslowlog"), host.name
         assert host.run("getent", "passwd", "slowlog", check=False).returncode == 2
         assert host.run("getent", "group", "dba-tools", check=False).returncode == 2
-    last = fleet.playbook(**variables, pgslowlog_remove_data=True)
+    last = fleet.playbook("-e", "pgslowlog_remove_data=true", **variables)
     assert changed(last.stdout) == {host.name: 0 for host in fleet.hosts}, last.stdout[-3000:]
