@@ -88,7 +88,8 @@ WHOLE_CONFIGS = st.fixed_dictionaries(
             lambda binaries: [{"binary": binary} for binary in binaries]
         ),
         "sinks": st.sampled_from(FILE_FORMATS).map(
-            lambda form: {"file": {"path": "/nonexistent/pgslowlog/slow.jsonl", "format": form}}
+            # Well-formed for any user: a directory under /tmp, made by the sink.
+            lambda form: {"file": {"path": "/tmp/pgslowlog-fuzz/slow.jsonl", "format": form}}
         ),
     }
 )
