@@ -146,13 +146,13 @@ def refuse_writable_by_others(path: Path, mode: int) -> None:
 # as the service's user inside the unit's sandbox, before it replaces the old file: the
 # file it checks is readable by root alone, and systemd opens it for the check.
 STDIN = "-"
+STDIN_NAME = "on standard input"  # how messages name it: "config on standard input ..."
 
 
 def load_config(path: str | Path) -> Config:
     """Read and validate the config file; raise UserError naming the cause and the fix."""
     if str(path) == STDIN:
-        name = "on standard input"
-        return parse_config(_decode(sys.stdin.buffer.read(), name), name)
+        return parse_config(_decode(sys.stdin.buffer.read(), STDIN_NAME), STDIN_NAME)
     path = Path(path)
     try:
         with path.open("rb") as file:  # tomllib wants bytes, as black reads pyproject.toml

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from pgslowlog.config import STDIN, Config, DaemonConfig, load_config
+from pgslowlog.config import STDIN, STDIN_NAME, Config, DaemonConfig, load_config
 from pgslowlog.container_finder import servers_now
 from pgslowlog.container_watch import assign
 from pgslowlog.containers import ContainerServer
@@ -31,7 +31,7 @@ def run_checks(config_path: str) -> list[Finding]:
     except UserError as error:
         return [Finding(False, str(error))]
     if config_path == STDIN:
-        config_path = "on standard input"
+        config_path = STDIN_NAME
     findings.append(Finding(True, f"config {config_path} is valid"))
     if config.metrics is not None:
         try:
