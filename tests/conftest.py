@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from containers import leftover_containers
+from containers import leftover_containers, nspawn_hierarchies, reclaim_dead_sessions
 from leaks import LeakWatch
+from nspawn_fleet import reclaim_dead_fleets
 from waiting import json_lines_written, wait_for_count
 
 from pgslowlog.demo import embedded_bindir
@@ -70,6 +71,17 @@ _leaks = LeakWatch()
 _leftovers: list[str] = []
 
 
+_reclaimed: list[str] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # A run that was killed could not clean up: its containers would block this one's
+    # (a second pg-nspawn). Removed now, and said in the summary.
+    if os.geteuid() == 0:
+        _reclaimed.extend(reclaim_dead_sessions())
+        _reclaimed.extend(reclaim_dead_fleets())
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.skipped:
         _skipped.append(report.nodeid)
@@ -87,11 +99,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     netns = Path("/run/netns")
     mine = sorted(netns.glob(f"pgsl{os.getpid()}*")) if netns.is_dir() else []
     _leftovers.extend(f"network namespace {path.name}" for path in mine)
+    if os.geteuid() == 0:  # and their cgroups, named alike
+        for hierarchy in nspawn_hierarchies():
+            _leftovers.extend(f"cgroup {p}" for p in hierarchy.glob(f"pgsl{os.getpid()}*"))
     if _skipped or _leftovers:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for line in _reclaimed:
+        terminalreporter.write_line(f"left by a killed earlier run: {line}", yellow=True)
     if _skipped:
         terminalreporter.write_line(
             f"FAILED: {len(_skipped)} test(s) skipped; every test must run: {_skipped}", red=True

@@ -165,6 +165,13 @@ def _v1_hierarchies(only_systemd: bool = False) -> list[Path]:
     return sorted(found)
 
 
+def nspawn_hierarchies() -> list[Path]:
+    """Where systemd-nspawn --keep-unit puts its supervisor/ and payload/: the v2
+    hierarchy, and on a hybrid host systemd's named v1 one, which nspawn mirrors its
+    cgroups into (left at the root, it makes payload/ there)."""
+    return [_unified_root(), *_v1_hierarchies(only_systemd=True)]
+
+
 def _nspid(pid: int) -> list[int]:
     """The pid in each pid namespace, the host's first (empty if the process is gone)."""
     try:
@@ -206,7 +213,7 @@ def _cgroup_tree(directory: Path) -> list[Path]:
     return below  # os.walk bottom-up ends with `directory` itself
 
 
-def _cgroup_pids(directory: Path) -> set[int]:
+def cgroup_pids(directory: Path) -> set[int]:
     pids: set[int] = set()
     for cgroup in _cgroup_tree(directory):
         with contextlib.suppress(OSError):  # removed in between
@@ -214,7 +221,7 @@ def _cgroup_pids(directory: Path) -> set[int]:
     return pids
 
 
-def _rmdir_cgroup(directory: Path, timeout: float = 5.0) -> str | None:
+def remove_cgroup(directory: Path, timeout: float = 5.0) -> str | None:
     """Remove a cgroup directory and those below it; None, or why it could not be done.
     A cgroup whose last process has just exited stays busy until it has been reaped."""
     deadline = time.monotonic() + timeout
@@ -601,7 +608,7 @@ class Container:
         """Every process in the container's cgroups (all hierarchies hold the same)."""
         pids: set[int] = set()
         for directory in self._leaves_present():
-            pids |= _cgroup_pids(directory)
+            pids |= cgroup_pids(directory)
         return pids
 
     def _leaves_present(self) -> list[Path]:
@@ -716,7 +723,7 @@ class Container:
     def _remove_cgroups(self) -> list[str]:
         problems = []
         for leaf in self._leaves_present():
-            if (problem := _rmdir_cgroup(leaf)) is not None:
+            if (problem := remove_cgroup(leaf)) is not None:
                 problems.append(problem)
                 continue
             # Then the parents this process made, once no other container is under them.
@@ -779,9 +786,7 @@ class NspawnContainer(Container):
         return f"machine.slice/machine-{_unit_escape(self.machine)}.scope"
 
     def hierarchies(self) -> list[Path]:
-        # The v2 hierarchy, and on a hybrid host systemd's named v1 one, which nspawn
-        # mirrors its cgroups into (left at the root, it makes payload/ there).
-        return [_unified_root(), *_v1_hierarchies(only_systemd=True)]
+        return nspawn_hierarchies()
 
     def _runtime_command(self, argv: list[str]) -> list[str]:
         # nspawn locks the directory with a file named by its device and inode; a killed
@@ -791,6 +796,8 @@ class NspawnContainer(Container):
             NSPAWN_RUN / "locks" / f"inode-{root.st_dev}:{root.st_ino}",
             NSPAWN_RUN / "propagate" / self.machine,
         ]
+        # Recorded too: reclaim_dead_sessions() removes them after a killed run.
+        (self.base / "nspawn-files").write_text("".join(f"{p}\n" for p in self._nspawn_files))
         setenv = [f"--setenv={key}={value}" for key, value in self._environment().items()]
         return [
             "systemd-nspawn",
@@ -888,7 +895,7 @@ def leftover_containers() -> list[str]:
         if directory.is_dir() and (
             directory not in _made_parents or not any(p.is_dir() for p in directory.iterdir())
         ):
-            pids = sorted(_cgroup_pids(directory))
+            pids = sorted(cgroup_pids(directory))
             left.append(f"cgroup {directory}" + (f" with processes {pids}" if pids else ""))
     mark = f"{OWNER_VARIABLE}={owner}".encode()
     for entry in os.listdir("/proc"):
@@ -903,6 +910,101 @@ def leftover_containers() -> list[str]:
             command = " ".join(_command_line(pid).split())  # the init script: one line
             left.append(f"process {pid} ({command[:160]})")
     return left
+
+
+def _session_alive(owner: str) -> bool:
+    """Whether the session (or process) that owns containers still runs: its pid is
+    there and started before the mark was made (else the pid is a later process's)."""
+    pid_text, _, stamp = owner.removeprefix("pid-").partition("-")
+    if not pid_text.isdigit():
+        return True  # not a mark this module makes: never touch it
+    try:
+        stat = Path(f"/proc/{pid_text}/stat").read_text()
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, StopIteration):
+        return False
+    if not stamp.isdigit():
+        return True  # a process's own mark: the pid is all there is to go by
+    ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
+    started = boot + ticks / os.sysconf("SC_CLK_TCK")
+    return started <= int(stamp) / 1e9 + 2  # btime is whole seconds
+
+
+def reclaim_dead_sessions() -> list[str]:
+    """Remove what runs that were killed (SIGKILL, a machine restarted) left: their
+    processes, overlays, cgroups, nspawn's lock and propagation files and directories,
+    as a runtime cleans up dead containers when it starts again. A container named as a
+    dead one (pg-nspawn) could not start otherwise. Only containers whose owner no longer
+    runs; returns one line for each, saying what was removed or could not be."""
+    reclaimed = []
+    parents: set[Path] = set()  # made by one dead container, shared by others
+    for parent in (Path("/var/tmp"), Path("/tmp")):
+        for base in sorted(parent.glob(f"{PREFIX}*")):
+            try:
+                owner = (base / "owner").read_text().strip()
+            except OSError:
+                continue  # being made right now, or not this module's
+            if _session_alive(owner):
+                continue
+            problems = _reclaim(base, owner, parents)
+            reclaimed.append(
+                f"{base} of session {owner}, which no longer runs: "
+                + ("; ".join(problems) if problems else "removed")
+            )
+    for directory in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):  # not empty: a live container is under it
+            directory.rmdir()
+    return reclaimed
+
+
+def _reclaim(base: Path, owner: str, parents: set[Path]) -> list[str]:
+    mark = f"{OWNER_VARIABLE}={owner}".encode()
+    deadline = time.monotonic() + KILL_TIMEOUT_S
+    while True:
+        pids = []
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError):
+                if mark in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry))
+        pids = [pid for pid in pids if not _is_zombie(pid)]
+        if not pids or time.monotonic() >= deadline:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    problems = [f"processes {pids} would not die"] if pids else []
+    root = base / "root"
+    if _is_mounted(root):
+        if subprocess.run(["umount", "--lazy", str(root)], capture_output=True).returncode:
+            problems.append(f"cannot unmount {root}")
+    recorded: list[Path] = []
+    for name in ("cgroups", "nspawn-files"):
+        with contextlib.suppress(OSError):
+            recorded += [Path(line) for line in (base / name).read_text().split()]
+    # The container's own cgroups with what is below them (nspawn's supervisor/ and
+    # payload/); the parents it made are left to the caller.
+    for path in sorted(recorded, key=lambda p: len(p.parts), reverse=True):
+        if path.is_relative_to(NSPAWN_RUN):
+            with contextlib.suppress(OSError):
+                path.rmdir() if path.is_dir() else path.unlink()
+            continue
+        if any(path in other.parents for other in recorded):
+            parents.add(path)  # the last step, once every dead container's is gone
+        elif path.is_dir() and not cgroup_pids(path):
+            for cgroup in _cgroup_tree(path):
+                with contextlib.suppress(OSError):
+                    cgroup.rmdir()
+    problems += [f"{p} kept" for p in recorded if p not in parents and p.exists()]
+    if not problems:
+        _rmtree(base)
+        if base.exists():
+            problems.append(f"cannot remove {base}")
+    return problems
 
 
 # -- self-check: python tests/containers.py (as root) -----------------------------------

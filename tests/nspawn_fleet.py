@@ -26,11 +26,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from containers import JOIN_SCRIPT, cgroup_pids, nspawn_hierarchies, remove_cgroup
 from fleet import DEBIAN_MAJORS, TREES
 from waiting import wait_until
 
@@ -56,6 +57,7 @@ class Host:
     pg_port: int
     metrics_port: int
     netns: str | None = None  # its own network namespace, when cut off
+    cgroups: list[Path] = field(default_factory=list)  # its own, removed at power-off
     leader: int | None = None  # the container's PID 1, seen from here
     machine: subprocess.Popen[bytes] | None = None
 
@@ -221,7 +223,12 @@ def booted_fleet(
             else ("127.0.0.1", *ports[3 * i : 3 * i + 3])
         )
         netns = f"pgsl{os.getpid()}{i}" if cut_off else None
-        hosts.append(Host(NAMES[release], release, major, workdir / release, *reach, netns=netns))
+        host = Host(NAMES[release], release, major, workdir / release, *reach, netns=netns)
+        # A cgroup of its own in each hierarchy nspawn uses (not this machine's root,
+        # where nspawn's supervisor/ and payload/ would stay): named as the netns, so
+        # the leak check finds both.
+        host.cgroups = [h / f"pgsl{os.getpid()}{i}" for h in nspawn_hierarchies()]
+        hosts.append(host)
     fleet = Fleet(hosts=hosts, workdir=workdir, key=workdir / "id_ed25519")
     started = time.monotonic()
     try:
@@ -238,8 +245,12 @@ def booted_fleet(
         for host in hosts:  # booted side by side: the slowest boot is the wait
             console = (workdir / f"console-{host.release}.log").open("w")
             network = [f"--network-namespace-path=/run/netns/{host.netns}"] if host.netns else []
+            for cgroup in host.cgroups:
+                cgroup.mkdir()
+            join = [str(cgroup / "cgroup.procs") for cgroup in host.cgroups]
             host.machine = subprocess.Popen(
                 [
+                    *["/bin/sh", "-c", JOIN_SCRIPT, "join-cgroups", *join, "--"],
                     "systemd-nspawn",
                     "--register=no",
                     "--keep-unit",
@@ -274,7 +285,32 @@ def booted_fleet(
                 subprocess.run(["umount", "--lazy", str(host.tree)], check=False)
             if host.netns is not None:  # takes its end of the veth pair, and so the pair
                 subprocess.run(["ip", "netns", "del", host.netns], check=False)
+            for cgroup in host.cgroups:
+                remove_cgroup(cgroup)  # what it cannot remove, the leak check names
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def reclaim_dead_fleets() -> list[str]:
+    """What fleets of killed runs left (a network namespace with its veth pair, whose
+    198.18.I.1 would clash with the next cut-off fleet's; cgroups): removed, as a
+    runtime cleans up when it starts again. Named pgsl<pid><i>, so only those of a pid
+    that no longer runs; one line for each."""
+    reclaimed = []
+    netns = Path("/run/netns")
+    for name in sorted(p.name for p in netns.glob("pgsl*")) if netns.is_dir() else []:
+        if not Path(f"/proc/{name[4:-1]}").exists():
+            result = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True)
+            said = result.stderr.strip() or "removed"
+            reclaimed.append(f"network namespace {name} of pid {name[4:-1]}: {said}")
+    for hierarchy in nspawn_hierarchies():
+        for cgroup in sorted(hierarchy.glob("pgsl*")):
+            if not Path(f"/proc/{cgroup.name[4:-1]}").exists():
+                for pid in cgroup_pids(cgroup):
+                    with suppress(ProcessLookupError):  # a container of the dead run
+                        os.kill(pid, signal.SIGKILL)
+                said = remove_cgroup(cgroup, timeout=10) or "removed"
+                reclaimed.append(f"cgroup {cgroup} of pid {cgroup.name[4:-1]}: {said}")
+    return reclaimed
 
 
 def _fresh_root(host: Host, workdir: Path) -> None:

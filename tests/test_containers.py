@@ -10,6 +10,7 @@ statement, in the right container's instance, with the pid PostgreSQL reports.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from containers import Container, NspawnContainer, leftover_containers
+from containers import Container, NspawnContainer, leftover_containers, reclaim_dead_sessions
 from fleet import TREES
 from waiting import json_lines_written, wait_for_count
 
@@ -373,3 +374,55 @@ def test_containers_with_pid_is_refused_by_check_in_one_line(tmp_path):
     assert result.returncode == 2
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("error:")]
     assert "target[0] has containers = true and pid = 1" in line
+
+
+KILLED_RUN = """
+import os, sys, time
+sys.path.insert(0, "tests")
+from pathlib import Path
+from containers import Container, NspawnContainer
+trees = Path(sys.argv[1])
+made = [
+    NspawnContainer(trees / "trixie", 17, machine="pg-killed").start(),
+    Container(trees / "trixie", 17, runtime="docker").start(),
+]
+print(" ".join(str(c.base) for c in made), flush=True)
+time.sleep(600)
+"""
+
+
+def test_what_a_killed_run_left_is_reclaimed_by_the_next():
+    """A run killed with its containers running (SIGKILL, the machine's jobs stopped)
+    cannot clean up; its nspawn scope would refuse the next run's container of that name.
+    The next session start removes it all, and says so."""
+    environment = {k: v for k, v in os.environ.items() if k != "PGSLOWLOG_TEST_SESSION"}
+    run = subprocess.Popen(
+        [sys.executable, "-c", KILLED_RUN, str(TREES)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=environment,  # its own owner mark: pid-<its pid>
+        start_new_session=True,
+    )
+    try:
+        assert run.stdout is not None
+        bases = [Path(b) for b in run.stdout.readline().split()]
+        assert len(bases) == 2, bases
+    finally:
+        run.kill()  # killed: nothing of its own clean-up runs
+        run.wait()
+    scopes = list(Path("/sys/fs/cgroup").glob("**/machine-pg\\x2dkilled.scope"))
+    propagate = Path("/run/systemd/nspawn/propagate/pg-killed")
+    assert scopes and propagate.is_dir() and all((b / "root/usr").is_dir() for b in bases)
+    with pytest.raises(RuntimeError, match="exists: another container"):
+        NspawnContainer(TRIXIE, 17, machine="pg-killed").start()  # the name is taken
+
+    reclaimed = reclaim_dead_sessions()
+
+    for base in bases:
+        assert f"{base} of session pid-{run.pid}, which no longer runs: removed" in reclaimed
+        assert not base.exists()
+    assert not any(scope.exists() for scope in scopes) and not propagate.exists()
+    mounts = Path("/proc/self/mounts").read_text()
+    assert not any(str(base) in mounts for base in bases)
+    with NspawnContainer(TRIXIE, 17, machine="pg-killed") as again:  # the name is free again
+        assert again.backend_pid_inside() > 1
