@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from containers import leftover_containers, nspawn_hierarchies, reclaim_dead_sessions
-from leaks import LeakWatch
-from nspawn_fleet import reclaim_dead_fleets
+from containers import leftover_containers, reclaim_dead_sessions
+from leaks import LeakWatch, reclaim_dead_runs
+from nspawn_fleet import fleet_leftovers, reclaim_dead_fleets
 from waiting import json_lines_written, wait_for_count
 
 from pgslowlog.demo import embedded_bindir
@@ -80,6 +80,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if os.geteuid() == 0:
         _reclaimed.extend(reclaim_dead_sessions())
         _reclaimed.extend(reclaim_dead_fleets())
+        _reclaimed.extend(reclaim_dead_runs())  # their clusters and daemons
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -91,17 +92,14 @@ def pytest_runtest_logfinish(nodeid: str, location: tuple[str, int | None, str])
     _leaks.after_test(nodeid)
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own, which tears the fixtures down
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    # Every fixture, session-scoped ones included, has been torn down by now.
+    # Every fixture, session-scoped ones included, has been torn down by now (on an
+    # interrupted run too: pytest tears down what is left in its own sessionfinish).
     _leftovers.extend(_leaks.leftovers())
     _leftovers.extend(leftover_containers())  # overlay mounts, cgroups (tests/containers.py)
-    # The cut-off hosts' network namespaces (tests/nspawn_fleet.py names them so).
-    netns = Path("/run/netns")
-    mine = sorted(netns.glob(f"pgsl{os.getpid()}*")) if netns.is_dir() else []
-    _leftovers.extend(f"network namespace {path.name}" for path in mine)
-    if os.geteuid() == 0:  # and their cgroups, named alike
-        for hierarchy in nspawn_hierarchies():
-            _leftovers.extend(f"cgroup {p}" for p in hierarchy.glob(f"pgsl{os.getpid()}*"))
+    # The rollout hosts' network namespaces and cgroups (tests/nspawn_fleet.py).
+    _leftovers.extend(fleet_leftovers(os.getpid()))
     if _skipped or _leftovers:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

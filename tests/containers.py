@@ -34,6 +34,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar
 
+from leaks import mark_alive, run_mark
+
 from pgslowlog.testing.cluster import INITDB_OPTIONS
 
 CGROUPS = Path("/sys/fs/cgroup")
@@ -113,8 +115,9 @@ exec "$@"
 
 
 def _owner() -> str:
-    """Whose containers these are: the test session's, else this process's."""
-    return os.environ.get(SESSION_VARIABLE) or f"pid-{os.getpid()}"
+    """Whose containers these are: the test session's, else this process's; a mark
+    that says whether its owner still runs (leaks.mark_alive)."""
+    return os.environ.get(SESSION_VARIABLE) or run_mark(os.getpid())
 
 
 def _temp_parent() -> Path:
@@ -470,6 +473,8 @@ class Container:
             self._base_made = True
             # The record first: whatever follows is found by leftover_containers().
             (self.base / "owner").write_text(_owner() + "\n")
+            # Its own cgroups, which a reclaim removes whole: the rest are shared parents.
+            (self.base / "leaves").write_text("".join(f"{leaf}\n" for leaf in self._leaves()))
         for name in ("upper", "work", "root"):
             (self.base / name).mkdir(exist_ok=True)
         if not _is_mounted(self.root):
@@ -912,43 +917,45 @@ def leftover_containers() -> list[str]:
     return left
 
 
-def _session_alive(owner: str) -> bool:
-    """Whether the session (or process) that owns containers still runs: its pid is
-    there and started before the mark was made (else the pid is a later process's)."""
-    pid_text, _, stamp = owner.removeprefix("pid-").partition("-")
-    if not pid_text.isdigit():
-        return True  # not a mark this module makes: never touch it
+def _trusted(path: Path) -> bool:
+    """Records that root acts on must be root's: /var/tmp is anyone's to write in."""
     try:
-        stat = Path(f"/proc/{pid_text}/stat").read_text()
-        boot = next(
-            float(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime ")
-        )
-    except (OSError, StopIteration):
+        found = path.lstat()
+    except OSError:
         return False
-    if not stamp.isdigit():
-        return True  # a process's own mark: the pid is all there is to go by
-    ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
-    started = boot + ticks / os.sysconf("SC_CLK_TCK")
-    return started <= int(stamp) / 1e9 + 2  # btime is whole seconds
+    return found.st_uid == 0 and not path.is_symlink()
+
+
+def _harness_cgroup(path: Path, hierarchies: list[Path]) -> bool:
+    """A path below a mounted cgroup hierarchy (never one itself, never elsewhere)."""
+    resolved = path.resolve()
+    return resolved == path and any(h in resolved.parents for h in hierarchies)
+
+
+NSPAWN_FILE = re.compile(
+    rf"{re.escape(str(NSPAWN_RUN))}/(locks/inode-\d+:\d+|propagate/[A-Za-z0-9][A-Za-z0-9_.-]*)"
+)
 
 
 def reclaim_dead_sessions() -> list[str]:
     """Remove what runs that were killed (SIGKILL, a machine restarted) left: their
     processes, overlays, cgroups, nspawn's lock and propagation files and directories,
     as a runtime cleans up dead containers when it starts again. A container named as a
-    dead one (pg-nspawn) could not start otherwise. Only containers whose owner no longer
-    runs; returns one line for each, saying what was removed or could not be."""
+    dead one (pg-nspawn) could not start otherwise. Only root's records of containers
+    whose owner no longer runs; returns one line for each, saying what was removed or
+    could not be."""
     reclaimed = []
     parents: set[Path] = set()  # made by one dead container, shared by others
     for parent in (Path("/var/tmp"), Path("/tmp")):
         for base in sorted(parent.glob(f"{PREFIX}*")):
+            records = [base / name for name in ("owner", "cgroups", "leaves", "nspawn-files")]
+            if not _trusted(base) or not all(_trusted(r) or not r.exists() for r in records):
+                continue
             try:
                 owner = (base / "owner").read_text().strip()
             except OSError:
                 continue  # being made right now, or not this module's
-            if _session_alive(owner):
+            if mark_alive(owner):
                 continue
             problems = _reclaim(base, owner, parents)
             reclaimed.append(
@@ -961,45 +968,52 @@ def reclaim_dead_sessions() -> list[str]:
     return reclaimed
 
 
+def _recorded(base: Path, name: str) -> list[Path]:
+    try:
+        return [Path(line) for line in (base / name).read_text().split()]
+    except OSError:
+        return []
+
+
 def _reclaim(base: Path, owner: str, parents: set[Path]) -> list[str]:
+    hierarchies = [Path(point) for point, fstype, _ in _mounts() if fstype.startswith("cgroup")]
+    leaves = [p for p in _recorded(base, "leaves") if _harness_cgroup(p, hierarchies)]
+    # Its processes: every one carries its mark (the runtime, postgres, each backend).
+    # Not whatever is in a cgroup of its name: a live container of that name may be.
     mark = f"{OWNER_VARIABLE}={owner}".encode()
     deadline = time.monotonic() + KILL_TIMEOUT_S
     while True:
-        pids = []
+        pids = set()
         for entry in filter(str.isdigit, os.listdir("/proc")):
             with contextlib.suppress(OSError):
                 if mark in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry))
-        pids = [pid for pid in pids if not _is_zombie(pid)]
+                    pids.add(int(entry))
+        pids = {pid for pid in pids if not _is_zombie(pid)}
         if not pids or time.monotonic() >= deadline:
             break
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.05)
-    problems = [f"processes {pids} would not die"] if pids else []
+    problems = [f"processes {sorted(pids)} would not die"] if pids else []
     root = base / "root"
     if _is_mounted(root):
         if subprocess.run(["umount", "--lazy", str(root)], capture_output=True).returncode:
             problems.append(f"cannot unmount {root}")
-    recorded: list[Path] = []
-    for name in ("cgroups", "nspawn-files"):
-        with contextlib.suppress(OSError):
-            recorded += [Path(line) for line in (base / name).read_text().split()]
-    # The container's own cgroups with what is below them (nspawn's supervisor/ and
-    # payload/); the parents it made are left to the caller.
-    for path in sorted(recorded, key=lambda p: len(p.parts), reverse=True):
-        if path.is_relative_to(NSPAWN_RUN):
+    # Its own cgroups with what is below them (nspawn's supervisor/ and payload/); the
+    # parents it made go last, each only if empty: another container may be under it.
+    for leaf in leaves:
+        if (problem := remove_cgroup(leaf, timeout=KILL_TIMEOUT_S)) is not None:
+            problems.append(problem)
+    parents.update(
+        p for p in _recorded(base, "cgroups") if p not in leaves and _harness_cgroup(p, hierarchies)
+    )
+    # nspawn's files, unless a live container of that machine name uses them now.
+    live = any(leaf.is_dir() for leaf in leaves)
+    for path in _recorded(base, "nspawn-files"):
+        if NSPAWN_FILE.fullmatch(str(path)) and not live:
             with contextlib.suppress(OSError):
-                path.rmdir() if path.is_dir() else path.unlink()
-            continue
-        if any(path in other.parents for other in recorded):
-            parents.add(path)  # the last step, once every dead container's is gone
-        elif path.is_dir() and not cgroup_pids(path):
-            for cgroup in _cgroup_tree(path):
-                with contextlib.suppress(OSError):
-                    cgroup.rmdir()
-    problems += [f"{p} kept" for p in recorded if p not in parents and p.exists()]
+                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
     if not problems:
         _rmtree(base)
         if base.exists():

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
+import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,10 +126,70 @@ def listening_sockets(pid: int) -> set[str]:
     return owned
 
 
+def start_ticks(pid: int) -> int | None:
+    """When a process started, in clock ticks since boot: with the pid, tells it from a
+    later process given the same pid. None when it is gone."""
+    process = _read(pid)
+    return process.start_ticks if process is not None else None
+
+
+def run_mark(pid: int) -> str:
+    """A run's mark: its pid and when it started, so whether it still runs is known."""
+    return f"{pid}-{start_ticks(pid)}"
+
+
+def mark_alive(value: str) -> bool:
+    """Whether the run (or process) of a mark still runs; True for a mark not made by
+    run_mark(): what is not known to be dead is left alone."""
+    pid, _, ticks = value.partition("-")
+    if not (pid.isdigit() and ticks.isdigit()):
+        return True
+    return start_ticks(int(pid)) == int(ticks)
+
+
+def reclaim_dead_runs() -> list[str]:
+    """Processes of test runs that were killed (a cluster, a daemon: each carries its
+    run's mark, or is the child of one that does, as a postgres backend is): SIGKILLed,
+    and their clusters' directories removed. One line for each."""
+    by_pid = {process.pid: process for process in processes().values()}
+    dead = set()
+    for pid in by_pid:
+        with contextlib.suppress(OSError):
+            for variable in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                name, _, value = variable.decode(errors="replace").partition("=")
+                if name == MARK and not mark_alive(value):
+                    dead.add(pid)
+    grew = True
+    while grew:  # and their descendants
+        found = {p.pid for p in by_pid.values() if p.parent in dead} - dead
+        dead |= found
+        grew = bool(found)
+    lines, clusters = [], set()
+    for pid in sorted(dead):
+        command = by_pid[pid].command.split()
+        if "-D" in command[:-1]:  # a postmaster: its data directory's parent
+            base = Path(command[command.index("-D") + 1]).parent
+            if base.name.startswith("pgslowlog-cluster-"):
+                clusters.add(base)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        lines.append(f"{by_pid[pid]} killed")
+
+    def gone() -> bool:
+        return all((p := _read(pid)) is None or p.zombie for pid in dead)
+
+    with contextlib.suppress(AssertionError):  # what is left, the leak check names
+        wait_until(gone, 10, "the killed run's processes gone", interval=0.1)
+    for base in sorted(clusters):
+        shutil.rmtree(base, ignore_errors=True)
+        lines.append(f"cluster directory {base} removed")
+    return lines
+
+
 class LeakWatch:
     def __init__(self) -> None:
         self.root = os.getpid()
-        value = f"{self.root}-{time.time_ns()}"
+        value = run_mark(self.root)
         os.environ[MARK] = value  # inherited by everything the tests start
         self.mark = f"{MARK}={value}".encode()
         self.before = set(processes())

@@ -286,31 +286,61 @@ def booted_fleet(
             if host.netns is not None:  # takes its end of the veth pair, and so the pair
                 subprocess.run(["ip", "netns", "del", host.netns], check=False)
             for cgroup in host.cgroups:
-                remove_cgroup(cgroup)  # what it cannot remove, the leak check names
+                _kill_and_remove(cgroup)  # what it cannot remove, the leak check names
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# A host's network namespace and cgroups: pgsl<pid of the test session><host index>.
+FLEET_NAME = re.compile(r"pgsl(\d+)\d")
+
+
+def _fleet_parts() -> Iterator[tuple[str, Path, int]]:
+    """(what, path, the session's pid) of every host's network namespace and cgroup."""
+    netns = Path("/run/netns")
+    found = [("network namespace", p) for p in netns.glob("pgsl*")] if netns.is_dir() else []
+    try:
+        hierarchies = nspawn_hierarchies()
+    except RuntimeError:
+        hierarchies = []  # no cgroup2 here: no fleet was ever booted on this machine
+    found += [("cgroup", p) for h in hierarchies for p in h.glob("pgsl*")]
+    for what, path in sorted(found):
+        if match := FLEET_NAME.fullmatch(path.name):
+            yield what, path, int(match.group(1))
+
+
+def fleet_leftovers(pid: int) -> list[str]:
+    """The network namespaces and cgroups of the fleets of session `pid` still there."""
+    return [f"{what} {path}" for what, path, owner in _fleet_parts() if owner == pid]
 
 
 def reclaim_dead_fleets() -> list[str]:
     """What fleets of killed runs left (a network namespace with its veth pair, whose
     198.18.I.1 would clash with the next cut-off fleet's; cgroups): removed, as a
-    runtime cleans up when it starts again. Named pgsl<pid><i>, so only those of a pid
-    that no longer runs; one line for each."""
+    runtime cleans up when it starts again. Only those of a session that no longer
+    runs; one line for each."""
     reclaimed = []
-    netns = Path("/run/netns")
-    for name in sorted(p.name for p in netns.glob("pgsl*")) if netns.is_dir() else []:
-        if not Path(f"/proc/{name[4:-1]}").exists():
-            result = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True)
-            said = result.stderr.strip() or "removed"
-            reclaimed.append(f"network namespace {name} of pid {name[4:-1]}: {said}")
-    for hierarchy in nspawn_hierarchies():
-        for cgroup in sorted(hierarchy.glob("pgsl*")):
-            if not Path(f"/proc/{cgroup.name[4:-1]}").exists():
-                for pid in cgroup_pids(cgroup):
-                    with suppress(ProcessLookupError):  # a container of the dead run
-                        os.kill(pid, signal.SIGKILL)
-                said = remove_cgroup(cgroup, timeout=10) or "removed"
-                reclaimed.append(f"cgroup {cgroup} of pid {cgroup.name[4:-1]}: {said}")
+    for what, path, owner in _fleet_parts():
+        if Path(f"/proc/{owner}").exists():
+            continue
+        if what == "cgroup":
+            said = _kill_and_remove(path)
+        else:
+            result = subprocess.run(["ip", "netns", "del", path.name], capture_output=True)
+            said = result.stderr.decode(errors="replace").strip() or None
+        reclaimed.append(f"{what} {path} of pid {owner}: {said or 'removed'}")
     return reclaimed
+
+
+def _kill_and_remove(cgroup: Path, timeout: float = 10) -> str | None:
+    """SIGKILL what is left in a host's cgroup (a container that would not power off,
+    or one of a killed run), then remove it; None, or why it could not be done."""
+    deadline = time.monotonic() + timeout
+    while (pids := cgroup_pids(cgroup)) and time.monotonic() < deadline:
+        for pid in pids:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    return remove_cgroup(cgroup, timeout=timeout)
 
 
 def _fresh_root(host: Host, workdir: Path) -> None:

@@ -23,7 +23,13 @@ from typing import Any
 
 import httpx
 import pytest
-from containers import Container, NspawnContainer, leftover_containers, reclaim_dead_sessions
+from containers import (
+    Container,
+    NspawnContainer,
+    leftover_containers,
+    nspawn_hierarchies,
+    reclaim_dead_sessions,
+)
 from fleet import TREES
 from waiting import json_lines_written, wait_for_count
 
@@ -377,15 +383,19 @@ def test_containers_with_pid_is_refused_by_check_in_one_line(tmp_path):
 
 
 KILLED_RUN = """
-import os, sys, time
-sys.path.insert(0, "tests")
+import sys, time
 from pathlib import Path
+sys.path.insert(0, sys.argv[2])
 from containers import Container, NspawnContainer
 trees = Path(sys.argv[1])
-made = [
-    NspawnContainer(trees / "trixie", 17, machine="pg-killed").start(),
-    Container(trees / "trixie", 17, runtime="docker").start(),
-]
+made = []
+try:
+    made.append(NspawnContainer(trees / "trixie", 17, machine="pg-killed").start())
+    made.append(Container(trees / "trixie", 17, runtime="docker").start())
+except BaseException:
+    for container in made:
+        container.stop()
+    raise
 print(" ".join(str(c.base) for c in made), flush=True)
 time.sleep(600)
 """
@@ -397,32 +407,37 @@ def test_what_a_killed_run_left_is_reclaimed_by_the_next():
     The next session start removes it all, and says so."""
     environment = {k: v for k, v in os.environ.items() if k != "PGSLOWLOG_TEST_SESSION"}
     run = subprocess.Popen(
-        [sys.executable, "-c", KILLED_RUN, str(TREES)],
+        [sys.executable, "-c", KILLED_RUN, str(TREES), str(Path(__file__).parent)],
         stdout=subprocess.PIPE,
         text=True,
-        env=environment,  # its own owner mark: pid-<its pid>
+        env=environment,  # its own owner mark: <its pid>-<when it started>
         start_new_session=True,
     )
+    scopes = [h / "machine.slice" / "machine-pg\\x2dkilled.scope" for h in nspawn_hierarchies()]
+    propagate = Path("/run/systemd/nspawn/propagate/pg-killed")
     try:
         assert run.stdout is not None
         bases = [Path(b) for b in run.stdout.readline().split()]
-        assert len(bases) == 2, bases
-    finally:
         run.kill()  # killed: nothing of its own clean-up runs
         run.wait()
-    scopes = list(Path("/sys/fs/cgroup").glob("**/machine-pg\\x2dkilled.scope"))
-    propagate = Path("/run/systemd/nspawn/propagate/pg-killed")
-    assert scopes and propagate.is_dir() and all((b / "root/usr").is_dir() for b in bases)
-    with pytest.raises(RuntimeError, match="exists: another container"):
-        NspawnContainer(TRIXIE, 17, machine="pg-killed").start()  # the name is taken
+        assert len(bases) == 2, bases
+        assert all(s.is_dir() for s in scopes) and propagate.is_dir()
+        assert all((base / "root/usr").is_dir() for base in bases)
+        with pytest.raises(RuntimeError, match="exists: another container"):
+            NspawnContainer(TRIXIE, 17, machine="pg-killed").start()  # the name is taken
 
-    reclaimed = reclaim_dead_sessions()
+        reclaimed = reclaim_dead_sessions()
 
-    for base in bases:
-        assert f"{base} of session pid-{run.pid}, which no longer runs: removed" in reclaimed
-        assert not base.exists()
-    assert not any(scope.exists() for scope in scopes) and not propagate.exists()
-    mounts = Path("/proc/self/mounts").read_text()
-    assert not any(str(base) in mounts for base in bases)
-    with NspawnContainer(TRIXIE, 17, machine="pg-killed") as again:  # the name is free again
-        assert again.backend_pid_inside() > 1
+        for base in bases:
+            line = next(line for line in reclaimed if line.startswith(f"{base} of session"))
+            assert f" {run.pid}-" in line and line.endswith("which no longer runs: removed")
+            assert not base.exists()
+        assert not any(s.exists() for s in scopes) and not propagate.exists()
+        mounts = Path("/proc/self/mounts").read_text()
+        assert not any(str(base) in mounts for base in bases)
+        with NspawnContainer(TRIXIE, 17, machine="pg-killed") as again:  # the name is free
+            assert again.backend_pid_inside() > 1
+    finally:
+        run.kill()
+        run.wait()
+        reclaim_dead_sessions()  # whatever a failed assertion left
