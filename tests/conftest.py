@@ -92,16 +92,19 @@ def pytest_runtest_logfinish(nodeid: str, location: tuple[str, int | None, str])
     _leaks.after_test(nodeid)
 
 
-@pytest.hookimpl(trylast=True)  # after pytest's own, which tears the fixtures down
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    # Every fixture, session-scoped ones included, has been torn down by now (on an
-    # interrupted run too: pytest tears down what is left in its own sessionfinish).
-    _leftovers.extend(_leaks.leftovers())
-    _leftovers.extend(leftover_containers())  # overlay mounts, cgroups (tests/containers.py)
-    # The rollout hosts' network namespaces and cgroups (tests/nspawn_fleet.py).
-    _leftovers.extend(fleet_leftovers(os.getpid()))
-    if _skipped or _leftovers:
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+@pytest.hookimpl(wrapper=True, trylast=True)  # innermost: before the summary is written
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Iterator[None]:
+    try:
+        # pytest's own tears down the fixtures an interrupted run left set up.
+        return (yield)
+    finally:  # even when a tear-down failed
+        # Every fixture, session-scoped ones included, has been torn down by now.
+        _leftovers.extend(_leaks.leftovers())
+        _leftovers.extend(leftover_containers())  # overlays, cgroups (tests/containers.py)
+        # The rollout hosts' network namespaces and cgroups (tests/nspawn_fleet.py).
+        _leftovers.extend(fleet_leftovers(os.getpid()))
+        if _skipped or _leftovers:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

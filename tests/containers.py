@@ -953,8 +953,17 @@ def reclaim_dead_sessions() -> list[str]:
                 continue
             try:
                 owner = (base / "owner").read_text().strip()
+            except FileNotFoundError:
+                owner = ""
             except OSError:
-                continue  # being made right now, or not this module's
+                continue
+            if not owner:
+                # Killed between its mkdir and its record (nothing else made yet), or
+                # being made right now (for microseconds, not a minute).
+                if time.time() - base.lstat().st_mtime > 60:
+                    _rmtree(base)
+                    reclaimed.append(f"{base}, with no owner recorded: removed")
+                continue
             if mark_alive(owner):
                 continue
             problems = _reclaim(base, owner, parents)
@@ -977,8 +986,10 @@ def _recorded(base: Path, name: str) -> list[Path]:
 
 def _reclaim(base: Path, owner: str, parents: set[Path]) -> list[str]:
     hierarchies = [Path(point) for point, fstype, _ in _mounts() if fstype.startswith("cgroup")]
-    leaves = [p for p in _recorded(base, "leaves") if _harness_cgroup(p, hierarchies)]
-    # Its processes: every one carries its mark (the runtime, postgres, each backend).
+    made = set(_recorded(base, "cgroups"))  # not a leaf it found taken and never made
+    leaves = [p for p in _recorded(base, "leaves") if p in made and _harness_cgroup(p, hierarchies)]
+    # Its processes: they carry its mark (the runtime, postgres; a backend's title
+    # overwrites its environment, but it exits when its postmaster dies).
     # Not whatever is in a cgroup of its name: a live container of that name may be.
     mark = f"{OWNER_VARIABLE}={owner}".encode()
     deadline = time.monotonic() + KILL_TIMEOUT_S
@@ -1003,7 +1014,9 @@ def _reclaim(base: Path, owner: str, parents: set[Path]) -> list[str]:
     # Its own cgroups with what is below them (nspawn's supervisor/ and payload/); the
     # parents it made go last, each only if empty: another container may be under it.
     for leaf in leaves:
-        if (problem := remove_cgroup(leaf, timeout=KILL_TIMEOUT_S)) is not None:
+        if remaining := cgroup_pids(leaf):  # not its own: a live container of its name
+            problems.append(f"cgroup {leaf} kept: processes {sorted(remaining)} in it")
+        elif (problem := remove_cgroup(leaf, timeout=KILL_TIMEOUT_S)) is not None:
             problems.append(problem)
     parents.update(
         p for p in _recorded(base, "cgroups") if p not in leaves and _harness_cgroup(p, hierarchies)

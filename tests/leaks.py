@@ -138,12 +138,23 @@ def run_mark(pid: int) -> str:
     return f"{pid}-{start_ticks(pid)}"
 
 
+def running(pid: int) -> bool:
+    """The process is there and not a zombie (killed, not yet reaped by its parent)."""
+    process = _read(pid)
+    return process is not None and not process.zombie
+
+
 def mark_alive(value: str) -> bool:
     """Whether the run (or process) of a mark still runs; True for a mark not made by
     run_mark(): what is not known to be dead is left alone."""
     pid, _, ticks = value.partition("-")
     if not (pid.isdigit() and ticks.isdigit()):
         return True
+    if not running(int(pid)):
+        return False
+    uptime_ticks = float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK")
+    if int(ticks) > uptime_ticks:
+        return True  # an older mark (<pid>-<time in ns>): only the pid tells
     return start_ticks(int(pid)) == int(ticks)
 
 

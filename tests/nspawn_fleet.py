@@ -33,6 +33,7 @@ from typing import Any
 
 from containers import JOIN_SCRIPT, cgroup_pids, nspawn_hierarchies, remove_cgroup
 from fleet import DEBIAN_MAJORS, TREES
+from leaks import running
 from waiting import wait_until
 
 from pgslowlog.testing.cluster import free_ports
@@ -320,7 +321,9 @@ def reclaim_dead_fleets() -> list[str]:
     runs; one line for each."""
     reclaimed = []
     for what, path, owner in _fleet_parts():
-        if Path(f"/proc/{owner}").exists():
+        # Its names carry only the pid (a veth's name has 15 characters at most): alive
+        # if that pid runs, unless it is this session's, which has made none yet.
+        if owner != os.getpid() and running(owner):
             continue
         if what == "cgroup":
             said = _kill_and_remove(path)
