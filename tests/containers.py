@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar
 
-from leaks import mark_alive, run_mark
+from leaks import mark_alive, marked_pids, run_mark, running
 
 from pgslowlog.testing.cluster import INITDB_OPTIONS
 
@@ -112,6 +112,12 @@ done
 shift
 exec "$@"
 """
+
+
+def joined(cgroups: list[Path], command: list[str]) -> list[str]:
+    """`command`, run by the host's sh once it has joined `cgroups` (JOIN_SCRIPT)."""
+    procs = [str(cgroup / "cgroup.procs") for cgroup in cgroups]
+    return ["/bin/sh", "-c", JOIN_SCRIPT, "join-cgroups", *procs, "--", *command]
 
 
 def _owner() -> str:
@@ -198,14 +204,6 @@ def _command_line(pid: int) -> str:
     except OSError:
         return ""
     return raw.replace(b"\0", b" ").decode(errors="replace").strip() or f"[{_comm(pid)}]"
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # gone: nothing runs either
-    return stat[stat.rindex(")") + 2 :].startswith("Z")
 
 
 def _cgroup_tree(directory: Path) -> list[Path]:
@@ -558,8 +556,7 @@ class Container:
             )
 
     def _joined(self, command: list[str]) -> list[str]:
-        procs = [str(leaf / "cgroup.procs") for leaf in self._leaves()]
-        return ["/bin/sh", "-c", JOIN_SCRIPT, "join-cgroups", *procs, "--", *command]
+        return joined(self._leaves(), command)
 
     def _launch(self) -> None:
         argv = [
@@ -699,7 +696,7 @@ class Container:
     def _kill_cgroups(self) -> None:
         """SIGKILL every process left in the container's cgroups, until none is left."""
         deadline = time.monotonic() + KILL_TIMEOUT_S
-        while pids := {pid for pid in self._pids() if not _is_zombie(pid)}:
+        while pids := {pid for pid in self._pids() if running(pid)}:
             for leaf in self._leaves_present():
                 kill = leaf / "cgroup.kill"  # cgroup v2: the whole subtree, atomically
                 if kill.exists():
@@ -902,18 +899,9 @@ def leftover_containers() -> list[str]:
         ):
             pids = sorted(cgroup_pids(directory))
             left.append(f"cgroup {directory}" + (f" with processes {pids}" if pids else ""))
-    mark = f"{OWNER_VARIABLE}={owner}".encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        try:
-            environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if mark in environment and not _is_zombie(pid):
-            command = " ".join(_command_line(pid).split())  # the init script: one line
-            left.append(f"process {pid} ({command[:160]})")
+    for pid in marked_pids(f"{OWNER_VARIABLE}={owner}".encode()):
+        command = " ".join(_command_line(pid).split())  # the init script: one line
+        left.append(f"process {pid} ({command[:160]})")
     return left
 
 
@@ -994,19 +982,14 @@ def _reclaim(base: Path, owner: str, parents: set[Path]) -> list[str]:
     mark = f"{OWNER_VARIABLE}={owner}".encode()
     deadline = time.monotonic() + KILL_TIMEOUT_S
     while True:
-        pids = set()
-        for entry in filter(str.isdigit, os.listdir("/proc")):
-            with contextlib.suppress(OSError):
-                if mark in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
-                    pids.add(int(entry))
-        pids = {pid for pid in pids if not _is_zombie(pid)}
+        pids = marked_pids(mark)
         if not pids or time.monotonic() >= deadline:
             break
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.05)
-    problems = [f"processes {sorted(pids)} would not die"] if pids else []
+    problems = [f"processes {pids} would not die"] if pids else []
     root = base / "root"
     if _is_mounted(root):
         if subprocess.run(["umount", "--lazy", str(root)], capture_output=True).returncode:
@@ -1018,9 +1001,7 @@ def _reclaim(base: Path, owner: str, parents: set[Path]) -> list[str]:
             problems.append(f"cgroup {leaf} kept: processes {sorted(remaining)} in it")
         elif (problem := remove_cgroup(leaf, timeout=KILL_TIMEOUT_S)) is not None:
             problems.append(problem)
-    parents.update(
-        p for p in _recorded(base, "cgroups") if p not in leaves and _harness_cgroup(p, hierarchies)
-    )
+    parents.update(p for p in made if p not in leaves and _harness_cgroup(p, hierarchies))
     # nspawn's files, unless a live container of that machine name uses them now.
     live = any(leaf.is_dir() for leaf in leaves)
     for path in _recorded(base, "nspawn-files"):

@@ -138,6 +138,12 @@ def run_mark(pid: int) -> str:
     return f"{pid}-{start_ticks(pid)}"
 
 
+def marked_pids(mark: bytes) -> list[int]:
+    """The processes running with `mark` (VARIABLE=value) in their environment."""
+    pids = (int(entry) for entry in os.listdir("/proc") if entry.isdigit())
+    return sorted(pid for pid in pids if _marked(pid, mark) and running(pid))
+
+
 def running(pid: int) -> bool:
     """The process is there and not a zombie (killed, not yet reaped by its parent)."""
     process = _read(pid)
@@ -150,12 +156,13 @@ def mark_alive(value: str) -> bool:
     pid, _, ticks = value.partition("-")
     if not (pid.isdigit() and ticks.isdigit()):
         return True
-    if not running(int(pid)):
+    process = _read(int(pid))
+    if process is None or process.zombie:  # a zombie: killed, not yet reaped
         return False
     uptime_ticks = float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK")
     if int(ticks) > uptime_ticks:
         return True  # an older mark (<pid>-<time in ns>): only the pid tells
-    return start_ticks(int(pid)) == int(ticks)
+    return process.start_ticks == int(ticks)
 
 
 def reclaim_dead_runs() -> list[str]:
@@ -186,11 +193,8 @@ def reclaim_dead_runs() -> list[str]:
             os.kill(pid, signal.SIGKILL)
         lines.append(f"{by_pid[pid]} killed")
 
-    def gone() -> bool:
-        return all((p := _read(pid)) is None or p.zombie for pid in dead)
-
     with contextlib.suppress(AssertionError):  # what is left, the leak check names
-        wait_until(gone, 10, "the killed run's processes gone", interval=0.1)
+        wait_until(lambda: not any(map(running, dead)), 10, "the killed run's processes gone", 0.1)
     for base in sorted(clusters):
         shutil.rmtree(base, ignore_errors=True)
         lines.append(f"cluster directory {base} removed")

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from containers import JOIN_SCRIPT, cgroup_pids, nspawn_hierarchies, remove_cgroup
+from containers import cgroup_pids, joined, nspawn_hierarchies, remove_cgroup
 from fleet import DEBIAN_MAJORS, TREES
 from leaks import running
 from waiting import wait_until
@@ -248,21 +248,22 @@ def booted_fleet(
             network = [f"--network-namespace-path=/run/netns/{host.netns}"] if host.netns else []
             for cgroup in host.cgroups:
                 cgroup.mkdir()
-            join = [str(cgroup / "cgroup.procs") for cgroup in host.cgroups]
             host.machine = subprocess.Popen(
-                [
-                    *["/bin/sh", "-c", JOIN_SCRIPT, "join-cgroups", *join, "--"],
-                    "systemd-nspawn",
-                    "--register=no",
-                    "--keep-unit",
-                    "-q",
-                    "-D",
-                    str(host.tree),
-                    *network,
-                    "-b",
-                    "--capability=all",
-                    "--system-call-filter=bpf perf_event_open",
-                ],
+                joined(
+                    host.cgroups,
+                    [
+                        "systemd-nspawn",
+                        "--register=no",
+                        "--keep-unit",
+                        "-q",
+                        "-D",
+                        str(host.tree),
+                        *network,
+                        "-b",
+                        "--capability=all",
+                        "--system-call-filter=bpf perf_event_open",
+                    ],
+                ),
                 stdin=subprocess.DEVNULL,
                 stdout=console,
                 stderr=subprocess.STDOUT,
